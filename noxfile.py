@@ -1,0 +1,87 @@
+"""Developer and CI sessions: `nox` runs tests, lint and typecheck; see `nox --list`."""
+
+from __future__ import annotations
+
+import nox
+
+# Environments are made and filled by uv, not pip. pip may be configured (find-links) to prefer
+# a local CPU-only torch wheel, and PyPI's torchvision then fails to import against it
+# ("operator torchvision::nms does not exist"). uv ignores pip's configuration and, because
+# torch, torchvision and the package go into ONE `install` call below, resolves a matching pair
+# from PyPI (CUDA builds, which run fine on CPU). Never install torchvision in a separate call.
+nox.needs_version = ">=2025.2.9"
+nox.options.default_venv_backend = "uv"
+nox.options.reuse_venv = "yes"
+nox.options.error_on_external_run = True
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+LINT_PATHS = ("streamcheck", "suites", "tests", "noxfile.py")
+
+
+def install(session: nox.Session, *groups: str, package: bool = True) -> None:
+    """Install the package (editable) and dependency groups in a single resolver call."""
+    deps = nox.project.dependency_groups(PYPROJECT, *groups)
+    session.install(*(("-e", ".") if package else ()), *deps)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite and doctests (hypothesis profile `ci`); extra args go to pytest."""
+    install(session, "test")
+    session.run(
+        "pytest",
+        "--hypothesis-show-statistics",
+        *session.posargs,
+        env={"HYPOTHESIS_PROFILE": "ci"},
+    )
+
+
+@nox.session(default=False)
+def proofs(session: nox.Session) -> None:
+    """Run only the property tests, with many examples (hypothesis profile `thorough`)."""
+    install(session, "test")
+    session.run(
+        "pytest",
+        "-m",
+        "property",
+        "--hypothesis-profile=thorough",
+        "--hypothesis-show-statistics",
+        *session.posargs,
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check lint and formatting with ruff; extra args go to `ruff check` (e.g. --fix)."""
+    install(session, "lint", package=False)
+    session.run("ruff", "check", *LINT_PATHS, *session.posargs)
+    session.run("ruff", "format", "--check", "--diff", *LINT_PATHS)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Type-check the streamcheck package with mypy; extra args go to mypy."""
+    install(session, "typecheck", package=False)
+    session.run("mypy", "streamcheck", *session.posargs)
+
+
+@nox.session(default=False)
+def benchmark(session: nox.Session) -> None:
+    """Run the benchmark suite: python -m suites.benchmark {posargs}."""
+    install(session, "bench")
+    session.run("python", "-m", "suites.benchmark", *session.posargs)
+
+
+@nox.session(default=False)
+def reproduce(session: nox.Session) -> None:
+    """Run the Imagenette training reproduction: python -m suites.imagenette {posargs}."""
+    install(session, "bench")
+    session.run("python", "-m", "suites.imagenette", *session.posargs)
+
+
+@nox.session(default=False)
+def report(session: nox.Session) -> None:
+    """Build the reports from result files: python -m suites.report {posargs}."""
+    # The package too: the report may read streamcheck's version or plans.
+    install(session, "report")
+    session.run("python", "-m", "suites.report", *session.posargs)
