@@ -20,7 +20,7 @@ LINT_PATHS = ("streamcheck", "suites", "tests", "noxfile.py")
 
 def install(session: nox.Session, *groups: str, package: bool = True) -> None:
     """Install the package (editable) and dependency groups in a single resolver call."""
-    deps = nox.project.dependency_groups(PYPROJECT, *groups)
+    deps = dict.fromkeys(nox.project.dependency_groups(PYPROJECT, *groups))  # ordered, no repeats
     session.install(*(("-e", ".") if package else ()), *deps)
 
 
