@@ -1,0 +1,16 @@
+"""streamcheck: exact streaming of convolutional trunks over images larger than memory.
+
+>>> import torch, torch.nn as nn, streamcheck
+>>> trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+>>> streamed = streamcheck.Streamed(trunk, tile=64)
+>>> streamed(torch.randn(1, 3, 256, 256)).shape
+torch.Size([1, 8, 128, 128])
+"""
+
+from .errors import StreamcheckError
+from .plan import StreamPlan, Tile, plan
+from .streaming import Streamed
+
+__version__ = "0.1.0"
+
+__all__ = ["StreamPlan", "StreamcheckError", "Streamed", "Tile", "__version__", "plan"]

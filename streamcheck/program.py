@@ -1,0 +1,185 @@
+"""Per-tile schedules (which box every node computes) and the execution of one tile.
+
+NOTE [ Tile programs ]
+Rule P1. A schedule is computed once per tile from its output box by walking the graph backwards
+         (geometry Rules 2-4): every node gets the clipped box it must produce, every edge the crop
+         its consumer takes and the padding the consumer must recreate at the image border.
+Rule P2. Executing a tile walks the graph forwards and frees each feature map as soon as its last
+         consumer has read it, so only the live frontier of one tile is held in memory.
+Rule P3. A layer that works in place gets a private copy when the tensor it would overwrite is the
+         caller's image or is read by another layer too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .errors import internal_error
+from .geometry import Box, Interval, clip, hull
+from .graph import Graph, Node
+from .layers import Window
+
+__all__ = ["Edge", "Schedule", "needed_interval", "run_tile", "schedule_tile"]
+
+
+@dataclass(frozen=True)
+class Edge:
+    """How one consumer reads one source on one tile."""
+
+    crop: tuple[Interval, ...]  # relative to the source's computed box, per axis
+    pads: tuple[tuple[int, int], ...]  # padding to recreate on each side, per axis
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What every node computes for one tile (Rule P1)."""
+
+    output_box: Box
+    boxes: tuple[Box | None, ...]  # clipped, per node; None when the tile does not need the node
+    edges: dict[tuple[int, int], Edge]  # (consumer, source) -> edge
+
+    @property
+    def input_box(self) -> Box:
+        box = self.boxes[0]
+        if box is None:
+            raise internal_error("a tile that reads no input")
+        return box
+
+
+def _required(node: Node, box: Box) -> Box:
+    """The unclipped box a node needs from its sources to produce ``box`` (Rule 2)."""
+    if node.kind == "window":
+        assert isinstance(node.layer, Window)
+        return tuple(node.layer.input_interval(a, interval) for a, interval in enumerate(box))
+    return box
+
+
+def schedule_tile(graph: Graph, output_box: Box) -> Schedule:
+    """Walk the graph backwards from one output box (Rule P1)."""
+    nodes = graph.nodes
+    boxes: list[Box | None] = [None] * len(nodes)
+    requests: list[list[Box]] = [[] for _ in nodes]
+    unclipped: dict[tuple[int, int], tuple[Box, Box]] = {}
+    boxes[graph.output] = output_box
+    for i in range(graph.output, -1, -1):
+        node = nodes[i]
+        if node.kind == "constant":
+            continue
+        if i != graph.output:
+            if not requests[i]:
+                continue
+            boxes[i] = tuple(hull(axis) for axis in zip(*requests[i], strict=True))
+        box = boxes[i]
+        assert box is not None
+        for s in node.sources:
+            wanted = _required(node, box)
+            available = tuple(clip(interval, size) for interval, size in zip(wanted, nodes[s].sizes, strict=True))
+            unclipped[(i, s)] = (wanted, available)
+            requests[s].append(available)
+    edges = {}
+    for (i, s), (wanted, available) in unclipped.items():
+        source_box = boxes[s]
+        assert source_box is not None
+        edges[(i, s)] = Edge(
+            crop=tuple(
+                (a[0] - b[0], a[1] - b[0]) for a, b in zip(available, source_box, strict=True)
+            ),
+            pads=tuple((a[0] - w[0], w[1] - a[1]) for a, w in zip(available, wanted, strict=True)),
+        )
+    return Schedule(output_box, tuple(boxes), edges)
+
+
+def needed_interval(graph: Graph, node_index: int, axis: int, interval: Interval) -> Interval:
+    """Unclipped input interval that ``interval`` of node ``node_index`` depends on, along ``axis``."""
+    nodes = graph.nodes
+    requests: list[list[Interval]] = [[] for _ in nodes]
+    requests[node_index].append(interval)
+    for i in range(node_index, 0, -1):
+        node = nodes[i]
+        if node.kind == "constant" or not requests[i]:
+            continue
+        own = hull(requests[i])
+        for s in node.sources:
+            if node.kind == "window":
+                assert isinstance(node.layer, Window)
+                requests[s].append(node.layer.input_interval(axis, own))
+            else:
+                requests[s].append(own)
+    return hull(requests[0])
+
+
+def _crop(tensor: torch.Tensor, layout: tuple[int, ...], crop: tuple[Interval, ...]) -> torch.Tensor:
+    index: list[Any] = [slice(None)] * tensor.dim()
+    for dim, (start, stop) in zip(layout, crop, strict=True):
+        index[dim] = slice(start, stop)
+    return tensor[tuple(index)]
+
+
+def _fetch(graph: Graph, target: str) -> Any:
+    value: Any = graph.gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _evaluate(graph: Graph, fxn: fx.Node, values: dict[str, Any]) -> Any:
+    args = fx.node.map_arg(fxn.args, lambda n: values[n.name])
+    kwargs = fx.node.map_arg(fxn.kwargs, lambda n: values[n.name])
+    if fxn.op == "get_attr":
+        return _fetch(graph, str(fxn.target))
+    if fxn.op == "call_module":
+        return graph.gm.get_submodule(str(fxn.target))(*args, **kwargs)
+    if fxn.op == "call_function":
+        return fxn.target(*args, **kwargs)  # type: ignore[operator]
+    self_arg, *rest = args
+    return getattr(self_arg, str(fxn.target))(*rest, **kwargs)
+
+
+def run_tile(
+    graph: Graph, schedule: Schedule, x: torch.Tensor, *, stop_at_output_input: bool = False
+) -> torch.Tensor:
+    """Compute the output tile from input tile ``x`` (Rule P2).
+
+    With ``stop_at_output_input`` the last layer is not run; the padded tile it would read is
+    returned instead (the backward pass uses this for a trailing conv).
+    """
+    nodes = graph.nodes
+    env: dict[int, torch.Tensor] = {0: x}
+    constants: dict[str, Any] = {}
+    unread = [len(n.consumers) for n in nodes]
+    for i in range(1, graph.output + 1):
+        node = nodes[i]
+        if node.kind == "constant":
+            constants[node.name] = _evaluate(graph, node.fx_node, constants)
+            continue
+        box = schedule.boxes[i]
+        if box is None:
+            continue
+        values = dict(constants)
+        inputs = []
+        for s in node.sources:
+            edge = schedule.edges[(i, s)]
+            tensor = _crop(env[s], nodes[s].layout, edge.crop)
+            if node.inplace and (s == 0 or len(nodes[s].consumers) > 1):
+                tensor = tensor.clone()  # Rule P3
+            values[nodes[s].name] = tensor
+            inputs.append((tensor, edge))
+        if i == graph.output and stop_at_output_input:
+            assert isinstance(node.layer, Window)
+            tensor, edge = inputs[0]
+            return node.layer.pad(tensor, edge.pads)
+        if node.kind == "window":
+            assert isinstance(node.layer, Window) and node.module is not None
+            tensor, edge = inputs[0]
+            env[i] = node.layer.run(node.module, tensor, edge.pads, box, nodes[node.sources[0]].sizes)
+        else:
+            env[i] = _evaluate(graph, node.fx_node, values)
+        for s in node.sources:
+            unread[s] -= 1
+            if unread[s] == 0:
+                del env[s]
+    return env[graph.output]

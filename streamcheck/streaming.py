@@ -1,0 +1,208 @@
+"""``Streamed``: run a module tile by tile with exact, autograd-native gradients.
+
+NOTE [ Streaming autograd ]
+Rule S1. Forward: under no_grad, every tile's output box is computed from its input tile (the
+         program of ``program.py``) and written into one stitched output tensor. Nothing but the
+         input is kept for backward.
+Rule S2. Backward: every tile is recomputed with grad enabled and backpropagated with the slice of
+         the output gradient it owns (geometry Rule 7); parameter gradients are summed over tiles,
+         input-gradient tiles are added into one input gradient where they overlap.
+Rule S3. Both are one ``torch.autograd.Function``: a single ``loss.backward()`` (or
+         ``torch.autograd.grad``) does everything, and the parameters receive ``.grad`` through
+         autograd as usual, so optimizers, hooks, DistributedDataParallel and gradient accumulation
+         work unchanged.
+Rule S4. So the streamed part runs exactly two forwards per tile, except that a trailing
+         convolution is not re-run in backward: its gradients need only its input tile and the
+         output gradient (``aten.convolution_backward``).
+Rule S5. The wrapper replaces nothing: ``Streamed(m).module is m``, parameters are m's own objects,
+         and ``state_dict`` keys are those of m (the ``module.`` level is hidden), so a model with a
+         streamed trunk saves and loads like the model without it.
+Rule S6. Autocast state at forward time is re-entered for the recomputation, so a mixed-precision
+         run recomputes exactly what its forward computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .graph import training_signature
+from .layers import Window
+from .plan import StreamPlan, make_plan, normalize_tile
+from .program import run_tile
+from .graph import build_graph
+
+__all__ = ["Streamed"]
+
+
+class Streamed(nn.Module):
+    """Wrap ``module`` so that it runs tile by tile, with outputs and gradients equal to ``module``.
+
+    ``tile`` is the edge of an input tile in pixels, overlap included: an int, or one per spatial
+    axis. It sets the memory use; ``streamcheck.plan`` shows the tiles it gives.
+
+    >>> import torch, torch.nn as nn
+    >>> trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    >>> streamed = Streamed(trunk, tile=32)
+    >>> image = torch.randn(1, 3, 100, 100, dtype=torch.float64, requires_grad=True)
+    >>> trunk.double()(image).sub(streamed(image)).abs().max().item()  # 100 px -> 4 x 4 tiles
+    0.0
+    >>> streamed(image).sum().backward()
+    >>> trunk[0].weight.grad.shape
+    torch.Size([4, 3, 3, 3])
+    """
+
+    def __init__(self, module: nn.Module, *, tile: int | Sequence[int]) -> None:
+        super().__init__()
+        self.module = module
+        self.tile = tile
+        self._plans: dict[tuple[Any, ...], StreamPlan] = {}
+        self._register_state_dict_hook(_hide_module_prefix)
+        self._register_load_state_dict_pre_hook(_restore_module_prefix)
+
+    def plan(self, input_shape: Sequence[int], *, dtype: torch.dtype | None = None) -> StreamPlan:
+        """The tile plan for an input of ``input_shape`` (cached per shape and training mode)."""
+        dtype = dtype or next((p.dtype for p in self.module.parameters()), torch.float32)
+        key = (tuple(input_shape), dtype, training_signature(self.module))
+        if key not in self._plans:
+            graph = build_graph(self.module, input_shape, dtype=dtype)
+            self._plans[key] = make_plan(graph, normalize_tile(self.tile, len(input_shape) - 2))
+        return self._plans[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.plan(x.shape, dtype=x.dtype)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        output: torch.Tensor = _StreamFunction.apply(plan, x, *params)
+        return output
+
+    def extra_repr(self) -> str:
+        return f"tile={self.tile}"
+
+
+def _hide_module_prefix(module: nn.Module, state: dict[str, Any], prefix: str, local: Any) -> None:
+    for key in list(state):
+        if key.startswith(prefix + "module."):
+            state[prefix + key[len(prefix) + len("module.") :]] = state.pop(key)
+
+
+def _restore_module_prefix(state: dict[str, Any], prefix: str, *args: Any) -> None:
+    for key in list(state):
+        if key.startswith(prefix) and not key.startswith(prefix + "module."):
+            state[prefix + "module." + key[len(prefix) :]] = state.pop(key)
+
+
+def _slices(box: Sequence[tuple[int, int]], layout: Sequence[int], ndim: int) -> tuple[Any, ...]:
+    index: list[Any] = [slice(None)] * ndim
+    for dim, (start, stop) in zip(layout, box, strict=True):
+        index[dim] = slice(start, stop)
+    return tuple(index)
+
+
+def _device_type(x: torch.Tensor) -> str:
+    return x.device.type
+
+
+class _StreamFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, plan: StreamPlan, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        graph = plan.graph
+        assert graph is not None
+        device_type = _device_type(x)
+        ctx.plan = plan
+        ctx.autocast = (
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+        )
+        ctx.save_for_backward(x)
+        in_layout = graph.nodes[0].layout
+        out_layout = graph.output_node.layout
+        output: torch.Tensor | None = None
+        with torch.no_grad():  # Rule S1
+            for schedule in plan.schedules:
+                tile = x[_slices(schedule.input_box, in_layout, x.dim())]
+                result = run_tile(graph, schedule, tile)
+                if output is None:
+                    output = result.new_empty(graph.output_node.shape)
+                output[_slices(schedule.output_box, out_layout, output.dim())] = result
+        assert output is not None
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        plan: StreamPlan = ctx.plan
+        graph = plan.graph
+        assert graph is not None
+        (x,) = ctx.saved_tensors
+        params = [p for p in graph.root.parameters() if p.requires_grad]
+        want_input = ctx.needs_input_grad[1]
+        grad_x = torch.zeros_like(x) if want_input else None
+        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        in_layout = graph.nodes[0].layout
+        out_layout = graph.output_node.layout
+        last = graph.output_node
+        skip_last = last.kind == "window" and isinstance(last.layer, Window) and last.layer.kind == "conv"
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        for schedule in plan.schedules:  # Rule S2
+            index = _slices(schedule.input_box, in_layout, x.dim())
+            tile = x[index].detach().requires_grad_(want_input)
+            grad_tile = grad_output[_slices(schedule.output_box, out_layout, grad_output.dim())]
+            with torch.enable_grad(), torch.autocast(device_type, autocast_dtype, enabled=autocast_on):
+                if skip_last:  # Rule S4
+                    padded = run_tile(graph, schedule, tile, stop_at_output_input=True)
+                    extra, targets, grads = _conv_backward(last.module, last.layer, padded, grad_tile)
+                else:
+                    result = run_tile(graph, schedule, tile)
+                    extra, targets, grads = {}, [result], [grad_tile]
+            inputs = [tile, *params] if want_input else list(params)
+            wanted = [t for t in inputs if t.requires_grad]
+            found = dict(
+                zip(
+                    map(id, wanted),
+                    torch.autograd.grad(targets, wanted, grads, allow_unused=True)
+                    if wanted and any(t.requires_grad for t in targets)
+                    else [None] * len(wanted),
+                    strict=True,
+                )
+            )
+            for i, p in enumerate(params):
+                for g in (found.get(id(p)), extra.get(id(p))):
+                    if g is not None:
+                        grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
+            if grad_x is not None and found.get(id(tile)) is not None:
+                grad_x[index] += found[id(tile)]
+        return (None, grad_x, *grad_params)
+
+
+def _conv_backward(
+    module: nn.Module | None, layer: Window | Any, padded: torch.Tensor, grad_tile: torch.Tensor
+) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients of a trailing conv from its padded input tile, without running the conv (Rule S4)."""
+    assert isinstance(module, nn.modules.conv._ConvNd) and isinstance(layer, Window)
+    weight, bias = module.weight, module.bias
+    grad_tile = grad_tile.to(padded.dtype)
+    grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad_tile.contiguous(),
+        padded.detach(),
+        weight.to(padded.dtype).detach(),
+        [bias.shape[0]] if bias is not None else None,
+        list(layer.stride),
+        [0] * layer.ndim,
+        list(layer.dilation),
+        False,
+        [0] * layer.ndim,
+        module.groups,
+        [padded.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad],
+    )
+    extra: dict[int, torch.Tensor] = {}
+    if weight.requires_grad:
+        extra[id(weight)] = grad_weight.to(weight.dtype)
+    if bias is not None and bias.requires_grad:
+        extra[id(bias)] = grad_bias.to(bias.dtype)
+    if padded.requires_grad:
+        return extra, [padded], [grad_input]
+    return extra, [], []

@@ -1,0 +1,482 @@
+"""The equivalence checker: streamed training must equal ordinary training.
+
+``assert_streaming_equivalent`` is meant to sit in a user's test suite (a CI gate): it runs a
+module plainly and through :class:`streamcheck.Streamed` on the same input with the same weights,
+backpropagates the same loss through both, and compares the output, the input gradient and every
+parameter gradient.
+
+NOTE [ How the check works ]
+  Rule 1. Two deep copies of the module (and of ``head`` if it is a module) are cast to ``dtype``;
+          the caller's module is never touched. Gradients of the copies start at ``None``.
+  Rule 2. The loss is ``head(y)`` if that is a scalar, else ``(head(y) * g).sum()`` with ``g`` a
+          fixed standard-normal tensor drawn from ``seed`` (``head=None`` means ``head(y) = y``, a
+          random projection of the output). A random ``g`` makes every output element matter; an
+          all-ones gradient would hide errors that cancel.
+  Rule 3. Errors are per tensor: ``max_abs_error = max|a - b|`` and
+          ``max_rel_error = max|a - b| / max|b|`` with ``b`` the plain (reference) run. A tensor
+          passes when ``max|a - b| <= atol + rtol * max|b|``. If ``max|b| == 0`` the relative error
+          is 0 when ``a == b`` and infinite otherwise. NaN or infinity where the reference has a
+          different value is an infinite error; a shape mismatch fails the row.
+  Rule 4. A gradient that is ``None`` counts as zeros (an unused parameter must stay unused
+          when streamed; a streamed run that cuts the input gradient fails the ``input.grad``
+          row). Parameters with ``requires_grad=False`` are not compared.
+  Rule 5. Floating-point buffers (e.g. BatchNorm running statistics) are compared after the run
+          as one aggregate row, so a streamed forward that updates them differently fails.
+  Rule 6. Nothing is caught: if the module cannot be streamed, the engine's ``StreamcheckError``
+          (naming the module path) propagates. The checker never passes without streaming.
+  Rule 7. TF32 is switched off for the duration of the check on CUDA and restored afterwards;
+          with TF32 float32 convolutions are only good to about 1e-3.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import streamcheck
+
+__all__ = [
+    "EquivalenceReport",
+    "TensorError",
+    "assert_streaming_equivalent",
+    "check_streaming_equivalence",
+    "default_tolerances",
+]
+
+# Safety factor in the float32 tolerance rtol = C * eps * sqrt(L); see `default_tolerances`.
+FLOAT32_SAFETY_FACTOR = 64.0
+FLOAT64_RTOL = 1e-10
+
+
+@dataclass(frozen=True)
+class TensorError:
+    """The comparison of one tensor: streamed (``a``) against plain (``b``)."""
+
+    name: str
+    kind: str  # "output" | "input_grad" | "param_grad" | "buffers"
+    shape: tuple[int, ...]
+    max_abs_error: float
+    max_rel_error: float
+    reference_max_abs: float
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "max_abs_error": _json_float(self.max_abs_error),
+            "max_rel_error": _json_float(self.max_rel_error),
+            "reference_max_abs": _json_float(self.reference_max_abs),
+            "passed": self.passed,
+        }
+
+
+@dataclass(frozen=True)
+class EquivalenceReport:
+    """Result of :func:`check_streaming_equivalence`; ``str(report)`` is a table."""
+
+    rows: tuple[TensorError, ...]
+    passed: bool
+    dtype: torch.dtype
+    tile: tuple[int, ...]
+    rtol: float
+    atol: float
+    n_tiles: int
+    input_shape: tuple[int, ...]
+    accumulation_length: int
+
+    @property
+    def failures(self) -> tuple[TensorError, ...]:
+        return tuple(row for row in self.rows if not row.passed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; non-finite errors become ``None``."""
+        return {
+            "passed": self.passed,
+            "dtype": _dtype_name(self.dtype),
+            "tile": list(self.tile),
+            "n_tiles": self.n_tiles,
+            "input_shape": list(self.input_shape),
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "accumulation_length": self.accumulation_length,
+            "n_failed": len(self.failures),
+            "rows": [row.to_dict() for row in self.rows],
+        }
+
+    def __str__(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        tile = "x".join(str(t) for t in self.tile)
+        shape = "x".join(str(s) for s in self.input_shape)
+        lines = [
+            f"streamcheck equivalence {verdict}: input {shape}, tile {tile} "
+            f"({self.n_tiles} tiles), {_dtype_name(self.dtype)}, "
+            f"rtol {self.rtol:.3g}, atol {self.atol:.3g}"
+        ]
+        headers = ("tensor", "shape", "max abs err", "max rel err", "status")
+        body = [
+            (
+                row.name,
+                "x".join(str(s) for s in row.shape) or "scalar",
+                f"{row.max_abs_error:.3e}",
+                f"{row.max_rel_error:.3e}",
+                "ok" if row.passed else "FAIL",
+            )
+            for row in self.rows
+        ]
+        widths = [max(len(r[i]) for r in (headers, *body)) for i in range(len(headers))]
+        for i, r in enumerate((headers, *body)):
+            cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])]
+            cells += [c.rjust(w) for c, w in zip(r[2:4], widths[2:4], strict=True)]
+            cells.append(r[4])
+            lines.append("  ".join(cells).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        failures = self.failures
+        if failures:
+            worst = max(failures, key=lambda row: row.max_rel_error)
+            lines.append(
+                f"{len(failures)} of {len(self.rows)} tensors differ beyond tolerance; "
+                f"worst: {worst.name} "
+                f"(max rel err {worst.max_rel_error:.3e}, rtol {self.rtol:.3g})"
+            )
+        else:
+            lines.append(f"all {len(self.rows)} tensors within tolerance")
+        return "\n".join(lines)
+
+
+def default_tolerances(dtype: torch.dtype, accumulation_length: int) -> tuple[float, float]:
+    """``(rtol, atol)`` used when the caller gives none.
+
+    float64: ``rtol = 1e-10``, ``atol = 0``. Streaming sums the same terms as the plain run in
+    another order, so the difference is rounding only, ~1e-13 relative even for 1e6-pixel sums;
+    1e-10 leaves room for that and still catches any real error (a missing or doubled tile border
+    pixel changes a gradient by far more).
+
+    float32 (and lower precision): ``rtol = 64 * eps * sqrt(L)``, ``atol = 0``, where ``eps`` is
+    the machine epsilon of ``dtype`` and ``L`` the accumulation length, the number of terms summed
+    into one weight-gradient entry: batch size times pixels per image, ``N * prod(spatial)``.
+    Summing ``L`` terms of random sign in two different orders differs by about
+    ``eps * sqrt(L)`` relative to the sum (rounding errors add like a random walk); the factor 64
+    covers taking the maximum over many entries, the error carried through several layers, and
+    the extra rounding of the forward pass. For a 1x3x2048x2048 float32 input this is
+    ``64 * 1.19e-7 * 2048 = 1.6e-2``; for 1x3x96x96 it is ``7.3e-4``.
+
+    >>> default_tolerances(torch.float64, 10**6)
+    (1e-10, 0.0)
+    >>> rtol, atol = default_tolerances(torch.float32, 2048 * 2048)  # sqrt(L) = 2048
+    >>> round(rtol, 4), atol
+    (0.0156, 0.0)
+    """
+    if dtype == torch.float64:
+        return FLOAT64_RTOL, 0.0
+    if not dtype.is_floating_point:
+        raise streamcheck.StreamcheckError(
+            f"streamcheck: the check needs a floating-point dtype, got {dtype}"
+        )
+    eps = torch.finfo(dtype).eps
+    return FLOAT32_SAFETY_FACTOR * eps * math.sqrt(max(accumulation_length, 1)), 0.0
+
+
+def check_streaming_equivalence(
+    module: nn.Module,
+    example_input: torch.Tensor | Sequence[int],
+    *,
+    tile: int | Sequence[int],
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float64,
+    rtol: float | None = None,
+    atol: float | None = None,
+    seed: int = 0,
+) -> EquivalenceReport:
+    """Compare ``head(module(x))`` run plainly and streamed; return the report, never raise on
+    a mismatch (see :func:`assert_streaming_equivalent` for arguments and the method).
+    """
+    x_ref = _example_tensor(example_input, dtype=dtype, seed=seed)
+    if rtol is None or atol is None:
+        default_rtol, default_atol = default_tolerances(dtype, _accumulation_length(x_ref.shape))
+        rtol = default_rtol if rtol is None else rtol
+        atol = default_atol if atol is None else atol
+    device = x_ref.device
+
+    plain = _cast_copy(module, dtype=dtype, device=device)
+    streamed_module = _cast_copy(module, dtype=dtype, device=device)
+    plain_head = (
+        _cast_copy(head, dtype=dtype, device=device) if isinstance(head, nn.Module) else head
+    )
+    streamed_head = (
+        _cast_copy(head, dtype=dtype, device=device) if isinstance(head, nn.Module) else head
+    )
+
+    with _no_tf32(device):
+        # Rule 6: construct and plan before any computation; errors propagate.
+        streamed = streamcheck.Streamed(streamed_module, tile=tile)
+        n_tiles = streamcheck.plan(streamed_module, tuple(x_ref.shape), tile=tile).n_tiles
+        y_plain, x_grad_plain = _forward_backward(plain, plain_head, x_ref, seed=seed)
+        y_streamed, x_grad_streamed = _forward_backward(streamed, streamed_head, x_ref, seed=seed)
+
+    tile_px = _tile_tuple(tile, spatial_dims=x_ref.dim() - 2)
+    if n_tiles < 2:
+        warnings.warn(
+            f"streamcheck: tile {'x'.join(map(str, tile_px))} covers the whole "
+            f"{'x'.join(map(str, x_ref.shape[2:]))} input in one tile, so the check compares "
+            "nothing streamed; use a smaller tile or a larger input",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def compare(name: str, kind: str, a: torch.Tensor, b: torch.Tensor) -> TensorError:
+        return _compare(name, kind, a, b, rtol=rtol, atol=atol)
+
+    rows = [
+        compare("output", "output", y_streamed, y_plain),
+        compare("input.grad", "input_grad", x_grad_streamed, x_grad_plain),
+    ]
+    rows += _parameter_rows(plain, streamed_module, prefix="", compare=compare)
+    if isinstance(head, nn.Module):
+        assert isinstance(plain_head, nn.Module) and isinstance(streamed_head, nn.Module)
+        rows += _parameter_rows(plain_head, streamed_head, prefix="head.", compare=compare)
+    buffers_row = _buffers_row(plain, streamed_module, compare=compare)
+    if buffers_row is not None:
+        rows.append(buffers_row)
+
+    return EquivalenceReport(
+        rows=tuple(rows),
+        passed=all(row.passed for row in rows),
+        dtype=dtype,
+        tile=tile_px,
+        rtol=float(rtol),
+        atol=float(atol),
+        n_tiles=int(n_tiles),
+        input_shape=tuple(x_ref.shape),
+        accumulation_length=_accumulation_length(x_ref.shape),
+    )
+
+
+def assert_streaming_equivalent(
+    module: nn.Module,
+    example_input: torch.Tensor | Sequence[int],
+    *,
+    tile: int | Sequence[int],
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float64,
+    rtol: float | None = None,
+    atol: float | None = None,
+    seed: int = 0,
+) -> EquivalenceReport:
+    """Assert that streaming ``module`` gives the same output and gradients as running it plainly.
+
+    Runs ``head(module(x))`` once plainly and once as ``head(Streamed(module, tile=tile)(x))``
+    on deep copies cast to ``dtype`` (the module passed in is not modified), backpropagates the
+    same loss through both, and compares the output, ``x.grad``, every parameter gradient (of
+    ``head`` too, if it is a module) and the floating-point buffers. The method and the error
+    definitions are the numbered rules at the top of this module.
+
+    Args:
+        module: the part of the network to stream (e.g. a trunk in eval mode).
+        example_input: an input tensor ``(N, C, *spatial)``, or just its shape (a standard-normal
+            input is then drawn from ``seed``). Its device is the device of the check.
+        tile: input-tile edge in pixels, overlap included; an int or one int per spatial axis.
+        head: what follows the streamed part; a scalar output is the loss, otherwise the loss is
+            a fixed random projection of it. ``None`` projects ``module``'s output directly.
+        dtype: the dtype of the check; float64 is the exactness oracle.
+        rtol, atol: tolerances; ``None`` means :func:`default_tolerances` (which documents the
+            float32 formula).
+        seed: seeds the random upstream gradient (and the input when a shape is given).
+
+    Returns:
+        The :class:`EquivalenceReport` (``passed`` is ``True``).
+
+    Raises:
+        AssertionError: if any tensor differs beyond tolerance; the message is the report table.
+        streamcheck.StreamcheckError: if the module cannot be streamed (names the module path).
+
+    Example (64x64 image, tile 32 px with overlap, so several tiles; the head is a global max
+    pool and a linear layer, whose gradients are compared too):
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from streamcheck.testing.checker import assert_streaming_equivalent
+    >>> trunk = nn.Sequential(
+    ...     nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 64 -> 32
+    ...     nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+    ... )
+    >>> head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(16, 2))
+    >>> report = assert_streaming_equivalent(trunk, torch.randn(1, 3, 64, 64), tile=32, head=head)
+    >>> report.passed, report.n_tiles > 1
+    (True, True)
+    >>> print(str(report).splitlines()[1])  # the table's columns
+    tensor       shape     max abs err  max rel err  status
+    """
+    report = check_streaming_equivalence(
+        module,
+        example_input,
+        tile=tile,
+        head=head,
+        dtype=dtype,
+        rtol=rtol,
+        atol=atol,
+        seed=seed,
+    )
+    if not report.passed:
+        raise AssertionError("\n" + str(report))
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _example_tensor(
+    example_input: torch.Tensor | Sequence[int], *, dtype: torch.dtype, seed: int
+) -> torch.Tensor:
+    if isinstance(example_input, torch.Tensor):
+        x = example_input.detach().to(dtype=dtype)
+    else:
+        shape = tuple(int(s) for s in example_input)
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(shape, generator=generator, dtype=dtype)
+    if x.dim() < 3:
+        raise streamcheck.StreamcheckError(
+            f"streamcheck: the example input must be (N, C, *spatial), got shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def _accumulation_length(shape: Sequence[int]) -> int:
+    """Terms summed into one weight-gradient entry: batch size times pixels per image."""
+    return math.prod(shape[:1]) * math.prod(shape[2:])
+
+
+def _tile_tuple(tile: int | Sequence[int], *, spatial_dims: int) -> tuple[int, ...]:
+    if isinstance(tile, int):
+        return (tile,) * spatial_dims
+    return tuple(int(t) for t in tile)
+
+
+def _cast_copy(module: Any, *, dtype: torch.dtype, device: torch.device) -> Any:
+    """Rule 1: an independent copy in ``dtype`` on ``device`` with no gradients."""
+    clone = copy.deepcopy(module)
+    clone.to(device=device, dtype=dtype)
+    for parameter in clone.parameters():
+        parameter.grad = None
+    return clone
+
+
+def _forward_backward(
+    module: Callable[[torch.Tensor], torch.Tensor],
+    head: Callable[[torch.Tensor], torch.Tensor] | None,
+    x_ref: torch.Tensor,
+    *,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rule 2: run, backpropagate the loss, return ``(output, input gradient)``."""
+    x = x_ref.clone().requires_grad_(True)
+    y = module(x)
+    z = y if head is None else head(y)
+    if z.dim() == 0:
+        loss = z
+    else:
+        generator = torch.Generator().manual_seed(seed + 1)
+        g = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+        loss = (z * g).sum()
+    loss.backward()
+    x_grad = torch.zeros_like(x) if x.grad is None else x.grad  # Rule 4
+    return y.detach(), x_grad.detach()
+
+
+def _parameter_rows(
+    plain: nn.Module,
+    streamed: nn.Module,
+    *,
+    prefix: str,
+    compare: Callable[[str, str, torch.Tensor, torch.Tensor], TensorError],
+) -> list[TensorError]:
+    """Rule 4: one row per trainable parameter; ``None`` gradients count as zeros."""
+    streamed_parameters = dict(streamed.named_parameters())
+    rows = []
+    for name, p_plain in plain.named_parameters():
+        if not p_plain.requires_grad:
+            continue
+        p_streamed = streamed_parameters[name]
+        g_plain = torch.zeros_like(p_plain) if p_plain.grad is None else p_plain.grad
+        g_streamed = torch.zeros_like(p_streamed) if p_streamed.grad is None else p_streamed.grad
+        rows.append(compare(prefix + name, "param_grad", g_streamed, g_plain))
+    return rows
+
+
+def _buffers_row(
+    plain: nn.Module,
+    streamed: nn.Module,
+    *,
+    compare: Callable[[str, str, torch.Tensor, torch.Tensor], TensorError],
+) -> TensorError | None:
+    """Rule 5: all floating-point buffers, flattened into one row."""
+    streamed_buffers = dict(streamed.named_buffers())
+    pairs = [
+        (streamed_buffers[name].detach().flatten(), b.detach().flatten())
+        for name, b in plain.named_buffers()
+        if b.is_floating_point()
+    ]
+    if not pairs:
+        return None
+    a = torch.cat([p[0] for p in pairs])
+    b = torch.cat([p[1] for p in pairs])
+    return compare(f"buffers ({len(pairs)} tensors)", "buffers", a, b)
+
+
+def _compare(
+    name: str, kind: str, a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: float
+) -> TensorError:
+    """Rule 3: streamed ``a`` against reference ``b``."""
+    shape = tuple(b.shape)
+    if a.shape != b.shape:
+        return TensorError(name, kind, shape, math.inf, math.inf, math.nan, passed=False)
+    a64 = a.detach().to(torch.float64)
+    b64 = b.detach().to(torch.float64)
+    same = (a64 == b64) | (torch.isnan(a64) & torch.isnan(b64))
+    diff = torch.where(same, torch.zeros_like(a64), (a64 - b64).abs())
+    diff = torch.nan_to_num(diff, nan=math.inf, posinf=math.inf)
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    finite_b = b64[torch.isfinite(b64)].abs()
+    scale = float(finite_b.max()) if finite_b.numel() else 0.0
+    if scale > 0:
+        max_rel = max_abs / scale
+    else:
+        max_rel = 0.0 if max_abs == 0 else math.inf
+    passed = max_abs <= atol + rtol * scale
+    return TensorError(name, kind, shape, max_abs, max_rel, scale, passed=passed)
+
+
+@contextmanager
+def _no_tf32(device: torch.device) -> Iterator[None]:
+    """Rule 7."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul_precision = torch.get_float32_matmul_precision()
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.set_float32_matmul_precision(matmul_precision)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _json_float(value: float) -> float | None:
+    return value if math.isfinite(value) else None
