@@ -1,0 +1,319 @@
+"""ImageNette data: the real folder layout, a deterministic stand-in, and seeded batch streams.
+
+Layout (what `--data PATH` / `IMAGENETTE_ROOT` must point at; the fast.ai archive
+"imagenette2-320" unpacks to exactly this)::
+
+    PATH/train/n01440764/*.JPEG      one folder per WordNet id, 10 folders
+    PATH/val/n01440764/*.JPEG        same 10 folders
+
+The stand-in writes the same layout with synthetic textures (one texture family per class,
+random colours, so colour alone carries no label), and a ``standin.json`` manifest that
+labels it "STAND-IN".
+
+NOTE [ Identical data for both runs ]
+Rule 1. The epoch order is ``randperm(n)`` from a generator seeded with (seed, epoch).
+Rule 2. The augmentation of sample i in epoch e runs under ``torch.random.fork_rng`` seeded with
+        (seed, epoch, i), so it does not depend on what ran before it in the process (the other
+        run's forward pass, dropout-free as it is, or a test).
+Rule 3. Each run owns its own `BatchStream`; the training loop checks the two streams' batches
+        are bitwise equal at every step, so "same data" is verified, not assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import datasets, transforms
+
+# The 10 ImageNette classes, sorted (= torchvision ImageFolder's class index order).
+WNIDS: tuple[str, ...] = (
+    "n01440764",  # tench
+    "n02102040",  # English springer
+    "n02979186",  # cassette player
+    "n03000684",  # chain saw
+    "n03028079",  # church
+    "n03394916",  # French horn
+    "n03417042",  # garbage truck
+    "n03425413",  # gas pump
+    "n03445777",  # golf ball
+    "n03888257",  # parachute
+)
+CLASS_NAMES: tuple[str, ...] = (
+    "tench",
+    "English springer",
+    "cassette player",
+    "chain saw",
+    "church",
+    "French horn",
+    "garbage truck",
+    "gas pump",
+    "golf ball",
+    "parachute",
+)
+STANDIN_LABEL = "STAND-IN"
+# ImageNet channel statistics; the paper does not say how it normalised, the reference notebook
+# used these.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+# Sub-folder names the fast.ai archives unpack to; `--data` may point at their parent.
+ARCHIVE_DIRS = ("imagenette2-320", "imagenette2", "imagenette-320", "imagenette2-160")
+
+
+class DataLayoutError(Exception):
+    """The data folder is missing or not in ImageNette layout; the message says what to do."""
+
+
+def layout_help(root: Path | str) -> str:
+    lines = [
+        f"ImageNette data not found at {root}.",
+        "Nothing is downloaded at run time. Put the ImageNette images (e.g. the fast.ai",
+        "'imagenette2-320' archive, unpacked) so that this layout exists:",
+        f"    {root}/train/<wnid>/*.JPEG",
+        f"    {root}/val/<wnid>/*.JPEG",
+        "with one folder per WordNet id, all 10 of them in both train/ and val/:",
+    ]
+    lines += [f"    {w}  {n}" for w, n in zip(WNIDS, CLASS_NAMES, strict=True)]
+    lines += [
+        "then run:  python -m suites.imagenette --data PATH   (or set IMAGENETTE_ROOT=PATH).",
+        "Without --data the synthetic STAND-IN data set is generated and used instead.",
+    ]
+    return "\n".join(lines)
+
+
+def resolve_root(root: Path | str) -> Path:
+    """Return the folder holding train/ and val/, or raise DataLayoutError saying what is missing."""
+    root = Path(root).expanduser()
+    if root.is_dir() and not (root / "train").is_dir():
+        for sub in ARCHIVE_DIRS:  # accept the parent of an unpacked archive
+            if (root / sub / "train").is_dir():
+                root = root / sub
+                break
+    problems = []
+    if not root.is_dir():
+        problems.append(f"{root} is not a directory")
+    else:
+        for split in ("train", "val"):
+            d = root / split
+            if not d.is_dir():
+                problems.append(f"{d} is missing")
+                continue
+            missing = [w for w in WNIDS if not (d / w).is_dir()]
+            if missing:
+                problems.append(f"{d} lacks class folders {', '.join(missing)}")
+            elif not any(any((d / w).iterdir()) for w in WNIDS):
+                problems.append(f"{d} class folders are empty")
+    if problems:
+        raise DataLayoutError(layout_help(root) + "\nProblem: " + "; ".join(problems) + ".")
+    return root
+
+
+def train_transform(image_size: int) -> transforms.Compose:
+    # Paper 5.1: crops of 8-100 % of the area, aspect ratio in [3/4, 4/3] (Szegedy et al.).
+    # No horizontal flip: the paper does not mention one.
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
+
+
+def eval_transform(image_size: int) -> transforms.Compose:
+    # Paper 5.1: "320 x 320 patches from the center of the image".
+    return transforms.Compose(
+        [
+            transforms.Resize(image_size),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
+
+
+def _only_wnids(directory: str) -> tuple[list[str], dict[str, int]]:
+    return list(WNIDS), {w: i for i, w in enumerate(WNIDS)}
+
+
+class _ImagenetteFolder(datasets.ImageFolder):
+    """ImageFolder restricted to the 10 wnids (extra folders are ignored, order = WNIDS)."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return _only_wnids(directory)
+
+
+def load_split(root: Path | str, split: str) -> datasets.ImageFolder:
+    """The raw (PIL, untransformed) split; labels index WNIDS."""
+    return _ImagenetteFolder(str(Path(root) / split))
+
+
+def _mix(*ints: int) -> int:
+    return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1, np.uint32)[0])
+
+
+class BatchStream:
+    """Mini-batches of one epoch, a pure function of (seed, epoch): see NOTE [ Identical data ]."""
+
+    def __init__(
+        self, dataset: datasets.ImageFolder, transform, *, batch_size: int, seed: int,
+        shuffle: bool, augment_seeded: bool,
+    ) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.augment_seeded = augment_seeded
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def _item(self, epoch: int, i: int) -> tuple[torch.Tensor, int]:
+        img, label = self.dataset[i]
+        if not self.augment_seeded:
+            return self.transform(img), label
+        with torch.random.fork_rng(devices=[]):  # Rule 2
+            torch.manual_seed(_mix(self.seed, epoch, i))
+            return self.transform(img), label
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.dataset)
+        if self.shuffle:  # Rule 1
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+        else:
+            order = torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            items = [self._item(epoch, int(i)) for i in order[start : start + self.batch_size]]
+            yield torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+# ---------------------------------------------------------------------------------------------
+# Stand-in generator
+# ---------------------------------------------------------------------------------------------
+
+STANDIN_VERSION = 1
+# One texture family per class (index = position in WNIDS). Period and angle ranges are wide and
+# overlap between families where that would let zoom (RandomResizedCrop) or colour give the class
+# away; what separates classes is the kind of spatial structure.
+STANDIN_FAMILIES = (
+    "stripes at 0 deg",
+    "stripes at 60 deg",
+    "stripes at 120 deg",
+    "checkerboard",
+    "concentric rings",
+    "radial spokes",
+    "scattered disks",
+    "dot grid",
+    "scattered rectangles",
+    "wavy stripes",
+)
+
+
+@dataclass(frozen=True)
+class StandinSpec:
+    train_per_class: int = 40
+    val_per_class: int = 10
+    size_px: int = 352
+    seed: int = 0
+    version: int = STANDIN_VERSION
+
+
+def _texture(family: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A (size, size) field in [0, 1] of the class's texture family."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cx, cy = rng.uniform(0, size, 2)
+    x, y = xx - cx, yy - cy
+    phase = rng.uniform(0, 2 * np.pi)
+    period = rng.uniform(14, 40)
+    if family in (0, 1, 2):  # straight stripes, class-specific angle +- 12 deg
+        theta = np.deg2rad(60 * family + rng.uniform(-12, 12))
+        return 0.5 + 0.5 * np.sin(2 * np.pi * (x * np.cos(theta) + y * np.sin(theta)) / period + phase)
+    if family == 3:  # checkerboard, slightly rotated
+        t = np.deg2rad(rng.uniform(-10, 10))
+        u, v = x * np.cos(t) + y * np.sin(t), -x * np.sin(t) + y * np.cos(t)
+        return ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
+    if family == 4:  # concentric rings
+        return 0.5 + 0.5 * np.sin(2 * np.pi * np.hypot(x, y) / period + phase)
+    if family == 5:  # radial spokes
+        k = int(rng.integers(6, 16))
+        return 0.5 + 0.5 * np.sin(k * np.arctan2(y, x) + phase)
+    if family == 6:  # scattered filled disks
+        f = np.zeros((size, size), np.float32)
+        for _ in range(int(rng.integers(6, 20))):
+            px, py, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(10, 50)
+            f[np.hypot(xx - px, yy - py) < r] = 1.0
+        return f
+    if family == 7:  # grid of round dots
+        p = period
+        u, v = (xx - cx) % p - p / 2, (yy - cy) % p - p / 2
+        return (np.hypot(u, v) < p * rng.uniform(0.2, 0.35)).astype(np.float32)
+    if family == 8:  # scattered axis-aligned rectangles
+        f = np.zeros((size, size), np.float32)
+        for _ in range(int(rng.integers(6, 20))):
+            x0, y0 = rng.uniform(-20, size, 2)
+            w, h = rng.uniform(15, 90, 2)
+            f[(xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < y0 + h)] = 1.0
+        return f
+    if family == 9:  # wavy stripes
+        theta = rng.uniform(0, np.pi)
+        u, v = x * np.cos(theta) + y * np.sin(theta), -x * np.sin(theta) + y * np.cos(theta)
+        amp, wavelength = rng.uniform(8, 20), rng.uniform(50, 110)
+        return 0.5 + 0.5 * np.sin(2 * np.pi * (u + amp * np.sin(2 * np.pi * v / wavelength)) / period + phase)
+    raise ValueError(family)
+
+
+def standin_image(class_index: int, split: str, index: int, spec: StandinSpec) -> Image.Image:
+    rng = np.random.default_rng([spec.seed, spec.version, {"train": 0, "val": 1}[split], class_index, index])
+    f = _texture(class_index, rng, spec.size_px)[..., None]
+    while True:  # two random colours with some contrast: colour says nothing about the class
+        c0, c1 = rng.uniform(0, 255, (2, 3))
+        if np.linalg.norm(c0 - c1) > 120:
+            break
+    img = c0 * (1 - f) + c1 * f
+    gx, gy = rng.uniform(-40, 40, 2)  # smooth illumination gradient
+    ramp = np.linspace(-0.5, 0.5, spec.size_px, dtype=np.float32)
+    img = img + (gx * ramp[None, :] + gy * ramp[:, None])[..., None]
+    img = img + rng.normal(0, 14, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_standin(root: Path | str, spec: StandinSpec = StandinSpec(), *, log=print) -> Path:
+    """Write the stand-in in ImageNette layout under `root` (reused if the manifest matches)."""
+    root = Path(root)
+    manifest = root / "standin.json"
+    want = {"label": STANDIN_LABEL, **asdict(spec), "families": dict(zip(WNIDS, STANDIN_FAMILIES, strict=True))}
+    if manifest.is_file() and json.loads(manifest.read_text()) == want:
+        return root
+    log(f"generating {STANDIN_LABEL} data set in {root} ({spec})")
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, per_class in (("train", spec.train_per_class), ("val", spec.val_per_class)):
+        for c, wnid in enumerate(WNIDS):
+            d = tmp / split / wnid
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                standin_image(c, split, i, spec).save(d / f"{wnid}_{i:04d}.JPEG", quality=90)
+    (tmp / "standin.json").write_text(json.dumps(want, indent=1))
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return root
+
+
+def is_standin(root: Path | str) -> bool:
+    manifest = Path(root) / "standin.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get("label") == STANDIN_LABEL
+
+
+def data_root_from(arg: str | None) -> Path | None:
+    """`--data` if given, else $IMAGENETTE_ROOT, else None (meaning: use the stand-in)."""
+    value = arg if arg is not None else os.environ.get("IMAGENETTE_ROOT") or None
+    return Path(value) if value is not None else None
