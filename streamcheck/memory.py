@@ -5,7 +5,7 @@ Three meters, each named by what it counts (see the NOTE below):
 - :func:`profiler_peak_bytes` -- CPU *allocator* peak: the highest running sum of the allocation and
   free events that ``torch.profiler`` (``profile_memory=True``) records while a callable runs. Live
   tensors only, relative to the start (tensors that already existed are not counted).
-- :class:`RssMeter` / :func:`peak_rss_bytes` -- *process* peak resident set size (``ru_maxrss``):
+- :class:`RssMeter` / :func:`peak_rss_bytes` -- *process* peak resident set size (``VmHWM``):
   everything the process touched, tensors, allocator caches, libraries. Honest only in a fresh
   process, so report the raw peak and the delta over a baseline taken after imports and setup.
 - :func:`cuda_peak_bytes` -- CUDA *allocator* peak (``torch.cuda.max_memory_allocated``) over a
@@ -16,9 +16,13 @@ NOTE [ Memory meters ]
           allocator figure, ``peak_rss_bytes`` a process figure); they are never compared directly.
   Rule 2. Allocator meters count bytes *allocated during* the measured call; a tensor created before
           it (the input image, the weights) is not counted, one freed during it is subtracted.
-  Rule 3. ``ru_maxrss`` is a high-water mark of the whole process lifetime. Linux lets a process
+  Rule 3. Peak RSS is a high-water mark of the whole process lifetime. Linux lets a process
           reset it (``/proc/self/clear_refs`` <- ``5``); :meth:`RssMeter.__enter__` does so when it
           can and otherwise falls back to the lifetime peak (``reset=False`` in the reading).
+  Rule 4. On Linux the peak is read from ``VmHWM`` in ``/proc/self/status``, not from
+          ``getrusage(RUSAGE_SELF).ru_maxrss``: the kernel carries ``ru_maxrss`` across fork and
+          execve, so a fresh child of a 1 GB parent reports a >= 1 GB ``ru_maxrss`` before it
+          allocates anything (measured here), and ``clear_refs`` does not reset that carried value.
 
 Only torch and the standard library are used.
 
@@ -35,8 +39,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import os
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -108,21 +112,35 @@ def _cpu_memory_events(prof: Any) -> list[tuple[int, int]]:
 # ------------------------------------------------------------------------ process meter (peak RSS)
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size in bytes (``getrusage(RUSAGE_SELF).ru_maxrss``)."""
+    """This process's peak resident set size in bytes (Linux ``VmHWM``; else ``ru_maxrss``).
+
+    See NOTE [ Memory meters ] Rule 4 for why not ``ru_maxrss`` on Linux.
+    """
+    hwm = _proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
 
 
 def current_rss_bytes() -> int:
-    """This process's resident set size now, in bytes (``/proc/self/statm``; peak RSS elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            resident_pages = int(f.read().split()[1])
-    except OSError:
-        return peak_rss_bytes()
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+    """This process's resident set size now, in bytes (Linux ``VmRSS``; else the peak RSS)."""
+    rss = _proc_status_bytes("VmRSS")
+    return peak_rss_bytes() if rss is None else rss
 
 
 def reset_peak_rss() -> bool:
@@ -219,12 +237,18 @@ def fresh_process_rss(code: str, *, setup: str = "", timeout_s: float = 300.0) -
     ``setup`` (imports, building inputs) runs first and is not measured; then :class:`RssMeter`
     wraps ``code``. Both run in one namespace.
 
-    >>> r = fresh_process_rss("x = bytearray(32 * 2**20)")  # 32 MiB, touched
-    >>> r.delta_bytes >= 32 * 2**20
+    >>> r = fresh_process_rss("x = bytearray(32 * 2**20)")  # doctest: +SKIP
+    >>> r.delta_bytes >= 32 * 2**20  # a touched 32 MiB buffer  # doctest: +SKIP
     True
     """
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.run(
         [sys.executable, "-c", _FRESH_PROCESS_HARNESS, setup, code],
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout_s,
