@@ -14,7 +14,8 @@ Rule 2. Receptive field and total stride of a chain: ``F = 1 + sum (d*(k-1)) * J
 Rule 3. Output sizes follow PyTorch: convolutions ``floor((n + pl + pr - d*(k-1) - 1) / s) + 1``;
         pooling the same with ``pl = pr = p``, rounded up under ceil_mode, minus one when the last
         window would start in the right padding. A draw is valid when every layer's output has
-        at least one element (and reflect padding is smaller than its input, as PyTorch requires).
+        at least one element, reflect padding is smaller than its input and AvgPool3d's input is
+        at least its kernel (both checked by PyTorch).
 Rule 4. Layers are drawn against a receptive-field budget (``max_receptive_field_px``): a layer
         may only grow F up to it, so the smallest legal tile always fits in the drawn images.
 Rule 5. Parameters are initialised under a drawn seed, so a failing example replays exactly.
@@ -85,10 +86,11 @@ class _Window:
     ceil_mode: bool = False
     is_pool: bool = False
     reflect: bool = False
+    min_input_px: int = 1
 
     def output_px(self, n: int) -> int:
         """Output size for input size ``n`` (Rule 3); < 1 means invalid."""
-        if self.reflect and max(self.pad_left, self.pad_right) >= n:
+        if n < self.min_input_px or (self.reflect and max(self.pad_left, self.pad_right) >= n):
             return 0
         span = n + self.pad_left + self.pad_right - self.dilation * (self.kernel - 1) - 1
         if not self.is_pool:
@@ -119,7 +121,10 @@ def _windows(layer: nn.Module, ndim: int) -> tuple[_Window, ...] | None:
         if layer.padding == "valid":
             pads = [(0, 0)] * ndim
         elif layer.padding == "same":
-            pads = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
+            pads = [
+                (d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+                for k, d in zip(kernel, dilation, strict=True)
+            ]
         else:
             pads = [(p, p) for p in layer.padding]
         reflect = layer.padding_mode == "reflect"
@@ -132,8 +137,19 @@ def _windows(layer: nn.Module, ndim: int) -> tuple[_Window, ...] | None:
         stride = _per_axis(layer.stride, ndim)
         padding = _per_axis(layer.padding, ndim)
         dilation = _per_axis(getattr(layer, "dilation", 1), ndim)
+        # AvgPool3d alone also refuses inputs smaller than its kernel, padding notwithstanding.
+        strict = isinstance(layer, nn.AvgPool3d)
         return tuple(
-            _Window(k, s, d, p, p, ceil_mode=layer.ceil_mode, is_pool=True)
+            _Window(
+                k,
+                s,
+                d,
+                p,
+                p,
+                ceil_mode=layer.ceil_mode,
+                is_pool=True,
+                min_input_px=k if strict else 1,
+            )
             for k, s, d, p in zip(kernel, stride, dilation, padding, strict=True)
         )
     return None
@@ -205,9 +221,11 @@ def _in_channels(module: nn.Module) -> int | None:
 
 def _ndim(module: nn.Module) -> int | None:
     for layer in _leaves(module):
-        for ndim, types in ((1, (nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d)),
-                            (2, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)),
-                            (3, (nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d))):  # fmt: skip
+        for ndim, types in (
+            (1, (nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d)),
+            (2, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)),
+            (3, (nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d)),
+        ):
             if isinstance(layer, types):
                 return ndim
     return None
@@ -223,9 +241,18 @@ def _tuple_or_int(draw: st.DrawFn, values: Sequence[int]) -> int | tuple[int, ..
 
 @st.composite
 def _conv(
-    draw: st.DrawFn, /, *, ndim: int, channels: int, max_channels: int, budget: Sequence[int],
-    max_kernel: int, max_stride: int, max_dilation: int, padding_modes: Sequence[str],
-) -> nn.Module:  # fmt: skip
+    draw: st.DrawFn,
+    /,
+    *,
+    ndim: int,
+    channels: int,
+    max_channels: int,
+    budget: Sequence[int],
+    max_kernel: int,
+    max_stride: int,
+    max_dilation: int,
+    padding_modes: Sequence[str],
+) -> nn.Module:
     out_channels = draw(st.integers(1, max_channels))
     common = math.gcd(channels, out_channels)
     groups = draw(st.sampled_from([g for g in range(1, common + 1) if common % g == 0]))
@@ -239,7 +266,9 @@ def _conv(
     choices = ["int", "valid"] + (["same"] if all(s == 1 for s in stride) else [])
     padding: str | int | tuple[int, ...] = draw(st.sampled_from(choices))
     if padding == "int":
-        pads = [draw(st.integers(0, d * (k - 1) + 1)) for k, d in zip(kernel, dilation)]
+        pads = [
+            draw(st.integers(0, d * (k - 1) + 1)) for k, d in zip(kernel, dilation, strict=True)
+        ]
         padding = _tuple_or_int(draw, pads)
     return _CONV[ndim](
         channels,
@@ -256,9 +285,16 @@ def _conv(
 
 @st.composite
 def _pool(
-    draw: st.DrawFn, /, *, ndim: int, kind: str, budget: Sequence[int], max_kernel: int,
-    max_stride: int, max_dilation: int,
-) -> nn.Module:  # fmt: skip
+    draw: st.DrawFn,
+    /,
+    *,
+    ndim: int,
+    kind: str,
+    budget: Sequence[int],
+    max_kernel: int,
+    max_stride: int,
+    max_dilation: int,
+) -> nn.Module:
     kernel, dilation = [], []
     for b in budget:
         k = draw(st.integers(1, min(max_kernel, b + 1)))
@@ -325,21 +361,35 @@ def conv_stacks(
         torch.manual_seed(seed)  # Rule 5
         for _ in range(n_layers):
             kind = draw(st.sampled_from(kinds))
-            budget = [(max_receptive_field_px - f) // j for f, j in zip(rf, jump)]  # Rule 4
+            budget = [
+                (max_receptive_field_px - f) // j for f, j in zip(rf, jump, strict=True)
+            ]  # Rule 4
             if kind == "activation":
                 layer = draw(st.sampled_from(activations))()
             elif kind == "conv":
                 layer = draw(
-                    _conv(ndim=ndim, channels=channels, max_channels=max_channels, budget=budget,
-                          max_kernel=max_kernel, max_stride=max_stride, max_dilation=max_dilation,
-                          padding_modes=padding_modes)  # fmt: skip
+                    _conv(
+                        ndim=ndim,
+                        channels=channels,
+                        max_channels=max_channels,
+                        budget=budget,
+                        max_kernel=max_kernel,
+                        max_stride=max_stride,
+                        max_dilation=max_dilation,
+                        padding_modes=padding_modes,
+                    )
                 )
                 channels = layer.out_channels
             else:
                 layer = draw(
-                    _pool(ndim=ndim, kind=kind.split("_")[0], budget=budget,
-                          max_kernel=max_pool_kernel, max_stride=max_stride,
-                          max_dilation=max_dilation)  # fmt: skip
+                    _pool(
+                        ndim=ndim,
+                        kind=kind.split("_")[0],
+                        budget=budget,
+                        max_kernel=max_pool_kernel,
+                        max_stride=max_stride,
+                        max_dilation=max_dilation,
+                    )
                 )
             windows = _windows(layer, ndim)
             for axis, w in enumerate(windows or ()):
@@ -505,7 +555,9 @@ def streaming_cases(
     max_tiles = default_tiles if max_tiles is None else max_tiles
     module = draw(conv_stacks(ndim=ndim, max_receptive_field_px=max_rf, **stack_options))  # type: ignore[arg-type]
     image_shape = draw(
-        image_shapes(module=module, ndim=ndim, min_batch=min_batch, max_batch=max_batch, max_px=max_px)
+        image_shapes(
+            module=module, ndim=ndim, min_batch=min_batch, max_batch=max_batch, max_px=max_px
+        )
     )
     tile = draw(tile_sizes(module=module, image_shape=image_shape, max_tiles=max_tiles))
     return StreamingCase(module, image_shape, tile, seed=draw(st.integers(0, 2**32 - 1)))

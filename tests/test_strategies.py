@@ -1,0 +1,205 @@
+"""The strategies are tested themselves: every draw valid, bounds held, edge cases reachable."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import find, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from streamcheck.testing import (
+    StreamingCase,
+    conv_stacks,
+    image_shapes,
+    stack_geometry,
+    streaming_cases,
+    tile_sizes,
+)
+from streamcheck.testing.strategies import _leaves
+
+# PyTorch warns when 'same' padding of an even kernel needs an asymmetric zero-padded copy; the
+# strategies draw that case on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+
+CONV = nn.modules.conv._ConvNd
+MAX_POOL = nn.modules.pooling._MaxPoolNd
+AVG_POOL = nn.modules.pooling._AvgPoolNd
+
+
+def _tile_tuple(case: StreamingCase) -> tuple[int, ...]:
+    tile = case.tile
+    return (tile,) * case.ndim if isinstance(tile, int) else tile
+
+
+def _per_axis(value: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    return (value,) * ndim if isinstance(value, int) else tuple(value)
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@given(data=st.data())
+def test_every_draw_runs_and_has_output(ndim: int, data: st.DataObject) -> None:
+    case = data.draw(streaming_cases(ndim=ndim))
+    x = torch.zeros(case.image_shape, dtype=torch.float64)
+    with torch.no_grad():
+        y = case.module.double()(x)
+    assert y.shape[0] == case.image_shape[0]
+    assert min(y.shape[2:]) >= 1
+    assert tuple(y.shape[2:]) == case.geometry.output_px(case.module, case.image_shape[2:])
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@given(data=st.data())
+def test_min_input_px_is_the_smallest_valid_input(ndim: int, data: st.DataObject) -> None:
+    module = data.draw(conv_stacks(ndim=ndim, max_receptive_field_px=12, max_channels=2))
+    geometry = stack_geometry(module, ndim=ndim)
+    channels = next((m.in_channels for m in _leaves(module) if isinstance(m, CONV)), 1)
+    shape = (1, channels, *geometry.min_input_px)
+    with torch.no_grad():
+        assert min(module(torch.zeros(shape)).shape[2:]) >= 1
+        for axis, n in enumerate(geometry.min_input_px):
+            if n > 1:
+                smaller = list(shape)
+                smaller[2 + axis] = n - 1
+                with pytest.raises(RuntimeError):
+                    module(torch.zeros(smaller))
+
+
+@given(data=st.data())
+def test_stack_bounds_are_respected(data: st.DataObject) -> None:
+    ndim = data.draw(st.integers(1, 3))
+    bounds = {
+        "min_layers": data.draw(st.integers(1, 3)),
+        "max_channels": data.draw(st.integers(1, 5)),
+        "max_kernel": data.draw(st.integers(1, 5)),
+        "max_pool_kernel": data.draw(st.integers(1, 4)),
+        "max_stride": data.draw(st.integers(1, 3)),
+        "max_dilation": data.draw(st.integers(1, 3)),
+        "max_receptive_field_px": data.draw(st.integers(1, 30)),
+    }
+    bounds["max_layers"] = bounds["min_layers"] + data.draw(st.integers(0, 3))
+    module = data.draw(conv_stacks(ndim=ndim, **bounds))
+    leaves = list(_leaves(module))
+    assert bounds["min_layers"] <= len(leaves) <= bounds["max_layers"]
+    geometry = stack_geometry(module, ndim=ndim)
+    assert max(geometry.receptive_field_px) <= bounds["max_receptive_field_px"]
+    for layer in leaves:
+        assert not isinstance(layer, nn.Sequential)
+        if isinstance(layer, CONV):
+            assert layer.out_channels <= bounds["max_channels"]
+            assert layer.in_channels % layer.groups == 0 and layer.out_channels % layer.groups == 0
+            assert max(layer.kernel_size) <= bounds["max_kernel"]
+            assert max(layer.stride) <= bounds["max_stride"]
+            assert max(layer.dilation) <= bounds["max_dilation"]
+            if layer.padding == "same":
+                assert set(layer.stride) == {1}
+        elif isinstance(layer, MAX_POOL | AVG_POOL):
+            kernel = _per_axis(layer.kernel_size, ndim)
+            stride = _per_axis(layer.stride, ndim)
+            assert max(kernel) <= bounds["max_pool_kernel"]
+            assert stride == kernel or max(stride) <= bounds["max_stride"]
+            padding = _per_axis(layer.padding, ndim)
+            assert all(p <= k // 2 for p, k in zip(padding, kernel, strict=True))
+            if isinstance(layer, MAX_POOL):
+                assert max(_per_axis(layer.dilation, ndim)) <= bounds["max_dilation"]
+        else:
+            assert sum(p.numel() for p in layer.parameters()) == 0  # pointwise activations
+
+
+@given(data=st.data())
+def test_image_and_tile_bounds_are_respected(data: st.DataObject) -> None:
+    ndim = data.draw(st.integers(1, 3))
+    module = data.draw(conv_stacks(ndim=ndim, max_receptive_field_px=12))
+    min_batch = data.draw(st.integers(1, 3))
+    max_batch = min_batch + data.draw(st.integers(0, 2))
+    max_px = data.draw(st.integers(1, 30))
+    shape = data.draw(
+        image_shapes(
+            module=module, ndim=ndim, min_batch=min_batch, max_batch=max_batch, max_px=max_px
+        )
+    )
+    geometry = stack_geometry(module, ndim=ndim)
+    assert min_batch <= shape[0] <= max_batch
+    assert len(shape) == ndim + 2
+    for n, lo in zip(shape[2:], geometry.min_input_px, strict=True):
+        assert lo <= n <= max(lo, max_px)
+
+    max_tiles = data.draw(st.none() | st.integers(1, 50))
+    tile = data.draw(tile_sizes(module=module, image_shape=shape, max_tiles=max_tiles))
+    tiles = (tile,) * ndim if isinstance(tile, int) else tile
+    out_px = geometry.output_px(module, shape[2:])
+    n_tiles = 1
+    for t, rf, stride, n, out in zip(
+        tiles, geometry.receptive_field_px, geometry.total_stride, shape[2:], out_px, strict=True
+    ):
+        assert t >= rf
+        output_tile = (t - rf) // stride + 1  # streamcheck.geometry Rule 6
+        n_tiles *= math.ceil(out / output_tile)
+        if max_tiles is None and not isinstance(tile, int):
+            assert t <= max(rf, n)
+    if max_tiles is None:
+        assert max(tiles) <= max(geometry.receptive_field_px + tuple(shape[2:]))
+    else:
+        assert n_tiles <= max(max_tiles, 1)
+
+
+def _has(predicate: Callable[[nn.Module], bool]) -> Callable[[StreamingCase], bool]:
+    return lambda case: any(predicate(layer) for layer in case.module.modules())
+
+
+REACHABLE: dict[str, Callable[[StreamingCase], bool]] = {
+    "smallest legal tile": lambda case: _tile_tuple(case) == case.geometry.receptive_field_px,
+    "tile per axis": lambda case: isinstance(case.tile, tuple) and len(set(case.tile)) > 1,
+    "non-square odd image": lambda c: len(set(c.image_shape[2:])) > 1 and c.image_shape[2] % 2 == 1,
+    "nested Sequential": lambda c: any(isinstance(m, nn.Sequential) for m in c.module.children()),
+    "'same' even kernel": _has(
+        lambda m: (
+            isinstance(m, CONV) and m.padding == "same" and any(k % 2 == 0 for k in m.kernel_size)
+        )
+    ),
+    "'valid'": _has(lambda m: isinstance(m, CONV) and m.padding == "valid"),
+    "padding wider than the kernel": _has(
+        lambda m: (
+            isinstance(m, CONV)
+            and not isinstance(m.padding, str)
+            and any(
+                p > d * (k - 1)
+                for p, d, k in zip(m.padding, m.dilation, m.kernel_size, strict=True)
+            )
+        )
+    ),
+    "groups": _has(lambda m: isinstance(m, CONV) and m.groups > 1),
+    "strided dilated conv": _has(
+        lambda m: isinstance(m, CONV) and max(m.stride) > 1 and max(m.dilation) > 1
+    ),
+    "reflect padding": _has(lambda m: isinstance(m, CONV) and m.padding_mode == "reflect"),
+    "no bias": _has(lambda m: isinstance(m, CONV) and m.bias is None),
+    "dilated ceil-mode max-pool": _has(
+        lambda m: isinstance(m, MAX_POOL) and m.ceil_mode and m.dilation != 1
+    ),
+    "padded avg-pool excluding pad": _has(
+        lambda m: isinstance(m, AVG_POOL) and m.padding != 0 and not m.count_include_pad
+    ),
+    "divisor_override": _has(lambda m: isinstance(m, AVG_POOL) and m.divisor_override),
+}
+
+
+@pytest.mark.parametrize("name", list(REACHABLE))
+def test_edge_cases_are_reachable(name: str) -> None:
+    find(
+        streaming_cases(ndim=2),
+        REACHABLE[name],
+        settings=settings(max_examples=2000, database=None, deadline=None),
+    )
+
+
+@pytest.mark.parametrize("ndim", [1, 3])
+def test_smallest_legal_tile_is_reachable_in_1d_and_3d(ndim: int) -> None:
+    find(
+        streaming_cases(ndim=ndim),
+        REACHABLE["smallest legal tile"],
+        settings=settings(max_examples=2000, database=None, deadline=None),
+    )
