@@ -1,5 +1,12 @@
 """Testing helpers for streamcheck: hypothesis strategies (and the equivalence checker)."""
 
+from streamcheck.testing.checker import (
+    EquivalenceReport,
+    TensorError,
+    assert_streaming_equivalent,
+    check_streaming_equivalence,
+    default_tolerances,
+)
 from streamcheck.testing.strategies import (
     ACTIVATIONS,
     SMOOTH_ACTIVATIONS,
@@ -15,9 +22,14 @@ from streamcheck.testing.strategies import (
 __all__ = [
     "ACTIVATIONS",
     "SMOOTH_ACTIVATIONS",
+    "EquivalenceReport",
     "StackGeometry",
     "StreamingCase",
+    "TensorError",
+    "assert_streaming_equivalent",
+    "check_streaming_equivalence",
     "conv_stacks",
+    "default_tolerances",
     "image_shapes",
     "stack_geometry",
     "streaming_cases",

@@ -1,0 +1,292 @@
+"""Tests of the equivalence checker: it passes exact streaming and fails every injected error."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import streamcheck
+from streamcheck.testing.checker import (
+    EquivalenceReport,
+    assert_streaming_equivalent,
+    check_streaming_equivalence,
+    default_tolerances,
+)
+
+RealStreamed = streamcheck.Streamed
+
+
+def small_trunk() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+    )
+
+
+def small_input() -> torch.Tensor:
+    return torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# the use-it-in-your-own-suite example (also in the README)
+
+
+def test_my_trunk_streams_exactly() -> None:
+    from streamcheck.testing import assert_streaming_equivalent
+
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+    ).eval()  # fmt: skip
+    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    x = torch.randn(2, 3, 128, 128)
+    report = assert_streaming_equivalent(trunk, x, tile=64, head=head)  # float64, rtol 1e-10
+    assert report.n_tiles >= 4
+
+
+# ---------------------------------------------------------------------------------------------
+# correct streaming passes
+
+
+def test_passes_and_reports_every_tensor() -> None:
+    trunk = small_trunk()
+    report = assert_streaming_equivalent(trunk, small_input(), tile=32)
+    assert isinstance(report, EquivalenceReport)
+    assert report.passed and not report.failures
+    assert report.dtype == torch.float64
+    assert (report.rtol, report.atol) == (1e-10, 0.0)
+    assert report.tile == (32, 32)
+    assert report.n_tiles >= 4
+    names = [row.name for row in report.rows]
+    assert names == ["output", "input.grad"] + [n for n, _ in trunk.named_parameters()]
+    for row in report.rows:
+        assert row.max_rel_error <= 1e-10
+        assert row.reference_max_abs > 0  # a zero reference would make the check vacuous
+    table = str(report)
+    assert "PASSED" in table
+    for name in names:
+        assert name in table
+
+
+def test_does_not_touch_the_callers_module() -> None:
+    trunk = small_trunk()
+    before = {n: p.detach().clone() for n, p in trunk.named_parameters()}
+    assert_streaming_equivalent(trunk, small_input(), tile=32)
+    for name, parameter in trunk.named_parameters():
+        assert parameter.dtype == torch.float32
+        assert parameter.grad is None
+        assert torch.equal(parameter.detach(), before[name])
+
+
+def test_head_module_parameters_are_compared() -> None:
+    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    report = assert_streaming_equivalent(small_trunk(), small_input(), tile=32, head=head)
+    assert [r.name for r in report.rows if r.name.startswith("head.")] == [
+        "head.2.weight",
+        "head.2.bias",
+    ]
+
+
+def test_scalar_head_is_the_loss() -> None:
+    report = assert_streaming_equivalent(
+        small_trunk(), small_input(), tile=32, head=lambda y: y.square().mean()
+    )
+    assert report.passed
+
+
+def test_accepts_a_shape_and_a_tile_per_axis() -> None:
+    report = assert_streaming_equivalent(small_trunk(), (2, 3, 64, 48), tile=(32, 24))
+    assert report.input_shape == (2, 3, 64, 48)
+    assert report.tile == (32, 24)
+
+
+def test_float32_uses_the_accumulation_length_tolerance() -> None:
+    report = assert_streaming_equivalent(small_trunk(), small_input(), tile=32, dtype=torch.float32)
+    assert report.accumulation_length == 64 * 64
+    assert report.rtol == pytest.approx(64 * torch.finfo(torch.float32).eps * 64)
+    assert report.dtype == torch.float32
+
+
+def test_default_tolerances() -> None:
+    assert default_tolerances(torch.float64, 10**8) == (1e-10, 0.0)
+    eps = torch.finfo(torch.float32).eps
+    rtol, atol = default_tolerances(torch.float32, 4 * 100 * 100)
+    assert rtol == pytest.approx(64 * eps * 200) and atol == 0.0
+    with pytest.raises(streamcheck.StreamcheckError):
+        default_tolerances(torch.int64, 10)
+
+
+def test_json_form_round_trips() -> None:
+    report = check_streaming_equivalence(small_trunk(), small_input(), tile=32)
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert data["passed"] is True
+    assert data["dtype"] == "float64"
+    assert data["tile"] == [32, 32]
+    assert data["n_failed"] == 0
+    assert [row["name"] for row in data["rows"]] == [row.name for row in report.rows]
+    assert data["rows"][0]["shape"] == [1, 8, 32, 32]
+
+
+def test_single_tile_warns_that_nothing_is_compared() -> None:
+    with pytest.warns(UserWarning, match="one tile"):
+        assert_streaming_equivalent(small_trunk(), (1, 3, 16, 16), tile=64)
+
+
+# ---------------------------------------------------------------------------------------------
+# injected errors fail, with the table in the message
+
+
+class PerturbedWeightStreamed(RealStreamed):  # type: ignore[misc, valid-type]
+    """Streams correctly, but first nudges one weight of the streamed copy (1e-6 relative)."""
+
+    def __init__(self, module: nn.Module, *, tile: int) -> None:
+        with torch.no_grad():
+            first = next(module.parameters())
+            first.view(-1)[0] *= 1 + 1e-6
+        super().__init__(module, tile=tile)
+
+
+class OffByOnePixelStreamed(RealStreamed):  # type: ignore[misc, valid-type]
+    """Streams correctly, then corrupts one output pixel (a stitching error at a tile seam)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        seam = y.shape[-1] // 2
+        scale = torch.ones_like(y)
+        scale[..., seam, seam] += 1e-6
+        return y * scale
+
+
+class DetachedStreamed(RealStreamed):  # type: ignore[misc, valid-type]
+    """Streams correctly but cuts the gradient of the input (saliency maps would be zero)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.detach())
+
+
+class NaNStreamed(RealStreamed):  # type: ignore[misc, valid-type]
+    """Streams correctly, then puts NaN in one output pixel per channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        corrupt = torch.zeros_like(y, dtype=torch.bool)
+        corrupt[..., 0, 0] = True
+        return y + torch.where(corrupt, torch.nan, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("fake", "failing"),
+    [
+        # The net is piecewise linear and the loss linear in its output, so a nudged first
+        # weight changes the output, the input gradient and the second conv's weight gradient.
+        (PerturbedWeightStreamed, {"output", "input.grad", "3.weight"}),
+        # A scaled seam pixel changes every gradient that flows through it.
+        (OffByOnePixelStreamed, {"output", "input.grad", "0.weight", "0.bias", "3.weight", "3.bias"}),
+        (DetachedStreamed, {"input.grad"}),
+        (NaNStreamed, {"output"}),
+    ],
+    ids=["weight", "pixel", "detached", "nan"],
+)
+def test_injected_errors_fail_with_a_table(
+    monkeypatch: pytest.MonkeyPatch, fake: type, failing: set[str]
+) -> None:
+    monkeypatch.setattr(streamcheck, "Streamed", fake)
+    with pytest.raises(AssertionError) as excinfo:
+        assert_streaming_equivalent(small_trunk(), small_input(), tile=32)
+    message = str(excinfo.value)
+    assert "FAILED" in message
+    assert "tensor" in message and "max abs err" in message and "max rel err" in message
+    failed_lines = {line.split()[0] for line in message.splitlines() if line.endswith("FAIL")}
+    assert failing <= failed_lines
+    report = check_streaming_equivalence(small_trunk(), small_input(), tile=32)
+    assert not report.passed
+    assert failing <= {row.name for row in report.failures}
+    json.dumps(report.to_dict(), allow_nan=False)  # non-finite errors become null
+
+
+def test_float32_tolerance_still_catches_a_dropped_pixel(monkeypatch: pytest.MonkeyPatch) -> None:
+    class DroppedPixel(RealStreamed):  # type: ignore[misc, valid-type]
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = super().forward(x)
+            keep = torch.ones_like(y)
+            keep[..., y.shape[-2] // 2, y.shape[-1] // 2] = 0  # one of 32 * 32 output pixels
+            return y * keep
+
+    monkeypatch.setattr(streamcheck, "Streamed", DroppedPixel)
+    report = check_streaming_equivalence(
+        small_trunk(), small_input(), tile=32, dtype=torch.float32
+    )
+    assert {"output", "input.grad", "0.weight", "3.weight", "3.bias"} <= {
+        row.name for row in report.failures
+    }
+
+
+def test_explicit_tolerance_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streamcheck, "Streamed", PerturbedWeightStreamed)
+    report = check_streaming_equivalence(small_trunk(), small_input(), tile=32, rtol=1e-6)
+    assert report.passed  # a 1e-6 nudge of one of 216 weights is within 1e-6
+    assert report.rtol == 1e-6
+    worst = max(row.max_rel_error for row in report.rows)
+    assert 0 < worst < 1e-6
+
+
+def test_unused_parameter_must_stay_unused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parameter without gradient in the plain run compares as zeros (Rule 4)."""
+
+    class WithSpare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = small_trunk()
+            self.spare = nn.Parameter(torch.ones(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    class TouchesSpare(RealStreamed):  # type: ignore[misc, valid-type]
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) + 0 * self.module.spare.sum()
+
+    monkeypatch.setattr(streamcheck, "Streamed", TouchesSpare)
+    report = check_streaming_equivalence(WithSpare(), small_input(), tile=32)
+    spare = next(row for row in report.rows if row.name == "spare")
+    assert spare.passed and spare.max_abs_error == 0.0  # zeros == None
+
+    class PushesSpare(RealStreamed):  # type: ignore[misc, valid-type]
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) + 1e-3 * self.module.spare.sum()
+
+    monkeypatch.setattr(streamcheck, "Streamed", PushesSpare)
+    report = check_streaming_equivalence(WithSpare(), small_input(), tile=32)
+    spare = next(row for row in report.rows if row.name == "spare")
+    assert not spare.passed and math.isinf(spare.max_rel_error)
+
+
+# ---------------------------------------------------------------------------------------------
+# modules that cannot be streamed: the engine's error propagates
+
+
+def test_unstreamable_module_raises_streamcheck_error() -> None:
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    trunk.train()
+    with pytest.raises(streamcheck.StreamcheckError, match="'1'"):
+        assert_streaming_equivalent(trunk, small_input(), tile=32)
+    with pytest.raises(streamcheck.StreamcheckError, match="'1'"):
+        check_streaming_equivalence(trunk, small_input(), tile=32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_float32_without_tf32() -> None:
+    torch.backends.cudnn.allow_tf32 = True
+    report = assert_streaming_equivalent(
+        small_trunk(), small_input().cuda(), tile=32, dtype=torch.float32
+    )
+    assert report.passed
+    assert torch.backends.cudnn.allow_tf32  # restored
