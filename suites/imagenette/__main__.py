@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, help="stop after the epoch that would overrun this wall-clock budget")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: see README, 'Threads')")
     p.add_argument("--quiet", action="store_true", help="no per-step lines")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNGs from the files in --out")
     return p.parse_args(argv)
