@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 # Safety factor in the float32 tolerance rtol = C * eps * sqrt(L); see `default_tolerances`.
-FLOAT32_SAFETY_FACTOR = 64.0
+FLOAT32_SAFETY_FACTOR = 8.0
 FLOAT64_RTOL = 1e-10
 
 
@@ -162,20 +162,25 @@ def default_tolerances(dtype: torch.dtype, accumulation_length: int) -> tuple[fl
     1e-10 leaves room for that and still catches any real error (a missing or doubled tile border
     pixel changes a gradient by far more).
 
-    float32 (and lower precision): ``rtol = 64 * eps * sqrt(L)``, ``atol = 0``, where ``eps`` is
+    float32 (and lower precision): ``rtol = 8 * eps * sqrt(L)``, ``atol = 0``, where ``eps`` is
     the machine epsilon of ``dtype`` and ``L`` the accumulation length, the number of terms summed
     into one weight-gradient entry: batch size times pixels per image, ``N * prod(spatial)``.
     Summing ``L`` terms of random sign in two different orders differs by about
-    ``eps * sqrt(L)`` relative to the sum (rounding errors add like a random walk); the factor 64
-    covers taking the maximum over many entries, the error carried through several layers, and
-    the extra rounding of the forward pass. For a 1x3x2048x2048 float32 input this is
-    ``64 * 1.19e-7 * 2048 = 1.6e-2``; for 1x3x96x96 it is ``7.3e-4``.
+    ``eps * sqrt(L)`` relative to the sum (rounding errors add like a random walk). Measured on
+    CPU (ResNet-18/34/50, VGG-16, MobileNetV2 and ConvNeXt trunks at 96-160 px, the paper's
+    Fig 2 network at 256-1024 px), the worst tensor of each check had
+    ``max_rel_error / (eps * sqrt(L))`` between 0.07 and 0.36; the factor 8 leaves 20x for other
+    convolution algorithms (cuDNN's Winograd and FFT) and deeper trunks. For a 1x3x2048x2048
+    input this is ``8 * 1.19e-7 * 2048 = 1.95e-3``; for 1x3x96x96 it is ``9.2e-5``. A float32
+    check mostly guards the production dtype: weight gradients summed over many pixels cannot
+    see a single wrong pixel at this tolerance (the output and input-gradient rows can), so
+    float64 is the exactness oracle.
 
     >>> default_tolerances(torch.float64, 10**6)
     (1e-10, 0.0)
-    >>> rtol, atol = default_tolerances(torch.float32, 2048 * 2048)  # sqrt(L) = 2048
-    >>> round(rtol, 4), atol
-    (0.0156, 0.0)
+    >>> rtol, atol = default_tolerances(torch.float32, 2048 * 2048)  # 8 * 1.19e-7 * sqrt(L)
+    >>> f"{rtol:.2e}", atol
+    ('1.95e-03', 0.0)
     """
     if dtype == torch.float64:
         return FLOAT64_RTOL, 0.0
@@ -449,10 +454,8 @@ def _compare(
     max_abs = float(diff.max()) if diff.numel() else 0.0
     finite_b = b64[torch.isfinite(b64)].abs()
     scale = float(finite_b.max()) if finite_b.numel() else 0.0
-    if scale > 0:
-        max_rel = max_abs / scale
-    else:
-        max_rel = 0.0 if max_abs == 0 else math.inf
+    zero_scale_rel = 0.0 if max_abs == 0 else math.inf
+    max_rel = max_abs / scale if scale > 0 else zero_scale_rel
     passed = max_abs <= atol + rtol * scale
     return TensorError(name, kind, shape, max_abs, max_rel, scale, passed=passed)
 

@@ -1,0 +1,159 @@
+"""Streaming real torchvision trunks (random weights, no download) equals plain training.
+
+Each trunk is checked in float64 with rtol 1e-10 by the equivalence checker: output, input
+gradient and every parameter gradient. BatchNorm is in eval mode with random running statistics
+and affine parameters (fresh BatchNorms are almost the identity, which would test little), and
+ConvNeXt's layer scale is set to 1 (its 1e-6 init would hide the blocks behind the skip path).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import streamcheck
+from streamcheck.testing.checker import assert_streaming_equivalent
+
+torchvision = pytest.importorskip("torchvision")
+models = torchvision.models
+
+
+def randomize_norms(module: nn.Module, *, seed: int = 0) -> nn.Module:
+    """Random BatchNorm statistics and affine parameters, random LayerNorm affine parameters."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(like: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(like.shape, generator=generator)
+
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                assert m.running_mean is not None and m.running_var is not None
+                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=generator))
+                m.running_var.copy_(uniform(m.running_var, 0.5, 2.0))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.LayerNorm):
+                m.weight.copy_(uniform(m.weight, 0.5, 1.5))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=generator))
+    return module
+
+
+def resnet_trunk(arch: str, *, up_to: str) -> nn.Module:
+    """Stem + residual stages of a torchvision ResNet, keeping its module names."""
+    torch.manual_seed(0)
+    net = getattr(models, arch)(weights=None)
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    names = names[: names.index(up_to) + 1]
+    return nn.Sequential(OrderedDict((name, getattr(net, name)) for name in names))
+
+
+def vgg16_trunk() -> nn.Module:
+    torch.manual_seed(0)
+    return models.vgg16(weights=None).features[:10]
+
+
+def mobilenet_v2_trunk() -> nn.Module:
+    torch.manual_seed(0)
+    return models.mobilenet_v2(weights=None).features[:4]
+
+
+def convnext_tiny_trunk(stages: int) -> nn.Module:
+    torch.manual_seed(0)
+    trunk = models.convnext_tiny(weights=None).features[:stages]
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, models.convnext.CNBlock):
+                m.layer_scale.fill_(1.0)
+    return trunk
+
+
+# (builder, input shape, tile): inputs small enough for a loaded 2-core CPU, tiles giving >= 4
+# tiles. Receptive fields in comments (stride in brackets) bound the useful tile from below.
+TRUNKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
+    # stem 11 px [4], layer1 (2 blocks of two 3x3 convs) +32 -> 43 px [4]
+    "resnet18-layer1": (lambda: resnet_trunk("resnet18", up_to="layer1"), (1, 3, 96, 96), 64),
+    # 3 blocks: +48 -> 59 px [4]
+    "resnet34-layer1": (lambda: resnet_trunk("resnet34", up_to="layer1"), (1, 3, 96, 96), 80),
+    # bottlenecks: 1x1, 3x3, 1x1 -> layer1 +24 -> 35 px [4]
+    "resnet50-layer1": (lambda: resnet_trunk("resnet50", up_to="layer1"), (1, 3, 96, 96), 64),
+    # layer2: +8 (stride-2 conv), +48 -> 99 px [8]; downsample shortcut
+    "resnet18-layer2": (lambda: resnet_trunk("resnet18", up_to="layer2"), (1, 3, 192, 192), 128),
+    # conv conv pool conv conv pool: 16 px [4]
+    "vgg16-features10": (vgg16_trunk, (1, 3, 96, 96), 48),
+    # depthwise convs, ReLU6(inplace), an inverted residual with skip: 19 px [4]
+    "mobilenet_v2-features4": (mobilenet_v2_trunk, (1, 3, 96, 96), 48),
+    # patchify stem 4 px [4], 3 CNBlocks (7x7 depthwise, LayerNorm over channels, MLP,
+    # layer scale, stochastic depth) +72 -> 76 px [4]
+    "convnext_tiny-features2": (lambda: convnext_tiny_trunk(2), (1, 3, 160, 160), 112),
+    # + downsample (LayerNorm2d, 2x2 stride-2 conv): 80 px [8]
+    "convnext_tiny-features3": (lambda: convnext_tiny_trunk(3), (1, 3, 160, 160), 112),
+}
+
+
+@pytest.mark.parametrize("name", list(TRUNKS))
+def test_trunk_streams_exactly(name: str) -> None:
+    build, shape, tile = TRUNKS[name]
+    trunk = randomize_norms(build()).eval()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    report = assert_streaming_equivalent(trunk, x, tile=tile, dtype=torch.float64, rtol=1e-10)
+    assert report.n_tiles >= 4, str(report)
+    n_parameters = sum(1 for p in trunk.parameters() if p.requires_grad)
+    assert sum(row.kind == "param_grad" for row in report.rows) == n_parameters
+
+
+def test_resnet_with_a_head_streams_exactly() -> None:
+    """Trunk streamed, avgpool + fc as the head: the head's gradients match too."""
+    torch.manual_seed(0)
+    net = randomize_norms(models.resnet18(weights=None)).eval()
+    trunk = nn.Sequential(
+        OrderedDict((n, getattr(net, n)) for n in ["conv1", "bn1", "relu", "maxpool", "layer1"])
+    )
+    head = nn.Sequential(
+        net.layer2, net.layer3, net.layer4, net.avgpool, nn.Flatten(), net.fc
+    )  # fmt: skip
+    report = assert_streaming_equivalent(trunk, (2, 3, 96, 96), tile=64, head=head)
+    assert any(row.name == "head.5.weight" for row in report.rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# what cannot be streamed is refused, naming the module
+
+
+def test_batchnorm_in_training_mode_is_refused() -> None:
+    trunk = resnet_trunk("resnet18", up_to="layer1").train()
+    with pytest.raises(streamcheck.StreamcheckError, match=r"\bbn1\b"):
+        assert_streaming_equivalent(trunk, (1, 3, 96, 96), tile=64)
+
+
+def test_one_batchnorm_in_training_mode_is_named() -> None:
+    trunk = resnet_trunk("resnet18", up_to="layer1").eval()
+    trunk.layer1[0].bn2.train()
+    with pytest.raises(streamcheck.StreamcheckError, match=r"layer1\.0\.bn2"):
+        streamcheck.plan(trunk, (1, 3, 96, 96), tile=64)
+
+
+def test_mobilenet_in_training_mode_names_its_first_batchnorm() -> None:
+    trunk = mobilenet_v2_trunk().train()
+    with pytest.raises(streamcheck.StreamcheckError, match=r"0\.1"):
+        streamcheck.plan(trunk, (1, 3, 96, 96), tile=48)
+
+
+def test_full_resnet_is_refused_at_the_global_pool() -> None:
+    torch.manual_seed(0)
+    net = models.resnet18(weights=None).eval()
+    with pytest.raises(streamcheck.StreamcheckError, match=r"avgpool|fc"):
+        assert_streaming_equivalent(net, (1, 3, 96, 96), tile=64)
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet50-layer1", "mobilenet_v2-features4", "convnext_tiny-features2"]
+)
+def test_trunk_float32_within_the_default_tolerance_with_margin(name: str) -> None:
+    """The float32 default (8 eps sqrt(L)) holds with a 4x margin: it is not fitted to pass."""
+    build, shape, tile = TRUNKS[name]
+    trunk = randomize_norms(build()).eval()
+    report = assert_streaming_equivalent(trunk, shape, tile=tile, dtype=torch.float32)
+    assert max(row.max_rel_error for row in report.rows) <= report.rtol / 4, str(report)
