@@ -16,8 +16,9 @@ from . import data as D
 
 REPO = Path(__file__).resolve().parents[2]
 REPORT_DIR = REPO / "reports" / "imagenette"
-# Epochs of the committed STAND-IN report (what fits in ~25 min of 2 shared CPU cores).
+# The committed STAND-IN report: what fits in ~25 min of 2 shared CPU cores (both runs).
 STANDIN_REPORT_EPOCHS = 6
+STANDIN_REPORT_SPEC = D.StandinSpec(train_per_class=20, val_per_class=10)
 QUICK = {"epochs": 1, "batch_size": 8, "steps_per_epoch": 6, "standin": D.StandinSpec(train_per_class=5, val_per_class=2)}
 
 
@@ -27,7 +28,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help=f"default: 200 (paper) with --data, {STANDIN_REPORT_EPOCHS} on the STAND-IN")
     p.add_argument("--quick", action="store_true", help="a few steps on a small STAND-IN, output to a temp dir")
     p.add_argument("--make-standin", action="store_true", help="only generate the STAND-IN data set and exit")
-    p.add_argument("--standin-dir", type=Path, help="where the STAND-IN is generated (default: data/imagenette-standin[-quick])")
+    p.add_argument("--standin-dir", type=Path, help="where the STAND-IN is generated (default: data/imagenette-standin-<size>)")
+    p.add_argument("--standin-per-class", type=int, nargs=2, metavar=("TRAIN", "VAL"),
+                   help=f"STAND-IN images per class (default {STANDIN_REPORT_SPEC.train_per_class} {STANDIN_REPORT_SPEC.val_per_class}, "
+                   f"--quick: {QUICK['standin'].train_per_class} {QUICK['standin'].val_per_class})")
     p.add_argument("--out", type=Path, help="output folder (default: reports/imagenette, or a temp dir with --quick)")
     p.add_argument("--batch-size", type=int, help="default 32 (paper)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -47,11 +51,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .plots import plot_run
+    from .plots import plot_run, write_summary
 
+    out = args.out or (Path(tempfile.gettempdir()) / "streamcheck-imagenette-quick" if args.quick else REPORT_DIR)
+    if args.plot_only:  # every run found in --out, from its files
+        for run in sorted(out.glob("*_run.json")):
+            label = run.name.removesuffix("_run.json")
+            for p in [*plot_run(out, label), write_summary(out, label)]:
+                print(p)
+        return 0
     root = D.data_root_from(args.data)
-    spec = QUICK["standin"] if args.quick else D.StandinSpec()
-    standin_dir = args.standin_dir or REPO / "data" / ("imagenette-standin-quick" if args.quick else "imagenette-standin")
+    spec = QUICK["standin"] if args.quick else STANDIN_REPORT_SPEC
+    if args.standin_per_class:
+        spec = D.StandinSpec(*args.standin_per_class)
+    standin_dir = args.standin_dir or REPO / "data" / f"imagenette-standin-{spec.train_per_class}x{spec.val_per_class}-{spec.size_px}px"
     if args.make_standin:
         D.make_standin(standin_dir, spec)
         print(f"{D.STANDIN_LABEL} data set in {standin_dir}")
@@ -64,12 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         except D.DataLayoutError as e:
             sys.exit(str(e))
         dataset = D.STANDIN_LABEL if D.is_standin(root) else "ImageNette"
-    out = args.out or (Path(tempfile.gettempdir()) / "streamcheck-imagenette-quick" if args.quick else REPORT_DIR)
     label = D.STANDIN_LABEL if dataset == D.STANDIN_LABEL else "imagenette"
-    if args.plot_only:
-        for p in plot_run(out, label):
-            print(p)
-        return 0
 
     from .train import Config, run_experiment
 
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         command=("python", "-m", "suites.imagenette", *(sys.argv[1:] if argv is None else argv)),
     )
     paths = run_experiment(cfg, log=(lambda s: None) if args.quiet else (lambda s: print(s, flush=True)))
-    for p in [*paths.values(), *plot_run(out, label)]:
+    for p in [*paths.values(), *plot_run(out, label), write_summary(out, label)]:
         print(p)
     return 0
 
