@@ -48,7 +48,7 @@ class Node:
     name: str
     path: str  # module path, for messages
     fx_node: fx.Node
-    kind: str  # "input", "window", "pointwise" or "constant"
+    kind: str  # "input", "window", "pointwise", "constant" (or "rejected" while checking)
     layer: Window | Pointwise | None = None
     module: nn.Module | None = None
     sources: list[int] = field(default_factory=list)  # spatial tensor inputs, as node indices
@@ -162,7 +162,7 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
             f"streamcheck: input of shape {tuple(input_shape)} is not (N, C, *spatial) with 1 to 3 "
             "spatial axes"
         )
-    gm = _trace(module)
+    gm = _trace(nn.Sequential(module) if isinstance(module, KNOWN_MODULES) else module)
     problems: list[str] = []
     nodes: list[Node] = []
     index: dict[str, int] = {}
@@ -194,6 +194,8 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
         path = _path(fxn)
         if isinstance(layer, Rejected):
             problems.append(f"  - '{path}': {layer.reason}. Fix: {layer.fix}.")
+            index[fxn.name] = len(nodes)  # keep going, so that later layers are checked too
+            nodes.append(Node(fxn.name, path, fxn, "rejected"))
             continue
         index[fxn.name] = len(nodes)
         nodes.append(

@@ -78,7 +78,7 @@ class StreamPlan:
 
 def normalize_tile(tile: int | Sequence[int], spatial_axes: int) -> tuple[int, ...]:
     """One tile edge per spatial axis."""
-    edges = (tile,) * spatial_axes if isinstance(tile, int) else tuple(tile)
+    edges = (tile,) * spatial_axes if not isinstance(tile, Sequence) else tuple(tile)
     if len(edges) != spatial_axes or not all(isinstance(e, int) and e > 0 for e in edges):
         raise StreamcheckError(
             f"streamcheck: tile {tile!r} must be a positive int or {spatial_axes} positive ints "
@@ -195,8 +195,8 @@ def plan(
     >>> p.output_tile_px, p.n_tiles            # 127 = (256 - 4) // 2 + 1; 500 / 127 -> 4 x 4 tiles
     ((127, 127), 16)
     """
-    graph = build_graph(module, input_shape, dtype=dtype or _param_dtype(module))
-    return make_plan(graph, normalize_tile(tile, len(input_shape) - 2))
+    edges = normalize_tile(tile, len(input_shape) - 2)
+    return make_plan(build_graph(module, input_shape, dtype=dtype or _param_dtype(module)), edges)
 
 
 def _param_dtype(module: nn.Module) -> torch.dtype:

@@ -68,8 +68,8 @@ class Streamed(nn.Module):
         dtype = dtype or next((p.dtype for p in self.module.parameters()), torch.float32)
         key = (tuple(input_shape), dtype, training_signature(self.module))
         if key not in self._plans:
-            graph = build_graph(self.module, input_shape, dtype=dtype)
-            self._plans[key] = make_plan(graph, normalize_tile(self.tile, len(input_shape) - 2))
+            edges = normalize_tile(self.tile, len(input_shape) - 2)
+            self._plans[key] = make_plan(build_graph(self.module, input_shape, dtype=dtype), edges)
         return self._plans[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
