@@ -108,6 +108,26 @@ def test_accepts_a_shape_and_a_tile_per_axis() -> None:
     assert report.tile == (32, 24)
 
 
+@pytest.mark.parametrize(
+    ("trunk", "shape", "tile"),
+    [
+        (nn.Sequential(nn.Conv1d(2, 4, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2)), (2, 2, 200), 64),
+        (
+            nn.Sequential(nn.Conv3d(1, 2, 3), nn.ReLU(), nn.AvgPool3d(2)),
+            (1, 1, 20, 24, 16),
+            (12, 12, 8),
+        ),
+    ],
+    ids=["1d", "3d"],
+)
+def test_one_and_three_spatial_dims(
+    trunk: nn.Module, shape: tuple[int, ...], tile: int | tuple[int, ...]
+) -> None:
+    report = assert_streaming_equivalent(trunk, shape, tile=tile)
+    assert report.n_tiles >= 4
+    assert len(report.tile) == len(shape) - 2
+
+
 def test_float32_uses_the_accumulation_length_tolerance() -> None:
     report = assert_streaming_equivalent(small_trunk(), small_input(), tile=32, dtype=torch.float32)
     assert report.accumulation_length == 64 * 64

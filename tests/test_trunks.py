@@ -81,6 +81,8 @@ TRUNKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "resnet50-layer1": (lambda: resnet_trunk("resnet50", up_to="layer1"), (1, 3, 96, 96), 64),
     # layer2: +8 (stride-2 conv), +48 -> 99 px [8]; downsample shortcut
     "resnet18-layer2": (lambda: resnet_trunk("resnet18", up_to="layer2"), (1, 3, 192, 192), 128),
+    # bottleneck layer2: +8 (stride-2 3x3), +48 -> 91 px [8]; downsample shortcut
+    "resnet50-layer2": (lambda: resnet_trunk("resnet50", up_to="layer2"), (1, 3, 192, 192), 128),
     # conv conv pool conv conv pool: 16 px [4]
     "vgg16-features10": (vgg16_trunk, (1, 3, 96, 96), 48),
     # depthwise convs, ReLU6(inplace), an inverted residual with skip: 19 px [4]
