@@ -51,7 +51,9 @@ Interval = tuple[int, int]
 Box = tuple[Interval, ...]
 
 
-def window_input(out: Interval, *, kernel: int, stride: int, dilation: int, pad_left: int) -> Interval:
+def window_input(
+    out: Interval, *, kernel: int, stride: int, dilation: int, pad_left: int
+) -> Interval:
     """The unclipped input interval a window layer reads for output ``out`` (Rule 2).
 
     >>> window_input((0, 4), kernel=3, stride=1, dilation=1, pad_left=1)  # 3x3 'same' conv

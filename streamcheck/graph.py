@@ -114,7 +114,9 @@ def _trace(module: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(module, graph)
 
 
-def _meta_shapes(gm: fx.GraphModule, input_shape: Sequence[int], dtype: torch.dtype) -> dict[str, Any]:
+def _meta_shapes(
+    gm: fx.GraphModule, input_shape: Sequence[int], dtype: torch.dtype
+) -> dict[str, Any]:
     """Tensor shapes of every node for the whole image, without computing anything (meta device)."""
     memo: dict[int, Any] = {}
     for t in itertools.chain(gm.parameters(), gm.buffers()):
@@ -138,7 +140,9 @@ def _meta_shapes(gm: fx.GraphModule, input_shape: Sequence[int], dtype: torch.dt
     return shapes
 
 
-def _classify(fxn: fx.Node, gm: fx.GraphModule) -> tuple[Window | Pointwise | Rejected, nn.Module | None]:
+def _classify(
+    fxn: fx.Node, gm: fx.GraphModule
+) -> tuple[Window | Pointwise | Rejected, nn.Module | None]:
     if fxn.op == "call_module":
         module = gm.get_submodule(str(fxn.target))
         return classify_module(module), module
@@ -270,7 +274,7 @@ def _attach_layouts(nodes: list[Node], spatial_axes: int, problems: list[str]) -
             if const is None or not const.shape:
                 continue
             offset = ndim - len(const.shape)
-            if any(0 <= d - offset and const.shape[d - offset] != 1 for d in node.layout):
+            if any(d - offset >= 0 and const.shape[d - offset] != 1 for d in node.layout):
                 problems.append(
                     f"  - '{node.path}': combines the feature map with the constant "
                     f"'{const.path}' of shape {const.shape}, which varies along a spatial axis. "

@@ -28,7 +28,14 @@ from torch import nn
 
 from .geometry import Interval, avg_pool_divisors, window_input
 
-__all__ = ["Pointwise", "Rejected", "Window", "classify_function", "classify_method", "classify_module"]
+__all__ = [
+    "Pointwise",
+    "Rejected",
+    "Window",
+    "classify_function",
+    "classify_method",
+    "classify_module",
+]
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,9 @@ _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 def _sum_pool(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
     if len(kernel) == 1:  # avg_pool1d has no divisor_override: go through 2-D
-        return F.avg_pool2d(x.unsqueeze(-2), (1, *kernel), (1, *stride), divisor_override=1).squeeze(-2)
+        return F.avg_pool2d(
+            x.unsqueeze(-2), (1, *kernel), (1, *stride), divisor_override=1
+        ).squeeze(-2)
     pool = F.avg_pool2d if len(kernel) == 2 else F.avg_pool3d
     return pool(x, kernel, stride, 0, False, True, 1)
 
@@ -150,7 +159,9 @@ def _tuple(value: Any, ndim: int) -> tuple[int, ...]:
 
 def _conv_window(m: nn.modules.conv._ConvNd) -> Window | Rejected:
     if m.transposed:
-        return Rejected("transposed convolutions are not supported yet", "stream the layers before it")
+        return Rejected(
+            "transposed convolutions are not supported yet", "stream the layers before it"
+        )
     if m.padding_mode == "circular":
         return Rejected(
             "circular padding wraps the image around, so border pixels depend on the far side",
@@ -159,7 +170,10 @@ def _conv_window(m: nn.modules.conv._ConvNd) -> Window | Rejected:
     ndim = len(m.kernel_size)
     reach = [m.dilation[a] * (m.kernel_size[a] - 1) for a in range(ndim)]
     reversed_pads = m._reversed_padding_repeated_twice
-    pads = [(reversed_pads[2 * (ndim - 1 - a)], reversed_pads[2 * (ndim - 1 - a) + 1]) for a in range(ndim)]
+    pads = [
+        (reversed_pads[2 * (ndim - 1 - a)], reversed_pads[2 * (ndim - 1 - a) + 1])
+        for a in range(ndim)
+    ]
     if any(max(p) > reach[a] for a, p in enumerate(pads)):
         return Rejected(
             f"padding {m.padding} exceeds the kernel's reach {tuple(reach)}, so border outputs see "
@@ -178,12 +192,14 @@ def _conv_window(m: nn.modules.conv._ConvNd) -> Window | Rejected:
 
 
 def _pool_window(m: nn.Module, ndim: int) -> Window | Rejected:
-    kernel = _tuple(m.kernel_size, ndim)  # type: ignore[arg-type]
-    stride = _tuple(m.stride if m.stride else kernel, ndim)  # type: ignore[arg-type]
-    padding = _tuple(m.padding, ndim)  # type: ignore[arg-type]
+    kernel = _tuple(m.kernel_size, ndim)
+    stride = _tuple(m.stride if m.stride else kernel, ndim)
+    padding = _tuple(m.padding, ndim)
     if isinstance(m, _MAX_POOLS):
         if m.return_indices:
-            return Rejected("returning pooling indices is not supported", "set return_indices=False")
+            return Rejected(
+                "returning pooling indices is not supported", "set return_indices=False"
+            )
         return Window(
             kind="max",
             kernel=kernel,
@@ -210,7 +226,14 @@ def _pool_window(m: nn.Module, ndim: int) -> Window | Rejected:
 
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-_POOL_NDIM = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_POOL_NDIM = {
+    nn.MaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AvgPool1d: 1,
+    nn.AvgPool2d: 2,
+    nn.AvgPool3d: 3,
+}
 
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -219,7 +242,14 @@ ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
 )  # fmt: skip
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_DROPOUTS = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 _SOFTMAXES = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 _ADAPTIVE = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
@@ -233,7 +263,9 @@ KNOWN_MODULES: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Flatten, nn.Unflatten, nn.LocalResponseNorm, nn.MultiheadAttention, nn.Upsample,
 )  # fmt: skip
 
-_STATS_FIX = "call .eval() on it so it uses its running statistics, or move it after the streamed part"
+_STATS_FIX = (
+    "call .eval() on it so it uses its running statistics, or move it after the streamed part"
+)
 _AFTER = "move it after the streamed part (into the head)"
 
 
@@ -243,7 +275,7 @@ def classify_module(m: nn.Module) -> Window | Pointwise | Rejected:
     if isinstance(m, nn.modules.conv._ConvNd):
         return _conv_window(m)
     if isinstance(m, _MAX_POOLS + _AVG_POOLS):
-        return _pool_window(m, _POOL_NDIM[type(m)] if type(m) in _POOL_NDIM else 2)
+        return _pool_window(m, _POOL_NDIM.get(type(m), 2))
     if isinstance(m, ELEMENTWISE_MODULES):
         return _NO_DIMS
     if isinstance(m, _BATCH_NORMS):
@@ -313,10 +345,14 @@ def _layer_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Pointwise:
     return Pointwise(mixed_dims=lambda ndim: tuple(range(ndim - count, ndim)))
 
 
-def _random(training_position: int) -> Callable[[tuple[Any, ...], dict[str, Any]], Pointwise | Rejected]:
+def _random(
+    training_position: int,
+) -> Callable[[tuple[Any, ...], dict[str, Any]], Pointwise | Rejected]:
     def check(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Pointwise | Rejected:
         p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-        training = kwargs.get("training", args[training_position] if len(args) > training_position else True)
+        training = kwargs.get(
+            "training", args[training_position] if len(args) > training_position else True
+        )
         if training and p > 0:
             return Rejected(
                 "random dropping in training mode would not be repeated by the backward "
@@ -339,7 +375,9 @@ _ELEMENTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "tanh", "add", "add_", "sub", "mul", "mul_", "div", "neg", "clamp",
     "clamp_", "contiguous", "exp", "abs",
 }  # fmt: skip
-_FUNCTIONS_WITH_ARGS: dict[Any, Callable[[tuple[Any, ...], dict[str, Any]], Pointwise | Rejected]] = {
+_FUNCTIONS_WITH_ARGS: dict[
+    Any, Callable[[tuple[Any, ...], dict[str, Any]], Pointwise | Rejected]
+] = {
     torch.cat: _dim_arg(1),
     torch.concat: _dim_arg(1),
     F.softmax: _dim_arg(1),
@@ -362,7 +400,9 @@ _REJECTED_FUNCTIONS = {
 }
 
 
-def classify_function(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Pointwise | Rejected:
+def classify_function(
+    target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Pointwise | Rejected:
     """How a called function (an fx ``call_function`` node) acts on space."""
     if target in _ELEMENTWISE_FUNCTIONS:
         return _NO_DIMS
@@ -375,7 +415,9 @@ def classify_function(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     return Rejected(f"{name}() {reason}", f"{_AFTER}, or build it from supported layers")
 
 
-def classify_method(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Pointwise | Rejected:
+def classify_method(
+    name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Pointwise | Rejected:
     """How a tensor method (an fx ``call_method`` node) acts on space."""
     if name in _ELEMENTWISE_METHODS:
         return _NO_DIMS

@@ -5,7 +5,7 @@ The arithmetic follows NOTE [ Streaming geometry ] in ``geometry.py``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from math import prod
 
@@ -40,7 +40,9 @@ class StreamPlan:
     output_tile_px: tuple[int, ...]
     receptive_field_px: tuple[int, ...]
     total_stride: tuple[int, ...]
-    overlap_px: tuple[tuple[int, int], ...]  # per axis: pixels read beyond the owned region, each side
+    overlap_px: tuple[
+        tuple[int, int], ...
+    ]  # per axis: pixels read beyond the owned region, each side
     tiles: tuple[Tile, ...]
     peak_bytes_estimate: int
     dtype: torch.dtype
@@ -54,13 +56,19 @@ class StreamPlan:
     @property
     def grid(self) -> tuple[int, ...]:
         """Tiles along each spatial axis."""
-        return tuple(-(-o // t) for o, t in zip(self.output_shape[2:], self.output_tile_px, strict=True))
+        return tuple(
+            -(-o // t) for o, t in zip(self.output_shape[2:], self.output_tile_px, strict=True)
+        )
 
     def __str__(self) -> str:
-        def axes(values: Sequence[object]) -> str:
+        def axes(values: Iterable[object]) -> str:
             return " x ".join(str(v) for v in values)
 
-        rounded = "" if self.tile_px == self.tile_px_used else f" (rounded down from {axes(self.tile_px)})"
+        rounded = (
+            ""
+            if self.tile_px == self.tile_px_used
+            else f" (rounded down from {axes(self.tile_px)})"
+        )
         rows = [
             ("input", axes(self.input_shape)),
             ("output", axes(self.output_shape)),
@@ -142,7 +150,9 @@ def make_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
         output_tile_px=tuple(out_tiles),
         receptive_field_px=tuple(fields),
         total_stride=tuple(strides),
-        overlap_px=tuple((left, f - s - left) for left, f, s in zip(lefts, fields, strides, strict=True)),
+        overlap_px=tuple(
+            (left, f - s - left) for left, f, s in zip(lefts, fields, strides, strict=True)
+        ),
         tiles=tuple(Tile(i, s.input_box, s.output_box) for i, s in enumerate(schedules)),
         peak_bytes_estimate=_peak_bytes(graph, schedules, dtype),
         dtype=dtype,

@@ -77,7 +77,9 @@ def schedule_tile(graph: Graph, output_box: Box) -> Schedule:
         assert box is not None
         for s in node.sources:
             wanted = _required(node, box)
-            available = tuple(clip(interval, size) for interval, size in zip(wanted, nodes[s].sizes, strict=True))
+            available = tuple(
+                clip(interval, size) for interval, size in zip(wanted, nodes[s].sizes, strict=True)
+            )
             unclipped[(i, s)] = (wanted, available)
             requests[s].append(available)
     edges = {}
@@ -112,7 +114,9 @@ def needed_interval(graph: Graph, node_index: int, axis: int, interval: Interval
     return hull(requests[0])
 
 
-def _crop(tensor: torch.Tensor, layout: tuple[int, ...], crop: tuple[Interval, ...]) -> torch.Tensor:
+def _crop(
+    tensor: torch.Tensor, layout: tuple[int, ...], crop: tuple[Interval, ...]
+) -> torch.Tensor:
     index: list[Any] = [slice(None)] * tensor.dim()
     for dim, (start, stop) in zip(layout, crop, strict=True):
         index[dim] = slice(start, stop)
@@ -175,7 +179,9 @@ def run_tile(
         if node.kind == "window":
             assert isinstance(node.layer, Window) and node.module is not None
             tensor, edge = inputs[0]
-            env[i] = node.layer.run(node.module, tensor, edge.pads, box, nodes[node.sources[0]].sizes)
+            env[i] = node.layer.run(
+                node.module, tensor, edge.pads, box, nodes[node.sources[0]].sizes
+            )
         else:
             env[i] = _evaluate(graph, node.fx_node, values)
         for s in node.sources:

@@ -29,11 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .graph import training_signature
+from .graph import build_graph, training_signature
 from .layers import Window
 from .plan import StreamPlan, make_plan, normalize_tile
 from .program import run_tile
-from .graph import build_graph
 
 __all__ = ["Streamed"]
 
@@ -145,16 +144,24 @@ class _StreamFunction(torch.autograd.Function):
         in_layout = graph.nodes[0].layout
         out_layout = graph.output_node.layout
         last = graph.output_node
-        skip_last = last.kind == "window" and isinstance(last.layer, Window) and last.layer.kind == "conv"
+        skip_last = (
+            last.kind == "window" and isinstance(last.layer, Window) and last.layer.kind == "conv"
+        )
         device_type, autocast_on, autocast_dtype = ctx.autocast
         for schedule in plan.schedules:  # Rule S2
             index = _slices(schedule.input_box, in_layout, x.dim())
             tile = x[index].detach().requires_grad_(want_input)
             grad_tile = grad_output[_slices(schedule.output_box, out_layout, grad_output.dim())]
-            with torch.enable_grad(), torch.autocast(device_type, autocast_dtype, enabled=autocast_on):
+            with (
+                torch.enable_grad(),
+                torch.autocast(device_type, autocast_dtype, enabled=autocast_on),
+            ):
                 if skip_last:  # Rule S4
                     padded = run_tile(graph, schedule, tile, stop_at_output_input=True)
-                    extra, targets, grads = _conv_backward(last.module, last.layer, padded, grad_tile)
+                    dtype = autocast_dtype if autocast_on else padded.dtype
+                    extra, targets, grads = _conv_backward(
+                        last.module, last.layer, padded, grad_tile, dtype
+                    )
                 else:
                     result = run_tile(graph, schedule, tile)
                     extra, targets, grads = {}, [result], [grad_tile]
@@ -172,23 +179,32 @@ class _StreamFunction(torch.autograd.Function):
             for i, p in enumerate(params):
                 for g in (found.get(id(p)), extra.get(id(p))):
                     if g is not None:
-                        grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
-            if grad_x is not None and found.get(id(tile)) is not None:
-                grad_x[index] += found[id(tile)]
+                        previous = grad_params[i]
+                        grad_params[i] = g if previous is None else previous + g
+            grad_tile_x = found.get(id(tile))
+            if grad_x is not None and grad_tile_x is not None:
+                grad_x[index] += grad_tile_x
         return (None, grad_x, *grad_params)
 
 
 def _conv_backward(
-    module: nn.Module | None, layer: Window | Any, padded: torch.Tensor, grad_tile: torch.Tensor
+    module: nn.Module | None,
+    layer: Window | Any,
+    padded: torch.Tensor,
+    grad_tile: torch.Tensor,
+    dtype: torch.dtype,
 ) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Gradients of a trailing conv from its padded input tile, without running the conv (Rule S4)."""
+    """Gradients of a trailing conv from its padded input tile, without running the conv (Rule S4).
+
+    ``dtype`` is the dtype the conv computed in (autocast's, under autocast); the gradients are
+    cast back to their tensors' dtypes as autograd's cast nodes would.
+    """
     assert isinstance(module, nn.modules.conv._ConvNd) and isinstance(layer, Window)
     weight, bias = module.weight, module.bias
-    grad_tile = grad_tile.to(padded.dtype)
     grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad_tile.contiguous(),
-        padded.detach(),
-        weight.to(padded.dtype).detach(),
+        grad_tile.to(dtype).contiguous(),
+        padded.detach().to(dtype),
+        weight.detach().to(dtype),
         [bias.shape[0]] if bias is not None else None,
         list(layer.stride),
         [0] * layer.ndim,
@@ -204,5 +220,5 @@ def _conv_backward(
     if bias is not None and bias.requires_grad:
         extra[id(bias)] = grad_bias.to(bias.dtype)
     if padded.requires_grad:
-        return extra, [padded], [grad_input]
+        return extra, [padded], [grad_input.to(padded.dtype)]
     return extra, [], []

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -26,12 +25,18 @@ def gradients(module: nn.Module, x: torch.Tensor, upstream: torch.Tensor | None,
     """Output, input gradient and every parameter gradient of ``run(x)`` against ``upstream``."""
     x = x.detach().requires_grad_()
     y = run(x)
-    g = torch.randn_like(y, generator=torch.Generator().manual_seed(1)) if upstream is None else upstream
+    g = (
+        torch.randn_like(y, generator=torch.Generator().manual_seed(1))
+        if upstream is None
+        else upstream
+    )
     params = list(module.parameters())
     return (y.detach(), g, *torch.autograd.grad(y, [x, *params], g))
 
 
-def assert_exact(module: nn.Module, shape: tuple[int, ...], tile, *, rtol: float = F64_RTOL) -> None:
+def assert_exact(
+    module: nn.Module, shape: tuple[int, ...], tile, *, rtol: float = F64_RTOL
+) -> None:
     module = module.double()
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y, g, *want = gradients(module, x, None, module)
@@ -61,7 +66,9 @@ CASES_2D = {
 
 
 @pytest.mark.parametrize("name", CASES_2D)
-@pytest.mark.parametrize("shape", [(1, 3, 37, 29), (3, 3, 45, 45)], ids=["odd non-square", "batch 3"])
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 37, 29), (3, 3, 45, 45)], ids=["odd non-square", "batch 3"]
+)
 def test_2d_stacks_are_exact_in_float64(name: str, shape: tuple[int, ...]) -> None:
     module, tile = CASES_2D[name]
     torch.manual_seed(0)
@@ -71,7 +78,9 @@ def test_2d_stacks_are_exact_in_float64(name: str, shape: tuple[int, ...]) -> No
 
 
 def test_non_square_tile_and_image_smaller_than_tile() -> None:
-    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(4, 2, 3, padding=1))
+    module = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), nn.Conv2d(4, 2, 3, padding=1)
+    )
     assert_exact(module, (2, 3, 50, 21), (20, 64))
     assert_exact(module, (1, 3, 9, 11), 64)  # one tile covers everything
 
@@ -121,7 +130,13 @@ class CountCalls(TorchDispatchMode):
 
 
 def test_each_tile_runs_two_forwards_and_a_trailing_conv_one() -> None:
-    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+    module = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 2, 3, padding=1),
+    )
     streamed = Streamed(module, tile=16)
     x = torch.randn(1, 3, 40, 40)
     tiles = streamed.plan(x.shape).n_tiles
@@ -138,7 +153,9 @@ def test_each_tile_runs_two_forwards_and_a_trailing_conv_one() -> None:
 
 
 def test_trailing_activation_is_recomputed_and_exact() -> None:
-    assert_exact(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), nn.ReLU()), (1, 3, 40, 40), 12)
+    assert_exact(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), nn.ReLU()), (1, 3, 40, 40), 12
+    )
 
 
 @pytest.mark.parametrize(
@@ -153,7 +170,9 @@ def test_trailing_activation_is_recomputed_and_exact() -> None:
         (nn.Linear(9, 9), "'block.1': mixes or indexes parameters by tensor dimension(s) [3]"),
     ],
 )
-def test_locality_breaking_layers_are_rejected_by_path_before_any_work(layer: nn.Module, fragment: str) -> None:
+def test_locality_breaking_layers_are_rejected_by_path_before_any_work(
+    layer: nn.Module, fragment: str
+) -> None:
     module = nn.Sequential()
     module.add_module("stem", nn.Conv2d(3, 4, 3))
     module.add_module("block", nn.Sequential(nn.ReLU(), layer))
@@ -166,7 +185,9 @@ def test_locality_breaking_layers_are_rejected_by_path_before_any_work(layer: nn
 
 
 def test_every_offending_layer_is_listed_at_once() -> None:
-    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveMaxPool2d(1), nn.Flatten())
+    module = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveMaxPool2d(1), nn.Flatten()
+    )
     with pytest.raises(StreamcheckError) as error:
         streamcheck.plan(module, (1, 3, 32, 32), tile=16)
     message = str(error.value)
@@ -174,7 +195,9 @@ def test_every_offending_layer_is_listed_at_once() -> None:
 
 
 def test_eval_batchnorm_and_eval_dropout_are_streamed() -> None:
-    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.ReLU())
+    module = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.ReLU()
+    )
     with torch.no_grad():
         module[1].running_mean.uniform_(-1, 1)
         module[1].running_var.uniform_(0.5, 2)
@@ -183,7 +206,12 @@ def test_eval_batchnorm_and_eval_dropout_are_streamed() -> None:
 
 def test_tile_smaller_than_receptive_field_names_the_numbers() -> None:
     module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 4, 5))
-    with pytest.raises(StreamcheckError, match=re.escape("tile 10 px (spatial axis 0) is smaller than the receptive field of the streamed module, 12 px")) as error:
+    with pytest.raises(
+        StreamcheckError,
+        match=re.escape(
+            "tile 10 px (spatial axis 0) is smaller than the receptive field of the streamed module, 12 px"
+        ),
+    ) as error:
         streamcheck.plan(module, (1, 3, 64, 64), tile=10)
     # 3x3 conv: 3 px; 2x2 pool: +1; 5x5 conv after stride 2: +4 * 2 -> 12 px, reached at '2'
     assert "'2'" in str(error.value) and "use tile >= 12" in str(error.value)
@@ -228,7 +256,9 @@ def test_optimizer_built_before_wrapping_trains_the_streamed_layers() -> None:
 
 def test_backward_accumulates_like_autograd_and_input_without_grad() -> None:
     torch.manual_seed(0)
-    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1)).double()
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1)
+    ).double()
     streamed = Streamed(trunk, tile=12)
     x = torch.randn(2, 3, 30, 30, dtype=torch.float64)  # no requires_grad: no input gradient made
     for _ in range(2):
@@ -242,7 +272,9 @@ def test_backward_accumulates_like_autograd_and_input_without_grad() -> None:
 
 
 def test_no_grad_inference_and_frozen_parameters() -> None:
-    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1)).double()
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1)
+    ).double()
     trunk[0].requires_grad_(False)
     x = torch.randn(1, 3, 30, 30, dtype=torch.float64)
     with torch.no_grad():
@@ -271,7 +303,9 @@ def test_bfloat16_autocast_matches_unstreamed_autocast() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_float64_exact() -> None:
-    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 2, 3)).cuda()
+    module = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 2, 3)
+    ).cuda()
     x = torch.randn(2, 3, 64, 48, dtype=torch.float64, device="cuda")
     module = module.double()
     y, g, *want = gradients(module, x, None, module)
@@ -286,3 +320,17 @@ def test_readme_example_runs_as_written() -> None:
     block = re.search(r"```python\n(.*?)```", readme, re.S)
     assert block is not None and "streamcheck.Streamed" in block.group(1)
     exec(compile(block.group(1), "README.md", "exec"), {})
+
+
+def test_bfloat16_autocast_with_a_conv_first_and_last() -> None:
+    # The only layer is a trailing conv whose input is the float32 image: autocast casts it to
+    # bfloat16 in both runs, so the weight gradients agree as in the test above.
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    x = torch.randn(1, 3, 40, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, g, *want = gradients(trunk, x, None, trunk)
+        got_y, _, *got = gradients(trunk, x, g, Streamed(trunk, tile=16))
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype
+        assert relative_error(a.float(), b.float()) <= 8 * 2.0**-7
