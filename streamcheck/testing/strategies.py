@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from hypothesis import strategies as st
@@ -68,9 +69,9 @@ ACTIVATIONS: tuple[Callable[[], nn.Module], ...] = (
     nn.SELU,
 )
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
-_AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+_CONV: dict[int, Any] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_MAX_POOL: dict[int, Any] = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_AVG_POOL: dict[int, Any] = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 
 # --------------------------------------------------------------------------------------- geometry
@@ -118,6 +119,7 @@ def _windows(layer: nn.Module, ndim: int) -> tuple[_Window, ...] | None:
     """Per-axis window description of ``layer``; None for a pointwise layer."""
     if isinstance(layer, nn.modules.conv._ConvNd):
         kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
+        pads: list[tuple[int, int]]
         if layer.padding == "valid":
             pads = [(0, 0)] * ndim
         elif layer.padding == "same":
@@ -126,17 +128,18 @@ def _windows(layer: nn.Module, ndim: int) -> tuple[_Window, ...] | None:
                 for k, d in zip(kernel, dilation, strict=True)
             ]
         else:
-            pads = [(p, p) for p in layer.padding]
+            pads = [(int(p), int(p)) for p in layer.padding]
         reflect = layer.padding_mode == "reflect"
         return tuple(
             _Window(k, s, d, pl, pr, reflect=reflect)
             for k, s, d, (pl, pr) in zip(kernel, stride, dilation, pads, strict=True)
         )
     if isinstance(layer, nn.modules.pooling._MaxPoolNd | nn.modules.pooling._AvgPoolNd):
-        kernel = _per_axis(layer.kernel_size, ndim)
-        stride = _per_axis(layer.stride, ndim)
-        padding = _per_axis(layer.padding, ndim)
-        dilation = _per_axis(getattr(layer, "dilation", 1), ndim)
+        pool: Any = layer  # torch types these attributes loosely
+        kernel = _per_axis(pool.kernel_size, ndim)
+        stride = _per_axis(pool.stride, ndim)
+        padding = _per_axis(pool.padding, ndim)
+        dilation = _per_axis(getattr(pool, "dilation", 1), ndim)
         # AvgPool3d alone also refuses inputs smaller than its kernel, padding notwithstanding.
         strict = isinstance(layer, nn.AvgPool3d)
         return tuple(
@@ -146,7 +149,7 @@ def _windows(layer: nn.Module, ndim: int) -> tuple[_Window, ...] | None:
                 d,
                 p,
                 p,
-                ceil_mode=layer.ceil_mode,
+                ceil_mode=bool(pool.ceil_mode),
                 is_pool=True,
                 min_input_px=k if strict else 1,
             )
@@ -252,6 +255,7 @@ def _conv(
     max_stride: int,
     max_dilation: int,
     padding_modes: Sequence[str],
+    wide_padding: bool,
 ) -> nn.Module:
     out_channels = draw(st.integers(1, max_channels))
     common = math.gcd(channels, out_channels)
@@ -267,7 +271,8 @@ def _conv(
     padding: str | int | tuple[int, ...] = draw(st.sampled_from(choices))
     if padding == "int":
         pads = [
-            draw(st.integers(0, d * (k - 1) + 1)) for k, d in zip(kernel, dilation, strict=True)
+            draw(st.integers(0, d * (k - 1) + wide_padding))
+            for k, d in zip(kernel, dilation, strict=True)
         ]
         padding = _tuple_or_int(draw, pads)
     return _CONV[ndim](
@@ -307,7 +312,7 @@ def _pool(
     if draw(st.booleans()):
         stride = _tuple_or_int(draw, [draw(st.integers(1, max_stride)) for _ in range(ndim)])
     padding = _tuple_or_int(draw, [draw(st.integers(0, k // 2)) for k in kernel])
-    options: dict[str, object] = {"ceil_mode": draw(st.booleans())}
+    options: dict[str, Any] = {"ceil_mode": draw(st.booleans())}
     if kind == "max":
         options["dilation"] = _tuple_or_int(draw, dilation)
         return _MAX_POOL[ndim](_tuple_or_int(draw, kernel), stride, padding, **options)
@@ -332,9 +337,10 @@ def conv_stacks(
     max_stride: int = 2,
     max_dilation: int = 2,
     max_receptive_field_px: int = 24,
-    pools: bool = True,
+    pools: Sequence[str] = ("max", "avg"),
     activations: Sequence[Callable[[], nn.Module]] = ACTIVATIONS,
     padding_modes: Sequence[str] = ("zeros", "reflect", "replicate"),
+    wide_padding: bool = False,
     nested: bool = True,
 ) -> nn.Sequential:
     """Random streamable stacks: ConvNd, MaxPoolNd, AvgPoolNd and pointwise activations.
@@ -342,7 +348,10 @@ def conv_stacks(
     Every option PyTorch allows is drawn (kernel, stride, padding as int / tuple / 'valid' / 'same'
     with stride 1, dilation, groups dividing the channels, bias, padding mode; pooling padding up to
     kernel // 2, MaxPool dilation, ceil_mode, count_include_pad, divisor_override). The receptive
-    field never exceeds ``max_receptive_field_px`` on any axis. Parameters are float32.
+    field never exceeds ``max_receptive_field_px`` on any axis. ``pools`` picks among "max" and
+    "avg"; ``activations`` are zero-argument factories. Conv padding reaches at most
+    ``dilation * (kernel - 1)`` (every output sees a pixel) unless ``wide_padding``, which adds one
+    more: outputs at the border then see padding only. Parameters are float32.
 
     >>> from hypothesis import given, settings
     >>> @settings(max_examples=5, deadline=None, database=None)
@@ -353,7 +362,7 @@ def conv_stacks(
     """
     seed = draw(st.integers(0, 2**32 - 1))
     n_layers = draw(st.integers(min_layers, max_layers))
-    kinds = ["conv", "activation"] + (["max_pool", "avg_pool"] if pools else [])
+    kinds = ["conv", "activation"] + [f"{kind}_pool" for kind in pools]
     channels = in_channels if in_channels is not None else draw(st.integers(1, max_channels))
     rf, jump = [1] * ndim, [1] * ndim
     layers: list[nn.Module] = []
@@ -364,6 +373,7 @@ def conv_stacks(
             budget = [
                 (max_receptive_field_px - f) // j for f, j in zip(rf, jump, strict=True)
             ]  # Rule 4
+            layer: Any
             if kind == "activation":
                 layer = draw(st.sampled_from(activations))()
             elif kind == "conv":
@@ -377,6 +387,7 @@ def conv_stacks(
                         max_stride=max_stride,
                         max_dilation=max_dilation,
                         padding_modes=padding_modes,
+                        wide_padding=wide_padding,
                     )
                 )
                 channels = layer.out_channels
