@@ -49,7 +49,7 @@ def _quick_run(tmp_path_factory: pytest.TempPathFactory, *extra: str) -> tuple[p
 
 @pytest.fixture(scope="module")
 def run32(tmp_path_factory: pytest.TempPathFactory):
-    return _quick_run(tmp_path_factory)
+    return _quick_run(tmp_path_factory, "--control")
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,14 @@ def test_quick_run_writes_labelled_files(run32) -> None:
     for key in ("torch", "torchvision", "streamcheck", "git_commit", "device", "dtype"):
         assert meta["environment"][key]
     assert "suites.imagenette" in meta["command"]
+    assert meta["runs"] == ["conventional", "streaming", "reordered"]
+    # the control (half-batch gradient sums) drifts from conventional by rounding only, too
+    assert (steps["loss_rel_diff_reordered"] < 1e-4).all()
+    assert (
+        steps["trunk_weight_rel_diff_reordered"]
+        < 0.01 * steps["trunk_update_rel_conventional"].cumsum()
+    ).all()
+    assert "For scale" in (out / "STAND-IN_SUMMARY.md").read_text()
     for name in ("STAND-IN_fig4_curves.png", "STAND-IN_loss_difference.png"):
         assert (out / name).stat().st_size > 10_000
 

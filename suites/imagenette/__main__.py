@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: see README, 'Threads')")
+    p.add_argument("--control", action="store_true",
+                   help="also train a conventional run with half-batch gradient sums: the drift of a mere reordering, for scale")
     p.add_argument("--quiet", action="store_true", help="no per-step lines")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNGs from the files in --out")
     return p.parse_args(argv)
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         steps_per_epoch=args.steps_per_epoch or (QUICK["steps_per_epoch"] if args.quick else None),
         max_minutes=args.max_minutes,
+        control=args.control,
         command=("python", "-m", "suites.imagenette", *(sys.argv[1:] if argv is None else argv)),
     )
     paths = run_experiment(cfg, log=(lambda s: None) if args.quiet else (lambda s: print(s, flush=True)))

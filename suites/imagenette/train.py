@@ -13,6 +13,7 @@ Rule 4. Results are files (steps.csv, epochs.csv, run.json), rewritten after eve
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import platform
@@ -33,6 +34,10 @@ from . import data as D
 from .model import Table1Net, choose_tile, he_init_, streamed_twin, trunk_of
 
 RUNS = ("conventional", "streaming")
+# The control (--control): conventional training whose batch gradient is summed as two half-batch
+# gradients. Same mathematics, different float summation order: its distance from the
+# conventional run is the drift any reordering causes, the yardstick for the streaming run's.
+CONTROL = "reordered"
 IMAGENETTE_TRAIN_IMAGES = 9469  # imagenette2 train split
 IMAGENETTE_VAL_IMAGES = 3925  # imagenette2 val split
 
@@ -56,6 +61,7 @@ class Config:
     threads: int = 1
     steps_per_epoch: int | None = None  # cap (quick runs and tests); None = whole train split
     max_minutes: float | None = None  # stop after the epoch that would overrun this budget
+    control: bool = False  # also train the CONTROL run
     command: tuple[str, ...] = field(default_factory=lambda: tuple(sys.argv))
 
     @property
@@ -141,13 +147,16 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
     started = time.perf_counter()
     started_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-    # Rule 1: one initialisation, two copies.
+    # Rule 1: one initialisation, two (three with the control) copies.
     base = he_init_(Table1Net(image_size=cfg.image_size), seed=cfg.seed).to(dtype)
+    runs = RUNS + ((CONTROL,) if cfg.control else ())
     tile, plan, refusals = choose_tile(base.trunk, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), requested=cfg.tile)
     if tile != cfg.tile:
         log(f"tile {cfg.tile} refused by the engine ({refusals[0]}); using {tile}")
     log(f"streaming plan for the trunk (conv16-pool-conv32-pool):\n{plan}")
     models = {"conventional": base, "streaming": streamed_twin(base, tile=tile)}
+    if cfg.control:
+        models[CONTROL] = copy.deepcopy(base)
     opts = {
         r: torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         for r, m in models.items()
@@ -179,6 +188,7 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
         "data_root": str(cfg.data_root),
         "n_train_images": len(train_split),
         "n_val_images": len(val_split),
+        "runs": list(runs),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "command": " ".join(cfg.command),
         "started_utc": started_utc,
@@ -206,7 +216,7 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
         steps = pd.DataFrame(step_rows)
         timing = {}
         if len(steps):
-            for r in RUNS:
+            for r in runs:
                 per_img = float((steps[f"time_s_{r}"] / steps["batch_size"]).median())
                 timing[r] = {
                     "median_step_s": float(steps[f"time_s_{r}"].median()),
@@ -216,7 +226,7 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
             timing["streaming_over_conventional"] = float((steps["time_s_streaming"] / steps["time_s_conventional"]).median())
         evals = pd.DataFrame(epoch_rows)
         if len(evals):
-            for r in RUNS:
+            for r in runs:
                 timing.setdefault(r, {})["median_eval_s_per_image"] = float((evals[f"eval_time_s_{r}"] / len(val_split)).median())
                 timing[r]["imagenette_val_epoch_estimate_min"] = timing[r]["median_eval_s_per_image"] * IMAGENETTE_VAL_IMAGES / 60
         meta.update(
@@ -244,7 +254,7 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
                 break
         epoch_start = time.perf_counter()
         iters = {r: train_streams[r].epoch(epoch) for r in RUNS}
-        train_loss_sum = dict.fromkeys(RUNS, 0.0)
+        train_loss_sum = dict.fromkeys(runs, 0.0)
         n_seen = 0
         for k in range(steps_per_epoch):
             batches = {r: next(iters[r]) for r in RUNS}
@@ -255,13 +265,22 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
             global_step += 1
             row: dict = {"step": global_step, "epoch": epoch, "batch_size": len(yc)}
             before = {r: (_flat(trunk_of(m).parameters()), _flat(m.head.parameters())) for r, m in models.items()}
-            for r in RUNS:  # Rule 3
+            for r in runs:  # Rule 3
                 model, opt = models[r], opts[r]
-                x, y = batches[r]
+                x, y = batches.get(r, batches["conventional"])
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(model(x.to(dtype)), y)
-                loss.backward()
+                if r == CONTROL:  # the same mean loss and gradient, summed over two half batches
+                    h = (len(y) + 1) // 2
+                    loss = sum(
+                        nn.functional.cross_entropy(model(xp.to(dtype)), yp, reduction="sum") / len(y)
+                        for xp, yp in ((x[:h], y[:h]), (x[h:], y[h:]))
+                        if len(yp)
+                    )
+                    loss.backward()
+                else:
+                    loss = nn.functional.cross_entropy(model(x.to(dtype)), y)
+                    loss.backward()
                 opt.step()
                 row[f"time_s_{r}"] = time.perf_counter() - t0
                 row[f"loss_{r}"] = loss.detach().item()
@@ -271,9 +290,14 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
             lc, ls = row["loss_conventional"], row["loss_streaming"]
             row["loss_abs_diff"] = abs(lc - ls)
             row["loss_rel_diff"] = abs(lc - ls) / abs(lc)
+            if cfg.control:
+                row[f"loss_abs_diff_{CONTROL}"] = abs(lc - row[f"loss_{CONTROL}"])
+                row[f"loss_rel_diff_{CONTROL}"] = abs(lc - row[f"loss_{CONTROL}"]) / abs(lc)
             for i, part in enumerate(("trunk", "head")):
                 row[f"{part}_weight_rel_diff"] = _rel_diff(after["conventional"][i], after["streaming"][i])
-                for r in RUNS:
+                if cfg.control:
+                    row[f"{part}_weight_rel_diff_{CONTROL}"] = _rel_diff(after["conventional"][i], after[CONTROL][i])
+                for r in runs:
                     row[f"{part}_update_rel_{r}"] = _rel_diff(before[r][i], after[r][i])
             step_rows.append(row)
             log(
@@ -281,10 +305,10 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
                 f"streaming {ls:.6f}  |diff| {row['loss_abs_diff']:.1e}  trunk w rel diff "
                 f"{row['trunk_weight_rel_diff']:.1e}  ({row['time_s_conventional']:.2f} s, {row['time_s_streaming']:.2f} s)"
             )
-            if not all(math.isfinite(row[f"loss_{r}"]) for r in RUNS):
+            if not all(math.isfinite(row[f"loss_{r}"]) for r in runs):
                 raise FloatingPointError(f"non-finite loss at step {global_step}: {lc}, {ls}")
         erow: dict = {"epoch": epoch, "step": global_step}
-        for r in RUNS:
+        for r in runs:
             t0 = time.perf_counter()
             vloss, vacc = evaluate(models[r], val_stream, dtype)
             erow[f"eval_time_s_{r}"] = time.perf_counter() - t0
@@ -293,6 +317,8 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
             erow[f"val_acc_{r}"] = vacc
         erow["val_loss_abs_diff"] = abs(erow["val_loss_conventional"] - erow["val_loss_streaming"])
         erow["val_acc_abs_diff"] = abs(erow["val_acc_conventional"] - erow["val_acc_streaming"])
+        if cfg.control:
+            erow[f"val_loss_abs_diff_{CONTROL}"] = abs(erow["val_loss_conventional"] - erow[f"val_loss_{CONTROL}"])
         epoch_rows.append(erow)
         last_epoch_s = time.perf_counter() - epoch_start
         log(
