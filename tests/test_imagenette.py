@@ -37,7 +37,9 @@ from suites.imagenette.model import Table1Net, he_init_, streamed_twin, trunk_of
 TINY = ["--quick", "--image-size", "160", "--batch-size", "4", "--steps-per-epoch", "3", "--quiet"]
 
 
-def _quick_run(tmp_path_factory: pytest.TempPathFactory, *extra: str) -> tuple[pd.DataFrame, pd.DataFrame, dict, Path]:
+def _quick_run(
+    tmp_path_factory: pytest.TempPathFactory, *extra: str
+) -> tuple[pd.DataFrame, pd.DataFrame, dict, Path]:
     standin = tmp_path_factory.getbasetemp() / "standin-quick"  # shared by both runs
     out = tmp_path_factory.mktemp("out")
     assert main([*TINY, "--standin-dir", str(standin), "--out", str(out), *extra]) == 0
@@ -81,15 +83,23 @@ def test_quick_run_writes_labelled_files(run32) -> None:
 
 
 @pytest.mark.parametrize("fixture, rtol", [("run32", 1e-4), ("run64", 1e-10)])
-def test_losses_agree_step_by_step(fixture: str, rtol: float, request: pytest.FixtureRequest) -> None:
+def test_losses_agree_step_by_step(
+    fixture: str, rtol: float, request: pytest.FixtureRequest
+) -> None:
     steps, epochs, _, _ = request.getfixturevalue(fixture)
-    np.testing.assert_allclose(steps["loss_streaming"], steps["loss_conventional"], rtol=rtol, atol=0)
-    np.testing.assert_allclose(epochs["val_loss_streaming"], epochs["val_loss_conventional"], rtol=rtol, atol=0)
+    np.testing.assert_allclose(
+        steps["loss_streaming"], steps["loss_conventional"], rtol=rtol, atol=0
+    )
+    np.testing.assert_allclose(
+        epochs["val_loss_streaming"], epochs["val_loss_conventional"], rtol=rtol, atol=0
+    )
     assert (epochs["val_acc_streaming"] == epochs["val_acc_conventional"]).all()
 
 
 @pytest.mark.parametrize("fixture", ["run32", "run64"])
-def test_both_parts_train_and_trunks_stay_equal(fixture: str, request: pytest.FixtureRequest) -> None:
+def test_both_parts_train_and_trunks_stay_equal(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
     steps, _, _, _ = request.getfixturevalue(fixture)
     for part in ("trunk", "head"):
         for run in ("conventional", "streaming"):
@@ -125,13 +135,18 @@ def test_table1_shapes() -> None:
     assert net.head[-1].in_features == 1024  # 2 x 2 x 256 after the 10 x 10 max-pool
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [16, 32, 64, 128, 256]
-    assert [c.out_channels for c in trunk_of(net).modules() if isinstance(c, torch.nn.Conv2d)] == [16, 32]
+    assert [c.out_channels for c in trunk_of(net).modules() if isinstance(c, torch.nn.Conv2d)] == [
+        16,
+        32,
+    ]
 
 
 # ------------------------------------------------------------------------------ data
 
 
-def test_missing_data_says_what_to_put_where(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_data_says_what_to_put_where(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--data", str(tmp_path / "nowhere")])
     message = str(exc.value.code)
@@ -174,16 +189,27 @@ def test_real_loader_reads_imagenette_layout(tmp_path: Path) -> None:
             d.mkdir(parents=True)
             w, h = (400, 320) if i % 2 else (320, 480)
             img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-            (img.convert("L") if i == 3 else img).save(d / f"{wnid}_1.JPEG")  # ImageNette has grey images
+            (img.convert("L") if i == 3 else img).save(
+                d / f"{wnid}_1.JPEG"
+            )  # ImageNette has grey images
     (root / "train" / "n99999999").mkdir()  # unrelated folders are ignored
     assert D.resolve_root(tmp_path) == root and not D.is_standin(root)
     train = D.load_split(root, "train")
     assert train.classes == list(D.WNIDS) and len(train) == 10
     assert [y for _, y in train.samples] == list(range(10))
-    for transform, seeded, shuffle in ((D.train_transform(320), True, True), (D.eval_transform(320), False, False)):
-        stream = D.BatchStream(train, transform, batch_size=4, seed=0, shuffle=shuffle, augment_seeded=seeded)
+    for transform, seeded, shuffle in (
+        (D.train_transform(320), True, True),
+        (D.eval_transform(320), False, False),
+    ):
+        stream = D.BatchStream(
+            train, transform, batch_size=4, seed=0, shuffle=shuffle, augment_seeded=seeded
+        )
         batches = list(stream.epoch(1))
-        assert [x.shape for x, _ in batches] == [(4, 3, 320, 320), (4, 3, 320, 320), (2, 3, 320, 320)]
+        assert [x.shape for x, _ in batches] == [
+            (4, 3, 320, 320),
+            (4, 3, 320, 320),
+            (2, 3, 320, 320),
+        ]
         assert sorted(torch.cat([y for _, y in batches]).tolist()) == list(range(10))
 
 
@@ -192,11 +218,16 @@ def test_batch_streams_repeat_exactly(tmp_path: Path) -> None:
     split = D.load_split(root, "train")
 
     def stream() -> D.BatchStream:
-        return D.BatchStream(split, D.train_transform(48), batch_size=3, seed=5, shuffle=True, augment_seeded=True)
+        return D.BatchStream(
+            split, D.train_transform(48), batch_size=3, seed=5, shuffle=True, augment_seeded=True
+        )
 
     first = list(stream().epoch(2))
     torch.rand(10)  # global RNG use in between must not matter
     again = list(stream().epoch(2))
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        for a, b in zip(first, again, strict=True)
+    )
     other = list(stream().epoch(3))
     assert not torch.equal(first[0][0], other[0][0])

@@ -164,8 +164,14 @@ class BatchStream:
     """Mini-batches of one epoch, a pure function of (seed, epoch): see NOTE [ Identical data ]."""
 
     def __init__(
-        self, dataset: datasets.ImageFolder, transform, *, batch_size: int, seed: int,
-        shuffle: bool, augment_seeded: bool,
+        self,
+        dataset: datasets.ImageFolder,
+        transform,
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        augment_seeded: bool,
     ) -> None:
         self.dataset = dataset
         self.transform = transform
@@ -188,7 +194,9 @@ class BatchStream:
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.dataset)
         if self.shuffle:  # Rule 1
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch))
+            )
         else:
             order = torch.arange(n)
         for start in range(0, n, self.batch_size):
@@ -236,7 +244,9 @@ def _texture(family: int, rng: np.random.Generator, size: int) -> np.ndarray:
     period = rng.uniform(14, 40)
     if family in (0, 1, 2):  # straight stripes, class-specific angle +- 12 deg
         theta = np.deg2rad(60 * family + rng.uniform(-12, 12))
-        return 0.5 + 0.5 * np.sin(2 * np.pi * (x * np.cos(theta) + y * np.sin(theta)) / period + phase)
+        return 0.5 + 0.5 * np.sin(
+            2 * np.pi * (x * np.cos(theta) + y * np.sin(theta)) / period + phase
+        )
     if family == 3:  # checkerboard, slightly rotated
         t = np.deg2rad(rng.uniform(-10, 10))
         u, v = x * np.cos(t) + y * np.sin(t), -x * np.sin(t) + y * np.cos(t)
@@ -267,12 +277,16 @@ def _texture(family: int, rng: np.random.Generator, size: int) -> np.ndarray:
         theta = rng.uniform(0, np.pi)
         u, v = x * np.cos(theta) + y * np.sin(theta), -x * np.sin(theta) + y * np.cos(theta)
         amp, wavelength = rng.uniform(8, 20), rng.uniform(50, 110)
-        return 0.5 + 0.5 * np.sin(2 * np.pi * (u + amp * np.sin(2 * np.pi * v / wavelength)) / period + phase)
+        return 0.5 + 0.5 * np.sin(
+            2 * np.pi * (u + amp * np.sin(2 * np.pi * v / wavelength)) / period + phase
+        )
     raise ValueError(family)
 
 
 def standin_image(class_index: int, split: str, index: int, spec: StandinSpec) -> Image.Image:
-    rng = np.random.default_rng([spec.seed, spec.version, {"train": 0, "val": 1}[split], class_index, index])
+    rng = np.random.default_rng(
+        [spec.seed, spec.version, {"train": 0, "val": 1}[split], class_index, index]
+    )
     f = _texture(class_index, rng, spec.size_px)[..., None]
     while True:  # two random colours with some contrast: colour says nothing about the class
         c0, c1 = rng.uniform(0, 255, (2, 3))
@@ -290,7 +304,11 @@ def make_standin(root: Path | str, spec: StandinSpec = StandinSpec(), *, log=pri
     """Write the stand-in in ImageNette layout under `root` (reused if the manifest matches)."""
     root = Path(root)
     manifest = root / "standin.json"
-    want = {"label": STANDIN_LABEL, **asdict(spec), "families": dict(zip(WNIDS, STANDIN_FAMILIES, strict=True))}
+    want = {
+        "label": STANDIN_LABEL,
+        **asdict(spec),
+        "families": dict(zip(WNIDS, STANDIN_FAMILIES, strict=True)),
+    }
     if manifest.is_file() and json.loads(manifest.read_text()) == want:
         return root
     log(f"generating {STANDIN_LABEL} data set in {root} ({spec})")

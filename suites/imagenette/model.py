@@ -33,7 +33,9 @@ def head_features(image_size: int) -> int:
     """Inputs of the fully connected layer: 256 * (image_size / 16 / 10)**2; 1024 at 320 px."""
     side = image_size // 16 // 10
     if image_size % 16 or side < 1:
-        raise ValueError(f"image size {image_size} px: need a multiple of 16 and >= 160 px (four 2x2 pools, then 10x10)")
+        raise ValueError(
+            f"image size {image_size} px: need a multiple of 16 and >= 160 px (four 2x2 pools, then 10x10)"
+        )
     return 256 * side * side
 
 
@@ -90,7 +92,9 @@ def streamed_twin(model: Table1Net, *, tile: int) -> Table1Net:
     return twin
 
 
-def choose_tile(trunk: nn.Module, input_shape: tuple[int, ...], *, requested: int, limit: int = 512):
+def choose_tile(
+    trunk: nn.Module, input_shape: tuple[int, ...], *, requested: int, limit: int = 512
+):
     """The smallest legal input-tile edge >= `requested`, and its plan.
 
     The paper streamed "with tiles of 32 x 32 pixels"; our engine's `tile` is the input-tile edge,

@@ -44,19 +44,42 @@ def plot_run(out_dir: Path | str, label: str) -> list[Path]:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 5.2))
     x_steps = steps["step"] / spe
     for r in ("conventional", "streaming"):
-        ax_loss.plot(x_steps, steps[f"loss_{r}"], color=COLORS[r], label=f"{r}: training loss (per step)", **STYLE[r])
+        ax_loss.plot(
+            x_steps,
+            steps[f"loss_{r}"],
+            color=COLORS[r],
+            label=f"{r}: training loss (per step)",
+            **STYLE[r],
+        )
     for r in ("conventional", "streaming"):
-        ax_loss.plot(epochs["epoch"], epochs[f"val_loss_{r}"], color=COLORS[r], marker="o" if r == "conventional" else "x",
-                     ms=8 if r == "conventional" else 6, lw=0 if len(epochs) > 1 else 0, label=f"{r}: tuning loss (per epoch)")
-        ax_acc.plot(epochs["epoch"], epochs[f"val_acc_{r}"], color=COLORS[r], marker="o" if r == "conventional" else "x",
-                    label=f"{r}: tuning accuracy", **STYLE[r])
+        ax_loss.plot(
+            epochs["epoch"],
+            epochs[f"val_loss_{r}"],
+            color=COLORS[r],
+            marker="o" if r == "conventional" else "x",
+            ms=8 if r == "conventional" else 6,
+            lw=0 if len(epochs) > 1 else 0,
+            label=f"{r}: tuning loss (per epoch)",
+        )
+        ax_acc.plot(
+            epochs["epoch"],
+            epochs[f"val_acc_{r}"],
+            color=COLORS[r],
+            marker="o" if r == "conventional" else "x",
+            label=f"{r}: tuning accuracy",
+            **STYLE[r],
+        )
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (tuning set)", title="accuracy", ylim=(0, 1))
     ax_acc.axhline(0.1, color="grey", lw=0.8, ls=":", label="chance (10 classes)")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{tag}conventional vs streaming training from the same initialisation (paper Fig. 4)\n" + _subtitle(meta), fontsize=9.5)
+    fig.suptitle(
+        f"{tag}conventional vs streaming training from the same initialisation (paper Fig. 4)\n"
+        + _subtitle(meta),
+        fontsize=9.5,
+    )
     fig.tight_layout()
     p = out_dir / f"{label}_fig4_curves.png"
     fig.savefig(p, dpi=110)
@@ -67,31 +90,99 @@ def plot_run(out_dir: Path | str, label: str) -> list[Path]:
     fig, (ax_l, ax_w) = plt.subplots(1, 2, figsize=(13, 5.2))
     floor = 1e-12 if meta["environment"]["dtype"] == "float32" else 1e-18
     zero = steps["loss_abs_diff"] == 0
-    ax_l.semilogy(x_steps, steps["loss_abs_diff"].clip(lower=floor), ".", ms=4, color="tab:red", label="|training loss difference| per step")
+    ax_l.semilogy(
+        x_steps,
+        steps["loss_abs_diff"].clip(lower=floor),
+        ".",
+        ms=4,
+        color="tab:red",
+        label="|training loss difference| per step",
+    )
     control = "loss_abs_diff_reordered" in steps
     if control:
-        ax_l.semilogy(x_steps, steps["loss_abs_diff_reordered"].clip(lower=floor), "x", ms=4, color="grey",
-                      label="control: |conventional - conventional with half-batch sums|")
-    ax_l.semilogy(epochs["epoch"], epochs["val_loss_abs_diff"].clip(lower=floor), "s", color="tab:purple", label="|tuning loss difference| per epoch")
+        ax_l.semilogy(
+            x_steps,
+            steps["loss_abs_diff_reordered"].clip(lower=floor),
+            "x",
+            ms=4,
+            color="grey",
+            label="control: |conventional - conventional with half-batch sums|",
+        )
+    ax_l.semilogy(
+        epochs["epoch"],
+        epochs["val_loss_abs_diff"].clip(lower=floor),
+        "s",
+        color="tab:purple",
+        label="|tuning loss difference| per epoch",
+    )
     unit = 2.0**-24 if meta["environment"]["dtype"] == "float32" else 2.0**-53
-    ax_l.semilogy(x_steps, unit * steps["loss_conventional"].abs(), color="grey", lw=1, ls="--",
-                  label=f"one rounding unit of the loss value ({meta['environment']['dtype']})")
+    ax_l.semilogy(
+        x_steps,
+        unit * steps["loss_conventional"].abs(),
+        color="grey",
+        lw=1,
+        ls="--",
+        label=f"one rounding unit of the loss value ({meta['environment']['dtype']})",
+    )
     if zero.any():
-        ax_l.axhline(floor, color="grey", ls=":", lw=0.8, label=f"exactly equal ({int(zero.sum())} steps), drawn at {floor:g}")
+        ax_l.axhline(
+            floor,
+            color="grey",
+            ls=":",
+            lw=0.8,
+            label=f"exactly equal ({int(zero.sum())} steps), drawn at {floor:g}",
+        )
     ax_l.set(xlabel="epoch", ylabel="|loss conventional - loss streaming|", title="loss difference")
-    ax_w.semilogy(x_steps, steps["trunk_weight_rel_diff"].clip(lower=floor), color="tab:orange", label="streamed trunk (conv16, conv32)")
-    ax_w.semilogy(x_steps, steps["head_weight_rel_diff"].clip(lower=floor), color="tab:blue", label="head (conv64..fc10)")
+    ax_w.semilogy(
+        x_steps,
+        steps["trunk_weight_rel_diff"].clip(lower=floor),
+        color="tab:orange",
+        label="streamed trunk (conv16, conv32)",
+    )
+    ax_w.semilogy(
+        x_steps,
+        steps["head_weight_rel_diff"].clip(lower=floor),
+        color="tab:blue",
+        label="head (conv64..fc10)",
+    )
     if control:
-        ax_w.semilogy(x_steps, steps["trunk_weight_rel_diff_reordered"].clip(lower=floor), color="tab:orange", lw=0.8, ls="-.",
-                      alpha=0.8, label="control (half-batch sums), trunk")
-        ax_w.semilogy(x_steps, steps["head_weight_rel_diff_reordered"].clip(lower=floor), color="tab:blue", lw=0.8, ls="-.",
-                      alpha=0.8, label="control (half-batch sums), head")
-    ax_w.semilogy(x_steps, steps["trunk_update_rel_streaming"], color="tab:orange", ls=":", alpha=0.7, label="for scale: one step's update of the streamed trunk")
-    ax_w.set(xlabel="epoch", ylabel="||w_conv - w_stream|| / ||w_conv||", title="weight difference after each step")
+        ax_w.semilogy(
+            x_steps,
+            steps["trunk_weight_rel_diff_reordered"].clip(lower=floor),
+            color="tab:orange",
+            lw=0.8,
+            ls="-.",
+            alpha=0.8,
+            label="control (half-batch sums), trunk",
+        )
+        ax_w.semilogy(
+            x_steps,
+            steps["head_weight_rel_diff_reordered"].clip(lower=floor),
+            color="tab:blue",
+            lw=0.8,
+            ls="-.",
+            alpha=0.8,
+            label="control (half-batch sums), head",
+        )
+    ax_w.semilogy(
+        x_steps,
+        steps["trunk_update_rel_streaming"],
+        color="tab:orange",
+        ls=":",
+        alpha=0.7,
+        label="for scale: one step's update of the streamed trunk",
+    )
+    ax_w.set(
+        xlabel="epoch",
+        ylabel="||w_conv - w_stream|| / ||w_conv||",
+        title="weight difference after each step",
+    )
     for ax in (ax_l, ax_w):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.suptitle(f"{tag}floating-point drift between the two runs\n" + _subtitle(meta), fontsize=9.5)
+    fig.suptitle(
+        f"{tag}floating-point drift between the two runs\n" + _subtitle(meta), fontsize=9.5
+    )
     fig.tight_layout()
     p = out_dir / f"{label}_loss_difference.png"
     fig.savefig(p, dpi=110)
@@ -115,18 +206,29 @@ def write_summary(out_dir: Path | str, label: str) -> Path:
     epochs = pd.read_csv(out_dir / f"{label}_epochs.csv")
     meta = json.loads((out_dir / f"{label}_run.json").read_text())
     env, cfg, st, tm = meta["environment"], meta["config"], meta["streaming"], meta["timing"]
-    data = meta["dataset"] + (" -- synthetic textures in ImageNette layout, NOT ImageNette" if meta["synthetic"] else "")
+    data = meta["dataset"] + (
+        " -- synthetic textures in ImageNette layout, NOT ImageNette" if meta["synthetic"] else ""
+    )
     spe = meta["steps_per_epoch"]
     first = steps[steps["epoch"] == steps["epoch"].min()]
     last = steps[steps["epoch"] == steps["epoch"].max()]
     n_equal = int((steps["loss_abs_diff"] == 0).sum())
     final = epochs.iloc[-1]
     unit = 2.0**-24 if env["dtype"] == "float32" else 2.0**-53
-    drift = steps["trunk_weight_rel_diff"].iloc[-1] / max(steps["trunk_weight_rel_diff"].iloc[0], 1e-300)
-    grows = f" that grows as training goes on (trunk weights {drift:.0f}x further apart at the end than after step 1)" if drift > 3 else ""
+    drift = steps["trunk_weight_rel_diff"].iloc[-1] / max(
+        steps["trunk_weight_rel_diff"].iloc[0], 1e-300
+    )
+    grows = (
+        f" that grows as training goes on (trunk weights {drift:.0f}x further apart at the end than after step 1)"
+        if drift > 3
+        else ""
+    )
     control_sentence = ""
     if "trunk_weight_rel_diff_reordered" in steps:
-        ratio = steps["trunk_weight_rel_diff"].iloc[-1] / steps["trunk_weight_rel_diff_reordered"].iloc[-1]
+        ratio = (
+            steps["trunk_weight_rel_diff"].iloc[-1]
+            / steps["trunk_weight_rel_diff_reordered"].iloc[-1]
+        )
         control_sentence = (
             f" For scale, a conventional run that merely sums each batch gradient as two half-batch sums ends "
             f"{_fmt(steps['trunk_weight_rel_diff_reordered'].iloc[-1])} from the conventional trunk weights "
@@ -217,7 +319,11 @@ def write_summary(out_dir: Path | str, label: str) -> Path:
             f"| {r} | {t['median_step_s']:.2f} | {t['median_train_s_per_image']:.3f} | {t.get('median_eval_s_per_image', float('nan')):.3f} | "
             f"{t['imagenette_train_epoch_estimate_min']:.0f} | {t.get('imagenette_val_epoch_estimate_min', float('nan')):.1f} |"
         )
-    both = sum(tm[r]["imagenette_train_epoch_estimate_min"] + tm[r].get("imagenette_val_epoch_estimate_min", 0) for r in ("conventional", "streaming"))
+    both = sum(
+        tm[r]["imagenette_train_epoch_estimate_min"]
+        + tm[r].get("imagenette_val_epoch_estimate_min", 0)
+        for r in ("conventional", "streaming")
+    )
     lines += [
         "",
         f"Streaming / conventional step time: {tm['streaming_over_conventional']:.2f} (median). "

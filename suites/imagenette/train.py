@@ -73,8 +73,15 @@ class Config:
 def _git_commit() -> str:
     root = Path(__file__).resolve().parents[2]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "suites/imagenette", "streamcheck"], cwd=root, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "suites/imagenette", "streamcheck"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -92,6 +99,7 @@ def _cpu_name() -> str:
 
 def environment(cfg: Config) -> dict:
     import numpy
+
     import streamcheck
 
     return {
@@ -150,7 +158,9 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
     # Rule 1: one initialisation, two (three with the control) copies.
     base = he_init_(Table1Net(image_size=cfg.image_size), seed=cfg.seed).to(dtype)
     runs = RUNS + ((CONTROL,) if cfg.control else ())
-    tile, plan, refusals = choose_tile(base.trunk, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), requested=cfg.tile)
+    tile, plan, refusals = choose_tile(
+        base.trunk, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), requested=cfg.tile
+    )
     if tile != cfg.tile:
         log(f"tile {cfg.tile} refused by the engine ({refusals[0]}); using {tile}")
     log(f"streaming plan for the trunk (conv16-pool-conv32-pool):\n{plan}")
@@ -158,16 +168,35 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
     if cfg.control:
         models[CONTROL] = copy.deepcopy(base)
     opts = {
-        r: torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        r: torch.optim.SGD(
+            m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
         for r, m in models.items()
     }  # Rule 2: built after the wrapping, over the parameters that are trained
 
-    train_split, val_split = D.load_split(cfg.data_root, "train"), D.load_split(cfg.data_root, "val")
+    train_split, val_split = (
+        D.load_split(cfg.data_root, "train"),
+        D.load_split(cfg.data_root, "val"),
+    )
     train_streams = {
-        r: D.BatchStream(train_split, D.train_transform(cfg.image_size), batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True, augment_seeded=True)
+        r: D.BatchStream(
+            train_split,
+            D.train_transform(cfg.image_size),
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            shuffle=True,
+            augment_seeded=True,
+        )
         for r in RUNS
     }
-    val_stream = D.BatchStream(val_split, D.eval_transform(cfg.image_size), batch_size=cfg.batch_size, seed=cfg.seed, shuffle=False, augment_seeded=False)
+    val_stream = D.BatchStream(
+        val_split,
+        D.eval_transform(cfg.image_size),
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        shuffle=False,
+        augment_seeded=False,
+    )
     steps_per_epoch = len(train_streams["conventional"])
     if cfg.steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
@@ -179,7 +208,10 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / f"{cfg.label}_{k}.{ext}" for k, ext in (("steps", "csv"), ("epochs", "csv"), ("run", "json"))}
+    paths = {
+        k: out / f"{cfg.label}_{k}.{ext}"
+        for k, ext in (("steps", "csv"), ("epochs", "csv"), ("run", "json"))
+    }
     step_rows: list[dict] = []
     epoch_rows: list[dict] = []
     meta = {
@@ -223,12 +255,18 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
                     "median_train_s_per_image": per_img,
                     "imagenette_train_epoch_estimate_min": per_img * IMAGENETTE_TRAIN_IMAGES / 60,
                 }
-            timing["streaming_over_conventional"] = float((steps["time_s_streaming"] / steps["time_s_conventional"]).median())
+            timing["streaming_over_conventional"] = float(
+                (steps["time_s_streaming"] / steps["time_s_conventional"]).median()
+            )
         evals = pd.DataFrame(epoch_rows)
         if len(evals):
             for r in runs:
-                timing.setdefault(r, {})["median_eval_s_per_image"] = float((evals[f"eval_time_s_{r}"] / len(val_split)).median())
-                timing[r]["imagenette_val_epoch_estimate_min"] = timing[r]["median_eval_s_per_image"] * IMAGENETTE_VAL_IMAGES / 60
+                timing.setdefault(r, {})["median_eval_s_per_image"] = float(
+                    (evals[f"eval_time_s_{r}"] / len(val_split)).median()
+                )
+                timing[r]["imagenette_val_epoch_estimate_min"] = (
+                    timing[r]["median_eval_s_per_image"] * IMAGENETTE_VAL_IMAGES / 60
+                )
         meta.update(
             status=status,
             epochs_completed=len(epoch_rows),
@@ -261,10 +299,15 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
             xc, yc = batches["conventional"]
             xs, ys = batches["streaming"]
             if not (torch.equal(xc, xs) and torch.equal(yc, ys)):  # Rule 2
-                raise AssertionError("the two runs' batches differ: this is a suites.imagenette bug")
+                raise AssertionError(
+                    "the two runs' batches differ: this is a suites.imagenette bug"
+                )
             global_step += 1
             row: dict = {"step": global_step, "epoch": epoch, "batch_size": len(yc)}
-            before = {r: (_flat(trunk_of(m).parameters()), _flat(m.head.parameters())) for r, m in models.items()}
+            before = {
+                r: (_flat(trunk_of(m).parameters()), _flat(m.head.parameters()))
+                for r, m in models.items()
+            }
             for r in runs:  # Rule 3
                 model, opt = models[r], opts[r]
                 x, y = batches.get(r, batches["conventional"])
@@ -273,7 +316,8 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
                 if r == CONTROL:  # the same mean loss and gradient, summed over two half batches
                     h = (len(y) + 1) // 2
                     loss = sum(
-                        nn.functional.cross_entropy(model(xp.to(dtype)), yp, reduction="sum") / len(y)
+                        nn.functional.cross_entropy(model(xp.to(dtype)), yp, reduction="sum")
+                        / len(y)
                         for xp, yp in ((x[:h], y[:h]), (x[h:], y[h:]))
                         if len(yp)
                     )
@@ -285,7 +329,10 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
                 row[f"time_s_{r}"] = time.perf_counter() - t0
                 row[f"loss_{r}"] = loss.detach().item()
                 train_loss_sum[r] += row[f"loss_{r}"] * len(y)
-            after = {r: (_flat(trunk_of(m).parameters()), _flat(m.head.parameters())) for r, m in models.items()}
+            after = {
+                r: (_flat(trunk_of(m).parameters()), _flat(m.head.parameters()))
+                for r, m in models.items()
+            }
             n_seen += len(yc)
             lc, ls = row["loss_conventional"], row["loss_streaming"]
             row["loss_abs_diff"] = abs(lc - ls)
@@ -294,9 +341,13 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
                 row[f"loss_abs_diff_{CONTROL}"] = abs(lc - row[f"loss_{CONTROL}"])
                 row[f"loss_rel_diff_{CONTROL}"] = abs(lc - row[f"loss_{CONTROL}"]) / abs(lc)
             for i, part in enumerate(("trunk", "head")):
-                row[f"{part}_weight_rel_diff"] = _rel_diff(after["conventional"][i], after["streaming"][i])
+                row[f"{part}_weight_rel_diff"] = _rel_diff(
+                    after["conventional"][i], after["streaming"][i]
+                )
                 if cfg.control:
-                    row[f"{part}_weight_rel_diff_{CONTROL}"] = _rel_diff(after["conventional"][i], after[CONTROL][i])
+                    row[f"{part}_weight_rel_diff_{CONTROL}"] = _rel_diff(
+                        after["conventional"][i], after[CONTROL][i]
+                    )
                 for r in runs:
                     row[f"{part}_update_rel_{r}"] = _rel_diff(before[r][i], after[r][i])
             step_rows.append(row)
@@ -318,7 +369,9 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
         erow["val_loss_abs_diff"] = abs(erow["val_loss_conventional"] - erow["val_loss_streaming"])
         erow["val_acc_abs_diff"] = abs(erow["val_acc_conventional"] - erow["val_acc_streaming"])
         if cfg.control:
-            erow[f"val_loss_abs_diff_{CONTROL}"] = abs(erow["val_loss_conventional"] - erow[f"val_loss_{CONTROL}"])
+            erow[f"val_loss_abs_diff_{CONTROL}"] = abs(
+                erow["val_loss_conventional"] - erow[f"val_loss_{CONTROL}"]
+            )
         epoch_rows.append(erow)
         last_epoch_s = time.perf_counter() - epoch_start
         log(
