@@ -51,13 +51,24 @@ def resnet_trunk(arch: str, *, up_to: str) -> nn.Module:
 
 
 def vgg16_trunk() -> nn.Module:
+    """``vgg16().features[:10]`` without building the 120M-parameter classifier (3 s)."""
     torch.manual_seed(0)
-    return models.vgg16(weights=None).features[:10]
+    return models.vgg.make_layers(models.vgg.cfgs["D"])[:10]
 
 
 def mobilenet_v2_trunk() -> nn.Module:
     torch.manual_seed(0)
     return models.mobilenet_v2(weights=None).features[:4]
+
+
+def squeezenet1_1_trunk() -> nn.Module:
+    torch.manual_seed(0)
+    return models.squeezenet1_1(weights=None).features[:6]
+
+
+def densenet121_trunk() -> nn.Module:
+    torch.manual_seed(0)
+    return models.densenet121(weights=None).features[:5]
 
 
 def convnext_tiny_trunk(stages: int) -> nn.Module:
@@ -87,6 +98,10 @@ TRUNKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "vgg16-features10": (vgg16_trunk, (1, 3, 96, 96), 48),
     # depthwise convs, ReLU6(inplace), an inverted residual with skip: 19 px [4]
     "mobilenet_v2-features4": (mobilenet_v2_trunk, (1, 3, 96, 96), 48),
+    # fire modules (1x1 squeeze, 1x1 and 3x3 expand concatenated), ceil-mode max-pools: 39 px [4]
+    "squeezenet1_1-features6": (squeezenet1_1_trunk, (1, 3, 97, 97), 56),
+    # dense block: 6 x (BN, ReLU, 1x1, BN, ReLU, 3x3) concatenated, transition with avg-pool
+    "densenet121-features5": (densenet121_trunk, (1, 3, 96, 96), 80),
     # patchify stem 4 px [4], 3 CNBlocks (7x7 depthwise, LayerNorm over channels, MLP,
     # layer scale, stochastic depth) +72 -> 76 px [4]
     "convnext_tiny-features2": (lambda: convnext_tiny_trunk(2), (1, 3, 160, 160), 112),
@@ -140,6 +155,22 @@ def test_one_batchnorm_in_training_mode_is_named() -> None:
 def test_mobilenet_in_training_mode_names_its_first_batchnorm() -> None:
     trunk = mobilenet_v2_trunk().train()
     with pytest.raises(streamcheck.StreamcheckError, match=r"0\.1"):
+        streamcheck.plan(trunk, (1, 3, 96, 96), tile=48)
+
+
+def test_convnext_in_training_mode_is_refused_at_stochastic_depth() -> None:
+    """Stochastic depth with p > 0 draws random masks in training mode (block 1.0 has p = 0)."""
+    trunk = convnext_tiny_trunk(2).train()
+    with pytest.raises(streamcheck.StreamcheckError, match=r"1\.1\.stochastic_depth") as excinfo:
+        streamcheck.plan(trunk, (1, 3, 96, 96), tile=64)
+    assert "'1.0.stochastic_depth" not in str(excinfo.value)
+
+
+def test_squeeze_and_excitation_is_refused() -> None:
+    """EfficientNet's squeeze-and-excitation pools over the whole image."""
+    torch.manual_seed(0)
+    trunk = models.efficientnet_b0(weights=None).features[:3].eval()
+    with pytest.raises(streamcheck.StreamcheckError, match=r"1\.0\.block\.1\.avgpool"):
         streamcheck.plan(trunk, (1, 3, 96, 96), tile=48)
 
 
