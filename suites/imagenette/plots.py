@@ -132,36 +132,34 @@ def plot_run(out_dir: Path | str, label: str) -> list[Path]:
             lw=0.8,
             label=f"exactly equal ({int(zero.sum())} steps), drawn at {floor:g}",
         )
-    ax_l.set(xlabel="epoch", ylabel="|loss conventional - loss streaming|", title="loss difference")
+    ax_l.set(xlabel="epoch", ylabel="|loss conventional - loss other run|", title="loss difference")
     ax_w.semilogy(
         x_steps,
         steps["trunk_weight_rel_diff"].clip(lower=floor),
         color="tab:orange",
-        label="streamed trunk (conv16, conv32)",
+        label="streaming run: trunk (conv16, conv32, streamed)",
     )
     ax_w.semilogy(
         x_steps,
         steps["head_weight_rel_diff"].clip(lower=floor),
         color="tab:blue",
-        label="head (conv64..fc10)",
+        label="streaming run: head (conv64..fc10)",
     )
     if control:
         ax_w.semilogy(
             x_steps,
             steps["trunk_weight_rel_diff_reordered"].clip(lower=floor),
-            color="tab:orange",
-            lw=0.8,
+            color="black",
+            lw=1.2,
             ls="-.",
-            alpha=0.8,
             label="control (half-batch sums), trunk",
         )
         ax_w.semilogy(
             x_steps,
             steps["head_weight_rel_diff_reordered"].clip(lower=floor),
-            color="tab:blue",
-            lw=0.8,
-            ls="-.",
-            alpha=0.8,
+            color="grey",
+            lw=1.2,
+            ls=":",
             label="control (half-batch sums), head",
         )
     ax_w.semilogy(

@@ -355,6 +355,12 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
                 f"epoch {epoch}/{cfg.epochs} step {k + 1}/{steps_per_epoch}  loss conventional {lc:.6f} "
                 f"streaming {ls:.6f}  |diff| {row['loss_abs_diff']:.1e}  trunk w rel diff "
                 f"{row['trunk_weight_rel_diff']:.1e}  ({row['time_s_conventional']:.2f} s, {row['time_s_streaming']:.2f} s)"
+                + (
+                    f"  control: |diff| {row[f'loss_abs_diff_{CONTROL}']:.1e}, trunk w rel diff "
+                    f"{row[f'trunk_weight_rel_diff_{CONTROL}']:.1e}"
+                    if cfg.control
+                    else ""
+                )
             )
             if not all(math.isfinite(row[f"loss_{r}"]) for r in runs):
                 raise FloatingPointError(f"non-finite loss at step {global_step}: {lc}, {ls}")
