@@ -151,6 +151,8 @@ def test_json_form_round_trips() -> None:
     assert data["dtype"] == "float64"
     assert data["tile"] == [32, 32]
     assert data["n_failed"] == 0
+    assert data["device"] == "cpu"
+    assert data["versions"] == {"streamcheck": streamcheck.__version__, "torch": torch.__version__}
     assert [row["name"] for row in data["rows"]] == [row.name for row in report.rows]
     assert data["rows"][0]["shape"] == [1, 8, 32, 32]
 

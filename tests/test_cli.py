@@ -84,6 +84,11 @@ def test_unstreamable_model_exits_2_naming_the_module(capsys: pytest.CaptureFixt
     assert main(["plan", "examples.my_models:batchnorm_in_training", *SMALL]) == 2
 
 
+def test_tile_below_the_receptive_field_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "examples.my_models:trunk", "--input", "1x3x96x96", "--tile", "8"]) == 2
+    assert "receptive field" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -93,6 +93,7 @@ class EquivalenceReport:
     n_tiles: int
     input_shape: tuple[int, ...]
     accumulation_length: int
+    device: str
 
     @property
     def failures(self) -> tuple[TensorError, ...]:
@@ -109,6 +110,8 @@ class EquivalenceReport:
             "rtol": self.rtol,
             "atol": self.atol,
             "accumulation_length": self.accumulation_length,
+            "device": self.device,
+            "versions": {"streamcheck": streamcheck.__version__, "torch": torch.__version__},
             "n_failed": len(self.failures),
             "rows": [row.to_dict() for row in self.rows],
         }
@@ -119,7 +122,7 @@ class EquivalenceReport:
         shape = "x".join(str(s) for s in self.input_shape)
         lines = [
             f"streamcheck equivalence {verdict}: input {shape}, tile {tile} "
-            f"({self.n_tiles} tiles), {_dtype_name(self.dtype)}, "
+            f"({self.n_tiles} tiles), {_dtype_name(self.dtype)} on {self.device}, "
             f"rtol {self.rtol:.3g}, atol {self.atol:.3g}"
         ]
         headers = ("tensor", "shape", "max abs err", "max rel err", "status")
@@ -264,6 +267,7 @@ def check_streaming_equivalence(
         n_tiles=int(n_tiles),
         input_shape=tuple(x_ref.shape),
         accumulation_length=_accumulation_length(x_ref.shape),
+        device=str(device),
     )
 
 
@@ -289,7 +293,9 @@ def assert_streaming_equivalent(
     Args:
         module: the part of the network to stream (e.g. a trunk in eval mode).
         example_input: an input tensor ``(N, C, *spatial)``, or just its shape (a standard-normal
-            input is then drawn from ``seed``). Its device is the device of the check.
+            input is then drawn from ``seed``). Its device is the device of the check. The plain
+            run holds the whole image's activations, so use the smallest input that still gives
+            several tiles per axis.
         tile: input-tile edge in pixels, overlap included; an int or one int per spatial axis.
         head: what follows the streamed part; a scalar output is the loss, otherwise the loss is
             a fixed random projection of it. ``None`` projects ``module``'s output directly.
