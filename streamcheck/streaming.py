@@ -19,11 +19,15 @@ Rule S5. The wrapper replaces nothing: ``Streamed(m).module is m``, parameters a
          streamed trunk saves and loads like the model without it.
 Rule S6. Autocast state at forward time is re-entered for the recomputation, so a mixed-precision
          run recomputes exactly what its forward computed.
+Rule S7. The image may live elsewhere than the module (say a pinned uint8 image in host memory and
+         the module on a GPU): each tile is copied to the module's device, passed through
+         ``tile_transform`` there (conversion and normalisation, which must be per pixel), and freed,
+         so device memory depends on the tile and the stitched output, not on the image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -54,10 +58,17 @@ class Streamed(nn.Module):
     torch.Size([4, 3, 3, 3])
     """
 
-    def __init__(self, module: nn.Module, *, tile: int | Sequence[int]) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        tile: int | Sequence[int],
+        tile_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.module = module
         self.tile = tile
+        self.tile_transform = tile_transform
         self._plans: dict[tuple[Any, ...], StreamPlan] = {}
         self._register_state_dict_hook(_hide_module_prefix)
         self._register_load_state_dict_pre_hook(_restore_module_prefix)
@@ -72,9 +83,13 @@ class Streamed(nn.Module):
         return self._plans[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.plan(x.shape, dtype=x.dtype)
+        first = next(self.module.parameters(), None)
+        device = first.device if first is not None else x.device
+        plain = self.tile_transform is None and x.is_floating_point()
+        plan = self.plan(x.shape, dtype=x.dtype if plain or first is None else first.dtype)
         params = [p for p in self.module.parameters() if p.requires_grad]
-        output: torch.Tensor = _StreamFunction.apply(plan, x, *params)
+        source = _TileSource(device, self.tile_transform)
+        output: torch.Tensor = _StreamFunction.apply(plan, source, x, *params)
         return output
 
     def extra_repr(self) -> str:
@@ -100,17 +115,30 @@ def _slices(box: Sequence[tuple[int, int]], layout: Sequence[int], ndim: int) ->
     return tuple(index)
 
 
-def _device_type(x: torch.Tensor) -> str:
-    return x.device.type
+class _TileSource:
+    """Cuts a tile out of the image and brings it to the module (Rule S7)."""
+
+    def __init__(
+        self, device: torch.device, transform: Callable[[torch.Tensor], torch.Tensor] | None
+    ):
+        self.device = device
+        self.transform = transform
+
+    def __call__(self, tile: torch.Tensor) -> torch.Tensor:
+        tile = tile.to(self.device, non_blocking=tile.is_pinned())
+        return tile if self.transform is None else self.transform(tile)
 
 
 class _StreamFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, plan: StreamPlan, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, plan: StreamPlan, source: _TileSource, x: torch.Tensor, *params: torch.Tensor
+    ) -> torch.Tensor:
         graph = plan.graph
         assert graph is not None
-        device_type = _device_type(x)
+        device_type = source.device.type
         ctx.plan = plan
+        ctx.source = source
         ctx.autocast = (
             device_type,
             torch.is_autocast_enabled(device_type),
@@ -122,7 +150,7 @@ class _StreamFunction(torch.autograd.Function):
         output: torch.Tensor | None = None
         with torch.no_grad():  # Rule S1
             for schedule in plan.schedules:
-                tile = x[_slices(schedule.input_box, in_layout, x.dim())]
+                tile = source(x[_slices(schedule.input_box, in_layout, x.dim())])
                 result = run_tile(graph, schedule, tile)
                 if output is None:
                     output = result.new_empty(graph.output_node.shape)
@@ -138,7 +166,8 @@ class _StreamFunction(torch.autograd.Function):
         assert graph is not None
         (x,) = ctx.saved_tensors
         params = [p for p in graph.root.parameters() if p.requires_grad]
-        want_input = ctx.needs_input_grad[1]
+        source: _TileSource = ctx.source
+        want_input = ctx.needs_input_grad[2]
         grad_x = torch.zeros_like(x) if want_input else None
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         in_layout = graph.nodes[0].layout
@@ -150,7 +179,8 @@ class _StreamFunction(torch.autograd.Function):
         device_type, autocast_on, autocast_dtype = ctx.autocast
         for schedule in plan.schedules:  # Rule S2
             index = _slices(schedule.input_box, in_layout, x.dim())
-            tile = x[index].detach().requires_grad_(want_input)
+            raw = x[index].detach().requires_grad_(want_input)
+            tile = source(raw)
             grad_tile = grad_output[_slices(schedule.output_box, out_layout, grad_output.dim())]
             with (
                 torch.enable_grad(),
@@ -165,7 +195,7 @@ class _StreamFunction(torch.autograd.Function):
                 else:
                     result = run_tile(graph, schedule, tile)
                     extra, targets, grads = {}, [result], [grad_tile]
-            inputs = [tile, *params] if want_input else list(params)
+            inputs = [raw, *params] if want_input else list(params)
             wanted = [t for t in inputs if t.requires_grad]
             found = dict(
                 zip(
@@ -181,10 +211,10 @@ class _StreamFunction(torch.autograd.Function):
                     if g is not None:
                         previous = grad_params[i]
                         grad_params[i] = g if previous is None else previous + g
-            grad_tile_x = found.get(id(tile))
+            grad_tile_x = found.get(id(raw))
             if grad_x is not None and grad_tile_x is not None:
                 grad_x[index] += grad_tile_x
-        return (None, grad_x, *grad_params)
+        return (None, None, grad_x, *grad_params)
 
 
 def _conv_backward(
