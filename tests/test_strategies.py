@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
 import pytest
 import torch
-from hypothesis import find, given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -96,6 +97,11 @@ def test_stack_bounds_are_respected(data: st.DataObject) -> None:
             assert max(layer.dilation) <= bounds["max_dilation"]
             if layer.padding == "same":
                 assert set(layer.stride) == {1}
+            elif layer.padding != "valid":  # within the kernel's reach (no wide_padding)
+                reach = [
+                    d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size, strict=True)
+                ]
+                assert all(p <= r for p, r in zip(layer.padding, reach, strict=True))
         elif isinstance(layer, MAX_POOL | AVG_POOL):
             kernel = _per_axis(layer.kernel_size, ndim)
             stride = _per_axis(layer.stride, ndim)
@@ -161,16 +167,6 @@ REACHABLE: dict[str, Callable[[StreamingCase], bool]] = {
         )
     ),
     "'valid'": _has(lambda m: isinstance(m, CONV) and m.padding == "valid"),
-    "padding wider than the kernel": _has(
-        lambda m: (
-            isinstance(m, CONV)
-            and not isinstance(m.padding, str)
-            and any(
-                p > d * (k - 1)
-                for p, d, k in zip(m.padding, m.dilation, m.kernel_size, strict=True)
-            )
-        )
-    ),
     "groups": _has(lambda m: isinstance(m, CONV) and m.groups > 1),
     "strided dilated conv": _has(
         lambda m: isinstance(m, CONV) and max(m.stride) > 1 and max(m.dilation) > 1
@@ -185,21 +181,49 @@ REACHABLE: dict[str, Callable[[StreamingCase], bool]] = {
     ),
     "divisor_override": _has(lambda m: isinstance(m, AVG_POOL) and m.divisor_override),
 }
+WIDE: dict[str, Callable[[StreamingCase], bool]] = {
+    "padding wider than the kernel": _has(
+        lambda m: (
+            isinstance(m, CONV)
+            and not isinstance(m.padding, str)
+            and any(
+                p > d * (k - 1)
+                for p, d, k in zip(m.padding, m.dilation, m.kernel_size, strict=True)
+            )
+        )
+    ),
+}
 
 
-@pytest.mark.parametrize("name", list(REACHABLE))
-def test_edge_cases_are_reachable(name: str) -> None:
-    find(
-        streaming_cases(ndim=2),
-        REACHABLE[name],
-        settings=settings(max_examples=2000, database=None, deadline=None),
-    )
+class _AllSeen(Exception):
+    pass
+
+
+def _unseen(strategy: st.SearchStrategy[StreamingCase], features: dict) -> set[str]:
+    """The features no generated example had, generating until all are seen (no shrinking)."""
+    unseen = set(features)
+
+    @settings(max_examples=3000, phases=[Phase.generate], database=None, deadline=None)
+    @given(strategy)
+    def probe(case: StreamingCase) -> None:
+        unseen.difference_update({name for name in unseen if features[name](case)})
+        if not unseen:
+            raise _AllSeen
+
+    with contextlib.suppress(_AllSeen):
+        probe()
+    return unseen
+
+
+def test_edge_cases_are_reachable() -> None:
+    assert _unseen(streaming_cases(ndim=2), REACHABLE) == set()
+
+
+def test_wide_padding_is_reachable_when_asked() -> None:
+    assert _unseen(streaming_cases(ndim=2, wide_padding=True), WIDE) == set()
 
 
 @pytest.mark.parametrize("ndim", [1, 3])
 def test_smallest_legal_tile_is_reachable_in_1d_and_3d(ndim: int) -> None:
-    find(
-        streaming_cases(ndim=ndim),
-        REACHABLE["smallest legal tile"],
-        settings=settings(max_examples=2000, database=None, deadline=None),
-    )
+    smallest = {"smallest legal tile": REACHABLE["smallest legal tile"]}
+    assert _unseen(streaming_cases(ndim=ndim), smallest) == set()
