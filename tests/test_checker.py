@@ -305,6 +305,15 @@ def test_unstreamable_module_raises_streamcheck_error() -> None:
         check_streaming_equivalence(trunk, small_input(), tile=32)
 
 
+def test_a_module_that_cannot_be_copied_is_reported() -> None:
+    class Uncopyable(nn.Sequential):
+        def __deepcopy__(self, memo: dict[int, object]) -> None:
+            raise TypeError("no copies")
+
+    with pytest.raises(RuntimeError, match=r"deep copies of the Uncopyable.*no copies"):
+        assert_streaming_equivalent(Uncopyable(nn.Conv2d(3, 4, 3)), small_input(), tile=32)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_float32_without_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = True

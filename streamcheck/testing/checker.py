@@ -376,7 +376,13 @@ def _tile_tuple(tile: int | Sequence[int], *, spatial_dims: int) -> tuple[int, .
 
 def _cast_copy(module: Any, *, dtype: torch.dtype, device: torch.device) -> Any:
     """Rule 1: an independent copy in ``dtype`` on ``device`` with no gradients."""
-    clone = copy.deepcopy(module)
+    try:
+        clone = copy.deepcopy(module)
+    except Exception as error:  # e.g. the deprecated torch.nn.utils.weight_norm
+        raise RuntimeError(
+            f"streamcheck: the check runs two deep copies of the {type(module).__name__}, but "
+            f"copy.deepcopy failed ({type(error).__name__}: {error})"
+        ) from error
     clone.to(device=device, dtype=dtype)
     for parameter in clone.parameters():
         parameter.grad = None
