@@ -314,6 +314,25 @@ def test_a_module_that_cannot_be_copied_is_reported() -> None:
         assert_streaming_equivalent(Uncopyable(nn.Conv2d(3, 4, 3)), small_input(), tile=32)
 
 
+def test_tf32_is_off_during_a_cuda_check_and_restored() -> None:
+    """Only flags are touched, so this runs without a GPU too (Rule 7)."""
+    from streamcheck.testing.checker import _no_tf32
+
+    if not hasattr(torch.backends.cudnn, "conv"):
+        pytest.skip("torch < 2.9 has only the legacy allow_tf32 flags")
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    try:
+        matmul.fp32_precision = conv.fp32_precision = "tf32"  # the user opted in to TF32
+        with _no_tf32(torch.device("cuda")):
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        with _no_tf32(torch.device("cpu")):
+            assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_float32_without_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = True

@@ -474,9 +474,20 @@ def _compare(
 
 @contextmanager
 def _no_tf32(device: torch.device) -> Iterator[None]:
-    """Rule 7."""
+    """Rule 7. Uses torch's fp32_precision settings where they exist (torch >= 2.9): reading the
+    legacy ``allow_tf32`` flags after a user set the new ones raises there."""
     if device.type != "cuda":
         yield
+        return
+    matmul = torch.backends.cuda.matmul
+    conv: Any = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        saved = matmul.fp32_precision, conv.fp32_precision
+        matmul.fp32_precision = conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = saved
         return
     matmul_precision = torch.get_float32_matmul_precision()
     cudnn_tf32 = torch.backends.cudnn.allow_tf32
