@@ -23,7 +23,8 @@ NOTE [ How the check works ]
   Rule 5. Floating-point buffers (e.g. BatchNorm running statistics) are compared after the run
           as one aggregate row, so a streamed forward that updates them differently fails.
   Rule 6. Nothing is caught: if the module cannot be streamed, the engine's ``StreamcheckError``
-          (naming the module path) propagates. The checker never passes without streaming.
+          (naming the module path) propagates, so the checker never passes without streaming.
+          A tile that covers the whole input (one tile) compares nothing streamed and warns.
   Rule 7. TF32 is switched off for the duration of the check on CUDA and restored afterwards;
           with TF32 float32 convolutions are only good to about 1e-3.
 """
