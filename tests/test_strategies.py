@@ -20,7 +20,7 @@ from streamcheck.testing import (
     streaming_cases,
     tile_sizes,
 )
-from streamcheck.testing.strategies import _leaves
+from streamcheck.testing.strategies import _in_channels, _leaves
 
 # PyTorch warns when 'same' padding of an even kernel needs an asymmetric zero-padded copy; the
 # strategies draw that case on purpose.
@@ -57,7 +57,7 @@ def test_every_draw_runs_and_has_output(ndim: int, data: st.DataObject) -> None:
 def test_min_input_px_is_the_smallest_valid_input(ndim: int, data: st.DataObject) -> None:
     module = data.draw(conv_stacks(ndim=ndim, max_receptive_field_px=12, max_channels=2))
     geometry = stack_geometry(module, ndim=ndim)
-    channels = next((m.in_channels for m in _leaves(module) if isinstance(m, CONV)), 1)
+    channels = _in_channels(module) or 1
     shape = (1, channels, *geometry.min_input_px)
     with torch.no_grad():
         assert min(module(torch.zeros(shape)).shape[2:]) >= 1
@@ -111,6 +111,8 @@ def test_stack_bounds_are_respected(data: st.DataObject) -> None:
             assert all(p <= k // 2 for p, k in zip(padding, kernel, strict=True))
             if isinstance(layer, MAX_POOL):
                 assert max(_per_axis(layer.dilation, ndim)) <= bounds["max_dilation"]
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm | nn.Dropout):
+            assert not layer.training  # pointwise only in eval mode
         else:
             assert sum(p.numel() for p in layer.parameters()) == 0  # pointwise activations
 
@@ -180,6 +182,8 @@ REACHABLE: dict[str, Callable[[StreamingCase], bool]] = {
         lambda m: isinstance(m, AVG_POOL) and m.padding != 0 and not m.count_include_pad
     ),
     "divisor_override": _has(lambda m: isinstance(m, AVG_POOL) and m.divisor_override),
+    "eval batch norm": _has(lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine),
+    "eval dropout": _has(lambda m: isinstance(m, nn.Dropout)),
 }
 WIDE: dict[str, Callable[[StreamingCase], bool]] = {
     "padding wider than the kernel": _has(

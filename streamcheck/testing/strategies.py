@@ -72,6 +72,7 @@ ACTIVATIONS: tuple[Callable[[], nn.Module], ...] = (
 _CONV: dict[int, Any] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _MAX_POOL: dict[int, Any] = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _AVG_POOL: dict[int, Any] = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+_BATCH_NORM: dict[int, Any] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 # --------------------------------------------------------------------------------------- geometry
@@ -216,9 +217,12 @@ def _axis_valid(chain: list[tuple[_Window, ...]], axis: int, n: int) -> bool:
 
 
 def _in_channels(module: nn.Module) -> int | None:
+    """Channels the stack expects: those of its first convolution or batch norm, if any."""
     for layer in _leaves(module):
         if isinstance(layer, nn.modules.conv._ConvNd):
             return int(layer.in_channels)
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            return int(layer.num_features)
     return None
 
 
@@ -341,9 +345,10 @@ def conv_stacks(
     activations: Sequence[Callable[[], nn.Module]] = ACTIVATIONS,
     padding_modes: Sequence[str] = ("zeros", "reflect", "replicate"),
     wide_padding: bool = False,
+    eval_layers: bool = True,
     nested: bool = True,
 ) -> nn.Sequential:
-    """Random streamable stacks: ConvNd, MaxPoolNd, AvgPoolNd and pointwise activations.
+    """Random streamable stacks: ConvNd, MaxPoolNd, AvgPoolNd, pointwise and eval-mode layers.
 
     Every option PyTorch allows is drawn (kernel, stride, padding as int / tuple / 'valid' / 'same'
     with stride 1, dilation, groups dividing the channels, bias, padding mode; pooling padding up to
@@ -351,7 +356,9 @@ def conv_stacks(
     field never exceeds ``max_receptive_field_px`` on any axis. ``pools`` picks among "max" and
     "avg"; ``activations`` are zero-argument factories. Conv padding reaches at most
     ``dilation * (kernel - 1)`` (every output sees a pixel) unless ``wide_padding``, which adds one
-    more: outputs at the border then see padding only. Parameters are float32.
+    more: outputs at the border then see padding only. ``eval_layers`` adds layers that are
+    pointwise in eval mode: BatchNorm (random running statistics, affine or not) and Dropout.
+    Parameters are float32.
 
     >>> from hypothesis import given, settings
     >>> @settings(max_examples=5, deadline=None, database=None)
@@ -363,6 +370,7 @@ def conv_stacks(
     seed = draw(st.integers(0, 2**32 - 1))
     n_layers = draw(st.integers(min_layers, max_layers))
     kinds = ["conv", "activation"] + [f"{kind}_pool" for kind in pools]
+    kinds += ["eval"] if eval_layers else []
     channels = in_channels if in_channels is not None else draw(st.integers(1, max_channels))
     rf, jump = [1] * ndim, [1] * ndim
     layers: list[nn.Module] = []
@@ -376,6 +384,8 @@ def conv_stacks(
             layer: Any
             if kind == "activation":
                 layer = draw(st.sampled_from(activations))()
+            elif kind == "eval":
+                layer = _eval_layer(draw, ndim=ndim, channels=channels)
             elif kind == "conv":
                 layer = draw(
                     _conv(
@@ -408,6 +418,20 @@ def conv_stacks(
                 jump[axis] *= w.stride
             layers.append(layer)
     return _nest(draw, layers) if nested else nn.Sequential(*layers)
+
+
+def _eval_layer(draw: st.DrawFn, *, ndim: int, channels: int) -> nn.Module:
+    """BatchNormNd or Dropout in eval mode: per-channel affine maps or identities."""
+    if draw(st.booleans()):
+        return nn.Dropout(draw(st.sampled_from([0.1, 0.5]))).eval()
+    norm = _BATCH_NORM[ndim](channels, affine=draw(st.booleans())).eval()
+    with torch.no_grad():  # under the stack's seed (Rule 5)
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        if norm.affine:
+            norm.weight.normal_()
+            norm.bias.normal_()
+    return norm
 
 
 def _nest(draw: st.DrawFn, layers: list[nn.Module]) -> nn.Sequential:
