@@ -14,6 +14,10 @@ Rule 3. The unclipped box is clipped to the feature map (`clip`); what lies outs
         layer's own padding, which the engine recreates explicitly on the tile (zeros, -inf for max
         pooling, reflect/replicate for such convs). This only happens at the image border: inside
         the image, tiles read real neighbouring pixels (the overlap) instead of padding.
+        Reflect and replicate padding copy pixels from inside the image, which can lie beyond
+        the clipped box (reflect padding wider than the kernel's half): for those layers the
+        padded positions are mapped to the pixels they copy (`mirror`) and the box is the span of
+        what is read.
 Rule 4. A feature map that feeds several layers (residual branches) is computed on the hull of
         what they need (`hull`); each consumer crops its part.
 Rule 5. Window layers then run with padding 0 on the padded tile. Average pooling divides by the
@@ -40,6 +44,7 @@ __all__ = [
     "Interval",
     "avg_pool_divisors",
     "clip",
+    "mirror",
     "hull",
     "input_tile_for",
     "output_tile_for",
@@ -68,6 +73,21 @@ def window_input(
 def clip(interval: Interval, size: int) -> Interval:
     """The part of ``interval`` inside ``[0, size)`` (Rule 3)."""
     return (max(interval[0], 0), min(interval[1], size))
+
+
+def mirror(position: int, size: int, mode: str) -> int:
+    """The pixel that reflect or replicate padding copies into ``position`` (Rule 3).
+
+    >>> [mirror(p, 4, "reflect") for p in range(-2, 6)]
+    [2, 1, 0, 1, 2, 3, 2, 1]
+    >>> [mirror(p, 4, "replicate") for p in (-2, 5)]
+    [0, 3]
+    """
+    if mode == "replicate":
+        return min(max(position, 0), size - 1)
+    if position < 0:
+        return -position
+    return 2 * (size - 1) - position if position >= size else position
 
 
 def hull(intervals: Iterable[Interval]) -> Interval:

@@ -11,7 +11,11 @@ Rule G3. Every tensor node carries a *layout*: which tensor dimension holds each
 Rule G4. ``get_attr`` nodes and nodes computed from them alone are constants (parameters such as
          ConvNeXt's layer scale). They are re-read from the module on every tile, so their
          gradients flow, and must have size 1 along every spatial axis they broadcast over.
-Rule G5. Every violation is collected first, then all are raised together in one StreamcheckError
+Rule G5. A layer that works in place may only overwrite a feature map that nothing else reads:
+         otherwise the result depends on the order of reads and writes, which tiles do not keep.
+         Hooks on streamed modules are refused: they would see tiles (or meta tensors) instead of
+         the image.
+Rule G6. Every violation is collected first, then all are raised together in one StreamcheckError
          naming each layer by its module path: before any computation happens.
 """
 
@@ -223,9 +227,29 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
         node.shape = tuple(shapes[node.name]) if shapes.get(node.name) is not None else ()
         for s in node.sources:
             nodes[s].consumers.append(i)
+    _check_inplace_and_hooks(module, nodes, problems)
     _attach_layouts(nodes, len(input_shape) - 2, problems)
     _raise(problems)
     return Graph(module, gm, nodes, output)
+
+
+def _check_inplace_and_hooks(module: nn.Module, nodes: list[Node], problems: list[str]) -> None:
+    """Rule G5."""
+    for node in nodes:
+        if node.inplace and node.sources and len(nodes[node.sources[0]].consumers) > 1:
+            problems.append(
+                f"  - '{node.path}': works in place on a feature map that other layers also read, "
+                "so the result depends on the order of reads and writes. Fix: use the "
+                "out-of-place form (inplace=False, or assign the result)."
+            )
+    for name, m in module.named_modules():
+        hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+        if any(hooks):
+            problems.append(
+                f"  - '{name or type(module).__name__}': has forward or backward hooks, which "
+                "would run on tiles instead of the image. Fix: remove them from the streamed "
+                "part, or register them on the Streamed wrapper or the head."
+            )
 
 
 def _attach_layouts(nodes: list[Node], spatial_axes: int, problems: list[str]) -> None:

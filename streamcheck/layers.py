@@ -91,13 +91,24 @@ class Window:
             pad_left=self.pad_left[axis],
         )
 
-    def pad(self, x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """Recreate the layer's own padding where the tile touches the image border (Rule 3)."""
+    def pad(
+        self,
+        x: torch.Tensor,
+        pads: Sequence[tuple[int, int]],
+        gathers: Sequence[tuple[int, ...] | None] = (),
+    ) -> torch.Tensor:
+        """Recreate the layer's own padding where the tile touches the image border (Rule 3).
+
+        Constant padding is added (``pads``); reflect and replicate padding index the pixels they
+        copy (``gathers``: per axis, the source index of every padded position, or None).
+        """
+        for axis, gather in enumerate(gathers):
+            if gather is not None:
+                dim = x.dim() - self.ndim + axis
+                x = x.index_select(dim, torch.tensor(gather, device=x.device))
         if not any(left or right for left, right in pads):
             return x
         flat = [amount for pair in reversed(pads) for amount in pair]
-        if self.pad_mode != "constant":
-            return F.pad(x, flat, mode=self.pad_mode)
         return F.pad(x, flat, mode="constant", value=float("-inf") if self.kind == "max" else 0.0)
 
     def run(
@@ -105,11 +116,12 @@ class Window:
         module: nn.Module,
         x: torch.Tensor,
         pads: Sequence[tuple[int, int]],
+        gathers: Sequence[tuple[int, ...] | None],
         out_box: tuple[Interval, ...],
         in_sizes: tuple[int, ...],
     ) -> torch.Tensor:
         """Apply the layer to tile ``x`` (whose missing border is ``pads``) with padding 0."""
-        x = self.pad(x, pads)
+        x = self.pad(x, pads, gathers)
         if self.kind == "conv":
             assert isinstance(module, nn.modules.conv._ConvNd)
             conv = _CONV[self.ndim]
@@ -174,7 +186,7 @@ def _conv_window(m: nn.modules.conv._ConvNd) -> Window | Rejected:
         (reversed_pads[2 * (ndim - 1 - a)], reversed_pads[2 * (ndim - 1 - a) + 1])
         for a in range(ndim)
     ]
-    if any(max(p) > reach[a] for a, p in enumerate(pads)):
+    if m.padding_mode == "zeros" and any(max(p) > reach[a] for a, p in enumerate(pads)):
         return Rejected(
             f"padding {m.padding} exceeds the kernel's reach {tuple(reach)}, so border outputs see "
             "no pixel at all",

@@ -7,7 +7,7 @@ Rule P1. A schedule is computed once per tile from its output box by walking the
 Rule P2. Executing a tile walks the graph forwards and frees each feature map as soon as its last
          consumer has read it, so only the live frontier of one tile is held in memory.
 Rule P3. A layer that works in place gets a private copy when the tensor it would overwrite is the
-         caller's image or is read by another layer too.
+         caller's image (graph Rule G5 refuses in-place writes to maps that others read).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from .errors import internal_error
-from .geometry import Box, Interval, clip, hull
+from .geometry import Box, Interval, clip, hull, mirror
 from .graph import Graph, Node
 from .layers import Window
 
@@ -31,7 +31,8 @@ class Edge:
     """How one consumer reads one source on one tile."""
 
     crop: tuple[Interval, ...]  # relative to the source's computed box, per axis
-    pads: tuple[tuple[int, int], ...]  # padding to recreate on each side, per axis
+    pads: tuple[tuple[int, int], ...]  # constant padding to recreate on each side, per axis
+    gathers: tuple[tuple[int, ...] | None, ...]  # reflect/replicate padding, per axis (Rule 3)
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,29 @@ def _required(node: Node, box: Box) -> Box:
     return box
 
 
+def _available(node: Node, wanted: Box, sizes: tuple[int, ...]) -> tuple[Box, tuple[Any, ...]]:
+    """The clipped box a consumer reads, and the mirrored indices of reflect/replicate padding."""
+    mode = node.layer.pad_mode if isinstance(node.layer, Window) else "constant"
+    boxes: list[Interval] = []
+    gathers: list[tuple[int, ...] | None] = []
+    for (start, stop), size in zip(wanted, sizes, strict=True):
+        if mode == "constant" or (start >= 0 and stop <= size):
+            boxes.append(clip((start, stop), size))
+            gathers.append(None)
+            continue
+        mapped = [mirror(p, size, mode) for p in range(start, stop)]
+        low = min(mapped)
+        boxes.append((low, max(mapped) + 1))
+        gathers.append(tuple(p - low for p in mapped))
+    return tuple(boxes), tuple(gathers)
+
+
 def schedule_tile(graph: Graph, output_box: Box) -> Schedule:
     """Walk the graph backwards from one output box (Rule P1)."""
     nodes = graph.nodes
     boxes: list[Box | None] = [None] * len(nodes)
     requests: list[list[Box]] = [[] for _ in nodes]
-    unclipped: dict[tuple[int, int], tuple[Box, Box]] = {}
+    unclipped: dict[tuple[int, int], tuple[Box, Box, tuple[Any, ...]]] = {}
     boxes[graph.output] = output_box
     for i in range(graph.output, -1, -1):
         node = nodes[i]
@@ -77,20 +95,22 @@ def schedule_tile(graph: Graph, output_box: Box) -> Schedule:
         assert box is not None
         for s in node.sources:
             wanted = _required(node, box)
-            available = tuple(
-                clip(interval, size) for interval, size in zip(wanted, nodes[s].sizes, strict=True)
-            )
-            unclipped[(i, s)] = (wanted, available)
+            available, gathers = _available(node, wanted, nodes[s].sizes)
+            unclipped[(i, s)] = (wanted, available, gathers)
             requests[s].append(available)
     edges = {}
-    for (i, s), (wanted, available) in unclipped.items():
+    for (i, s), (wanted, available, gathers) in unclipped.items():
         source_box = boxes[s]
         assert source_box is not None
         edges[(i, s)] = Edge(
             crop=tuple(
                 (a[0] - b[0], a[1] - b[0]) for a, b in zip(available, source_box, strict=True)
             ),
-            pads=tuple((a[0] - w[0], w[1] - a[1]) for a, w in zip(available, wanted, strict=True)),
+            pads=tuple(
+                (0, 0) if g is not None else (a[0] - w[0], w[1] - a[1])
+                for a, w, g in zip(available, wanted, gathers, strict=True)
+            ),
+            gathers=gathers,
         )
     return Schedule(output_box, tuple(boxes), edges)
 
@@ -168,20 +188,19 @@ def run_tile(
         for s in node.sources:
             edge = schedule.edges[(i, s)]
             tensor = _crop(env[s], nodes[s].layout, edge.crop)
-            if node.inplace and (s == 0 or len(nodes[s].consumers) > 1):
+            if node.inplace and s == 0:
                 tensor = tensor.clone()  # Rule P3
             values[nodes[s].name] = tensor
             inputs.append((tensor, edge))
         if i == graph.output and stop_at_output_input:
             assert isinstance(node.layer, Window)
             tensor, edge = inputs[0]
-            return node.layer.pad(tensor, edge.pads)
+            return node.layer.pad(tensor, edge.pads, edge.gathers)
         if node.kind == "window":
             assert isinstance(node.layer, Window) and node.module is not None
             tensor, edge = inputs[0]
-            env[i] = node.layer.run(
-                node.module, tensor, edge.pads, box, nodes[node.sources[0]].sizes
-            )
+            sizes = nodes[node.sources[0]].sizes
+            env[i] = node.layer.run(node.module, tensor, edge.pads, edge.gathers, box, sizes)
         else:
             env[i] = _evaluate(graph, node.fx_node, values)
         for s in node.sources:

@@ -369,3 +369,50 @@ def test_host_resident_pinned_image_with_module_on_cuda() -> None:
     got = streamed(image)
     assert got.device.type == "cuda"
     assert relative_error(got.cpu(), want) <= F64_RTOL
+
+
+class InPlaceOnSharedMap(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        y.relu_()  # in place, result not assigned: the conv below reads the overwritten map
+        return self.b(y)
+
+
+def test_in_place_write_to_a_map_others_read_is_rejected() -> None:
+    with pytest.raises(StreamcheckError, match="works in place on a feature map"):
+        streamcheck.plan(InPlaceOnSharedMap(), (1, 3, 64, 64), tile=24)
+
+
+def test_in_place_relu_in_a_sequential_is_exact() -> None:
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 3))
+    assert_exact(module, (1, 3, 40, 40), 16)
+
+
+def test_in_place_layer_on_the_image_leaves_the_callers_image_alone() -> None:
+    module = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(3, 2, 3))
+    image = torch.randn(1, 3, 40, 40)
+    before = image.clone()
+    streamed = Streamed(module, tile=16)(image)
+    assert torch.equal(image, before)
+    assert torch.allclose(streamed, module(before.clone()), rtol=0, atol=1e-6)
+
+
+def test_hooks_on_streamed_modules_are_rejected() -> None:
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    module[0].register_forward_hook(lambda m, args, out: out * 2)
+    with pytest.raises(StreamcheckError, match="'0': has forward or backward hooks"):
+        streamcheck.plan(module, (1, 3, 64, 64), tile=32)
+
+
+def test_reflect_padding_wider_than_the_kernel_half_reads_the_mirrored_pixels() -> None:
+    # padding 2 with a 3-tap kernel: border outputs copy pixels 1 and 2, beyond their window.
+    assert_exact(nn.Sequential(nn.Conv1d(1, 2, 3, padding=2, padding_mode="reflect")), (1, 1, 5), 3)
+    assert_exact(
+        nn.Sequential(nn.Conv2d(2, 3, 3, padding=2, padding_mode="reflect"), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=3, padding_mode="replicate")),
+        (2, 2, 23, 19),
+        (9, 12),
+    )  # fmt: skip
