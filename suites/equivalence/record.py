@@ -1,0 +1,578 @@
+"""Draw networks, check each, and write the record (``record.json``).
+
+NOTE [ The equivalence record ]
+Rule R1. Networks come from ``streamcheck.testing.streaming_cases``, drawn by hypothesis itself
+         (``@given`` with ``max_examples=N``, ``database=None``, generation only, a fixed seed),
+         so the record replays: the same seed and versions draw the same networks.
+Rule R2. A case whose tile covers the whole input (one tile) streams nothing; it is skipped while
+         drawing (``assume``) and counted as ``single_tile_draws_skipped``.
+Rule R2b. A draw on which PyTorch itself is undefined is skipped too and counted as
+         ``ill_posed_draws_skipped``: a pooling window that covers padding only (MaxPool with
+         ceil_mode and dilation can place one), whose plain output is -inf (or NaN for an average)
+         and whose plain backward writes out of bounds (it corrupted the heap, ``free(): invalid
+         next size``). Detected by a plain forward of a finite input with non-finite output.
+Rule R3. Each case is run by ``check_streaming_equivalence`` with its default tolerances (float64:
+         rtol 1e-10; float32: 8 eps sqrt(L)): plain and streamed in the same dtype, output, input
+         gradient and every parameter gradient. An exception (the engine refusing a drawn case, or
+         crashing) is a failure, recorded with the case.
+Rule R4. float64 draws every layer option the strategies know. Reflect padding only if the
+         engine streams the known narrow-border case exactly (``reflect_padding_streams``): it
+         crashed there (pinned by ``tests/test_properties.py``), and a crash is not news each run.
+         float32 draws smooth
+         activations and average pools only: at a ReLU kink or a max-pool tie a rounding
+         difference flips the gradient by O(1), so no float32 tolerance can hold there (float64
+         covers kinked networks exactly); see NOTE [ float32 tolerance ] in test_properties.py.
+Rule R5. Errors are relative to the reference's largest magnitude (checker Rule 3); the record
+         keeps, per case, the worst relative error per kind (output, param_grad, input_grad) and,
+         per dtype, the worst over all cases with the case that reached it.
+Rule R6. A float32 failure is re-checked in float64 (``float64_recheck``): if the same network
+         streams exactly there, the float32 difference is rounding that exceeded the checker's
+         tolerance (e.g. a gradient that is a cancelling sum, small next to its terms), not a
+         streaming error. It still counts as a failure: the record does not move the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import seed as hypothesis_seed
+from torch import nn
+
+import streamcheck
+from streamcheck.testing import (
+    SMOOTH_ACTIVATIONS,
+    StreamingCase,
+    check_streaming_equivalence,
+    streaming_cases,
+)
+from streamcheck.testing.strategies import _leaves
+
+from . import trunks as T
+
+REPO = Path(__file__).resolve().parents[2]
+NDIMS = (1, 2, 3)
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+KINDS = ("output", "param_grad", "input_grad")
+# Rule R4: the options each dtype draws with (passed to streaming_cases).
+PADDING_MODES = ("zeros", "replicate")
+FLOAT32_OPTIONS = {"activations": SMOOTH_ACTIVATIONS, "pools": ("avg",)}
+REFLECT_BUG = "crashes on a border tile narrower than the padding (tests/test_properties.py, xfail)"
+
+
+def reflect_padding_streams() -> bool:
+    """Whether the engine streams the pinned reflect-padding case exactly (Rule R4)."""
+    module = nn.Sequential(nn.Conv1d(1, 1, 3, padding=2, padding_mode="reflect", bias=False))
+    try:
+        return check_streaming_equivalence(module, (1, 1, 5), tile=3).passed
+    except Exception:
+        return False
+
+
+def draw_options(*, reflect: bool) -> dict[str, dict[str, Any]]:
+    modes = (*PADDING_MODES, "reflect") if reflect else PADDING_MODES
+    return {
+        "float64": {"padding_modes": modes},
+        "float32": {"padding_modes": modes, **FLOAT32_OPTIONS},
+    }
+
+
+# Share of the examples per ndim: 1D and 3D exercise the same code paths as 2D.
+NDIM_SHARE = {1: 0.25, 2: 0.5, 3: 0.25}
+
+
+def examples_per_ndim(total: int) -> dict[int, int]:
+    """Split ``total`` networks per dtype over 1D/2D/3D (at least one each)."""
+    counts = {ndim: max(1, round(total * share)) for ndim, share in NDIM_SHARE.items()}
+    counts[2] = max(1, total - counts[1] - counts[3]) if total >= 3 else counts[2]
+    return counts
+
+
+def ill_posed(case: StreamingCase) -> str | None:
+    """The first layer whose plain output is non-finite on a finite input (Rule R2b), or None."""
+    found: list[str] = []
+    named = [(name, m) for name, m in case.module.named_modules() if not list(m.children())]
+    handles = [
+        m.register_forward_hook(
+            lambda _m, _args, out, name=name: (
+                found.append(name) if not found and not bool(torch.isfinite(out).all()) else None
+            )
+        )
+        for name, m in named
+    ]
+    try:
+        with torch.no_grad():
+            x = torch.randn(case.image_shape, generator=torch.Generator().manual_seed(case.seed))
+            case.module(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return f"'{found[0]}' outputs non-finite values on a finite input" if found else None
+
+
+def draw_cases(
+    ndim: int, n: int, *, seed: int, options: dict[str, Any]
+) -> tuple[list[StreamingCase], dict[str, int]]:
+    """``n`` streamed cases (>= 2 tiles) drawn by hypothesis (Rules R1, R2, R2b); and the skips."""
+    cases: list[StreamingCase] = []
+    skipped = {"single_tile_draws_skipped": 0, "ill_posed_draws_skipped": 0}
+
+    @hypothesis_seed(seed)
+    @settings(
+        max_examples=n,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(streaming_cases(ndim=ndim, **options))
+    def collect(case: StreamingCase) -> None:
+        try:
+            n_tiles = streamcheck.plan(case.module, case.image_shape, tile=case.tile).n_tiles
+        except Exception:  # recorded as a failure when checked (Rule R3)
+            n_tiles = 2
+        if n_tiles < 2:
+            skipped["single_tile_draws_skipped"] += 1
+        assume(n_tiles >= 2)
+        if ill_posed(case) is not None:
+            skipped["ill_posed_draws_skipped"] += 1
+        assume(ill_posed(case) is None)
+        cases.append(case)
+
+    collect()
+    return cases, skipped
+
+
+def layer_kinds(module: nn.Module) -> list[str]:
+    """Leaf layer kinds, with the options that change the streaming arithmetic."""
+    kinds = []
+    for layer in _leaves(module):
+        name = type(layer).__name__
+        if isinstance(layer, nn.GELU) and layer.approximate == "tanh":
+            name = "GELU(tanh)"
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm | nn.modules.dropout._DropoutNd):
+            name += " (train)" if layer.training else " (eval)"
+        kinds.append(name)
+        kinds.extend(f"{type(layer).__name__}: {f}" for f in _features(layer))
+    return kinds
+
+
+def _features(layer: nn.Module) -> list[str]:
+    """Options of a window layer worth counting (they change tiles and padding)."""
+    out: list[str] = []
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        if max(layer.stride) > 1:
+            out.append("stride > 1")
+        if max(layer.dilation) > 1:
+            out.append("dilation > 1")
+        if layer.groups > 1:
+            out.append("groups > 1")
+        if isinstance(layer.padding, str):
+            out.append(f"padding='{layer.padding}'")
+        elif max(layer.padding) > 0:
+            out.append("padding > 0")
+        if layer.padding_mode != "zeros":
+            out.append(f"padding_mode='{layer.padding_mode}'")
+        if layer.bias is None:
+            out.append("no bias")
+    elif isinstance(layer, nn.modules.pooling._MaxPoolNd | nn.modules.pooling._AvgPoolNd):
+        pool: Any = layer
+        if pool.ceil_mode:
+            out.append("ceil_mode")
+        padding = pool.padding if isinstance(pool.padding, tuple) else (pool.padding,)
+        if max(padding) > 0:
+            out.append("padding > 0")
+        stride = pool.stride if isinstance(pool.stride, tuple) else (pool.stride,)
+        kernel = pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size,)
+        if tuple(stride) != tuple(kernel):
+            out.append("stride != kernel")
+        if isinstance(layer, nn.modules.pooling._MaxPoolNd):
+            dilation = pool.dilation if isinstance(pool.dilation, tuple) else (pool.dilation,)
+            if max(dilation) > 1:
+                out.append("dilation > 1")
+        else:
+            if not pool.count_include_pad:
+                out.append("count_include_pad=False")
+            if getattr(pool, "divisor_override", None) is not None:
+                out.append("divisor_override")
+    return out
+
+
+def _worst(rows: Sequence[Any]) -> dict[str, float | None]:
+    """Worst relative error per kind (None: no such tensor, e.g. a network without parameters)."""
+    worst: dict[str, float | None] = {}
+    for kind in (*KINDS, "buffers"):
+        errors = [row.max_rel_error for row in rows if row.kind == kind]
+        if errors or kind != "buffers":
+            worst[kind] = _json(max(errors)) if errors else None
+    return worst
+
+
+def _fraction_of_rtol(report: Any) -> float | None:
+    """How much of the tolerance the worst tensor used: max |a - b| / (rtol * max|b|)."""
+    return _json(max((row.max_rel_error for row in report.rows), default=0.0) / report.rtol)
+
+
+def _json(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def check_case(case: StreamingCase, dtype: torch.dtype) -> dict[str, Any]:
+    """Run the checker on one drawn case (Rule R3); a JSON-ready dict."""
+    entry: dict[str, Any] = {
+        "ndim": case.ndim,
+        "dtype": str(dtype).removeprefix("torch."),
+        "input_shape": list(case.image_shape),
+        "tile": list(case.tile) if isinstance(case.tile, tuple) else case.tile,
+        "receptive_field_px": list(case.geometry.receptive_field_px),
+        "layers": [repr(layer) for layer in _leaves(case.module)],
+        "kinds": layer_kinds(case.module),
+        "n_parameters": sum(p.numel() for p in case.module.parameters()),
+    }
+    start = time.perf_counter()
+    try:
+        report = check_streaming_equivalence(
+            case.module, case.image_shape, tile=case.tile, dtype=dtype, seed=case.seed
+        )
+    except Exception as error:  # Rule R3: a drawn case the engine refuses or crashes on
+        entry.update(passed=False, error=f"{type(error).__name__}: {error}", n_tiles=None)
+        entry["time_s"] = round(time.perf_counter() - start, 4)
+        return entry
+    entry.update(
+        passed=report.passed,
+        n_tiles=report.n_tiles,
+        rtol=report.rtol,
+        accumulation_length=report.accumulation_length,
+        worst_rel_error=_worst(report.rows),
+        worst_fraction_of_rtol=_fraction_of_rtol(report),
+        time_s=round(time.perf_counter() - start, 4),
+    )
+    if not report.passed:
+        entry["error"] = str(report)
+        if dtype != torch.float64:  # Rule R6
+            recheck = check_streaming_equivalence(
+                case.module, case.image_shape, tile=case.tile, dtype=torch.float64, seed=case.seed
+            )
+            entry["float64_recheck"] = {
+                "passed": recheck.passed,
+                "worst_rel_error": _worst(recheck.rows),
+            }
+    return entry
+
+
+def check_trunk(trunk: T.Trunk, dtype: torch.dtype) -> dict[str, Any]:
+    """Run the checker on a torchvision trunk (default tolerances)."""
+    module = T.build(trunk)
+    x = torch.randn(trunk.input_shape, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    entry: dict[str, Any] = {
+        "name": trunk.name,
+        "description": trunk.description,
+        "dtype": str(dtype).removeprefix("torch."),
+        "input_shape": list(trunk.input_shape),
+        "tile": trunk.tile,
+        "n_parameters": sum(p.numel() for p in module.parameters()),
+    }
+    try:
+        plan = streamcheck.plan(module, trunk.input_shape, tile=trunk.tile)
+        report = check_streaming_equivalence(module, x, tile=trunk.tile, dtype=dtype)
+    except Exception as error:
+        entry.update(passed=False, error=f"{type(error).__name__}: {error}")
+        return entry
+    entry.update(
+        passed=report.passed,
+        n_tiles=report.n_tiles,
+        receptive_field_px=list(plan.receptive_field_px),
+        rtol=report.rtol,
+        n_tensors=len(report.rows),
+        worst_rel_error=_worst(report.rows),
+        worst_fraction_of_rtol=_fraction_of_rtol(report),
+        time_s=round(time.perf_counter() - start, 3),
+    )
+    if not report.passed:
+        entry["error"] = str(report)
+    return entry
+
+
+def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts and worst errors over the drawn cases (Rule R5)."""
+    summary: dict[str, Any] = {"networks": {}, "worst_rel_error": {}, "tiles_per_case": {}}
+    for dtype in DTYPES:
+        mine = [c for c in cases if c["dtype"] == dtype]
+        summary["networks"][dtype] = {
+            f"{ndim}d": sum(c["ndim"] == ndim for c in mine) for ndim in NDIMS
+        }
+        tiles = [c["n_tiles"] for c in mine if c.get("n_tiles") is not None]
+        summary["tiles_per_case"][dtype] = {
+            "min": min(tiles) if tiles else None,
+            "max": max(tiles) if tiles else None,
+            "median": sorted(tiles)[len(tiles) // 2] if tiles else None,
+        }
+        worst: dict[str, Any] = {}
+        for kind in KINDS:
+            candidates = [
+                (c["worst_rel_error"][kind], i)
+                for i, c in enumerate(cases)
+                if c["dtype"] == dtype
+                and "worst_rel_error" in c
+                and c["worst_rel_error"].get(kind) is not None
+            ]
+            if candidates:
+                value, index = max(candidates)
+                worst[kind] = {"max_rel_error": value, "case": index, "rtol": cases[index]["rtol"]}
+            else:
+                worst[kind] = None
+        summary["worst_rel_error"][dtype] = worst
+        fractions = [c["worst_fraction_of_rtol"] for c in mine if c.get("worst_fraction_of_rtol")]
+        summary.setdefault("worst_fraction_of_rtol", {})[dtype] = max(fractions, default=None)
+    kinds = Counter(k for c in cases for k in c["kinds"])
+    summary["layer_kinds"] = dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
+    summary["layer_kinds_networks"] = dict(
+        sorted(
+            Counter(k for c in cases for k in set(c["kinds"])).items(),
+            key=lambda kv: (-kv[1], kv[0]),
+        )
+    )
+    summary["n_cases"] = len(cases)
+    summary["n_failed"] = sum(not c["passed"] for c in cases)
+    return summary
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "streamcheck", "suites/equivalence"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict[str, Any]:
+    import hypothesis
+
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "streamcheck": streamcheck.__version__,
+        "hypothesis": hypothesis.__version__,
+    }
+    try:
+        import torchvision
+
+        versions["torchvision"] = torchvision.__version__
+    except ImportError:
+        versions["torchvision"] = None
+    return {
+        "versions": versions,
+        "git_commit": git_commit(),
+        "device": "cpu",
+        "cpu": cpu_name(),
+        "cuda_available": torch.cuda.is_available(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+
+
+def make_record(
+    *,
+    examples: int,
+    seed: int,
+    with_trunks: bool,
+    command: str,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Draw and check ``examples`` networks per dtype (split over 1D/2D/3D), then the trunks."""
+    with warnings.catch_warnings():
+        # PyTorch's note about its own 'same' padding of even kernels (the strategies draw them).
+        warnings.filterwarnings("ignore", "Using padding='same' with even kernel")
+        return _make_record(
+            examples=examples, seed=seed, with_trunks=with_trunks, command=command, log=log
+        )
+
+
+def _make_record(
+    *,
+    examples: int,
+    seed: int,
+    with_trunks: bool,
+    command: str,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    started_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    per_ndim = examples_per_ndim(examples)
+    reflect = reflect_padding_streams()
+    options = draw_options(reflect=reflect)
+    log(
+        "reflect padding: "
+        + (
+            "streams the pinned narrow-border case exactly; drawn"
+            if reflect
+            else f"not drawn, {REFLECT_BUG}"
+        )
+    )
+    cases: list[dict[str, Any]] = []
+    draws: dict[str, Any] = {}
+    steps = len(DTYPES) * len(NDIMS) + (len(T.TRUNKS) * len(DTYPES) if with_trunks else 0)
+    step = 0
+    for dtype_name, dtype in DTYPES.items():
+        for ndim in NDIMS:
+            step += 1
+            t0 = time.perf_counter()
+            group_seed = seed + 10 * ndim + (0 if dtype_name == "float64" else 1)
+            drawn, skipped = draw_cases(
+                ndim, per_ndim[ndim], seed=group_seed, options=options[dtype_name]
+            )
+            results = [check_case(case, dtype) for case in drawn]
+            cases.extend(results)
+            draws[f"{ndim}d-{dtype_name}"] = {
+                "requested": per_ndim[ndim],
+                "drawn": len(drawn),
+                **skipped,
+                "hypothesis_seed": group_seed,
+            }
+            worst = max(
+                (
+                    v
+                    for r in results
+                    for v in r.get("worst_rel_error", {}).values()
+                    if v is not None
+                ),
+                default=0.0,
+            )
+            failed = sum(not r["passed"] for r in results)
+            log(
+                f"[{step}/{steps}] {ndim}D {dtype_name}: {len(results)} networks checked "
+                f"(skipped: {skipped['single_tile_draws_skipped']} single-tile, "
+                f"{skipped['ill_posed_draws_skipped']} ill-posed draws), {failed} failed, worst rel err "
+                f"{worst:.2e}, {time.perf_counter() - t0:.1f} s"
+            )
+    trunk_rows: list[dict[str, Any]] = []
+    if with_trunks:
+        for trunk in T.TRUNKS:
+            for dtype_name, dtype in DTYPES.items():
+                step += 1
+                row = check_trunk(trunk, dtype)
+                trunk_rows.append(row)
+                worst = max(
+                    (v for v in row.get("worst_rel_error", {}).values() if v is not None),
+                    default=float("nan"),
+                )
+                log(
+                    f"[{step}/{steps}] {trunk.name} {trunk.description} {dtype_name}: "
+                    f"{'passed' if row['passed'] else 'FAILED'}, {row.get('n_tiles')} tiles, "
+                    f"worst rel err {worst:.2e}, {row.get('time_s', 0):.1f} s"
+                )
+    summary = summarize(cases)
+    failures = [
+        {"case": i, **{k: c[k] for k in ("ndim", "dtype", "input_shape", "tile", "layers")}}
+        | {"error": c.get("error"), "float64_recheck": c.get("float64_recheck")}
+        for i, c in enumerate(cases)
+        if not c["passed"]
+    ] + [
+        {"trunk": t["name"], "dtype": t["dtype"], "error": t.get("error")}
+        for t in trunk_rows
+        if not t["passed"]
+    ]
+    return {
+        "schema": "streamcheck.equivalence/1",
+        "metadata": {
+            "command": command,
+            "started_utc": started_utc,
+            "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_s": round(time.perf_counter() - started, 1),
+            "examples_per_dtype": examples,
+            "seed": seed,
+            "environment": environment(),
+        },
+        "method": {
+            "checker": "streamcheck.testing.check_streaming_equivalence (default tolerances)",
+            "strategy": "streamcheck.testing.streaming_cases",
+            "draw_options": {
+                dtype: {
+                    key: [repr(factory()) for factory in value]
+                    if key == "activations"
+                    else list(value)
+                    for key, value in opts.items()
+                }
+                for dtype, opts in options.items()
+            },
+            "tolerances": {
+                "float64": "rtol 1e-10 relative to max|reference|",
+                "float32": "rtol 8 * eps * sqrt(N * pixels) relative to max|reference|",
+            },
+            "excluded": {
+                "ill-posed draws": "a pooling window over padding only: PyTorch's own output is "
+                "-inf or NaN and its backward writes out of bounds (Rule R2b of "
+                "suites/equivalence/record.py)",
+                **({} if reflect else {"reflect padding": f"known engine bug: {REFLECT_BUG}"}),
+                "kinked activations and max-pools in float32": "a rounding difference at a kink "
+                "flips a gradient by O(1); float64 covers them exactly",
+            },
+            "draws": draws,
+        },
+        "summary": summary,
+        "failures": failures,
+        "trunks": trunk_rows,
+        "cases": cases,
+    }
+
+
+def write_record(record: dict[str, Any], out: Path) -> list[Path]:
+    """``record.json`` (summary, trunks, failures, the worst cases in full) and ``cases.jsonl``
+    (one line per drawn network, without its layer list: the seed replays it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cases = record["cases"]
+    worst = {
+        str(entry["case"]): cases[entry["case"]]
+        for per_kind in record["summary"]["worst_rel_error"].values()
+        for entry in per_kind.values()
+        if entry is not None
+    }
+    main = {k: v for k, v in record.items() if k != "cases"} | {
+        "cases_file": "cases.jsonl",
+        "worst_cases": dict(sorted(worst.items(), key=lambda kv: int(kv[0]))),
+    }
+    paths = [out / "record.json", out / "cases.jsonl"]
+    paths[0].write_text(json.dumps(main, indent=1) + "\n")
+    paths[1].write_text(
+        "".join(
+            json.dumps({"case": i} | {k: v for k, v in c.items() if k != "layers"}) + "\n"
+            for i, c in enumerate(cases)
+        )
+    )
+    return paths
+
+
+def main_command(argv: Sequence[str] | None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python", "-m", "suites.equivalence", *args])

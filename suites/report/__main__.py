@@ -1,0 +1,46 @@
+"""python -m suites.report [--reports reports] [--out reports]: REPORT.md and report.html.
+
+Reads only the result files under --reports: equivalence/record.json, benchmark/*.jsonl and
+*.png, imagenette/*_run.json, *_epochs.csv, *_steps.csv and *.png. Missing files are stated in the
+report, not hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import limits, render, sources
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def build(reports: Path, out: Path) -> list[Path]:
+    """Write ``out/REPORT.md`` and ``out/report.html`` from the result files under ``reports``."""
+    eq = sources.load_equivalence(reports)
+    bench = sources.load_benchmark(reports)
+    imn = sources.load_imagenette(reports)
+    verdicts = limits.all_verdicts()
+    out.mkdir(parents=True, exist_ok=True)
+    text = render.markdown_report(eq, bench, imn, verdicts, out, render.report_environment())
+    md_path, html_path = out / "REPORT.md", out / "report.html"
+    md_path.write_text(text)
+    html_path.write_text(render.to_html(text, out, "streamcheck reproducibility report"))
+    return [md_path, html_path]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m suites.report", description=__doc__)
+    p.add_argument(
+        "--reports", type=Path, default=REPO / "reports", help="result files (default: reports/)"
+    )
+    p.add_argument("--out", type=Path, help="output folder (default: the --reports folder)")
+    args = p.parse_args(argv)
+    for path in build(args.reports, args.out or args.reports):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

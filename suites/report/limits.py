@@ -1,0 +1,137 @@
+"""What cannot be streamed, asked of the engine itself (so the report's list stays true).
+
+Each probe puts one layer after a 3x3 convolution in a small 2D trunk and asks
+``streamcheck.plan`` for a tiling: a ``StreamcheckError`` is a refusal, and its message (which
+names the layer, the reason and the fix) goes into the report verbatim. Layers that stream are
+listed too, for contrast, and so are known engine bugs, probed by running them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import streamcheck
+
+SHAPE = (1, 4, 32, 32)
+TILE = 16
+
+
+@dataclass(frozen=True)
+class Probe:
+    label: str
+    build: Callable[[], nn.Module]
+    tile: int = TILE
+    shape: tuple[int, ...] = SHAPE
+    alone: bool = False  # the layer is the whole trunk (no conv before it)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    label: str
+    status: str  # "refused" | "streams" | "crashes" | "not probed"
+    message: str
+
+
+class _SpatialMean(nn.Module):
+    """Subtracts the image mean: a statistic over space written as tensor code."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(dim=(2, 3), keepdim=True)
+
+
+def _torchvision(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from torchvision import ops
+
+        if name == "SqueezeExcitation":
+            return ops.SqueezeExcitation(4, 2)
+        return ops.StochasticDepth(0.5, "row").train()
+
+    return build
+
+
+PROBES: tuple[Probe, ...] = (
+    Probe("BatchNorm2d in training mode", lambda: nn.BatchNorm2d(4).train()),
+    Probe("InstanceNorm2d", lambda: nn.InstanceNorm2d(4)),
+    Probe("GroupNorm", lambda: nn.GroupNorm(2, 4)),
+    Probe("LayerNorm over the spatial axes", lambda: nn.LayerNorm([32, 32])),
+    Probe("LocalResponseNorm", lambda: nn.LocalResponseNorm(2)),
+    Probe("Dropout in training mode", lambda: nn.Dropout(0.5).train()),
+    Probe("StochasticDepth in training mode (torchvision)", _torchvision("StochasticDepth")),
+    Probe("AdaptiveAvgPool2d (global pooling)", lambda: nn.AdaptiveAvgPool2d(1)),
+    Probe("AdaptiveMaxPool2d", lambda: nn.AdaptiveMaxPool2d(2)),
+    Probe("SqueezeExcitation (torchvision)", _torchvision("SqueezeExcitation")),
+    Probe("mean over the image in forward code", _SpatialMean),
+    Probe("Flatten", nn.Flatten),
+    Probe("Linear over a spatial axis", lambda: nn.Linear(32, 32)),
+    Probe("Softmax over a spatial axis", lambda: nn.Softmax(dim=-1)),
+    Probe("Upsample", lambda: nn.Upsample(scale_factor=2)),
+    Probe("ConvTranspose2d", lambda: nn.ConvTranspose2d(4, 4, 3, padding=1)),
+    Probe("Conv2d with circular padding", lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")),
+    Probe("Conv2d with padding wider than its kernel", lambda: nn.Conv2d(4, 4, 1, padding=1)),
+    Probe("MaxPool2d(return_indices=True)", lambda: nn.MaxPool2d(2, return_indices=True)),
+    Probe("a tile smaller than the receptive field", lambda: nn.Conv2d(4, 4, 5, padding=2), tile=4),
+)  # fmt: skip
+
+# Layers that stream (for contrast; same probe).
+STREAMS: tuple[Probe, ...] = (
+    Probe("BatchNorm2d in eval mode", lambda: nn.BatchNorm2d(4).eval()),
+    Probe("Dropout in eval mode", lambda: nn.Dropout(0.5).eval()),
+    Probe("Softmax over channels", lambda: nn.Softmax(dim=1)),
+    Probe("MaxPool2d / AvgPool2d", lambda: nn.Sequential(nn.MaxPool2d(2), nn.AvgPool2d(3, 1, 1))),
+    Probe("Conv2d with reflect / replicate padding", lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="replicate")),
+)  # fmt: skip
+
+
+def _trunk(probe: Probe) -> nn.Module:
+    layer = probe.build()
+    if probe.alone:
+        return layer
+    return nn.Sequential(OrderedDict([("conv", nn.Conv2d(4, 4, 3, padding=1)), ("layer", layer)]))
+
+
+def probe(p: Probe) -> Verdict:
+    """Ask the engine to plan ``p`` (nothing is computed)."""
+    try:
+        module = _trunk(p)
+    except ImportError as error:
+        return Verdict(p.label, "not probed", f"{type(error).__name__}: {error}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            streamcheck.plan(module, p.shape, tile=p.tile)
+    except streamcheck.StreamcheckError as error:
+        return Verdict(p.label, "refused", str(error).strip())
+    except Exception as error:  # anything else is an engine bug worth showing
+        return Verdict(p.label, "crashes", f"{type(error).__name__}: {error}")
+    return Verdict(p.label, "streams", "")
+
+
+def reflect_padding_on_narrow_tiles() -> Verdict:
+    """The known reflect-padding gap (tests/test_properties.py, xfail): run it and see."""
+    from streamcheck.testing import check_streaming_equivalence
+
+    label = "Conv1d with reflect padding, border tile narrower than the padding"
+    module = nn.Sequential(nn.Conv1d(1, 1, 3, padding=2, padding_mode="reflect", bias=False))
+    try:
+        report = check_streaming_equivalence(module, (1, 1, 5), tile=3)
+    except streamcheck.StreamcheckError as error:
+        return Verdict(label, "refused", str(error).strip())
+    except Exception as error:
+        return Verdict(label, "crashes", f"{type(error).__name__}: {error}")
+    return Verdict(label, "streams" if report.passed else "wrong numbers", str(report))
+
+
+def all_verdicts() -> tuple[list[Verdict], list[Verdict], Verdict]:
+    """(refused or crashing probes, probes that stream, the reflect-padding probe)."""
+    return (
+        [probe(p) for p in PROBES],
+        [probe(p) for p in STREAMS],
+        reflect_padding_on_narrow_tiles(),
+    )

@@ -1,0 +1,391 @@
+"""The report (``python -m suites.report``) is built only from result files.
+
+Fixture result files are written in ``tmp_path`` with the real writers where they exist
+(``suites.equivalence.record.write_record``, the benchmark's ``Point`` rows, the ImageNette
+suite's ``plot_run``) and distinctive values (1.2345e-15, 12.345 s, ...). The tests check that
+every section is there, that those values appear, and that every number in the Equivalence and
+Memory tables is one of the fixtures' numbers or computed from them (the answer computed another
+way: ratios, savings and MiB are recomputed here).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from suites.equivalence.record import write_record
+from suites.report import limits, render
+from suites.report.__main__ import build, main
+
+MiB = 2**20
+EQ_COMMAND = "python -m suites.equivalence --examples 7 --seed 7"
+BENCH_COMMAND = "python -m suites.benchmark --mode quick"
+IMN_COMMAND = "python -m suites.imagenette --epochs 2 --control"
+SECTIONS = ("## 1. Environment", "## 2. Equivalence", "## 3. Memory and time", "## 4. Training", "## 5. Limits")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- fixtures
+def equivalence_record() -> dict[str, Any]:
+    worst = {
+        "float64": {"output": 1.2345e-16, "param_grad": 1.2345e-15, "input_grad": 2.3456e-16},
+        "float32": {"output": 3.4567e-08, "param_grad": 4.5678e-06, "input_grad": 5.6789e-08},
+    }
+    cases = [
+        {
+            "ndim": 2,
+            "dtype": dtype,
+            "input_shape": [1, 2, 23, 19],
+            "tile": 11,
+            "n_tiles": 4,
+            "passed": True,
+            "kinds": ["Conv2d", "Conv2d: stride > 1", "ReLU"],
+            "layers": ["Conv2d(2, 3, kernel_size=(3, 3), stride=(2, 2))", "ReLU()"],
+            "rtol": 1e-10 if dtype == "float64" else 3.3e-05,
+            "worst_rel_error": worst[dtype],
+        }
+        for dtype in ("float64", "float32")
+    ]
+    return {
+        "schema": "streamcheck.equivalence/1",
+        "metadata": {
+            "command": EQ_COMMAND,
+            "started_utc": "2031-01-02T03:00:00+00:00",
+            "finished_utc": "2031-01-02T03:04:05+00:00",
+            "wall_s": 41.5,
+            "examples_per_dtype": 7,
+            "seed": 7,
+            "environment": {
+                "versions": {
+                    "python": "3.99.1",
+                    "torch": "9.8.7",
+                    "streamcheck": "0.5.4",
+                    "hypothesis": "6.1",
+                    "torchvision": "0.77.6",
+                },  # fmt: skip
+                "git_commit": "feedc0de",
+                "device": "cpu",
+                "cpu": "Fixture CPU",
+                "torch_threads": 3,
+            },
+        },
+        "method": {
+            "checker": "check_streaming_equivalence",
+            "strategy": "streaming_cases",
+            "draw_options": {"float64": {"padding_modes": ["zeros"]}},
+            "tolerances": {"float64": "rtol 1e-10", "float32": "rtol 8 * eps * sqrt(L)"},
+            "excluded": {},
+            "draws": {
+                "2d-float64": {"single_tile_draws_skipped": 13, "ill_posed_draws_skipped": 0}
+            },
+        },
+        "summary": {
+            "networks": {
+                "float64": {"1d": 2, "2d": 4, "3d": 1},
+                "float32": {"1d": 1, "2d": 5, "3d": 1},
+            },
+            "worst_rel_error": {
+                dtype: {
+                    kind: {"max_rel_error": value, "case": i, "rtol": cases[i]["rtol"]}
+                    for kind, value in worst[dtype].items()
+                }
+                for i, dtype in enumerate(("float64", "float32"))
+            },
+            "tiles_per_case": {
+                "float64": {"min": 2, "max": 17, "median": 5},
+                "float32": {"min": 3, "max": 19, "median": 6},
+            },
+            "worst_fraction_of_rtol": {"float64": 1.2345e-05, "float32": 0.0321},
+            "layer_kinds": {"Conv2d": 9, "Conv2d: stride > 1": 4, "ReLU": 6},
+            "layer_kinds_networks": {"Conv2d": 5, "ReLU": 3},
+            "n_cases": 14,
+            "n_failed": 0,
+        },
+        "failures": [],
+        "trunks": [
+            {
+                "name": "ResNet-18",
+                "description": "stem + layer1",
+                "dtype": dtype,
+                "input_shape": [1, 3, 96, 96],
+                "tile": 64,
+                "n_tiles": 16,
+                "passed": True,
+                "worst_rel_error": {"output": 6.789e-16 if dtype == "float64" else 7.891e-07},
+            }
+            for dtype in ("float64", "float32")
+        ],  # fmt: skip
+        "cases": cases,
+    }
+
+
+def benchmark_rows() -> list[dict[str, Any]]:
+    """Rows as ``suites/benchmark/point.py`` writes them (Point fields + measurements)."""
+    from suites.benchmark.grid import Point
+
+    def row(method: str, px: int, tile: int | None, t: float, alloc: float, rss: float,
+            status: str = "ok", **extra: Any) -> dict[str, Any]:  # fmt: skip
+        point = Point(suite="input", method=method, input_px=px, tile_px=tile)
+        out = {**point.to_dict(), "key": point.key, "status": status, "threads": 2,
+               "device_name": "Fixture CPU (2 cores)", "torch_version": "9.8.7",
+               "streamcheck_version": "0.5.4", "python_version": "3.99.1",
+               "lightstream_version": None}  # fmt: skip
+        if status == "ok":
+            out.update(time_s_median=t, peak_alloc_bytes=int(alloc * MiB),
+                       rss_delta_bytes=int(rss * MiB), **extra)  # fmt: skip
+        return out
+
+    return [
+        row("conventional", 1024, None, 3.0123, 301.25, 333.75),
+        row("streamcheck", 1024, 512, 4.5678, 41.125, 55.5, n_tiles=9, grad_rel_error=2.5e-07),
+        row("conventional", 2048, None, 12.345, 1234.5, 1300.25),
+        row("streamcheck", 2048, 512, 17.891, 87.75, 111.125, n_tiles=25, grad_rel_error=3.25e-07),
+        row("streamcheck", 2048, 256, 19.75, 61.5, 80.25, n_tiles=81, grad_rel_error=4.75e-07),
+        row("conventional", 4096, None, 0, 0, 0, status="oom", reason="MemoryError"),
+        row("streamcheck", 4096, 512, 71.5, 301.5, 350.75, n_tiles=81),
+    ]
+
+
+def write_fixtures(reports: Path) -> None:
+    write_record(equivalence_record(), reports / "equivalence")
+
+    bench = reports / "benchmark"
+    bench.mkdir(parents=True)
+    rows = benchmark_rows()
+    (bench / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (bench / "run.json").write_text(
+        json.dumps(
+            {"command": BENCH_COMMAND, "date": "2031-01-02T05:06:07+00:00", "git_commit": "c0ffee1"}
+        )
+    )
+    _png(bench / "fig2_tile.png")
+
+    imn = reports / "imagenette"
+    imn.mkdir(parents=True)
+    write_imagenette(imn)
+
+
+def _png(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 1.5))
+    ax.plot([1, 2], [2, 1])
+    fig.savefig(path, dpi=40)
+    plt.close(fig)
+
+
+def write_imagenette(folder: Path) -> None:
+    """The three result files of ``suites.imagenette`` (schema of ``train.py``) and its PNGs."""
+    from suites.imagenette.plots import plot_run
+
+    steps = [
+        {"step": s, "epoch": 1 + (s > 2), "batch_size": 4, "time_s_conventional": 1.5,
+         "loss_conventional": 2.5 - 0.1 * s, "time_s_streaming": 1.75,
+         "loss_streaming": 2.5 - 0.1 * s + 1e-7 * s, "loss_abs_diff": 1e-7 * s,
+         "loss_rel_diff": 4.5e-08 * s, "loss_rel_diff_reordered": 3.5e-08 * s,
+         "loss_abs_diff_reordered": 0.9e-7 * s, "trunk_weight_rel_diff": 1.875e-08 * s,
+         "trunk_weight_rel_diff_reordered": 1.625e-08 * s, "head_weight_rel_diff": 1e-8 * s,
+         "head_weight_rel_diff_reordered": 1e-8 * s, "trunk_update_rel_conventional": 1e-3,
+         "trunk_update_rel_streaming": 1e-3, "head_update_rel_conventional": 1e-3,
+         "head_update_rel_streaming": 1e-3}
+        for s in range(1, 5)
+    ]  # fmt: skip
+    epochs = [
+        {"epoch": e, "step": 2 * e, "train_loss_conventional": 2.1 - 0.1 * e,
+         "train_loss_streaming": 2.1 - 0.1 * e + 2e-7, "train_loss_reordered": 2.1 - 0.1 * e + 1e-7,
+         "val_loss_conventional": 2.345678 - 0.1 * (2 - e), "val_loss_streaming": 2.345912 - 0.1 * (2 - e),
+         "val_loss_reordered": 2.3457 - 0.1 * (2 - e), "val_acc_conventional": 0.375,
+         "val_acc_streaming": 0.375, "val_acc_reordered": 0.4, "val_loss_abs_diff": 0.000234,
+         "val_acc_abs_diff": 0.0, "val_loss_abs_diff_reordered": 2.2e-05}
+        for e in (1, 2)
+    ]  # fmt: skip
+    run = {
+        "dataset": "STAND-IN", "synthetic": True, "n_train_images": 40, "n_val_images": 20,
+        "config": {"epochs": 2, "batch_size": 4, "image_size": 160},
+        "command": IMN_COMMAND, "status": "finished", "epochs_completed": 2,
+        "steps_completed": 4, "steps_per_epoch": 2, "finished_utc": "2031-01-02T07:08:09+00:00",
+        "environment": {"python": "3.99.1", "torch": "9.8.7", "torchvision": "0.77.6",
+                        "streamcheck": "0.5.4", "git_commit": "0ddba11", "device": "cpu",
+                        "cpu": "Fixture CPU", "torch_threads": 1, "dtype": "float32"},
+        "streaming": {"n_tiles_per_image": 49, "tile_px": 32},
+    }  # fmt: skip
+    for name, rows in (("steps", steps), ("epochs", epochs)):
+        with (folder / f"STAND-IN_{name}.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    (folder / "STAND-IN_run.json").write_text(json.dumps(run))
+    plot_run(folder, "STAND-IN")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    reports = tmp_path_factory.mktemp("reports")
+    write_fixtures(reports)
+    md_path, html_path = build(reports, reports)
+    return reports, md_path.read_text(), html_path.read_text()
+
+
+def section(text: str, heading: str) -> str:
+    start = text.index(heading)
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else None]
+
+
+# --------------------------------------------------------------------------- number provenance
+NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?")
+
+
+def leaves(value: Any) -> list[float]:
+    """Every number in a JSON-like value, including numbers written inside its strings."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int | float):
+        return [float(value)]
+    if isinstance(value, str):
+        return [float(m) for m in NUMBER.findall(value)]
+    if isinstance(value, dict):
+        return [x for k, v in value.items() for x in leaves(k) + leaves(v)]
+    if isinstance(value, list | tuple):
+        return [x for v in value for x in leaves(v)]
+    return []
+
+
+def derived_benchmark_numbers(rows: list[dict[str, Any]]) -> list[float]:
+    """Savings, ratios, MiB and the log-log slope, computed independently of the report."""
+    ok = {(r["method"], r["input_px"], r["tile_px"]): r for r in rows if r["status"] == "ok"}
+    out: list[float] = []
+    for r in ok.values():
+        out += [r["peak_alloc_bytes"] / MiB, r["rss_delta_bytes"] / MiB]
+    for (method, px, _tile), r in ok.items():
+        conv = ok.get(("conventional", px, None))
+        if method == "conventional" or conv is None:
+            continue
+        out.append(r["time_s_median"] / conv["time_s_median"])
+        for meter in ("peak_alloc_bytes", "rss_delta_bytes"):
+            out.append(100 * (1 - r[meter] / conv[meter]))
+    xs = [math.log(px * px) for (m, px, t) in ok if m == "streamcheck" and t == 512]
+    ys = [math.log(ok[("streamcheck", math.isqrt(round(math.exp(x))), 512)]["time_s_median"]) for x in xs]  # fmt: skip
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)  # fmt: skip
+    return [*out, slope]
+
+
+def allowed_numbers(reports: Path) -> list[float]:
+    record = json.loads((reports / "equivalence" / "record.json").read_text())
+    rows = benchmark_rows()
+    networks = record["summary"]["networks"]
+    counts = [float(sum(v.values())) for v in networks.values()]
+    # The paper's published claims (render.PAPER) and the figure numbers the text refers to.
+    paper = [*leaves(render.PAPER), 2.0, 3.0, 4.0, 1.0]
+    return [*leaves(record), *leaves(rows), *derived_benchmark_numbers(rows), *counts, *paper]
+
+
+def foreign_numbers(text: str, allowed: list[float]) -> list[str]:
+    """Numbers in the bodies of Markdown tables of ``text`` that match no allowed value to the
+    printed precision (half a unit in the last printed digit)."""
+    foreign = []
+    for line in text.splitlines():
+        if not line.startswith("| ") or set(line) <= set("|-: "):
+            continue
+        for token in NUMBER.findall(line):
+            mantissa, _, exponent = token.partition("e")
+            decimals = len(mantissa.partition(".")[2])
+            half_ulp = 0.5 * 10.0 ** (-decimals) * 10.0 ** int(exponent or 0)
+            value = float(token)
+            if not any(abs(value - a) <= half_ulp * (1 + 1e-9) for a in allowed):
+                foreign.append(f"{token} in: {line}")
+    return foreign
+
+
+# ------------------------------------------------------------------------------------ tests
+def test_every_section_is_present(built: tuple[Path, str, str]) -> None:
+    _, md, html = built
+    positions = [md.index(heading) for heading in SECTIONS]
+    assert positions == sorted(positions)
+    for heading in SECTIONS:
+        assert heading.removeprefix("## ") in html
+
+
+def test_fixture_values_appear(built: tuple[Path, str, str]) -> None:
+    _, md, _ = built
+    env = section(md, "## 1. Environment")
+    for value in ("feedc0de", "9.8.7", "0.77.6", "0.5.4", "3.99.1", "Fixture CPU", "c0ffee1", "0ddba11"):  # fmt: skip
+        assert value in env, value
+    eq = section(md, "## 2. Equivalence")
+    for value in ("1.23e-15", "1.23e-16", "4.57e-06", "2-17", "3-19", "2 / 4 / 1", "6.79e-16", "7.89e-07", "13 whose tile"):  # fmt: skip
+        assert value in eq, value
+    mem = section(md, "## 3. Memory")
+    for value in ("12.3", "1234.5", "17.9", "87.8", "25", "3.25e-07"):
+        assert value in mem, value
+    saving = 100 * (1 - 87.75 / 1234.5)  # allocator peak at 2048 px, computed here
+    assert f"{saving:.1f} % at 2048 px" in mem
+    assert f"{17.891 / 12.345:.2f} at 2048 px" in mem
+    train = section(md, "## 4. Training")
+    for value in ("2.345678", "2.345912", "2.34e-04", "0.375", "49 tiles of 32 px"):
+        assert value in train, value
+
+
+def test_numbers_in_equivalence_and_memory_tables_come_from_the_fixtures(
+    built: tuple[Path, str, str],
+) -> None:
+    reports, md, _ = built
+    allowed = allowed_numbers(reports)
+    for heading in ("## 2. Equivalence", "## 3. Memory and time"):
+        text = section(md, heading)
+        assert text.count("\n| ") > 5, f"no tables in {heading}"
+        assert foreign_numbers(text, allowed) == [], heading
+    # the check itself catches a number that is in no fixture
+    assert foreign_numbers("| a | b |\n| --- | --- |\n| x | 4.321 |", allowed) != []
+
+
+def test_missing_inputs_are_stated(built: tuple[Path, str, str]) -> None:
+    _, md, _ = built
+    mem = section(md, "## 3. Memory")
+    assert "No lightstream row" in mem  # the fixtures have none
+    assert "conventional 4096 px: oom" in mem
+    assert "No GPU result" in section(md, "## 1. Environment")
+
+
+def test_stand_in_is_labelled_and_captions_give_commands(built: tuple[Path, str, str]) -> None:
+    _, md, _ = built
+    train = section(md, "## 4. Training")
+    assert "STAND-IN data, not ImageNette" in train
+    assert train.count(f"`{IMN_COMMAND}`") == 2  # both figures
+    assert f"`{BENCH_COMMAND}`" in section(md, "## 3. Memory")
+    assert EQ_COMMAND in section(md, "## 2. Equivalence")
+
+
+def test_html_is_self_contained(built: tuple[Path, str, str]) -> None:
+    _, md, html = built
+    images = re.findall(r'<img[^>]*src="([^"]+)"', html)
+    assert len(images) == md.count("![") == 3
+    assert all(src.startswith("data:image/png;base64,") for src in images)
+    assert "<table>" in html
+
+
+def test_limits_come_from_the_engine(built: tuple[Path, str, str]) -> None:
+    _, md, _ = built
+    text = section(md, "## 5. Limits")
+    for verdict in (limits.probe(p) for p in limits.PROBES):
+        assert verdict.label in text
+    assert "| BatchNorm2d in training mode | refused |" in text
+    assert "| GroupNorm | refused |" in text
+
+
+def test_report_without_any_result_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--reports", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "REPORT.md").read_text()
+    assert [h in md for h in SECTIONS] == [True] * len(SECTIONS)
+    assert md.count("**Not available**") == 3
+    assert "report.html" in capsys.readouterr().out
