@@ -9,6 +9,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from streamcheck.testing.checker import tf32_disabled
+
 # Profiles. `ci` is the default; `thorough` is used by `nox -s proofs`. Select one with the
 # HYPOTHESIS_PROFILE environment variable or hypothesis' own `--hypothesis-profile=NAME` flag.
 # Deadlines are off: a draw may build a conv stack and stream it, whose time varies a lot.
@@ -43,8 +45,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _no_tf32() -> Iterator[None]:
     """Compare exact float32 results on GPUs too: TF32 matmuls/convs would lose ~3 digits."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tf32_disabled(device):
+        yield

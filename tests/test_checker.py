@@ -316,7 +316,7 @@ def test_a_module_that_cannot_be_copied_is_reported() -> None:
 
 def test_tf32_is_off_during_a_cuda_check_and_restored() -> None:
     """Only flags are touched, so this runs without a GPU too (Rule 7)."""
-    from streamcheck.testing.checker import _no_tf32
+    from streamcheck.testing.checker import tf32_disabled
 
     if not hasattr(torch.backends.cudnn, "conv"):
         pytest.skip("torch < 2.9 has only the legacy allow_tf32 flags")
@@ -324,10 +324,10 @@ def test_tf32_is_off_during_a_cuda_check_and_restored() -> None:
     saved = matmul.fp32_precision, conv.fp32_precision
     try:
         matmul.fp32_precision = conv.fp32_precision = "tf32"  # the user opted in to TF32
-        with _no_tf32(torch.device("cuda")):
+        with tf32_disabled(torch.device("cuda")):
             assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
         assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
-        with _no_tf32(torch.device("cpu")):
+        with tf32_disabled(torch.device("cpu")):
             assert matmul.fp32_precision == "tf32"
     finally:
         matmul.fp32_precision, conv.fp32_precision = saved

@@ -50,6 +50,7 @@ __all__ = [
     "assert_streaming_equivalent",
     "check_streaming_equivalence",
     "default_tolerances",
+    "tf32_disabled",
 ]
 
 # Safety factor in the float32 tolerance rtol = C * eps * sqrt(L); see `default_tolerances`.
@@ -226,7 +227,7 @@ def check_streaming_equivalence(
         _cast_copy(head, dtype=dtype, device=device) if isinstance(head, nn.Module) else head
     )
 
-    with _no_tf32(device):
+    with tf32_disabled(device):
         # Rule 6: construct and plan before any computation; errors propagate.
         streamed = streamcheck.Streamed(streamed_module, tile=tile)
         n_tiles = streamcheck.plan(streamed_module, tuple(x_ref.shape), tile=tile).n_tiles
@@ -474,7 +475,7 @@ def _compare(
 
 
 @contextmanager
-def _no_tf32(device: torch.device) -> Iterator[None]:
+def tf32_disabled(device: torch.device) -> Iterator[None]:
     """Rule 7. Uses torch's fp32_precision settings where they exist (torch >= 2.9): reading the
     legacy ``allow_tf32`` flags after a user set the new ones raises there."""
     if device.type != "cuda":
