@@ -1,0 +1,183 @@
+"""DistributedDataParallel over a model with a streamed trunk equals one plain process.
+
+Two CPU processes (gloo, loopback) each stream their own images through ``Streamed(trunk)`` and a
+head, inside ``DistributedDataParallel``. DDP averages the parameter gradients over the ranks, so
+with a mean loss over equal local batches every rank must hold the gradient of ONE un-streamed
+process over the combined batch (docs/SCALING.md, "Several GPUs"). The same run also checks an SGD
+step and gradient accumulation with ``no_sync()`` for the first K-1 images (docs/SCALING.md,
+"Gradient accumulation"). Everything is float64, so streamed and plain agree to rounding (1e-10).
+
+One spawn serves every test in this file (a module fixture); processes get hard deadlines so that a
+broken rendezvous fails the test instead of hanging it.
+"""
+
+# Most of the time is start-up, not streaming: each spawned rank imports torch, and constructing
+# DistributedDataParallel imports torch._dynamo (torch 2.15 asks it for the "optimize_ddp" mode),
+# ~6 s of CPU per rank. The streamed steps themselves take well under a second.
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from streamcheck import Streamed
+
+F64_RTOL = 1e-10
+WORLD = 2
+PER_RANK = 2  # images per rank and step; accumulation: one image per backward, PER_RANK backwards
+IMAGE = (3, 40, 36)
+TILE = 16
+SPAWN_DEADLINE_S = 240.0  # turns a hang into a failure; a run takes 20-80 s (see ranks())
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
+    return ((got - want).abs().max() / scale).item()
+
+
+def build_model(*, streamed: bool) -> nn.Sequential:
+    """Trunk (streamed or not) + head, float64, the same initial weights in every process."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+    )
+    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    model = nn.Sequential(Streamed(trunk, tile=TILE) if streamed else trunk, head)
+    return model.double()
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """The combined batch: rank r owns images [r * PER_RANK, (r + 1) * PER_RANK)."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(WORLD * PER_RANK, *IMAGE, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 3, (WORLD * PER_RANK,), generator=generator)
+    return images, labels
+
+
+def grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    """One rank: DDP step, SGD step, then accumulation with no_sync; results to ``out/rank.pt``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    try:
+        images, labels = batch()
+        mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        x, y = images[mine].clone().requires_grad_(), labels[mine]
+        model = DistributedDataParallel(build_model(streamed=True))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        result: dict[str, Any] = {}
+
+        nn.functional.cross_entropy(model(x), y).backward()
+        result["grads"], result["input_grad"] = grads(model), x.grad.clone()
+        optimizer.step()
+        result["weights_after_step"] = [p.detach().clone() for p in model.parameters()]
+
+        # Gradient accumulation (a fresh model): one image per backward, all-reduce on the last.
+        model = DistributedDataParallel(build_model(streamed=True))
+        for k in range(PER_RANK):
+            image, label = x[k : k + 1].detach(), y[k : k + 1]
+            with model.no_sync() if k < PER_RANK - 1 else nullcontext():
+                (nn.functional.cross_entropy(model(image), label) / PER_RANK).backward()
+        result["accumulated_grads"] = grads(model)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("ddp")
+    if "lo" in dict((name, i) for i, name in socket.if_nameindex()):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only; inherited by the ranks
+    context = mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+                process.join(5)
+            pytest.fail(f"DDP ranks did not finish within {SPAWN_DEADLINE_S} s")
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def plain() -> dict[str, Any]:
+    """One un-streamed process over the combined batch: the oracle."""
+    images, labels = batch()
+    x = images.clone().requires_grad_()
+    model = build_model(streamed=False)
+    nn.functional.cross_entropy(model(x), labels).backward()
+    result = {"names": [n for n, _ in model.named_parameters()], "grads": grads(model)}
+    result["input_grad"] = x.grad.clone()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    result["weights_after_step"] = [p.detach().clone() for p in model.parameters()]
+    return result
+
+
+def assert_all_close(got: list[torch.Tensor], want: list[torch.Tensor], names: list[str]) -> None:
+    assert len(got) == len(want) == len(names)
+    for name, a, b in zip(names, got, want, strict=True):
+        assert relative_error(a, b) <= F64_RTOL, name
+
+
+def test_ddp_gradients_on_every_rank_equal_one_plain_process_over_the_combined_batch(
+    ranks: list[dict[str, Any]], plain: dict[str, Any]
+) -> None:
+    for result in ranks:
+        assert_all_close(result["grads"], plain["grads"], plain["names"])
+
+
+def test_ddp_input_gradients_are_each_ranks_own_share(
+    ranks: list[dict[str, Any]], plain: dict[str, Any]
+) -> None:
+    # DDP does not touch input gradients (saliency maps): rank r's loss is the mean over its
+    # PER_RANK images, the plain loss the mean over WORLD * PER_RANK, hence the factor WORLD.
+    for rank, result in enumerate(ranks):
+        want = WORLD * plain["input_grad"][rank * PER_RANK : (rank + 1) * PER_RANK]
+        assert relative_error(result["input_grad"], want) <= F64_RTOL
+
+
+def test_ddp_sgd_step_leaves_the_same_weights_as_the_plain_step(
+    ranks: list[dict[str, Any]], plain: dict[str, Any]
+) -> None:
+    for result in ranks:
+        assert_all_close(result["weights_after_step"], plain["weights_after_step"], plain["names"])
+
+
+def test_ddp_accumulation_with_no_sync_equals_one_plain_step_over_all_images(
+    ranks: list[dict[str, Any]], plain: dict[str, Any]
+) -> None:
+    # Each rank: PER_RANK backwards of one image with loss / PER_RANK, synchronised on the last;
+    # the all-reduce averages over WORLD: the gradient of the mean loss over all images.
+    for result in ranks:
+        assert_all_close(result["accumulated_grads"], plain["grads"], plain["names"])
