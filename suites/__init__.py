@@ -1,0 +1,1 @@
+"""Benchmark, training and report suites of streamcheck (run from the repository root)."""

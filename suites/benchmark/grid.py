@@ -1,0 +1,226 @@
+"""The benchmark suites, declared as data: a name, the figure it reproduces, a parameter grid per mode.
+
+A *point* is one (method, input, tile) measurement, run in a fresh process by ``point.py``. Its
+``key`` names the workload, not the suite, so a point shared by two suites (conventional 2048^2,
+streaming 2048^2 at tile 512) is measured once and used by both figures.
+
+Modes: ``full`` (the committed sweep, < ~40 min on 2 CPU cores), ``quick`` (a few minutes: 1024^2
+and 2048^2 only), ``gate`` (the CI regression gate: the 2048^2 pair of the quick mode), ``tiny``
+(tests: 128^2, tile 64).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+# Smallest tile the tile suite starts from (see ``tile_sweep``): at 2048^2 a tile of 32 px already
+# means 6241 tiles, and every tile costs a fixed Python/dispatch overhead, so the legal minimum
+# (8 px: ~10^6 tiles) is reported in SUMMARY.md but not measured.
+MAX_TILES = 1300
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measurement. Run in a fresh process; ``key`` identifies it in the results file."""
+
+    suite: str
+    method: str  # conventional | streamcheck | lightstream
+    input_px: int
+    tile_px: int | None = None  # None for conventional
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None  # None: all cores
+    warmup: int = 1
+    repeats: int = 5
+    max_timing_s: float = 150.0  # fewer repeats (>= 1) when one step is slow; see point.py
+    grad_check_max_px: int = 2048  # conventional reference gradients only up to this input
+    seed: int = 0
+    loss: str = "sum"
+    mem_budget_bytes: int | None = None  # None: a share of MemAvailable at run time (runner.py)
+
+    @property
+    def key(self) -> str:
+        tile = "-" if self.tile_px is None else str(self.tile_px)
+        return "|".join([self.method, self.device, self.dtype, str(self.input_px), tile, self.loss])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Point:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A cartesian product of methods x inputs x tiles (tiles ignored for conventional)."""
+
+    methods: Sequence[str]
+    input_px: Sequence[int]
+    tile_px: Sequence[int | str] = (None,)  # type: ignore[assignment]
+    only_if_fits: bool = False  # reserved for streaming-only huge inputs
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    figure: str
+    description: str
+    grids: dict[str, Sequence[Grid]] = field(default_factory=dict)
+
+
+TILE_FULL: tuple[int | str, ...] = ("smallest", 64, 128, 256, 512, 1024, 2048)
+
+with Path(__file__).with_name("ceilings.toml").open("rb") as _f:
+    _GATE = tomllib.load(_f)["gate"]
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in [
+        Suite(
+            name="tile",
+            figure="Fig 2",
+            description="input 2048^2, memory and time vs tile size (up to the whole image)",
+            grids={
+                "full": [
+                    Grid(["conventional"], [2048]),
+                    Grid(["streamcheck"], [2048], TILE_FULL),
+                ],
+                "quick": [
+                    Grid(["conventional"], [2048]),
+                    Grid(["streamcheck"], [2048], [256, 512]),
+                ],
+                "tiny": [Grid(["conventional"], [128]), Grid(["streamcheck"], [128], [64])],
+            },
+        ),
+        Suite(
+            name="input",
+            figure="Fig 3",
+            description="tile 512, memory and time vs input size; conventional OOM -> estimated",
+            grids={
+                "full": [
+                    Grid(["conventional", "streamcheck"], [512, 1024, 2048, 4096, 8192], [512]),
+                ],
+                "quick": [Grid(["conventional", "streamcheck"], [1024, 2048], [512])],
+                "tiny": [Grid(["conventional", "streamcheck"], [128], [64])],
+            },
+        ),
+        Suite(
+            name="peer",
+            figure="Fig 3 (peer row)",
+            description="the same workload with lightstream (skipped when not installed)",
+            grids={
+                "full": [Grid(["lightstream"], [512, 1024, 2048, 4096], [512])],
+                "quick": [Grid(["lightstream"], [2048], [512])],
+                "tiny": [Grid(["lightstream"], [128], [64])],
+            },
+        ),
+        Suite(
+            name="gate",
+            figure="CI gate",
+            description="conventional vs streamcheck at the size and tile of ceilings.toml",
+            grids={
+                "gate": [
+                    Grid(["conventional", "streamcheck"], [_GATE["input_px"]], [_GATE["tile_px"]])
+                ],
+                "tiny": [Grid(["conventional", "streamcheck"], [128], [64])],
+            },
+        ),
+    ]
+}
+
+# The suites a plain run of each mode measures.
+DEFAULT_SUITES = {
+    "full": ("tile", "input", "peer"),
+    "quick": ("tile", "input", "peer"),
+    "gate": ("gate",),
+    "tiny": ("tile", "input", "peer"),
+}
+
+# Timing per mode: (warm-up runs, timed runs, seconds above which fewer timed runs are made).
+TIMING = {"full": (1, 5, 150.0), "quick": (1, 3, 60.0), "gate": (1, 3, 60.0), "tiny": (1, 3, 10.0)}
+
+
+@functools.cache
+def smallest_legal_tile(input_px: int, *, max_tiles: int | None = None) -> tuple[int, int]:
+    """(smallest legal tile, smallest with at most ``max_tiles`` tiles) for the paper network.
+
+    Legality and the owned output-tile edge do not depend on the image size, so each candidate is
+    planned on a small image and the tile count extrapolated; the answer is checked on the real one.
+    """
+    import math
+
+    import streamcheck
+
+    from .workload import paper_network
+
+    network = paper_network()
+    legal = None
+    for tile in range(1, input_px + 1):
+        small = min(input_px, 4 * tile)
+        try:
+            plan = streamcheck.plan(network, (1, 3, small, small), tile=tile)
+        except streamcheck.StreamcheckError:
+            continue
+        if legal is None:
+            legal = tile
+        n_tiles = math.ceil(input_px / plan.output_tile_px[0]) ** 2
+        if max_tiles is None:
+            return legal, tile
+        if n_tiles <= max_tiles:
+            real = streamcheck.plan(network, (1, 3, input_px, input_px), tile=tile)
+            assert real.n_tiles <= max_tiles, "this is a streamcheck benchmark bug"
+            return legal, tile
+    raise AssertionError("no legal tile: this is a streamcheck benchmark bug")
+
+
+def _tiles(values: Iterable[int | str | None], input_px: int) -> list[int | None]:
+    """Resolve a tile list; ``"smallest"`` is dropped when a listed tile is within 25 % above it."""
+    fixed = sorted({v for v in values if isinstance(v, int) and v <= input_px})
+    out: list[int | None] = [None] if None in values else []
+    for v in values:
+        if v == "smallest":
+            _, practical = smallest_legal_tile(input_px, max_tiles=MAX_TILES)
+            if not any(practical <= t <= 1.25 * practical for t in fixed):
+                out.append(practical)
+        elif v is not None and not isinstance(v, int):
+            raise ValueError(f"unknown tile spec {v!r}")
+    return out + fixed
+
+
+def points(mode: str, suites: Sequence[str] | None = None, **overrides: Any) -> list[Point]:
+    """The points of ``suites`` (default: the mode's) in ``mode``, deduplicated by workload key."""
+    names = list(suites or DEFAULT_SUITES[mode])
+    warmup, repeats, max_timing_s = TIMING[mode]
+    seen: dict[str, Point] = {}
+    for name in names:
+        if name not in SUITES:
+            raise SystemExit(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+        suite = SUITES[name]
+        if mode not in suite.grids:
+            continue
+        for grid in suite.grids[mode]:
+            for method, input_px in itertools.product(grid.methods, grid.input_px):
+                tiles = [None] if method == "conventional" else _tiles(grid.tile_px, input_px)
+                for tile in tiles:
+                    p = Point(
+                        suite=name,
+                        method=method,
+                        input_px=input_px,
+                        tile_px=tile,
+                        warmup=warmup,
+                        repeats=repeats,
+                        max_timing_s=max_timing_s,
+                    )
+                    p = replace(p, **overrides)
+                    seen.setdefault(p.key, p)
+    # Conventional first at each size (its rows give the OOM trend), then by size and tile.
+    order = {"conventional": 0, "streamcheck": 1, "lightstream": 2}
+    return sorted(seen.values(), key=lambda p: (p.input_px, order.get(p.method, 9), p.tile_px or 0))

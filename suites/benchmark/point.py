@@ -1,0 +1,232 @@
+"""The measured body: one point, run in a fresh process.
+
+    python -m suites.benchmark.point --json '{"suite": "tile", "method": "streamcheck", ...}' \\
+        --result row.json
+
+Order inside the process (NOTE [ Memory meters ] in ``streamcheck/memory.py``):
+
+1. imports, threads, setup (network, image, wrapper): not measured;
+2. on CPU, the address space is capped at (current size + ``mem_budget_bytes``) with
+   ``RLIMIT_AS``, so a point that does not fit fails at its first big allocation with an
+   exception (recorded as ``status="oom"``) instead of waking the kernel's OOM killer;
+3. warm-up: the first warm-up step runs under ``torch.profiler`` -> ``peak_alloc_bytes`` (CPU
+   allocator peak of live tensors); on CUDA ``max_memory_allocated`` over all steps instead;
+4. freed memory is handed back and the peak-RSS mark reset, then the timed steps run inside an
+   ``RssMeter`` -> ``peak_rss_bytes`` (raw VmHWM) and ``rss_delta_bytes`` (over the RSS just
+   before them: input, weights and wrappers are in the baseline);
+5. only then, for streaming methods, the conventional reference gradients of the same network and
+   image are computed (memory cap lifted) -> ``grad_rel_error``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from streamcheck import memory
+
+from .grid import Point
+
+OOM_MESSAGES = ("can't allocate memory", "cannot allocate memory", "out of memory", "bad_alloc")
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MESSAGES)
+
+
+def _vm_size_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmSize in /proc/self/status")
+
+
+def _set_address_space_cap(budget_bytes: int | None) -> int | None:
+    """Cap RLIMIT_AS at current size + budget; returns the cap (None where unsupported)."""
+    if budget_bytes is None:
+        return None
+    try:
+        cap = _vm_size_bytes() + budget_bytes
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            cap = min(cap, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    except (OSError, ValueError):
+        return None
+    return cap
+
+
+def _lift_address_space_cap() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+
+
+def _tf32_off() -> None:
+    """fp32 convolutions and matmuls in full precision (the fp32_precision API where it exists)."""
+    matmul = torch.backends.cuda.matmul
+    conv: Any = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        matmul.fp32_precision = conv.fp32_precision = "ieee"
+    else:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def versions() -> dict[str, Any]:
+    import streamcheck
+
+    from . import peer
+
+    return {
+        "torch_version": torch.__version__,
+        "streamcheck_version": getattr(streamcheck, "__version__", "unknown"),
+        "lightstream_version": peer.version(),
+        "python_version": platform.python_version(),
+    }
+
+
+def measure(point: Point) -> dict[str, Any]:
+    """Measure ``point`` in this process; returns the result row (never raises for oom/error)."""
+    from . import workload
+
+    threads = point.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    if point.device.startswith("cuda"):
+        _tf32_off()
+    dtype = getattr(torch, point.dtype)
+    row: dict[str, Any] = {
+        **point.to_dict(),
+        "key": point.key,
+        "status": "error",
+        "reason": None,
+        "threads": torch.get_num_threads(),
+        "device_name": device_name(point.device),
+        **versions(),
+    }
+    cpu = not point.device.startswith("cuda")
+    try:
+        torch.nn.functional.conv2d(torch.ones(1, 1, 8, 8), torch.ones(1, 1, 3, 3))  # thread pool up
+        w = workload.build(
+            point.method,
+            input_px=point.input_px,
+            tile_px=point.tile_px,
+            device=point.device,
+            dtype=dtype,
+            seed=point.seed,
+        )
+        row.update(w.info)
+        row["rss_setup_bytes"] = memory.current_rss_bytes()
+        row["mem_cap_bytes"] = _set_address_space_cap(point.mem_budget_bytes) if cpu else None
+
+        # 3. warm-up; the first one is the allocator measurement.
+        warm_times = []
+        for i in range(max(1, point.warmup)):
+            t0 = time.perf_counter()
+            if i > 0:
+                w.step()
+            elif cpu:
+                row["peak_alloc_bytes"] = memory.profiler_peak_bytes(w.step)
+                row["alloc_meter"] = "torch.profiler CPU allocator events (live tensors)"
+            else:
+                row["peak_alloc_bytes"] = memory.cuda_peak_bytes(w.step, device=point.device)
+                row["alloc_meter"] = "torch.cuda.max_memory_allocated"
+            warm_times.append(time.perf_counter() - t0)
+
+        # 4. timed steps under the RSS meter; fewer of them when one step is slow.
+        times: list[float] = []
+        with memory.RssMeter() as meter:
+            n = point.repeats
+            while len(times) < n:
+                t0 = time.perf_counter()
+                w.step()
+                times.append(time.perf_counter() - t0)
+                if len(times) == 1:
+                    n = max(1, min(point.repeats, math.floor(point.max_timing_s / times[0])))
+        assert meter.reading is not None
+        row.update(w.info)  # wrappers may learn their tiling during the first step
+        if not cpu:
+            row["peak_alloc_bytes"] = max(
+                row["peak_alloc_bytes"], torch.cuda.max_memory_allocated(point.device)
+            )
+        row.update(
+            status="ok",
+            warmup_s=warm_times,
+            time_s_all=times,
+            time_s_median=statistics.median(times),
+            repeats_done=len(times),
+            peak_rss_bytes=meter.reading.peak_rss_bytes,
+            rss_baseline_bytes=meter.reading.baseline_rss_bytes,
+            rss_delta_bytes=meter.reading.delta_bytes,
+            rss_peak_reset=meter.reading.reset,
+            rss_meter="VmHWM of this fresh process (peak RSS), delta over the RSS before timing",
+        )
+    except Exception as exc:  # noqa: BLE001 -- every failure becomes a row
+        if is_oom(exc):
+            row.update(status="oom", reason=f"{type(exc).__name__}: {str(exc).strip()[:300]}")
+        else:
+            row.update(status="error", reason=traceback.format_exc()[-1500:])
+        return row
+    finally:
+        if cpu:
+            _lift_address_space_cap()
+
+    # 5. gradient error vs conventional on the same network and image.
+    if point.method != "conventional" and point.input_px <= point.grad_check_max_px:
+        try:
+            network = w.network
+            del w
+            memory.release_free_memory()
+            ref = workload.reference_gradients(
+                input_px=point.input_px, device=point.device, dtype=dtype, seed=point.seed
+            )
+            row["grad_rel_error"] = workload.max_relative_grad_error(network, ref)
+            row["grad_ref"] = f"conventional {point.dtype}, same process, same seed"
+        except Exception as exc:  # noqa: BLE001
+            row["grad_rel_error"] = None
+            row["grad_ref"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m suites.benchmark.point", description=__doc__)
+    parser.add_argument("--json", required=True, help="the Point, as JSON")
+    parser.add_argument("--result", required=True, help="where to write the result row (JSON)")
+    args = parser.parse_args(argv)
+    point = Point.from_dict(json.loads(args.json))
+    row = measure(point)
+    with open(args.result, "w") as f:
+        json.dump(row, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""``SUMMARY.md``: key ratios vs targets, the tables, versions and commands, from the results only."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .analysis import (
+    FIG2_INPUT_PX,
+    FIG3_TILE_PX,
+    MiB,
+    conventional_at,
+    linear_fit,
+    load,
+    loglog_exponent,
+    ok,
+    ratio,
+    value_at,
+)
+from .grid import MAX_TILES
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float | None
+    limit: float
+    compare: str  # "<=" or ">="
+    fmt: str
+    note: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None or math.isnan(self.value):
+            return "not measured"
+        good = self.value <= self.limit if self.compare == "<=" else self.value >= self.limit
+        return "met" if good else "**missed**"
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    return "–" if value is None or math.isnan(value) else format(value, fmt)
+
+
+def _mib(value: float | None) -> str:
+    return _fmt(None if value is None else value / MiB, ",.0f")
+
+
+def targets(df: pd.DataFrame) -> list[Target]:
+    n, t = FIG2_INPUT_PX, FIG3_TILE_PX
+    out = []
+    conv_time, _ = conventional_at(df, n, "time_s_median")
+    out.append(
+        Target(
+            f"time streamcheck / conventional, {n}², tile {t}",
+            ratio(value_at(df, "streamcheck", n, t, "time_s_median"), conv_time),
+            1.30,
+            "<=",
+            ".2f",
+        )
+    )
+    for px, limit in ((n, 0.20), (8192, 0.05)):
+        for metric, meter in (("peak_alloc_bytes", "allocator"), ("rss_delta_bytes", "RSS delta")):
+            conv, estimated = conventional_at(df, px, metric)
+            out.append(
+                Target(
+                    f"memory streamcheck / conventional, {px}², tile {t} ({meter})",
+                    ratio(value_at(df, "streamcheck", px, t, metric), conv),
+                    limit,
+                    "<=",
+                    ".3f",
+                    "conventional estimated (linear fit in pixels)" if estimated and conv else "",
+                )
+            )
+    out.append(
+        Target(
+            f"time streamcheck / lightstream, {n}², tile {t}",
+            ratio(
+                value_at(df, "streamcheck", n, t, "time_s_median"),
+                value_at(df, "lightstream", n, t, "time_s_median"),
+            ),
+            1.0,
+            "<=",
+            ".2f",
+            "below 1: faster than the peer",
+        )
+    )
+    stream = ok(df, "streamcheck", tile_px=t)
+    fit = linear_fit(stream["pixels"], stream["time_s_median"]) if len(stream) else None
+    exponent = loglog_exponent(stream["pixels"], stream["time_s_median"]) if len(stream) else None
+    out.append(
+        Target(
+            f"time linear in input (streamcheck, tile {t}): R² of time = a + b·pixels",
+            None if fit is None else fit.r2,
+            0.99,
+            ">=",
+            ".4f",
+            ""
+            if fit is None
+            else f"b = {fit.slope * 1e6:.3g} s per Mpx, a = {fit.intercept:.3g} s, {fit.n} sizes; "
+            f"log-log exponent {_fmt(exponent, '.2f')}",
+        )
+    )
+    return out
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _points_table(df: pd.DataFrame) -> list[str]:
+    rows = []
+    order = {"conventional": 0, "streamcheck": 1, "lightstream": 2}
+    df = df.assign(_o=df["method"].map(order)).sort_values(["input_px", "_o", "tile_px"])
+    for _, r in df.iterrows():
+        tile = "–" if pd.isna(r.get("tile_px")) else str(int(r["tile_px"]))
+        n_tiles = "–" if pd.isna(r.get("n_tiles")) else str(int(r["n_tiles"]))
+        times = r.get("time_s_all")
+        runs = f"{len(times)}" if isinstance(times, list) else "–"
+        status = r["status"] if r["status"] == "ok" else f"**{r['status']}**"
+        rows.append(
+            [
+                r["method"],
+                f"{int(r['input_px'])}²",
+                tile,
+                n_tiles,
+                status,
+                _fmt(r.get("time_s_median"), ".2f"),
+                runs,
+                _mib(r.get("peak_alloc_bytes")),
+                _mib(r.get("rss_delta_bytes")),
+                _mib(r.get("peak_rss_bytes")),
+                _fmt(r.get("grad_rel_error"), ".1e"),
+            ]
+        )
+    return _table(
+        [
+            "method",
+            "input",
+            "tile",
+            "tiles",
+            "status",
+            "time (s, median)",
+            "timed runs",
+            "allocator peak (MiB)",
+            "RSS delta (MiB)",
+            "RSS peak raw (MiB)",
+            "grad rel err",
+        ],
+        rows,
+    )
+
+
+def _first(df: pd.DataFrame, col: str) -> str:
+    values = [str(v) for v in df.get(col, pd.Series(dtype=object)).dropna().unique()]
+    return ", ".join(values) if values else "–"
+
+
+def write(
+    out: Path, *, rebuild_command: str, legal_tile: Callable[[], str] | None = None
+) -> Path | None:
+    """Write ``out/SUMMARY.md`` from ``out/results.jsonl``; returns its path (None: no results)."""
+    df = load(out)
+    if df.empty:
+        return None
+    lines = [
+        "# Benchmark summary: streaming vs conventional training (paper Figs 2-3)",
+        "",
+        "Generated by `suites/benchmark/summary.py` from `results.jsonl` in this folder; do not edit.",
+        "",
+        "## Targets",
+        "",
+    ]
+    rows = [
+        [t.name, _fmt(t.value, t.fmt), f"{t.compare} {t.limit:g}", t.verdict, t.note]
+        for t in targets(df)
+    ]
+    lines += _table(["quantity", "measured", "target", "verdict", "note"], rows)
+
+    n, t = FIG2_INPUT_PX, FIG3_TILE_PX
+    errors = [
+        [
+            m,
+            _fmt(value_at(df, m, n, t, "grad_rel_error"), ".2e"),
+            _fmt(ok(df, m)["grad_rel_error"].max() if len(ok(df, m)) else None, ".2e"),
+        ]
+        for m in ("streamcheck", "lightstream")
+    ]
+    lines += [
+        "",
+        "Gradient error: max over parameters of max|g − g_conv| / max|g_conv|, float32, against",
+        "conventional training of the same network and image in the same process "
+        "(inputs up to 2048²).",
+        "",
+        *_table(["method", f"{n}², tile {t}", "max over all measured points"], errors),
+        "",
+        "## Meters",
+        "",
+        "- **allocator peak**: highest running sum of CPU allocation/free events recorded by",
+        "  `torch.profiler` (`profile_memory=True`) during one forward + backward: live tensors",
+        "  only, not counting the input and weights that existed before "
+        "(`streamcheck.memory.profiler_peak_bytes`).",
+        "- **RSS delta**: peak resident set size (VmHWM) of the fresh process during the timed",
+        "  steps minus its RSS just before them (input, weights, wrappers and allocator caches are",
+        "  in the baseline); **RSS peak raw** is the VmHWM itself, libraries included.",
+        "- **time**: median of the timed forward + backward steps after one warm-up, in one fresh",
+        "  process per point; slow points get fewer timed runs (column *timed runs*).",
+        "",
+        "## All points",
+        "",
+        *_points_table(df),
+    ]
+    not_ok = df[df["status"] != "ok"]
+    if len(not_ok):
+        lines += ["", "Not measured:", ""]
+        for _, r in not_ok.iterrows():
+            reason = str(r.get("reason") or "").strip().splitlines()
+            lines.append(f"- `{r['key']}`: {r['status']} — {reason[-1] if reason else ''}")
+    if legal_tile is not None:
+        lines += ["", legal_tile()]
+    lines += [
+        "",
+        "## Environment and commands",
+        "",
+        f"- device: {_first(df, 'device_name')}; threads: {_first(df, 'threads')}; "
+        f"dtype: {_first(df, 'dtype')}",
+        f"- torch {_first(df, 'torch_version')}; streamcheck {_first(df, 'streamcheck_version')}; "
+        f"lightstream {_first(df, 'lightstream_version')}; python {_first(df, 'python_version')}",
+        f"- git commit(s): {_first(df, 'git_commit')}",
+        f"- measured with: {'; '.join(f'`{c}`' for c in df['command'].dropna().unique())}",
+        f"- this summary and the figures rebuilt with: `{rebuild_command}`",
+        "",
+        "![Fig 2](fig2_tile.png)",
+        "",
+        "![Fig 3](fig3_input.png)",
+        "",
+    ]
+    path = out / "SUMMARY.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def legal_tile_note(input_px: int = FIG2_INPUT_PX) -> str:
+    """A sentence on the smallest legal tile and why the sweep starts higher."""
+    from .grid import smallest_legal_tile
+
+    legal, practical = smallest_legal_tile(input_px, max_tiles=MAX_TILES)
+    return (
+        f"Tile sweep: the smallest legal tile at {input_px}² is {legal} px; the sweep starts at the "
+        f"smallest tile giving at most {MAX_TILES} tiles ({practical} px, or the next listed size "
+        "within 25 %), since every tile adds a fixed per-tile overhead."
+    )
