@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -134,7 +133,10 @@ def benchmark_rows() -> list[dict[str, Any]]:
         out = {**point.to_dict(), "key": point.key, "status": status, "threads": 2,
                "device_name": "Fixture CPU (2 cores)", "torch_version": "9.8.7",
                "streamcheck_version": "0.5.4", "python_version": "3.99.1",
-               "lightstream_version": None}  # fmt: skip
+               "lightstream_version": None,
+               # what runner.run_points adds to each row
+               "git_commit": "c0ffee1", "command": BENCH_COMMAND,
+               "started_utc": "2031-01-02T05:06:07Z", "wall_s": 33.5}  # fmt: skip
         if status == "ok":
             out.update(time_s_median=t, peak_alloc_bytes=int(alloc * MiB),
                        rss_delta_bytes=int(rss * MiB), **extra)  # fmt: skip
@@ -154,15 +156,13 @@ def benchmark_rows() -> list[dict[str, Any]]:
 def write_fixtures(reports: Path) -> None:
     write_record(equivalence_record(), reports / "equivalence")
 
+    from suites.benchmark.results import append_row, results_path
+
     bench = reports / "benchmark"
-    bench.mkdir(parents=True)
-    rows = benchmark_rows()
-    (bench / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (bench / "run.json").write_text(
-        json.dumps(
-            {"command": BENCH_COMMAND, "date": "2031-01-02T05:06:07+00:00", "git_commit": "c0ffee1"}
-        )
-    )
+    # an error row superseded by a later ok row of the same point: the last row wins
+    append_row(results_path(bench), {**benchmark_rows()[0], "status": "error", "reason": "x"})
+    for row in benchmark_rows():
+        append_row(results_path(bench), row)
     _png(bench / "fig2_tile.png")
 
     imn = reports / "imagenette"
@@ -260,23 +260,33 @@ def leaves(value: Any) -> list[float]:
 
 
 def derived_benchmark_numbers(rows: list[dict[str, Any]]) -> list[float]:
-    """Savings, ratios, MiB and the log-log slope, computed independently of the report."""
+    """Savings, ratios, MiB, fits: computed here with numpy, independently of the report."""
+    import numpy as np
+
     ok = {(r["method"], r["input_px"], r["tile_px"]): r for r in rows if r["status"] == "ok"}
     out: list[float] = []
     for r in ok.values():
         out += [r["peak_alloc_bytes"] / MiB, r["rss_delta_bytes"] / MiB]
+    conv = {px: r for (m, px, _), r in ok.items() if m == "conventional"}
+    stream = {px: r for (m, px, t), r in ok.items() if m == "streamcheck" and t == 512}
     for (method, px, _tile), r in ok.items():
-        conv = ok.get(("conventional", px, None))
-        if method == "conventional" or conv is None:
+        if method == "conventional" or px not in conv:
             continue
-        out.append(r["time_s_median"] / conv["time_s_median"])
+        out.append(r["time_s_median"] / conv[px]["time_s_median"])
         for meter in ("peak_alloc_bytes", "rss_delta_bytes"):
-            out.append(100 * (1 - r[meter] / conv[meter]))
-    xs = [math.log(px * px) for (m, px, t) in ok if m == "streamcheck" and t == 512]
-    ys = [math.log(ok[("streamcheck", math.isqrt(round(math.exp(x))), 512)]["time_s_median"]) for x in xs]  # fmt: skip
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)  # fmt: skip
-    return [*out, slope]
+            out.append(100 * (1 - r[meter] / conv[px][meter]))
+    # the conventional trend (linear in pixels) where conventional did not run
+    for meter in ("peak_alloc_bytes", "rss_delta_bytes"):
+        b, a = np.polyfit([px**2 for px in conv], [conv[px][meter] for px in conv], 1)
+        for px in set(stream) - set(conv):
+            estimate = a + b * px**2
+            out += [estimate / MiB, 100 * (1 - stream[px][meter] / estimate)]
+    x = np.array([px**2 for px in stream], dtype=float)
+    y = np.array([stream[px]["time_s_median"] for px in stream])
+    slope = np.polyfit(np.log(x), np.log(y), 1)[0]
+    b, a = np.polyfit(x, y, 1)
+    r2 = 1 - np.sum((y - a - b * x) ** 2) / np.sum((y - y.mean()) ** 2)
+    return [*out, float(slope), float(r2), float(len(stream))]
 
 
 def allowed_numbers(reports: Path) -> list[float]:

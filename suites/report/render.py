@@ -32,6 +32,7 @@ PAPER = {
     "memory_saving_pct": 97,  # Fig. 3 caption: "significantly less memory required (up to 97 percent)"
     "time": "almost linear in input size",  # Section 4.3 / Fig. 3: "increases almost linearly"
     "hardware": "RTX 2080 Ti GPU",
+    "conventional_estimated_above_px": 2048,  # Fig. 3 caption: "above 2048x2048 ... estimated"
 }
 
 MiB = 2**20
@@ -115,24 +116,20 @@ def environment_section(eq: Source, bench: Source, imn: Source, report_env: dict
             ]
         )
     if bench.found:
-        brow = bench.data["rows"]
-        meta = _bench_metadata(bench)
-
-        def values(key: str) -> str:
-            found = sorted({str(r[key]) for r in brow if r.get(key) is not None})
-            return ", ".join(found) if found else "n/a"
-
+        brow = [r for r in bench.data["rows"] if r.get("status") == "ok"] or bench.data["rows"]
+        dates = sorted(str(r["started_utc"]) for r in brow if r.get("started_utc"))
+        commits = sorted({str(r["git_commit"]) for r in brow if r.get("git_commit")})
         rows.append(
             [
-                "benchmark",
-                meta.get("date") or meta.get("finished_utc") or meta.get("started_utc") or "n/a",
-                code(meta.get("git_commit")),
-                values("python_version"),
-                values("torch_version"),
-                meta.get("torchvision_version", "n/a"),
-                values("streamcheck_version"),
-                values("device_name"),
-                values("threads"),
+                "benchmark" + (" (quick mode)" if bench.data.get("quick") else ""),
+                f"{dates[0]} to {dates[-1]}" if len(dates) > 1 else (dates or ["n/a"])[0],
+                ", ".join(code(c) for c in commits) or "n/a",
+                row_values(brow, "python_version"),
+                row_values(brow, "torch_version"),
+                "not recorded",
+                row_values(brow, "streamcheck_version"),
+                row_values(brow, "device_name"),
+                row_values(brow, "threads"),
             ]
         )
     if imn.found:
@@ -398,26 +395,13 @@ def _trunk_table(trunks: list[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------- 3. memory, time
-def _bench_metadata(bench: Source) -> dict[str, Any]:
-    """Run metadata: the first ``*.json`` in benchmark/ that has a command, else {}."""
-    for data in get(bench.data, "metadata", default={}).values():
-        if isinstance(data, dict) and ("command" in data or "environment" in data):
-            flat = dict(data)
-            env = data.get("environment") or data.get("environ") or {}
-            if isinstance(env, dict):
-                for k, v in env.items():
-                    flat.setdefault(k, v)
-            return flat
-    return {}
+def row_values(rows: list[dict[str, Any]], key: str) -> str:
+    """The distinct values of ``key`` over benchmark rows, comma-separated."""
+    found = sorted({str(r[key]) for r in rows if r.get(key) is not None})
+    return ", ".join(found) if found else "n/a"
 
 
 def _bench_command(bench: Source) -> str | None:
-    meta = _bench_metadata(bench)
-    command = meta.get("command")
-    if isinstance(command, list):
-        command = " ".join(map(str, command))
-    if command:
-        return str(command)
     commands = sorted({str(r["command"]) for r in bench.data.get("rows", []) if r.get("command")})
     return "; ".join(commands) if commands else None
 
@@ -446,6 +430,20 @@ def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     my = sum(p[1] for p in pairs) / len(pairs)
     sxx = sum((p[0] - mx) ** 2 for p in pairs)
     return sum((p[0] - mx) * (p[1] - my) for p in pairs) / sxx if sxx else None
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float] | None:
+    """Least-squares ``y = a + b x``: ``(b, a, r2)``; None with < 2 distinct x."""
+    if len(xs) < 2 or len(set(xs)) < 2:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+    a = my - b * mx
+    total = sum((y - my) ** 2 for y in ys)
+    residual = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys, strict=True))
+    return b, a, 1 - residual / total if total else 1.0
 
 
 def key_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -519,6 +517,28 @@ def key_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
             if finite(e[f"saving_pct_{meter}"])
         ]
         out[f"max_saving_{meter}"] = max(savings) if savings else None
+        # Where conventional did not run (out of memory), the paper estimated it; so do we, from
+        # the linear trend in pixels of the measured conventional points, and say so.
+        measured = [(e["input_px"] ** 2, get(e["conventional"], meter)) for e in out["per_input"]]
+        measured = [(x, y) for x, y in measured if finite(y)]
+        fit = linear_fit([x for x, _ in measured], [y for _, y in measured])
+        estimated = []
+        for e in out["per_input"]:
+            stream = get(e["streamcheck"], meter)
+            if fit is None or e["conventional"] is not None or not finite(stream):
+                continue
+            conv_estimate = fit[1] + fit[0] * e["input_px"] ** 2
+            if conv_estimate > 0:
+                estimated.append((100 * (1 - stream / conv_estimate), e["input_px"], conv_estimate))
+        out[f"estimated_saving_{meter}"] = max(estimated) if estimated else None
+    streamed = [
+        (e["input_px"] ** 2, get(e["streamcheck"], "time_s_median"))
+        for e in out["per_input"]
+        if finite(get(e["streamcheck"], "time_s_median"))
+    ]
+    fit = linear_fit([x for x, _ in streamed], [y for _, y in streamed])
+    out["time_linear_r2_streamcheck"] = fit[2] if fit else None
+    out["time_linear_n_streamcheck"] = len(streamed)
     return out
 
 
@@ -531,8 +551,9 @@ def memory_section(bench: Source, out_dir: Path) -> str:
     rows = bench.data["rows"]
     command = _bench_command(bench)
     k = key_ratios(rows)
-    devices = sorted({str(r.get("device_name") or r.get("device")) for r in rows})
-    dtypes = sorted({str(r.get("dtype")) for r in rows if r.get("dtype")})
+    measured = [r for r in rows if r.get("status") == "ok"] or rows
+    devices = sorted({str(r.get("device_name") or r.get("device")) for r in measured})
+    dtypes = sorted({str(r.get("dtype")) for r in measured if r.get("dtype")})
     parts += [
         "The paper's Figs 2-3 network (three 3x3 convolutions with 3, 64 and 3 output channels), "
         f"one forward + backward per step, measured on {', '.join(devices)} in {', '.join(dtypes)}. "
@@ -578,11 +599,19 @@ def _claims_table(k: dict[str, Any]) -> str:
     rows = []
     for meter, label in (("peak_alloc_bytes", "allocator peak"), ("rss_delta_bytes", "RSS delta")):
         best = k.get(f"max_saving_{meter}")
+        estimate = k.get(f"estimated_saving_{meter}")
+        text = f"{best[0]:.1f} % at {best[1]} px (both measured)" if best else "not measured"
+        if estimate:
+            text += (
+                f"; {estimate[0]:.1f} % at {estimate[1]} px against an estimated conventional "
+                f"{mib(estimate[2])} MiB (linear in pixels; conventional did not run there)"
+            )
         rows.append(
             [
                 f"memory saved by streaming ({label})",
-                f"up to {PAPER['memory_saving_pct']} % (Fig. 3)",
-                f"{best[0]:.1f} % at {best[1]} px" if best else "not measured",
+                f"up to {PAPER['memory_saving_pct']} % (Fig. 3; conventional estimated above "
+                f"{PAPER['conventional_estimated_above_px']} px)",
+                text,
             ]
         )
     slope = k.get("time_slope_streamcheck")
@@ -591,9 +620,11 @@ def _claims_table(k: dict[str, Any]) -> str:
         [
             "streaming time vs input pixels",
             PAPER["time"] + " (Fig. 3)",
-            f"log-log slope {slope:.2f} over {span[0]}-{span[1]} px (1 = linear)"
-            if slope is not None and span
-            else "not measured",
+            f"log-log slope {slope:.2f} over {span[0]}-{span[1]} px (1 = linear); "
+            f"R² of a straight line in pixels {k['time_linear_r2_streamcheck']:.4f} "
+            f"({k['time_linear_n_streamcheck']} sizes)"
+            if slope is not None and span and finite(k.get("time_linear_r2_streamcheck"))
+            else "not measured (fewer than two input sizes)",
         ]
     )
     ratios = [(e["input_px"], e["time_ratio"]) for e in k["per_input"] if finite(e["time_ratio"])]

@@ -108,23 +108,24 @@ def load_equivalence(reports: Path) -> Source:
 
 
 def load_benchmark(reports: Path) -> Source:
+    """``benchmark/results.jsonl`` (the full sweep), else ``benchmark/quick/results.jsonl``; the
+    last row per point ``key`` wins, as in ``suites/benchmark/results.py``."""
     source = Source("benchmark", reports / "benchmark")
-    if not source.folder.is_dir():
-        source.missing.append(f"no `{source.folder.name}/` folder under `{reports}`")
+    candidates = [source.folder, source.folder / "quick"]
+    folder = next((f for f in candidates if (f / "results.jsonl").exists()), None)
+    if folder is None:
+        source.missing.append(f"no `results.jsonl` in `{source.folder}` or `{source.folder}/quick`")
         return source
-    rows: list[dict[str, Any]] = []
-    for path in sorted(source.folder.glob("*.jsonl")):
-        rows += [dict(row, _file=path.name) for row in read_jsonl(path, source.missing)]
-    metadata = {}
-    for path in sorted(source.folder.glob("*.json")):
-        data = read_json(path, source.missing)
-        if isinstance(data, dict):
-            metadata[path.name] = data
-    if not rows:
-        source.missing.append(f"no result rows (`*.jsonl`) in `{source.folder}`")
+    source.folder = folder
+    latest: dict[str, dict[str, Any]] = {}
+    for i, row in enumerate(read_jsonl(folder / "results.jsonl", source.missing)):
+        latest[str(row.get("key", i))] = row
+    rows = list(latest.values())
+    if rows:
+        source.data = {"rows": rows, "quick": folder.name == "quick"}
     else:
-        source.data = {"rows": rows, "metadata": metadata}
-    source.figures = sorted(source.folder.glob("*.png"))
+        source.missing.append(f"`results.jsonl` in `{folder}` has no rows")
+    source.figures = sorted(folder.glob("*.png"))
     return source
 
 
