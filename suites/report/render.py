@@ -260,7 +260,7 @@ def equivalence_section(eq: Source) -> str:
             rows,
         )
     )
-    parts += ["", _draw_notes(method)]
+    parts += ["", "How the networks were drawn:", "", _draw_notes(method)]
     if failures:
         parts += ["", "### Failures", ""]
         for f in failures:
@@ -290,29 +290,35 @@ def _tolerance(method: dict[str, Any], dtype: str) -> str:
 
 
 def _draw_notes(method: dict[str, Any]) -> str:
-    options = method.get("draw_options", {})
-    excluded = method.get("excluded", {})
     lines = []
-    for dtype, opts in options.items():
-        desc = ", ".join(f"{k} = {', '.join(map(str, v))}" for k, v in opts.items())
-        lines.append(f"{dtype} networks were drawn with {desc}.")
-    for what, why in excluded.items():
-        lines.append(f"Not drawn: {what} -- {why}.")
+    for dtype, opts in method.get("draw_options", {}).items():
+        desc = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in opts.items())
+        lines.append(f"- {dtype} networks drawn with {desc}.")
+    for what, why in method.get("excluded", {}).items():
+        lines.append(f"- Not drawn: {what} -- {why}.")
     draws = method.get("draws", {})
-    skipped = {
-        key: sum(d.get(key, 0) for d in draws.values())
-        for key in ("single_tile_draws_skipped", "ill_posed_draws_skipped")
-    }
     if draws:
-        lines.append(
-            f"Draws skipped: {skipped['single_tile_draws_skipped']} whose tile covered the whole "
-            f"input (nothing streamed), {skipped['ill_posed_draws_skipped']} ill-posed (PyTorch's "
-            "own output not finite)."
+        single, ill = (
+            sum(d.get(key, 0) for d in draws.values())
+            for key in ("single_tile_draws_skipped", "ill_posed_draws_skipped")
         )
-    return " ".join(lines)
+        lines.append(
+            f"- Draws skipped: {single} whose tile covered the whole input (nothing streamed), "
+            f"{ill} ill-posed (PyTorch's own output not finite)."
+        )
+    return "\n".join(lines)
+
+
+def _layer_group(name: str) -> str:
+    if "Conv" in name or "Pool" in name:
+        return "window"
+    if "(eval)" in name or "(train)" in name:
+        return "mode"
+    return "pointwise"
 
 
 def _kinds_table(summary: dict[str, Any]) -> str:
+    """Window layers one per row with their options; eval-mode layers; activations in one row."""
     kinds = summary.get("layer_kinds", {})
     networks = summary.get("layer_kinds_networks", {})
     if not kinds:
@@ -322,26 +328,42 @@ def _kinds_table(summary: dict[str, Any]) -> str:
         if ": " in k:
             layer, _, option = k.partition(": ")
             options.setdefault(layer, []).append(f"{option} ({v})")
+    layers = [(k, v) for k, v in kinds.items() if ": " not in k]
     rows = [
         [k, v, networks.get(k, "n/a"), ", ".join(options.get(k, [])) or "-"]
-        for k, v in kinds.items()
-        if ": " not in k
+        for k, v in layers
+        if _layer_group(k) != "pointwise"
     ]
-    return table(["layer", "times drawn", "networks", "options drawn (times)"], rows, align="lrrl")
+    pointwise = [(k, v) for k, v in layers if _layer_group(k) == "pointwise"]
+    if pointwise:
+        rows.append(
+            [
+                "pointwise activations",
+                sum(v for _, v in pointwise),
+                "-",
+                ", ".join(f"{k} ({v})" for k, v in pointwise),
+            ]
+        )
+    return table(
+        ["layer", "times drawn", "networks", "options or kinds drawn (times)"], rows, align="lrrl"
+    )
 
 
 def _failure(f: dict[str, Any]) -> list[str]:
-    what = f.get("trunk") or (
-        f"Network {f.get('case')} ({f.get('dtype')}, input {f.get('input_shape')}, tile "
-        f"{f.get('tile')}): {'; '.join(f.get('layers') or [])}"
+    what = (
+        f"trunk {f['trunk']} ({f.get('dtype')})"
+        if f.get("trunk")
+        else (
+            f"network {f.get('case')} ({f.get('dtype')}, input {f.get('input_shape')}, tile "
+            f"{f.get('tile')}): `{'`; `'.join(f.get('layers') or [])}`"
+        )
     )
-    lines = [f"- {what}", "", "  ```", *("  " + line for line in str(f.get("error")).splitlines())]
-    lines += ["  ```", ""]
+    lines = [f"Failed: {what}.", "", "```", *str(f.get("error")).splitlines(), "```", ""]
     recheck = f.get("float64_recheck")
     if isinstance(recheck, dict):
         worst = [v for v in (recheck.get("worst_rel_error") or {}).values() if finite(v)]
         text = (
-            "  The same network in float64: "
+            "The same network in float64: "
             + ("passed" if recheck.get("passed") else "FAILED")
             + f", worst relative error {err(max(worst)) if worst else 'n/a'}."
         )
