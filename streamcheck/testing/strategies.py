@@ -1,8 +1,8 @@
 """Hypothesis strategies for streamable conv stacks, images and tiles.
 
 The strategies draw what streamcheck claims to stream exactly: (possibly nested) ``nn.Sequential``
-stacks of ConvNd / MaxPoolNd / AvgPoolNd and pointwise activations, images large enough for them,
-and legal tiles. The geometry they need is computed here independently of the engine
+stacks of ConvNd / MaxPoolNd / AvgPoolNd, pointwise activations and eval-mode BatchNorm / Dropout,
+images large enough for them, and legal tiles. The geometry they need is computed here independently of the engine
 (``stack_geometry``), from PyTorch's documented shape formulas.
 
 NOTE [ Strategy geometry ]
@@ -17,7 +17,8 @@ Rule 3. Output sizes follow PyTorch: convolutions ``floor((n + pl + pr - d*(k-1)
         at least one element, reflect padding is smaller than its input and AvgPool3d's input is
         at least its kernel (both checked by PyTorch).
 Rule 4. Layers are drawn against a receptive-field budget (``max_receptive_field_px``): a layer
-        may only grow F up to it, so the smallest legal tile always fits in the drawn images.
+        may only grow F up to it, so the smallest legal tile (F) stays within the image sizes
+        drawn by default and the number of tiles stays small.
 Rule 5. Parameters are initialised under a drawn seed, so a failing example replays exactly.
 """
 
