@@ -1,0 +1,85 @@
+"""Formatting helpers shared by the report's sections: tables, numbers, figures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .sources import Source, finite
+
+# Rule P1 (render.py): the paper's published claims (Pinckaers et al., TPAMI 2020), quoted, not
+# measured here.
+PAPER = {
+    "memory_saving_pct": 97,  # Fig. 3 caption: "significantly less memory required (up to 97 percent)"
+    "time": "almost linear in input size",  # Section 4.3 / Fig. 3: "increases almost linearly"
+    "hardware": "RTX 2080 Ti GPU",
+    "conventional_estimated_above_px": 2048,  # Fig. 3 caption: "above 2048x2048 ... estimated"
+}
+
+MiB = 2**20
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------------ helpers
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> str:
+    """A Markdown table; ``align`` has one letter per column (l or r), default left then right."""
+    rows = [[str(cell) for cell in row] for row in rows]
+    align = align or "l" + "r" * (len(headers) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def err(x: Any) -> str:
+    """A relative error: 3 significant digits, scientific."""
+    return f"{x:.2e}" if finite(x) else "n/a"
+
+
+def mib(b: Any) -> str:
+    return f"{b / MiB:.1f}" if finite(b) else "n/a"
+
+
+def sec(t: Any) -> str:
+    return f"{t:.3g}" if finite(t) else "n/a"
+
+
+def code(text: Any) -> str:
+    return f"`{text}`" if text else "(not recorded)"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def figure(path: Path, out_dir: Path, number: str, caption: str, command: str | None) -> str:
+    """Markdown for a figure: the image, then a caption with the producing command (Rule P3)."""
+    rel = Path(_relpath(path, out_dir)).as_posix()
+    made_by = (
+        f"Produced by {code(command)}."
+        if command
+        else "The command that produced it is not in the result files."
+    )
+    return f"![{number}]({rel})\n\n*{number}. {caption} {made_by}*"
+
+
+def _relpath(path: Path, start: Path) -> str:
+    return os.path.relpath(path.resolve(), start.resolve())
+
+
+def missing_note(source: Source, command: str) -> list[str]:
+    """Rule P2 (render.py): say what is missing and which command makes it."""
+    notes = source.missing or [f"no result files in `{source.folder}`"]
+    return [f"**Not available**: {'; '.join(notes)}. Produce them with `{command}`.", ""]

@@ -1,0 +1,114 @@
+"""Section 4 of the report: conventional vs streamed training (paper Fig. 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .format import err, figure, missing_note, table
+from .sources import Source, finite, get
+
+
+# ----------------------------------------------------------------------------- 4. training
+def training_section(imn: Source, out_dir: Path) -> str:
+    parts = ["## 4. Training (paper Fig. 4)", ""]
+    if not imn.found:
+        return "\n".join(parts + missing_note(imn, "python -m suites.imagenette"))
+    run, epochs, steps = imn.data["run"], imn.data["epochs"], imn.data["steps"]
+    label = imn.data["label"]
+    synthetic = run.get("synthetic", label != "imagenette")
+    if synthetic:
+        parts += [
+            f"> **STAND-IN data, not ImageNette.** This run trained on `{run.get('dataset', label)}`: "
+            "synthetic textures in ImageNette's folder layout, generated on this machine. It "
+            "checks that conventional and streamed training coincide, not ImageNette accuracy.",
+            "",
+        ]
+    cfg = run.get("config", {})
+    stream = run.get("streaming", {})
+    parts.append(
+        f"The Table 1 network trained twice from the same initial weights on identical batches, "
+        f"once conventionally and once with its first layers streamed "
+        f"({stream.get('n_tiles_per_image', 'n/a')} tiles of {stream.get('tile_px', 'n/a')} px per "
+        f"{cfg.get('image_size', 'n/a')} px image): {run.get('epochs_completed', 'n/a')} of "
+        f"{cfg.get('epochs', 'n/a')} epochs, {run.get('steps_completed', 'n/a')} steps of batch "
+        f"{cfg.get('batch_size', 'n/a')}, {get(run, 'environment', 'dtype', default='n/a')}; status: "
+        f"{run.get('status', 'n/a')}."
+    )
+    if epochs:
+        last = epochs[-1]
+        rows = []
+        for what, conv_key, stream_key, fmt in (
+            ("training loss", "train_loss_conventional", "train_loss_streaming", "{:.6f}"),
+            ("tuning loss", "val_loss_conventional", "val_loss_streaming", "{:.6f}"),
+            ("tuning accuracy", "val_acc_conventional", "val_acc_streaming", "{:.3f}"),
+        ):
+            a, b = last.get(conv_key), last.get(stream_key)
+            control = last.get(conv_key.replace("conventional", "reordered"))
+            rows.append(
+                [
+                    what,
+                    fmt.format(a) if finite(a) else "n/a",
+                    fmt.format(b) if finite(b) else "n/a",
+                    err(abs(a - b)) if finite(a) and finite(b) else "n/a",
+                    err(abs(a - control)) if finite(a) and finite(control) else "not run",
+                ]
+            )
+        parts += [
+            "",
+            f"Final epoch ({_int(last.get('epoch'))}, after step {_int(last.get('step'))}):",
+            "",
+            table(
+                [
+                    "",
+                    "conventional",
+                    "streaming",
+                    "|conventional - streaming|",
+                    "|conventional - control|",
+                ],
+                rows,
+            ),
+            "",
+            "The control is a third, conventional run whose batch gradient is summed as two "
+            "half-batch sums: only the floating-point summation order differs, as with streaming. "
+            "Its distance from the conventional run is the yardstick for the streaming run's.",
+        ]
+    else:
+        parts += ["", "No per-epoch rows in the result files yet."]
+    if steps:
+        rel = [s.get("loss_rel_diff") for s in steps if finite(s.get("loss_rel_diff"))]
+        rel_c = [
+            s.get("loss_rel_diff_reordered")
+            for s in steps
+            if finite(s.get("loss_rel_diff_reordered"))
+        ]
+        trunk = steps[-1].get("trunk_weight_rel_diff")
+        trunk_c = steps[-1].get("trunk_weight_rel_diff_reordered")
+        line = (
+            f"Over {len(steps)} steps the per-step training losses differ by at most "
+            f"{err(max(rel)) if rel else 'n/a'} relative"
+        )
+        line += f" (control: {err(max(rel_c))})" if rel_c else ""
+        line += f"; after the last step the streamed trunk's weights are {err(trunk)} apart (relative norm)"
+        line += f" (control: {err(trunk_c)})." if finite(trunk_c) else "."
+        parts += ["", line]
+    parts += [""]
+    command = run.get("command")
+    captions = {
+        "fig4_curves": "Fig. 4 replica: loss and tuning accuracy of both runs drawn over each other.",
+        "loss_difference": "How far apart the runs are, per step, on a log scale (with the control run, if made).",
+    }
+    for i, path in enumerate(imn.figures, 1):
+        kind = path.stem.removeprefix(f"{label}_")
+        caption = ("STAND-IN data. " if synthetic else "") + captions.get(kind, path.name)
+        parts += [figure(path, out_dir, f"Figure 4.{i}", caption, command), ""]
+    parts += [
+        f"Details: `{imn.folder.name}/` ({label}_SUMMARY.md, if generated, and the CSV/JSON files)."
+    ]
+    if imn.missing:
+        parts += ["", "Missing: " + "; ".join(imn.missing) + "."]
+    return "\n".join(parts)
+
+
+def _int(value: Any) -> str:
+    return str(int(value)) if finite(value) else "n/a"
