@@ -68,7 +68,9 @@ def typecheck(session: nox.Session) -> None:
 @nox.session(default=False)
 def benchmark(session: nox.Session) -> None:
     """Run the benchmark suite: python -m suites.benchmark {posargs}."""
-    install(session, "bench")
+    # The peer row needs lightstream (extra `peer`): same single resolver call as `install`.
+    bench = dict.fromkeys(nox.project.dependency_groups(PYPROJECT, "bench"))
+    session.install("-e", ".[peer]", *bench)
     session.run("python", "-m", "suites.benchmark", *session.posargs)
 
 

@@ -41,12 +41,16 @@ from .grid import Point
 OOM_MESSAGES = ("can't allocate memory", "cannot allocate memory", "out of memory", "bad_alloc")
 
 
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
+# oneDNN reports a failed allocation while building a convolution as this; counted as an OOM
+# only inside an address-space cap.
+CAPPED_OOM_MESSAGES = ("could not create a primitive",)
+
+
+def is_oom(exc: BaseException, *, capped: bool = False) -> bool:
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
         return True
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MESSAGES)
+    messages = OOM_MESSAGES + (CAPPED_OOM_MESSAGES if capped else ())
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in messages)
 
 
 def _vm_size_bytes() -> int:
@@ -134,7 +138,10 @@ def measure(point: Point) -> dict[str, Any]:
     }
     cpu = not point.device.startswith("cuda")
     try:
-        torch.nn.functional.conv2d(torch.ones(1, 1, 8, 8), torch.ones(1, 1, 3, 3))  # thread pool up
+        # Thread pool and profiler up (libraries loaded) before the address space is capped.
+        memory.profiler_peak_bytes(
+            lambda: torch.nn.functional.conv2d(torch.ones(1, 1, 8, 8), torch.ones(1, 1, 3, 3))
+        )
         w = workload.build(
             point.method,
             input_px=point.input_px,
@@ -190,7 +197,7 @@ def measure(point: Point) -> dict[str, Any]:
             rss_meter="VmHWM of this fresh process (peak RSS), delta over the RSS before timing",
         )
     except Exception as exc:  # noqa: BLE001 -- every failure becomes a row
-        if is_oom(exc):
+        if is_oom(exc, capped=row.get("mem_cap_bytes") is not None):
             row.update(status="oom", reason=f"{type(exc).__name__}: {str(exc).strip()[:300]}")
         else:
             row.update(status="error", reason=traceback.format_exc()[-1500:])
