@@ -29,7 +29,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str = ""
     rows = [[str(cell) for cell in row] for row in rows]
     align = align or "l" + "r" * (len(headers) - 1)
     sep = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines = ["| " + " | ".join(h.replace("|", "\\|") for h in headers) + " |"]
+    lines.append("| " + " | ".join(sep) + " |")
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -66,7 +67,7 @@ def git_commit() -> str:
 
 def figure(path: Path, out_dir: Path, number: str, caption: str, command: str | None) -> str:
     """Markdown for a figure: the image, then a caption with the producing command (Rule P3)."""
-    rel = Path(_relpath(path, out_dir)).as_posix()
+    rel = Path(relpath(path, out_dir)).as_posix()
     made_by = (
         f"Produced by {code(command)}."
         if command
@@ -75,7 +76,7 @@ def figure(path: Path, out_dir: Path, number: str, caption: str, command: str | 
     return f"![{number}]({rel})\n\n*{number}. {caption} {made_by}*"
 
 
-def _relpath(path: Path, start: Path) -> str:
+def relpath(path: Path, start: Path) -> str:
     return os.path.relpath(path.resolve(), start.resolve())
 
 

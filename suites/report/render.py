@@ -150,9 +150,11 @@ def limits_section(verdicts: tuple[list[Any], list[Any], Any]) -> str:
             align="llll",
         ),
         "",
-        "For contrast, these stream (same probe): "
-        + ", ".join(f"{v.label} ({v.status})" for v in streams)
-        + ".",
+        "For contrast, the same probe on layers that stream: "
+        + ", ".join(
+            v.label + ("" if v.status == "streams" else f" (**{v.status}**)") for v in streams
+        )
+        + (" -- all accepted." if all(v.status == "streams" for v in streams) else "."),
         "",
         (
             f"Reflect padding ({reflect.label[0].lower() + reflect.label[1:]}): streams exactly "
@@ -170,9 +172,10 @@ def limits_section(verdicts: tuple[list[Any], list[Any], Any]) -> str:
         "is slower than conventional training when the image fits; Section 3 has the measured "
         "ratio.",
         "- float32: streamed and conventional runs sum the same terms in a different order, so "
-        "float32 results differ by rounding (tolerance 8 eps sqrt(pixels) per tensor) and two "
-        "float32 trainings drift apart over many steps, exactly as a reordered conventional run "
-        "does (Section 4). float64 is the exactness check.",
+        "float32 results differ by rounding (the checker's float32 tolerance grows with the square "
+        "root of the number of pixels summed, Section 2), and two float32 trainings drift apart "
+        "over many steps, as a conventional run with reordered sums also does (Section 4). "
+        "float64 is the exactness check.",
         "- The memory saving applies to the streamed part; the stitched output of the streamed "
         "part and its gradient are held whole, as is the input image.",
     ]
@@ -183,6 +186,9 @@ def _reason_and_fix(message: str) -> list[str]:
     line = message.strip().splitlines()[-1].strip() if message.strip() else ""
     line = re.sub(r"^- '[^']*': ", "", line)
     reason, _, fix = line.partition(" Fix: ")
+    if not fix and "; use " in line:  # the tile message: "...; use tile >= 7 or ..."
+        reason, _, fix = line.partition("; ")
+        reason = reason.removeprefix("streamcheck: ")
     return [reason.rstrip("."), fix.rstrip(".") or "-"]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .format import err, figure, missing_note, table
+from .format import err, figure, missing_note, relpath, table
 from .sources import Source, finite, get
 
 
@@ -60,11 +60,11 @@ def training_section(imn: Source, out_dir: Path) -> str:
             "",
             table(
                 [
-                    "",
+                    "final epoch",
                     "conventional",
                     "streaming",
-                    "|conventional - streaming|",
-                    "|conventional - control|",
+                    "abs. difference, streaming",
+                    "abs. difference, control run",
                 ],
                 rows,
             ),
@@ -103,7 +103,11 @@ def training_section(imn: Source, out_dir: Path) -> str:
         caption = ("STAND-IN data. " if synthetic else "") + captions.get(kind, path.name)
         parts += [figure(path, out_dir, f"Figure 4.{i}", caption, command), ""]
     parts += [
-        f"Details: `{imn.folder.name}/` ({label}_SUMMARY.md, if generated, and the CSV/JSON files)."
+        f"Details: [`{imn.folder.name}/{label}_SUMMARY.md`]"
+        f"({relpath(imn.folder / f'{label}_SUMMARY.md', out_dir)}) "
+        "and the CSV/JSON files next to it."
+        if (imn.folder / f"{label}_SUMMARY.md").exists()
+        else f"Details: the CSV/JSON files in `{imn.folder.name}/`."
     ]
     if imn.missing:
         parts += ["", "Missing: " + "; ".join(imn.missing) + "."]
