@@ -144,10 +144,16 @@ def _crop(
 
 
 def _fetch(graph: Graph, target: str) -> Any:
-    value: Any = graph.gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
+    """A constant from the live module (so replaced parameters are seen), else from the trace."""
+    for owner in (graph.root, graph.gm):
+        value: Any = owner
+        try:
+            for part in target.split("."):
+                value = getattr(value, part)
+        except AttributeError:
+            continue
+        return value
+    raise internal_error(f"constant {target!r} vanished from the module")
 
 
 def _evaluate(graph: Graph, fxn: fx.Node, values: dict[str, Any]) -> Any:

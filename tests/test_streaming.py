@@ -416,3 +416,39 @@ def test_reflect_padding_wider_than_the_kernel_half_reads_the_mirrored_pixels() 
         (2, 2, 23, 19),
         (9, 12),
     )  # fmt: skip
+
+
+class Scaled(nn.Module):
+    """A conv and a per-channel scale parameter, like ConvNeXt's layer scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(4, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * self.scale
+
+
+def test_parameters_used_as_constants_get_exact_gradients_and_stay_live() -> None:
+    module = Scaled()
+    assert_exact(module, (2, 3, 30, 30), 12)
+    streamed = Streamed(module, tile=12)
+    x = torch.randn(1, 3, 30, 30, dtype=torch.float64)
+    streamed(x)  # plan cached
+    module.scale = nn.Parameter(torch.full((4, 1, 1), 3.0, dtype=torch.float64))
+    assert relative_error(streamed(x), module(x)) <= F64_RTOL
+
+
+def test_per_pixel_constants_are_rejected() -> None:
+    class PositionBias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bias = nn.Parameter(torch.zeros(4, 32, 32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) + self.bias
+
+    with pytest.raises(StreamcheckError, match="varies along a spatial axis"):
+        streamcheck.plan(PositionBias(), (1, 3, 32, 32), tile=16)
