@@ -21,6 +21,7 @@ def test_examples_are_split_over_every_ndim() -> None:
         assert total < 3 or sum(counts.values()) == total
 
 
+@pytest.mark.slow
 def test_quick_record_is_well_formed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--quick", "--examples", "3", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "record.json").read_text())
@@ -57,6 +58,7 @@ def test_quick_record_is_well_formed(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert env["git_commit"] and env["torch_threads"] == 1 and env["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_trunk_entry_is_well_formed() -> None:
     """One (small) torchvision trunk through the same path as the record's trunk table."""
     pytest.importorskip("torchvision")

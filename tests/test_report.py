@@ -25,6 +25,7 @@ from suites.report.__main__ import build, main
 MiB = 2**20
 EQ_COMMAND = "python -m suites.equivalence --examples 7 --seed 7"
 BENCH_COMMAND = "python -m suites.benchmark --mode quick"
+NO_PEER = "lightstream is not installed (pip install lightstream lightning)"
 IMN_COMMAND = "python -m suites.imagenette --epochs 2 --control"
 SECTIONS = ("## 1. Environment", "## 2. Equivalence", "## 3. Memory and time", "## 4. Training", "## 5. Limits")  # fmt: skip
 
@@ -139,8 +140,8 @@ def benchmark_rows() -> list[dict[str, Any]]:
                "started_utc": "2031-01-02T05:06:07Z", "wall_s": 33.5}  # fmt: skip
         if status == "ok":
             out.update(time_s_median=t, peak_alloc_bytes=int(alloc * MiB),
-                       rss_delta_bytes=int(rss * MiB), **extra)  # fmt: skip
-        return out
+                       rss_delta_bytes=int(rss * MiB))  # fmt: skip
+        return out | extra
 
     return [
         row("conventional", 1024, None, 3.0123, 301.25, 333.75),
@@ -150,6 +151,7 @@ def benchmark_rows() -> list[dict[str, Any]]:
         row("streamcheck", 2048, 256, 19.75, 61.5, 80.25, n_tiles=81, grad_rel_error=4.75e-07),
         row("conventional", 4096, None, 0, 0, 0, status="oom", reason="MemoryError"),
         row("streamcheck", 4096, 512, 71.5, 301.5, 350.75, n_tiles=81),
+        row("lightstream", 2048, 512, 0, 0, 0, status="skipped", reason=NO_PEER),
     ]
 
 
@@ -360,7 +362,10 @@ def test_numbers_in_equivalence_and_memory_tables_come_from_the_fixtures(
 def test_missing_inputs_are_stated(built: tuple[Path, str, str]) -> None:
     _, md, _ = built
     mem = section(md, "## 3. Memory")
-    assert "No lightstream row" in mem  # the fixtures have none
+    assert (
+        f"No lightstream row**: the peer library was not measured in these result files ({NO_PEER})"
+        in mem
+    )
     assert "conventional 4096 px: oom" in mem
     assert "No GPU result" in section(md, "## 1. Environment")
 

@@ -203,10 +203,17 @@ def memory_section(bench: Source, out_dir: Path) -> str:
             + ".",
         ]
     if not _ok(rows, "lightstream"):
+        reasons = sorted(
+            {
+                str(r.get("reason"))
+                for r in rows
+                if r.get("method") == "lightstream" and r.get("reason")
+            }
+        )
         parts += [
             "",
-            "**No lightstream row**: the peer library was not measured in these result files "
-            "(its suite is skipped when lightstream is not installed).",
+            "**No lightstream row**: the peer library was not measured in these result files"
+            + (f" ({'; '.join(reasons)})." if reasons else "."),
         ]
     parts += ["", *_figures(bench, out_dir, command)]
     return "\n".join(parts)
