@@ -77,7 +77,7 @@ def test_quick_run_writes_labelled_files(run32) -> None:
         steps["trunk_weight_rel_diff_reordered"]
         < 0.01 * steps["trunk_update_rel_conventional"].cumsum()
     ).all()
-    assert "For scale" in (out / "STAND-IN_SUMMARY.md").read_text()
+    assert "half-batch sums" in (out / "STAND-IN_SUMMARY.md").read_text()
     for name in ("STAND-IN_fig4_curves.png", "STAND-IN_loss_difference.png"):
         assert (out / name).stat().st_size > 10_000
 
@@ -231,3 +231,20 @@ def test_batch_streams_repeat_exactly(tmp_path: Path) -> None:
     )
     other = list(stream().epoch(3))
     assert not torch.equal(first[0][0], other[0][0])
+
+
+def test_cli_on_a_real_layout_labels_outputs_imagenette(tmp_path: Path) -> None:
+    root = tmp_path / "imagenette"
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for wnid in D.WNIDS:
+            (root / split / wnid).mkdir(parents=True)
+            img = Image.fromarray(rng.integers(0, 255, (180, 200, 3), dtype=np.uint8))
+            img.save(root / split / wnid / f"{wnid}_1.JPEG")
+    out = tmp_path / "out"
+    args = ["--data", str(root), "--epochs", "1", "--image-size", "160", "--batch-size", "5"]
+    assert main([*args, "--steps-per-epoch", "1", "--out", str(out), "--quiet"]) == 0
+    meta = json.loads((out / "imagenette_run.json").read_text())
+    assert meta["dataset"] == "ImageNette" and not meta["synthetic"]
+    assert not list(out.glob("STAND-IN*"))
+    assert "STAND-IN" not in (out / "imagenette_SUMMARY.md").read_text()

@@ -13,8 +13,8 @@ labels it "STAND-IN".
 NOTE [ Identical data for both runs ]
 Rule 1. The epoch order is ``randperm(n)`` from a generator seeded with (seed, epoch).
 Rule 2. The augmentation of sample i in epoch e runs under ``torch.random.fork_rng`` seeded with
-        (seed, epoch, i), so it does not depend on what ran before it in the process (the other
-        run's forward pass, dropout-free as it is, or a test).
+        (seed, epoch, i), so it does not depend on whatever else drew from torch's global
+        generator before it (the other run, a test).
 Rule 3. Each run owns its own `BatchStream`; the training loop checks the two streams' batches
         are bitwise equal at every step, so "same data" is verified, not assumed.
 """
