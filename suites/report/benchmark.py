@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .format import PAPER, err, figure, mib, missing_note, sec, table
+from .format import PAPER, err, figure, mib, missing_note, relpath, sec, table
 from .sources import Source, finite, get
 
 
@@ -377,11 +377,25 @@ def _tile_table(rows: list[dict[str, Any]]) -> str:
     )
 
 
+# What each benchmark figure shows (file names from suites/benchmark/plots.py).
+FIGURE_CAPTIONS = {
+    "fig2_tile": "Fig. 2 replica: peak memory and time against the tile size, one input size.",
+    "fig3_input": "Fig. 3 replica: time and peak memory against the input size at one tile size; "
+    "conventional points it could not measure are estimated, as in the paper.",
+}
+
+
 def _figures(source: Source, out_dir: Path, command: str | None) -> list[str]:
     if not source.figures:
         return [f"No figures (`*.png`) in `{source.folder}`."]
     parts = []
     for i, path in enumerate(source.figures, 1):
-        title = path.stem.replace("_", " ")
-        parts += [figure(path, out_dir, f"Figure 3.{i}", f"{title} (`{path.name}`).", command), ""]
+        caption = FIGURE_CAPTIONS.get(path.stem, path.stem.replace("_", " ") + ".")
+        parts += [figure(path, out_dir, f"Figure 3.{i}", caption, command), ""]
+    summary = source.folder / "SUMMARY.md"
+    if summary.exists():
+        parts += [
+            f"The benchmark's own summary: [`{relpath(summary, out_dir)}`]({relpath(summary, out_dir)}).",
+            "",
+        ]
     return parts
