@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from suites.equivalence.__main__ import main
-from suites.equivalence.record import DTYPES, KINDS, NDIMS, examples_per_ndim
+from suites.equivalence.draws import examples_per_ndim
+from suites.equivalence.record import DTYPES, KINDS, NDIMS
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 

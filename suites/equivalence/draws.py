@@ -1,0 +1,166 @@
+"""Drawing the record's networks with the project's hypothesis strategies.
+
+The rules (R1, R2, R2b, R4) are NOTE [ The equivalence record ] in ``record.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import seed as hypothesis_seed
+from torch import nn
+
+import streamcheck
+from streamcheck.testing import (
+    SMOOTH_ACTIVATIONS,
+    StreamingCase,
+    check_streaming_equivalence,
+    streaming_cases,
+)
+from streamcheck.testing.strategies import _leaves
+
+# Rule R4: the options each dtype draws with (passed to streaming_cases).
+PADDING_MODES = ("zeros", "replicate")
+FLOAT32_OPTIONS = {"activations": SMOOTH_ACTIVATIONS, "pools": ("avg",)}
+REFLECT_BUG = "crashes on a border tile narrower than the padding (tests/test_properties.py, xfail)"
+
+
+def reflect_padding_streams() -> bool:
+    """Whether the engine streams the pinned reflect-padding case exactly (Rule R4)."""
+    module = nn.Sequential(nn.Conv1d(1, 1, 3, padding=2, padding_mode="reflect", bias=False))
+    try:
+        return check_streaming_equivalence(module, (1, 1, 5), tile=3).passed
+    except Exception:
+        return False
+
+
+def draw_options(*, reflect: bool) -> dict[str, dict[str, Any]]:
+    modes = (*PADDING_MODES, "reflect") if reflect else PADDING_MODES
+    return {
+        "float64": {"padding_modes": modes},
+        "float32": {"padding_modes": modes, **FLOAT32_OPTIONS},
+    }
+
+
+# Share of the examples per ndim: 1D and 3D exercise the same code paths as 2D.
+NDIM_SHARE = {1: 0.25, 2: 0.5, 3: 0.25}
+
+
+def examples_per_ndim(total: int) -> dict[int, int]:
+    """Split ``total`` networks per dtype over 1D/2D/3D (at least one each)."""
+    counts = {ndim: max(1, round(total * share)) for ndim, share in NDIM_SHARE.items()}
+    counts[2] = max(1, total - counts[1] - counts[3]) if total >= 3 else counts[2]
+    return counts
+
+
+def ill_posed(case: StreamingCase) -> str | None:
+    """The first layer whose plain output is non-finite on a finite input (Rule R2b), or None."""
+    found: list[str] = []
+    named = [(name, m) for name, m in case.module.named_modules() if not list(m.children())]
+    handles = [
+        m.register_forward_hook(
+            lambda _m, _args, out, name=name: (
+                found.append(name) if not found and not bool(torch.isfinite(out).all()) else None
+            )
+        )
+        for name, m in named
+    ]
+    try:
+        with torch.no_grad():
+            x = torch.randn(case.image_shape, generator=torch.Generator().manual_seed(case.seed))
+            case.module(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return f"'{found[0]}' outputs non-finite values on a finite input" if found else None
+
+
+def draw_cases(
+    ndim: int, n: int, *, seed: int, options: dict[str, Any]
+) -> tuple[list[StreamingCase], dict[str, int]]:
+    """``n`` streamed cases (>= 2 tiles) drawn by hypothesis (Rules R1, R2, R2b); and the skips."""
+    cases: list[StreamingCase] = []
+    skipped = {"single_tile_draws_skipped": 0, "ill_posed_draws_skipped": 0}
+
+    @hypothesis_seed(seed)
+    @settings(
+        max_examples=n,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(streaming_cases(ndim=ndim, **options))
+    def collect(case: StreamingCase) -> None:
+        try:
+            n_tiles = streamcheck.plan(case.module, case.image_shape, tile=case.tile).n_tiles
+        except Exception:  # recorded as a failure when checked (Rule R3)
+            n_tiles = 2
+        if n_tiles < 2:
+            skipped["single_tile_draws_skipped"] += 1
+        assume(n_tiles >= 2)
+        problem = ill_posed(case)
+        if problem is not None:
+            skipped["ill_posed_draws_skipped"] += 1
+        assume(problem is None)
+        cases.append(case)
+
+    collect()
+    return cases, skipped
+
+
+def layer_kinds(module: nn.Module) -> list[str]:
+    """Leaf layer kinds, with the options that change the streaming arithmetic."""
+    kinds = []
+    for layer in _leaves(module):
+        name = type(layer).__name__
+        if isinstance(layer, nn.GELU) and layer.approximate == "tanh":
+            name = "GELU(tanh)"
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm | nn.modules.dropout._DropoutNd):
+            name += " (train)" if layer.training else " (eval)"
+        kinds.append(name)
+        kinds.extend(f"{type(layer).__name__}: {f}" for f in _features(layer))
+    return kinds
+
+
+def _features(layer: nn.Module) -> list[str]:
+    """Options of a window layer worth counting (they change tiles and padding)."""
+    out: list[str] = []
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        if max(layer.stride) > 1:
+            out.append("stride > 1")
+        if max(layer.dilation) > 1:
+            out.append("dilation > 1")
+        if layer.groups > 1:
+            out.append("groups > 1")
+        if isinstance(layer.padding, str):
+            out.append(f"padding='{layer.padding}'")
+        elif max(layer.padding) > 0:
+            out.append("padding > 0")
+        if layer.padding_mode != "zeros":
+            out.append(f"padding_mode='{layer.padding_mode}'")
+        if layer.bias is None:
+            out.append("no bias")
+    elif isinstance(layer, nn.modules.pooling._MaxPoolNd | nn.modules.pooling._AvgPoolNd):
+        pool: Any = layer
+        if pool.ceil_mode:
+            out.append("ceil_mode")
+        padding = pool.padding if isinstance(pool.padding, tuple) else (pool.padding,)
+        if max(padding) > 0:
+            out.append("padding > 0")
+        stride = pool.stride if isinstance(pool.stride, tuple) else (pool.stride,)
+        kernel = pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size,)
+        if tuple(stride) != tuple(kernel):
+            out.append("stride != kernel")
+        if isinstance(layer, nn.modules.pooling._MaxPoolNd):
+            dilation = pool.dilation if isinstance(pool.dilation, tuple) else (pool.dilation,)
+            if max(dilation) > 1:
+                out.append("dilation > 1")
+        else:
+            if not pool.count_include_pad:
+                out.append("count_include_pad=False")
+            if getattr(pool, "divisor_override", None) is not None:
+                out.append("divisor_override")
+    return out
