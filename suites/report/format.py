@@ -84,3 +84,11 @@ def missing_note(source: Source, command: str) -> list[str]:
     """Rule P2 (render.py): say what is missing and which command makes it."""
     notes = source.missing or [f"no result files in `{source.folder}`"]
     return [f"**Not available**: {'; '.join(notes)}. Produce them with `{command}`.", ""]
+
+
+def commit(sha: Any) -> str:
+    """A git commit as recorded, shortened to 12 hex digits (``+dirty`` kept)."""
+    if not sha:
+        return "(not recorded)"
+    head, plus, rest = str(sha).partition("+")
+    return f"`{head[:12]}{plus}{rest}`"

@@ -24,7 +24,7 @@ from typing import Any
 
 from .benchmark import key_ratios, memory_section, row_values
 from .equivalence import equivalence_section
-from .format import PAPER, code, err, git_commit, plural, table
+from .format import PAPER, commit, err, git_commit, plural, table
 from .sources import Source, finite, get
 from .training import training_section
 
@@ -38,7 +38,7 @@ def environment_section(eq: Source, bench: Source, imn: Source, report_env: dict
             [
                 "equivalence record",
                 get(eq.data, "metadata", "finished_utc", default="n/a"),
-                code(e.get("git_commit")),
+                commit(e.get("git_commit")),
                 get(e, "versions", "python", default="n/a"),
                 get(e, "versions", "torch", default="n/a"),
                 get(e, "versions", "torchvision", default="n/a"),
@@ -55,7 +55,7 @@ def environment_section(eq: Source, bench: Source, imn: Source, report_env: dict
             [
                 "benchmark" + (" (quick mode)" if bench.data.get("quick") else ""),
                 f"{dates[0]} to {dates[-1]}" if len(dates) > 1 else (dates or ["n/a"])[0],
-                ", ".join(code(c) for c in commits) or "n/a",
+                ", ".join(commit(c) for c in commits) or "n/a",
                 row_values(brow, "python_version"),
                 row_values(brow, "torch_version"),
                 "not recorded",
@@ -70,7 +70,7 @@ def environment_section(eq: Source, bench: Source, imn: Source, report_env: dict
             [
                 f"ImageNette suite ({imn.data['label']})",
                 get(imn.data, "run", "finished_utc", default="n/a"),
-                code(env.get("git_commit")),
+                commit(env.get("git_commit")),
                 env.get("python", "n/a"),
                 env.get("torch", "n/a"),
                 env.get("torchvision", "n/a"),
@@ -83,7 +83,7 @@ def environment_section(eq: Source, bench: Source, imn: Source, report_env: dict
         [
             "this report",
             report_env["date"],
-            code(report_env["git_commit"]),
+            commit(report_env["git_commit"]),
             report_env["python"],
             report_env["torch"],
             report_env["torchvision"],
