@@ -376,7 +376,7 @@ def _make_record(
             "environment": environment(),
         },
         "method": {
-            "checker": "streamcheck.testing.check_streaming_equivalence (default tolerances)",
+            "checker": "streamcheck.testing.check_streaming_equivalence",
             "strategy": "streamcheck.testing.streaming_cases",
             "draw_options": {
                 dtype: {

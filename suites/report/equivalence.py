@@ -25,7 +25,7 @@ def equivalence_section(eq: Source) -> str:
         f"`{method.get('strategy', 'the project strategies')}`, seed {meta.get('seed', 'n/a')}) and "
         f"{len(trunks)} torchvision trunk checks were each run twice -- plainly and streamed tile by "
         f"tile -- on the same weights and input, and the output, the input gradient and every "
-        f"parameter gradient compared ({method.get('checker', 'the equivalence checker')}): "
+        f"parameter gradient compared by `{method.get('checker', 'the equivalence checker')}`: "
         f"{verdict}. Errors are max |streamed - plain| / max |plain| per tensor; the table gives "
         "the worst over all networks of each dtype.",
         "",
