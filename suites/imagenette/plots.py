@@ -226,6 +226,7 @@ def write_summary(out_dir: Path | str, label: str) -> Path:
     else:
         yardstick = ""
     growth = tw.iloc[-1] / max(tw.iloc[0], 1e-300)
+    on = "CPU" if env["device"] == "cpu" else env["device"]
     rounding = "float32 drift" if env["dtype"] == "float32" else f"{env['dtype']} rounding"
     reading = (
         f"From the same He-initialised weights and bitwise-identical batches, conventional and streaming "
@@ -242,7 +243,7 @@ def write_summary(out_dir: Path | str, label: str) -> Path:
             else f"The difference is {rounding} that stays between {_fmt(tw.min())} and {_fmt(tw.max())} "
             f"(relative trunk-weight distance) over {_n(len(steps), 'step')}{yardstick}"
         )
-        + f", as the paper says of its Fig. 4 -- here on {where}, {_n(meta['epochs_completed'], 'epoch')} on CPU, "
+        + f", as the paper says of its Fig. 4 -- here on {where}, {_n(meta['epochs_completed'], 'epoch')} on {on}, "
         "not 200 epochs of ImageNette on a GPU."
     )
     lines = [
@@ -330,7 +331,7 @@ def write_summary(out_dir: Path | str, label: str) -> Path:
         "",
         f"Streaming / conventional step time: {tm['streaming_over_conventional']:.2f} (median). "
         f"One ImageNette epoch of both runs would take about {both:.0f} min here, so the paper's 200 epochs about "
-        f"{both * 200 / 60 / 24:.1f} days of this CPU: the real run wants a GPU.",
+        f"{both * 200 / 60 / 24:.1f} days on this {'CPU: the real run wants a GPU' if on == 'CPU' else 'device'}.",
         "",
     ]
     p = out_dir / f"{label}_SUMMARY.md"

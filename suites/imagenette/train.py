@@ -62,6 +62,7 @@ class Config:
     steps_per_epoch: int | None = None  # cap (quick runs and tests); None = whole train split
     max_minutes: float | None = None  # stop after the epoch that would overrun this budget
     control: bool = False  # also train the CONTROL run
+    device: str = "cpu"  # "cuda" works in principle (TF32 off); only the CPU path is tested
     command: tuple[str, ...] = field(default_factory=lambda: tuple(sys.argv))
 
     @property
@@ -110,7 +111,8 @@ def environment(cfg: Config) -> dict:
         "numpy": numpy.__version__,
         "pandas": pd.__version__,
         "git_commit": _git_commit(),
-        "device": "cpu",
+        "device": cfg.device
+        + (f" ({torch.cuda.get_device_name(cfg.device)})" if cfg.device.startswith("cuda") else ""),
         "cpu": _cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "dtype": cfg.dtype,
@@ -126,13 +128,16 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / a.norm())
 
 
-def evaluate(model: nn.Module, stream: D.BatchStream, dtype: torch.dtype) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, stream: D.BatchStream, dtype: torch.dtype, device: torch.device
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over the whole tuning split."""
     model.eval()
     total_loss, correct, n = 0.0, 0, 0
     with torch.no_grad():
         for x, y in stream.epoch(0):
-            logits = model(x.to(dtype))
+            x, y = x.to(device, dtype), y.to(device)
+            logits = model(x)
             total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             n += len(y)
@@ -156,7 +161,13 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
     started_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     # Rule 1: one initialisation, two (three with the control) copies.
-    base = he_init_(Table1Net(image_size=cfg.image_size), seed=cfg.seed).to(dtype)
+    device = torch.device(cfg.device)
+    if device.type == "cuda":  # TF32 would limit float32 to ~1e-3 (REFERENCE.md, pitfalls)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    base = he_init_(Table1Net(image_size=cfg.image_size), seed=cfg.seed).to(device, dtype)
     runs = RUNS + ((CONTROL,) if cfg.control else ())
     tile, plan, refusals = choose_tile(
         base.trunk, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), requested=cfg.tile
@@ -311,21 +322,23 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
             for r in runs:  # Rule 3
                 model, opt = models[r], opts[r]
                 x, y = batches.get(r, batches["conventional"])
+                x, y = x.to(device, dtype), y.to(device)
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
                 if r == CONTROL:  # the same mean loss and gradient, summed over two half batches
                     h = (len(y) + 1) // 2
                     loss = sum(
-                        nn.functional.cross_entropy(model(xp.to(dtype)), yp, reduction="sum")
-                        / len(y)
+                        nn.functional.cross_entropy(model(xp), yp, reduction="sum") / len(y)
                         for xp, yp in ((x[:h], y[:h]), (x[h:], y[h:]))
                         if len(yp)
                     )
                     loss.backward()
                 else:
-                    loss = nn.functional.cross_entropy(model(x.to(dtype)), y)
+                    loss = nn.functional.cross_entropy(model(x), y)
                     loss.backward()
                 opt.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 row[f"time_s_{r}"] = time.perf_counter() - t0
                 row[f"loss_{r}"] = loss.detach().item()
                 train_loss_sum[r] += row[f"loss_{r}"] * len(y)
@@ -367,7 +380,7 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
         erow: dict = {"epoch": epoch, "step": global_step}
         for r in runs:
             t0 = time.perf_counter()
-            vloss, vacc = evaluate(models[r], val_stream, dtype)
+            vloss, vacc = evaluate(models[r], val_stream, dtype, device)
             erow[f"eval_time_s_{r}"] = time.perf_counter() - t0
             erow[f"train_loss_{r}"] = train_loss_sum[r] / n_seen
             erow[f"val_loss_{r}"] = vloss
