@@ -120,13 +120,29 @@ def environment_section(eq: Source, bench: Source, imn: Source, report_env: dict
             "",
             f"No result files were found for: {', '.join(missing)} (see the sections below).",
         ]
-    if not any("cuda" in str(r[7]).lower() or "gpu" in str(r[7]).lower() for r in rows):
+    devices = _devices(eq, bench, imn)
+    gpu = sorted(d for d in devices if not d.startswith("cpu"))
+    if gpu:
+        parts += ["", f"GPU results: {', '.join(gpu)} (the rest on CPU)."]
+    else:
         parts += [
             "",
             "**No GPU result**: every number in this report was measured on CPU. The paper's "
             f"Figs 2-3 were measured on an {PAPER['hardware']}; compare ratios, not seconds or bytes.",
         ]
     return "\n".join(parts)
+
+
+def _devices(eq: Source, bench: Source, imn: Source) -> set[str]:
+    """The devices the result files say they ran on ("cpu", "cuda ...")."""
+    found = {str(get(eq.data, "metadata", "environment", "device", default="cpu"))}
+    for r in bench.data.get("rows", []) if bench.found else []:
+        if r.get("status") == "ok":
+            device = str(r.get("device", "cpu"))
+            found.add(device if device == "cpu" else f"{device} ({r.get('device_name', '?')})")
+    if imn.found:
+        found.add(str(get(imn.data, "run", "environment", "device", default="cpu")))
+    return found
 
 
 # ------------------------------------------------------------------------------- 5. limits
