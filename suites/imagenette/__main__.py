@@ -1,8 +1,10 @@
 """python -m suites.imagenette: paper Section 5 / Table 1 / Fig 4, conventional vs streaming.
 
-python -m suites.imagenette --quick              # minutes on 2 CPU cores, STAND-IN, temp dir
-python -m suites.imagenette                      # the committed STAND-IN report
+python -m suites.imagenette --quick              # ~1 min on 2 CPU cores, STAND-IN, temp dir
+python -m suites.imagenette                      # STAND-IN, 8 epochs, into reports/imagenette
 python -m suites.imagenette --data PATH --epochs 200   # the real run (ImageNette layout)
+
+See reports/imagenette/README.md for the paper's settings, our reading of them, and the outputs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from . import data as D
 
 REPO = Path(__file__).resolve().parents[2]
 REPORT_DIR = REPO / "reports" / "imagenette"
-# The committed STAND-IN report: what fits in ~25 min of 2 shared CPU cores (both runs).
+# The committed STAND-IN report: what fit in ~25 min of 2 shared CPU cores (3 runs with --control).
 STANDIN_REPORT_EPOCHS = 8
 STANDIN_REPORT_SPEC = D.StandinSpec(train_per_class=20, val_per_class=10)
 QUICK = {
