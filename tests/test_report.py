@@ -404,3 +404,13 @@ def test_report_without_any_result_files(
     assert [h in md for h in SECTIONS] == [True] * len(SECTIONS)
     assert md.count("**Not available**") == 3
     assert "report.html" in capsys.readouterr().out
+
+
+def test_gpu_rows_are_named(tmp_path: Path) -> None:
+    from suites.report.sources import Source
+
+    gpu_row = {**benchmark_rows()[0], "device": "cuda", "device_name": "Fixture GPU"}
+    bench = Source("benchmark", tmp_path, data={"rows": [gpu_row]})
+    empty = Source("equivalence", tmp_path), Source("imagenette", tmp_path)
+    text = render.environment_section(empty[0], bench, empty[1], render.report_environment())
+    assert "GPU results: cuda (Fixture GPU)" in text and "No GPU result" not in text
