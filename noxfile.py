@@ -75,6 +75,13 @@ def benchmark(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def gate(session: nox.Session) -> None:
+    """CI regression gate: streaming memory and time at 2048² within suites/benchmark/ceilings.toml."""
+    install(session, "bench")
+    session.run("python", "-m", "suites.benchmark", "--gate", *session.posargs)
+
+
+@nox.session(default=False)
 def reproduce(session: nox.Session) -> None:
     """Run the Imagenette training reproduction: python -m suites.imagenette {posargs}."""
     install(session, "bench")
