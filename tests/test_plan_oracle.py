@@ -7,7 +7,9 @@ dependency), and the image is all ones. Then, for every input pixel p, the image
 p. Weights are positive, so no contribution can cancel; a max-pool window containing p now has p as
 its maximum; average pooling divides by a positive count. Replicate padding copies p into the
 border, which is a real dependency and is found too. The dependency sets (supports) are exact,
-including the gaps of dilated kernels and what padding clips away.
+including the gaps of dilated kernels and what padding clips away. (One blind spot: a dilated
+max-pool window lying wholly in the padding outputs -inf, and anything summed with it stays -inf,
+so dependencies behind it go unseen. That can only weaken the check, never fail it wrongly.)
 
 Then, for ``streamcheck.plan(module, shape, tile=tile)``:
   (a) the output boxes partition the output: every output element is owned exactly once;

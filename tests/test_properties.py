@@ -59,9 +59,8 @@ TINY = torch.finfo(torch.float64).tiny
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max|a - b| / max|b|`` (``b`` the reference), computed in float64.
 
-    Equal non-finite entries count as equal: a max-pool window lying wholly in the padding gives
-    -inf (PyTorch allows it when dilation > 1), and what follows may be inf or NaN in both runs.
-    Any other non-finite difference is an infinite error.
+    Equal non-finite entries (inf, NaN in both) count as equal; any other non-finite difference
+    is an infinite error.
     """
     a, b = a.detach().double(), b.detach().double()
     assert a.shape == b.shape, f"shape {tuple(a.shape)} != reference {tuple(b.shape)}"
@@ -165,16 +164,6 @@ def check_parameter_gradients(case: StreamingCase, *, input_grad: bool) -> None:
         assert_close("input gradient", streamed.input_grad, plain.input_grad, FLOAT64_RTOL)
 
 
-# A max-pool window wholly in the padding (dilation 2): the output is -inf in both runs.
-ALL_PADDING_WINDOW = StreamingCase(
-    nn.Sequential(nn.MaxPool2d((1, 2), stride=(1, 2), padding=(0, 1), dilation=(1, 2))),
-    (1, 1, 1, 1),
-    (1, 3),
-    seed=0,
-)
-
-
-@example(ALL_PADDING_WINDOW)
 @given(streaming_cases(ndim=2, **STACKS))
 def test_output_equals_plain_2d(case: StreamingCase) -> None:
     """Property 1."""
@@ -187,7 +176,6 @@ def test_parameter_gradients_equal_plain_2d(case: StreamingCase) -> None:
     check_parameter_gradients(case, input_grad=False)
 
 
-@example(ALL_PADDING_WINDOW)
 @given(streaming_cases(ndim=2, **STACKS))
 def test_input_gradient_equals_plain_2d(case: StreamingCase) -> None:
     """Property 3 (saliency maps), with the parameter gradients of the same backward."""

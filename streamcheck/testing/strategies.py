@@ -15,7 +15,9 @@ Rule 3. Output sizes follow PyTorch: convolutions ``floor((n + pl + pr - d*(k-1)
         pooling the same with ``pl = pr = p``, rounded up under ceil_mode, minus one when the last
         window would start in the right padding. A draw is valid when every layer's output has
         at least one element, reflect padding is smaller than its input and AvgPool3d's input is
-        at least its kernel (both checked by PyTorch).
+        at least its kernel (both checked by PyTorch), and no dilated max-pool window lies wholly
+        in the padding: PyTorch (2.15) accepts that, outputs -inf with an out-of-range index, and
+        its backward then writes out of bounds (heap corruption).
 Rule 4. Layers are drawn against a receptive-field budget (``max_receptive_field_px``): a layer
         may only grow F up to it, so the smallest legal tile (F) stays within the image sizes
         drawn by default and the number of tiles stays small.
@@ -101,6 +103,12 @@ class _Window:
         out = (span + (self.stride - 1 if self.ceil_mode else 0)) // self.stride + 1
         if self.ceil_mode and (out - 1) * self.stride >= n + self.pad_left:
             out -= 1
+        if self.dilation > 1 and any(  # Rule 3: a window wholly in the padding
+            not any(0 <= t < n for t in range(o * self.stride - self.pad_left, n + self.pad_right,
+                                               self.dilation)[: self.kernel])
+            for o in range(out)
+        ):  # fmt: skip
+            return 0
         return out
 
 
