@@ -16,7 +16,7 @@ import torch
 
 from .record import REPO, main_command, make_record, write_record
 
-DEFAULT_EXAMPLES = 750
+DEFAULT_EXAMPLES = 1000
 QUICK_EXAMPLES = 6
 
 
