@@ -274,11 +274,21 @@ def _headline(eq: Source, bench: Source) -> list[str]:
             ),
             default=None,
         )
-        n_fail = len(eq.data.get("failures", []))
+        failures = eq.data.get("failures", [])
+        rounding = sum(1 for f in failures if get(f, "float64_recheck", "passed") is True)
+        note = ""
+        if rounding:
+            note = (
+                " (float32 rounding beyond tolerance; the same networks are exact in float64)"
+                if rounding == len(failures)
+                else f" ({rounding} of them float32 rounding, exact in float64)"
+            )
+        rtol64 = get(w, "float64", "output", "rtol")
         lines.append(
             f"- **Exact?** {s.get('n_cases', 'n/a')} generated networks and "
-            f"{len(eq.data.get('trunks', []))} torchvision trunk checks: {plural(n_fail, 'failure')}; worst "
-            f"float64 relative error {err(worst64)}."
+            f"{len(eq.data.get('trunks', []))} torchvision trunk checks: "
+            f"{plural(len(failures), 'failure')}{note}; worst float64 relative error "
+            f"{err(worst64)}" + (f" (tolerance {rtol64:g})." if finite(rtol64) else ".")
         )
     else:
         lines.append("- **Exact?** No equivalence record found.")
