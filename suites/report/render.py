@@ -279,7 +279,9 @@ def _headline(eq: Source, bench: Source) -> list[str]:
         note = ""
         if rounding:
             note = (
-                " (float32 rounding beyond tolerance; the same networks are exact in float64)"
+                " (float32 rounding beyond tolerance; "
+                + ("the same network is" if rounding == 1 else "the same networks are")
+                + " exact in float64)"
                 if rounding == len(failures)
                 else f" ({rounding} of them float32 rounding, exact in float64)"
             )
