@@ -170,6 +170,8 @@ def write_fixtures(reports: Path) -> None:
     imn = reports / "imagenette"
     imn.mkdir(parents=True)
     write_imagenette(imn)
+    (imn / "float64").mkdir()
+    write_imagenette(imn / "float64", dtype="float64", plots=False)
 
 
 def _png(path: Path) -> None:
@@ -184,7 +186,7 @@ def _png(path: Path) -> None:
     plt.close(fig)
 
 
-def write_imagenette(folder: Path) -> None:
+def write_imagenette(folder: Path, *, dtype: str = "float32", plots: bool = True) -> None:
     """The three result files of ``suites.imagenette`` (schema of ``train.py``) and its PNGs."""
     from suites.imagenette.plots import plot_run
 
@@ -216,7 +218,7 @@ def write_imagenette(folder: Path) -> None:
         "steps_completed": 4, "steps_per_epoch": 2, "finished_utc": "2031-01-02T07:08:09+00:00",
         "environment": {"python": "3.99.1", "torch": "9.8.7", "torchvision": "0.77.6",
                         "streamcheck": "0.5.4", "git_commit": "0ddba11", "device": "cpu",
-                        "cpu": "Fixture CPU", "torch_threads": 1, "dtype": "float32"},
+                        "cpu": "Fixture CPU", "torch_threads": 1, "dtype": dtype},
         "streaming": {"n_tiles_per_image": 49, "tile_px": 32},
     }  # fmt: skip
     for name, rows in (("steps", steps), ("epochs", epochs)):
@@ -225,7 +227,8 @@ def write_imagenette(folder: Path) -> None:
             writer.writeheader()
             writer.writerows(rows)
     (folder / "STAND-IN_run.json").write_text(json.dumps(run))
-    plot_run(folder, "STAND-IN")
+    if plots:
+        plot_run(folder, "STAND-IN")
 
 
 @pytest.fixture(scope="module")
@@ -344,6 +347,8 @@ def test_fixture_values_appear(built: tuple[Path, str, str]) -> None:
     train = section(md, "## 4. Training")
     for value in ("2.345678", "2.345912", "2.34e-04", "0.375", "49 tiles of 32 px"):
         assert value in train, value
+    # the float64 run in a subfolder: its largest per-step relative loss difference (step 4)
+    assert f"| `float64/` (STAND-IN) | float64 | 4 | {4 * 4.5e-08:.2e} |" in train
 
 
 def test_numbers_in_equivalence_and_memory_tables_come_from_the_fixtures(
@@ -374,7 +379,7 @@ def test_stand_in_is_labelled_and_captions_give_commands(built: tuple[Path, str,
     _, md, _ = built
     train = section(md, "## 4. Training")
     assert "STAND-IN data, not ImageNette" in train
-    assert train.count(f"`{IMN_COMMAND}`") == 2  # both figures
+    assert train.count(f"Produced by `{IMN_COMMAND}`") == 2  # both figures
     assert f"`{BENCH_COMMAND}`" in section(md, "## 3. Memory")
     assert EQ_COMMAND in section(md, "## 2. Equivalence")
 

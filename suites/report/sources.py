@@ -141,6 +141,7 @@ def load_imagenette(reports: Path) -> Source:
     steps = read_csv(source.folder / f"{label}_steps.csv", source.missing)
     if isinstance(run, dict):
         source.data = {"label": label, "run": run, "epochs": epochs, "steps": steps}
+        source.data["other_runs"] = _other_runs(source.folder, source.missing)
     source.figures = [
         p
         for p in (
@@ -153,3 +154,15 @@ def load_imagenette(reports: Path) -> Source:
         if not (source.folder / f"{label}_{name}.png").exists():
             source.missing.append(f"`{label}_{name}.png` not found in `{source.folder}`")
     return source
+
+
+def _other_runs(folder: Path, missing: list[str]) -> list[dict[str, Any]]:
+    """Runs in subfolders of ``imagenette/`` (e.g. a float64 run), with their step rows."""
+    runs = []
+    for path in sorted(folder.glob("*/*_run.json")):
+        run = read_json(path, missing)
+        label = path.name.removesuffix("_run.json")
+        steps = read_csv(path.parent / f"{label}_steps.csv", missing)
+        if isinstance(run, dict):
+            runs.append({"folder": path.parent.name, "label": label, "run": run, "steps": steps})
+    return runs

@@ -92,6 +92,14 @@ def training_section(imn: Source, out_dir: Path) -> str:
         line += f"; after the last step the streamed trunk's weights are {err(trunk)} apart (relative norm)"
         line += f" (control: {err(trunk_c)})." if finite(trunk_c) else "."
         parts += ["", line]
+    others = imn.data.get("other_runs", [])
+    if others:
+        parts += [
+            "",
+            "Other runs of the same suite (in subfolders):",
+            "",
+            _other_runs_table(others),
+        ]
     parts += [""]
     command = run.get("command")
     captions = {
@@ -116,3 +124,43 @@ def training_section(imn: Source, out_dir: Path) -> str:
 
 def _int(value: Any) -> str:
     return str(int(value)) if finite(value) else "n/a"
+
+
+def _other_runs_table(runs: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in runs:
+        run, steps = r["run"], r["steps"]
+
+        def worst(key: str, steps: list[dict[str, Any]] = steps) -> str:
+            values = [s[key] for s in steps if finite(s.get(key))]
+            return err(max(values)) if values else "n/a"
+
+        def last(key: str, steps: list[dict[str, Any]] = steps) -> str:
+            return err(steps[-1].get(key)) if steps else "n/a"
+
+        rows.append(
+            [
+                f"`{r['folder']}/` ({r['label']})",
+                get(run, "environment", "dtype", default="n/a"),
+                run.get("steps_completed", len(steps)),
+                worst("loss_rel_diff"),
+                worst("loss_rel_diff_reordered"),
+                last("trunk_weight_rel_diff"),
+                last("trunk_weight_rel_diff_reordered"),
+                f"`{run.get('command', 'n/a')}`",
+            ]
+        )
+    return table(
+        [
+            "run",
+            "dtype",
+            "steps",
+            "max rel. loss difference, streaming",
+            "same, control",
+            "trunk weight rel. difference at the end, streaming",
+            "same, control",
+            "command",
+        ],
+        rows,
+        align="llrrrrrl",
+    )
