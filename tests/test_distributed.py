@@ -17,6 +17,7 @@ broken rendezvous fails the test instead of hanging it.
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import time
@@ -181,3 +182,37 @@ def test_ddp_accumulation_with_no_sync_equals_one_plain_step_over_all_images(
     # the all-reduce averages over WORLD: the gradient of the mean loss over all images.
     for result in ranks:
         assert_all_close(result["accumulated_grads"], plain["grads"], plain["names"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ddp_without_device_ids_leaves_a_host_image_on_the_host(tmp_path: Path) -> None:
+    # docs/SCALING.md, "Host-resident images": with device_ids, DDP's forward moves its inputs to
+    # that GPU (the whole image); without, the pinned uint8 image reaches Streamed on the host.
+    backend = "nccl" if dist.is_nccl_available() else "gloo"
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group(backend, store=store, rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3))
+        head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(2, 3))
+        plain = copy.deepcopy(nn.Sequential(trunk, head)).double()  # the oracle, on the CPU
+        image = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8).pin_memory()
+        label = torch.tensor([1])
+        streamed = Streamed(trunk, tile=24, tile_transform=lambda t: t.double() / 255)
+        seen: list[torch.device] = []
+        streamed.register_forward_pre_hook(lambda module, args: seen.append(args[0].device))
+        model = nn.Sequential(streamed, head).double().cuda()
+
+        with torch.no_grad():  # no backward for this DDP: its reducer must not expect one
+            DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])(image)
+        assert seen.pop().type == "cuda"  # the pitfall: the whole image was copied to the GPU
+        ddp = DistributedDataParallel(model)
+        nn.functional.cross_entropy(ddp(image), label.cuda()).backward()
+        assert seen.pop().type == "cpu"
+        nn.functional.cross_entropy(plain(image.double() / 255), label).backward()
+        pairs = zip(model.parameters(), plain.named_parameters(), strict=True)
+        for got, (name, want) in pairs:
+            assert relative_error(got.grad.cpu(), want.grad) <= F64_RTOL, name
+    finally:
+        dist.destroy_process_group()
