@@ -16,14 +16,15 @@ from . import limits, render, sources
 REPO = Path(__file__).resolve().parents[2]
 
 
-def build(reports: Path, out: Path) -> list[Path]:
+def build(reports: Path, out: Path, *, command: str = "python -m suites.report") -> list[Path]:
     """Write ``out/REPORT.md`` and ``out/report.html`` from the result files under ``reports``."""
     eq = sources.load_equivalence(reports)
     bench = sources.load_benchmark(reports)
     imn = sources.load_imagenette(reports)
     verdicts = limits.all_verdicts()
     out.mkdir(parents=True, exist_ok=True)
-    text = render.markdown_report(eq, bench, imn, verdicts, out, render.report_environment())
+    env = render.report_environment() | {"command": command}
+    text = render.markdown_report(eq, bench, imn, verdicts, out, env)
     md_path, html_path = out / "REPORT.md", out / "report.html"
     md_path.write_text(text)
     html_path.write_text(render.to_html(text, out, "streamcheck reproducibility report"))
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, help="output folder (default: the --reports folder)")
     args = p.parse_args(argv)
-    for path in build(args.reports, args.out or args.reports):
+    command = " ".join(["python -m suites.report", *(sys.argv[1:] if argv is None else argv)])
+    for path in build(args.reports, args.out or args.reports, command=command):
         print(path)
     return 0
 

@@ -257,8 +257,38 @@ def markdown_report(
         "",
         limits_section(verdicts),
         "",
+        commands_section(eq, bench, imn, env.get("command", "python -m suites.report")),
+        "",
     ]
     return "\n".join(sections)
+
+
+def commands_section(eq: Source, bench: Source, imn: Source, this: str) -> str:
+    """The command lines recorded in the result files, in the order a reader would rerun them."""
+    rows = []
+    if eq.found:
+        rows.append(
+            ["equivalence record", f"`{get(eq.data, 'metadata', 'command', default='n/a')}`"]
+        )
+    if bench.found:
+        commands = sorted({str(r["command"]) for r in bench.data["rows"] if r.get("command")})
+        rows += [["benchmark", f"`{c}`"] for c in commands]
+    if imn.found:
+        rows.append(["training", f"`{get(imn.data, 'run', 'command', default='n/a')}`"])
+        rows += [
+            ["training", f"`{r['run'].get('command', 'n/a')}`"]
+            for r in imn.data.get("other_runs", [])
+        ]
+    rows.append(["this report", f"`{this}`"])
+    return "\n".join(
+        [
+            "## Commands that produced this report",
+            "",
+            "As recorded in the result files (run from the repository root):",
+            "",
+            table(["result", "command"], rows, align="ll"),
+        ]
+    )
 
 
 def _headline(eq: Source, bench: Source) -> list[str]:
