@@ -18,10 +18,10 @@ Rule R3. Each case is run by ``check_streaming_equivalence`` with its default to
 Rule R4. float64 draws every layer option the strategies know. Reflect padding only if the
          engine streams the known narrow-border case exactly (``reflect_padding_streams``): it
          crashed there (pinned by ``tests/test_properties.py``), and a crash is not news each run.
-         float32 draws smooth
-         activations and average pools only: at a ReLU kink or a max-pool tie a rounding
-         difference flips the gradient by O(1), so no float32 tolerance can hold there (float64
-         covers kinked networks exactly); see NOTE [ float32 tolerance ] in test_properties.py.
+         float32 draws smooth activations and average pools only: at a ReLU kink or a max-pool
+         tie a rounding difference flips the gradient by O(1), so no float32 tolerance can hold
+         there (float64 covers kinked networks exactly); see NOTE [ float32 tolerance ] in
+         tests/test_properties.py. The drawing is ``draws.py``.
 Rule R5. Errors are relative to the reference's largest magnitude (checker Rule 3); the record
          keeps, per case, the worst relative error per kind (output, param_grad, input_grad) and,
          per dtype, the worst over all cases with the case that reached it.
