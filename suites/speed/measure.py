@@ -1,0 +1,245 @@
+"""Configurations measured in this (fresh) process; prints one JSON result line for each.
+
+``python -m suites.speed.measure '[<config as JSON>, ...]'`` -- run by ``python -m suites.speed``
+with one process per timed configuration, so that a compiled graph, the allocator and peak RSS of
+one never leak into another (the float64 checks share one process).
+
+The measured body is ``step``: zero the gradients, forward, ``output.sum().backward()``. Setup
+(network, image, memory format, compilation) is done before; the first call is a warm-up (it also
+compiles), then ``repeats`` calls are timed with ``torch.utils.benchmark.Timer`` at an explicit
+thread count, and the median is reported, with the process CPU time of the same runs (all threads): on a shared
+machine the wall time also measures the neighbours' load, the CPU time much less so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[2]
+METHODS = ("conventional", "streamcheck")
+MEMORY_FORMATS = ("contiguous", "channels_last")
+# off: eager. module: torch.compile(network), the usual way. in_place: network.compile(), which
+# keeps the module (and its submodules) as they are for code that inspects them, as the engine does.
+COMPILES = ("off", "module", "in_place")
+F64_RTOL = 1e-10
+
+
+@dataclass(frozen=True)
+class Config:
+    """What to measure. ``kind`` 'time' times a training step; 'exactness' checks float64 results."""
+
+    kind: str
+    method: str = "streamcheck"
+    memory_format: str = "contiguous"
+    compile: str = "off"
+    input_px: int = 2048
+    tile_px: int = 512
+    repeats: int = 3
+    threads: int = 2
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        what = "exact_float64" if self.kind == "exactness" else "time_forward_backward"
+        return f"{what}_{self.method}_{self.memory_format}_compile-{self.compile}"
+
+
+def paper_network() -> nn.Sequential:
+    """Figs 2-3 of the paper: 3x3 convs (padding 1) with 3, 64 and 3 output channels, ReLU between."""
+    return nn.Sequential(
+        nn.Conv2d(3, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 3, 3, padding=1),
+    )
+
+
+def memory_format(name: str) -> torch.memory_format:
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
+def build(
+    config: Config, *, dtype: torch.dtype
+) -> tuple[nn.Module, nn.Module, torch.Tensor, dict[str, Any]]:
+    """(network, model to run, image, info): the model is the network, streamed and/or compiled."""
+    torch.manual_seed(config.seed)
+    fmt = memory_format(config.memory_format)
+    network = paper_network().to(dtype=dtype, memory_format=fmt)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    image = torch.randn(1, 3, config.input_px, config.input_px, generator=generator, dtype=dtype)
+    image = image.to(memory_format=fmt)
+    info: dict[str, Any] = {}
+    model: nn.Module = network
+    if config.compile == "module":
+        model = torch.compile(network)  # type: ignore[assignment]
+    elif config.compile == "in_place":
+        network.compile()
+    if config.method == "streamcheck":
+        import streamcheck
+
+        model = streamcheck.Streamed(model, tile=config.tile_px)
+        info["n_tiles"] = model.plan(image.shape, dtype=dtype).n_tiles
+    return network, model, image, info
+
+
+def time_step(config: Config) -> dict[str, Any]:
+    from torch.utils.benchmark import Timer  # imported here: its import warns about CUDA_HOME
+
+    network, model, image, info = build(config, dtype=torch.float32)
+
+    def step() -> None:
+        for p in network.parameters():
+            p.grad = None
+        model(image).sum().backward()
+
+    started = time.perf_counter()
+    step()  # warm-up; compiles where asked
+    info["warmup_s"] = time.perf_counter() - started
+    timer = Timer(stmt="step()", globals={"step": step}, num_threads=config.threads)
+    times, cpu_times = [], []
+    for _ in range(config.repeats):
+        cpu_started = time.process_time()
+        times.append(timer.timeit(1).median)
+        cpu_times.append(
+            time.process_time() - cpu_started
+        )  # all threads; less hurt by others' load
+    info["output_memory_format"] = describe_format(model(image))
+    return {
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "median_cpu_s": statistics.median(cpu_times),
+        "cpu_times_s": cpu_times,
+        **info,
+        **compiled(config),
+    }
+
+
+def compiled(config: Config) -> dict[str, Any]:
+    """How many graphs dynamo compiled: 0 means the compiled code was bypassed."""
+    if config.compile == "off":
+        return {}
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    counters.clear()  # the next configuration in this process counts from zero
+    return {"dynamo_unique_graphs": graphs}
+
+
+def describe_format(t: torch.Tensor) -> str:
+    if t.is_contiguous():
+        return "contiguous"
+    return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "strided"
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
+    return ((got - want).abs().max() / scale).item()
+
+
+def exactness(config: Config) -> dict[str, Any]:
+    """Streamed ``config.memory_format`` against the plain contiguous network, float64."""
+    network, model, image, info = build(config, dtype=torch.float64)
+    reference = paper_network().double()
+    reference.load_state_dict(network.state_dict())  # same weights, contiguous
+    plain_image = image.contiguous()
+
+    def run(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        x = x.detach().requires_grad_()
+        y = module(x)
+        upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype)
+        params = list(module.parameters())
+        return [y.detach(), *torch.autograd.grad(y, [x, *params], upstream)]
+
+    names = ["output", "input", *(n for n, _ in reference.named_parameters())]
+    errors = dict(
+        zip(names, map(relative_error, run(model, image), run(reference, plain_image)), strict=True)
+    )
+    worst = max(errors.values())
+    info |= compiled(config)
+    return {"max_relative_error": worst, "errors": errors, "rtol": F64_RTOL, **info}
+
+
+def environment(config: Config) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    import streamcheck
+
+    return {
+        "python": platform.python_version(),
+        "pytorch_version": torch.__version__,
+        "streamcheck_version": streamcheck.__version__,
+        "git_commit": commit,
+        "device": "cpu",
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "platform": platform.platform(),
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def measure(config: Config) -> dict[str, Any]:
+    torch.set_num_threads(config.threads)
+    body: Callable[[Config], dict[str, Any]] = time_step if config.kind == "time" else exactness
+    load_before = os.getloadavg()[0]
+    started = time.time()
+    try:
+        metrics, status, note = body(config), "ok", None
+    except Exception as error:  # recorded: "does the engine accept a compiled module?" is a result
+        metrics, status = {}, "error"
+        note = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+    if config.kind == "exactness" and status == "ok" and metrics["max_relative_error"] > F64_RTOL:
+        status = "inexact"
+    metrics["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "name": config.name,
+        "config": asdict(config),
+        "status": status,
+        "note": note,
+        "metrics": metrics,
+        "environ": environment(config),
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "wall_s": time.time() - started,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure the configurations given as a JSON list, in order; one JSON line each."""
+    args = sys.argv[1:] if argv is None else argv
+    for fields in json.loads(args[0]):
+        print(json.dumps(measure(Config(**fields))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
