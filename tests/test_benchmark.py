@@ -44,7 +44,8 @@ def test_a_point_row_has_every_field(tiny_run: tuple[Path, list[dict[str, Any]]]
     assert row["rss_delta_bytes"] == row["peak_rss_bytes"] - row["rss_baseline_bytes"]
     assert len(row["time_s_all"]) == row["repeats_done"] == 2
     assert min(row["time_s_all"]) <= row["time_s_median"] <= max(row["time_s_all"])
-    assert 0 <= row["grad_rel_error"] < 1e-3  # float32 vs conventional, 128^2
+    assert 0 <= row["grad_rel_error"] < 1e-3  # float32 vs conventional float32, 128^2
+    assert 0 <= row["grad_rel_error_f64"] < 1e-3  # vs conventional float64
 
 
 def test_an_allocation_over_the_cap_is_an_oom_row() -> None:

@@ -29,6 +29,7 @@ def load(out: Path) -> pd.DataFrame:
         "rss_delta_bytes",
         "peak_rss_bytes",
         "grad_rel_error",
+        "grad_rel_error_f64",
         "n_tiles",
     ):
         if col not in df:

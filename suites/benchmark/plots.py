@@ -5,7 +5,7 @@
   measured (solid) and estimated from the linear trend in pixels where it did not fit (dashed),
   streamcheck and lightstream.
 
-The paper's published *shape* is quoted as a note on each figure; no number of the paper is drawn.
+The paper's published *shape* is quoted under each figure; no number of the paper is drawn.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
 from .analysis import (  # noqa: E402
     MiB,
@@ -28,31 +29,36 @@ from .analysis import (  # noqa: E402
     ok,
 )
 
-COLORS = {"conventional": "#444444", "streamcheck": "#1f77b4", "lightstream": "#d62728"}
+STYLE = {
+    "conventional": {"color": "#444444", "marker": "o"},
+    "streamcheck": {"color": "#1f77b4", "marker": "o"},
+    "lightstream": {"color": "#d62728", "marker": "s", "markersize": 5},
+}
 METERS = {
     "peak_alloc_bytes": "allocator peak (torch.profiler, live tensors)",
-    "rss_delta_bytes": "peak RSS - baseline (fresh process)",
+    "rss_delta_bytes": "peak RSS − baseline (fresh process)",
 }
-PAPER_FIG2 = "paper (Fig 2, RTX 2080 Ti): memory linear in tile size;\ntime flat until 81 tiles"
+PAPER_FIG2 = (
+    "Paper (Fig 2, RTX 2080 Ti, same network): memory grows linearly with tile size; "
+    "time does not increase until 81 tiles."
+)
 PAPER_FIG3 = (
-    "paper (Fig 3, RTX 2080 Ti): time linear in input size; memory up to 97 % lower;\n"
-    "conventional memory above 2048² estimated"
+    "Paper (Fig 3, RTX 2080 Ti, same network): time linear in input size; streaming memory "
+    "up to 97 % lower; conventional memory above 2048² estimated."
 )
 
 
-def _note(ax: plt.Axes, text: str) -> None:
-    ax.text(
-        0.02,
-        0.98,
-        text,
-        transform=ax.transAxes,
-        va="top",
-        ha="left",
-        fontsize=7.5,
-        style="italic",
-        color="#555555",
-        bbox={"boxstyle": "round", "fc": "white", "ec": "#cccccc", "alpha": 0.9},
-    )
+def _log_y(ax: plt.Axes, label: str) -> None:
+    """Log y axis with plain-number labels; denser ticks when the data span less than 20x."""
+    ax.set_yscale("log")
+    low, high = ax.dataLim.y0, ax.dataLim.y1
+    narrow = low > 0 and high / low < 20
+    subs = tuple(float(k) for k in range(1, 10)) if narrow else (1.0, 2.0, 5.0)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.6g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda *_: ""))
+    ax.set_ylabel(label)
+    ax.margins(y=0.15)
 
 
 def _px_axis(ax: plt.Axes, values: list[int], label: str) -> None:
@@ -62,18 +68,31 @@ def _px_axis(ax: plt.Axes, values: list[int], label: str) -> None:
     ax.minorticks_off()
     ax.set_xlabel(label)
     ax.grid(True, which="major", alpha=0.3)
+    ax.margins(x=0.08)
 
 
 def _environment(df: pd.DataFrame) -> str:
-    first = df[df["status"] == "ok"].iloc[0] if (df["status"] == "ok").any() else df.iloc[0]
+    good = df[df["status"] == "ok"]
+    first = good.iloc[0] if len(good) else df.iloc[0]
     parts = [
         str(first.get("device_name", first.get("device", "?"))),
-        f"{first.get('threads', '?')} threads",
+        f"{int(first['threads']) if pd.notna(first.get('threads')) else '?'} threads",
         str(first.get("dtype", "")),
         f"torch {first.get('torch_version', '?')}",
         f"streamcheck {first.get('streamcheck_version', '?')}",
     ]
     return ", ".join(parts)
+
+
+def _finish(fig: plt.Figure, title: str, caption: str, path: Path) -> Path:
+    fig.suptitle(title, fontsize=10)
+    fig.text(
+        0.5, 0.012, caption, ha="center", va="bottom", fontsize=8, style="italic", color="#555555"
+    )
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
 
 
 def fig2_tile(df: pd.DataFrame, path: Path) -> Path | None:
@@ -83,40 +102,33 @@ def fig2_tile(df: pd.DataFrame, path: Path) -> Path | None:
     stream = ok(df, "streamcheck", input_px=n)
     conv = ok(df, "conventional", input_px=n)
     tiles = [int(t) for t in stream["tile_px"]]
-    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.3))
-    for metric, style in zip(METERS, ("-", "--"), strict=True):
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for metric, ls in zip(METERS, ("-", "--"), strict=True):
         ax_mem.plot(
             tiles,
             stream[metric] / MiB,
-            style,
-            marker="o",
-            color=COLORS["streamcheck"],
+            ls=ls,
+            **STYLE["streamcheck"],
             label=f"streamcheck: {METERS[metric]}",
         )
         if len(conv):
             ax_mem.axhline(
                 conv[metric].iloc[0] / MiB,
-                ls=style,
-                color=COLORS["conventional"],
+                ls=ls,
+                color=STYLE["conventional"]["color"],
                 label=f"conventional: {METERS[metric]}",
             )
-    ax_mem.set_yscale("log")
-    ax_mem.set_ylabel("peak memory (MiB)")
-    ax_mem.set_title(f"Peak memory, input {n}×{n}")
-    ax_mem.legend(fontsize=7, loc="lower right")
+    _log_y(ax_mem, "peak memory (MiB)")
+    ax_mem.set_title(f"Peak memory, input {n}×{n}", fontsize=10)
+    ax_mem.legend(fontsize=7, loc="center right")
     _px_axis(ax_mem, tiles, "tile edge (px, overlap included)")
-    _note(ax_mem, PAPER_FIG2)
 
     ax_time.plot(
-        tiles,
-        stream["time_s_median"],
-        "-o",
-        color=COLORS["streamcheck"],
-        label="streamcheck (median)",
+        tiles, stream["time_s_median"], **STYLE["streamcheck"], label="streamcheck (median)"
     )
-    for t, y, n in zip(tiles, stream["time_s_median"], stream["n_tiles"], strict=True):
+    for t, y, k in zip(tiles, stream["time_s_median"], stream["n_tiles"], strict=True):
         ax_time.annotate(
-            f"{int(n)} tiles",
+            f"{int(k)} tiles",
             (t, y),
             textcoords="offset points",
             xytext=(0, 7),
@@ -126,21 +138,15 @@ def fig2_tile(df: pd.DataFrame, path: Path) -> Path | None:
     if len(conv):
         ax_time.axhline(
             conv["time_s_median"].iloc[0],
-            color=COLORS["conventional"],
+            color=STYLE["conventional"]["color"],
             label="conventional (median)",
         )
-    ax_time.set_yscale("log")
-    ax_time.set_ylabel("time per forward + backward (s)")
-    ax_time.set_title("Time")
-    ax_time.legend(fontsize=7, loc="lower right")
+    _log_y(ax_time, "time per forward + backward (s)")
+    ax_time.set_title(f"Time, input {n}×{n}", fontsize=10)
+    ax_time.legend(fontsize=7, loc="best")
     _px_axis(ax_time, tiles, "tile edge (px, overlap included)")
-    fig.suptitle(
-        f"Fig 2 reproduction: three 3×3 convs (3, 64, 3 channels) — {_environment(df)}", fontsize=9
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    title = f"Fig 2 reproduction: three 3×3 convs (3, 64, 3 channels)\n{_environment(df)}"
+    return _finish(fig, title, PAPER_FIG2, path)
 
 
 def _input_panel(ax: plt.Axes, df: pd.DataFrame, metric: str, scale: float, tile: int) -> list[int]:
@@ -149,27 +155,21 @@ def _input_panel(ax: plt.Axes, df: pd.DataFrame, metric: str, scale: float, tile
     if len(conv):
         x = conv["input_px"].astype(int).tolist()
         sizes.update(x)
-        ax.plot(
-            x,
-            conv[metric] / scale,
-            "-o",
-            color=COLORS["conventional"],
-            label="conventional (measured)",
-        )
+        ax.plot(x, conv[metric] / scale, **STYLE["conventional"], label="conventional (measured)")
         fit = conventional_trend(df, metric)
-        wanted = sorted(
-            set(df.loc[(df["method"] == "conventional") & (df["status"] == "oom"), "input_px"])
-            | {p for p in df["input_px"] if p > max(x)}
-        )
+        oom = df.loc[(df["method"] == "conventional") & (df["status"] == "oom"), "input_px"]
+        beyond = [p for p in df.loc[df["status"] == "ok", "input_px"] if p > max(x)]
+        wanted = sorted({int(p) for p in [*oom, *beyond]})
         if fit is not None and wanted:
-            xe = [max(x), *[int(p) for p in wanted]]
+            xe = [max(x), *wanted]
             ax.plot(
                 xe,
                 fit(np.asarray(xe, dtype=float) ** 2) / scale,
-                "--o",
-                color=COLORS["conventional"],
+                ls="--",
+                color=STYLE["conventional"]["color"],
+                marker="o",
                 mfc="white",
-                label="conventional (estimated: linear fit in pixels; did not fit / not run)",
+                label="conventional (estimated: linear fit in pixels)",
             )
             sizes.update(xe)
     for method in ("streamcheck", "lightstream"):
@@ -177,14 +177,7 @@ def _input_panel(ax: plt.Axes, df: pd.DataFrame, metric: str, scale: float, tile
         if len(rows):
             x = rows["input_px"].astype(int).tolist()
             sizes.update(x)
-            ax.plot(
-                x,
-                rows[metric] / scale,
-                "-o",
-                color=COLORS[method],
-                label=f"{method} (tile {tile})",
-            )
-    ax.set_yscale("log")
+            ax.plot(x, rows[metric] / scale, **STYLE[method], label=f"{method} (tile {tile})")
     return sorted(sizes)
 
 
@@ -192,7 +185,7 @@ def fig3_input(df: pd.DataFrame, path: Path) -> Path | None:
     tile = fig3_tile_px(df)
     if tile is None:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.0))
     panels = [
         ("time_s_median", 1.0, "time per forward + backward (s)", "Time (median)"),
         ("peak_alloc_bytes", MiB, "peak memory (MiB)", "Memory: " + METERS["peak_alloc_bytes"]),
@@ -200,16 +193,12 @@ def fig3_input(df: pd.DataFrame, path: Path) -> Path | None:
     ]
     for ax, (metric, scale, ylabel, title) in zip(axes, panels, strict=True):
         sizes = _input_panel(ax, df, metric, scale, tile)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=9)
+        _log_y(ax, ylabel)
+        ax.set_title(title, fontsize=10)
         _px_axis(ax, sizes, "input edge (px); image = edge × edge")
-        ax.legend(fontsize=6.5, loc="lower right")
-    _note(axes[0], PAPER_FIG3)
-    fig.suptitle(f"Fig 3 reproduction: tile {tile} px, log-log — {_environment(df)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+        ax.legend(fontsize=7, loc="upper left")
+    title = f"Fig 3 reproduction: tile {tile} px, log-log axes\n{_environment(df)}"
+    return _finish(fig, title, PAPER_FIG3, path)
 
 
 def build(out: Path) -> list[Path]:

@@ -14,8 +14,10 @@ Order inside the process (NOTE [ Memory meters ] in ``streamcheck/memory.py``):
 4. freed memory is handed back and the peak-RSS mark reset, then the timed steps run inside an
    ``RssMeter`` -> ``peak_rss_bytes`` (raw VmHWM) and ``rss_delta_bytes`` (over the RSS just
    before them: input, weights and wrappers are in the baseline);
-5. only then, for streaming methods, the conventional reference gradients of the same network and
-   image are computed (memory cap lifted) -> ``grad_rel_error``.
+5. only then the conventional reference gradients of the same network and image (memory cap
+   lifted; cached per size in ``grad_ref_dir``) -> ``grad_rel_error`` (vs conventional in the
+   same dtype) and ``grad_rel_error_f64`` (vs conventional in float64, the exactness oracle; for
+   the conventional row itself this is its own rounding error, the noise floor).
 """
 
 from __future__ import annotations
@@ -155,6 +157,7 @@ def measure(point: Point) -> dict[str, Any]:
         row["mem_cap_bytes"] = _set_address_space_cap(point.mem_budget_bytes) if cpu else None
 
         # 3. warm-up; the first one is the allocator measurement.
+        cuda_base = 0 if cpu else torch.cuda.memory_allocated(point.device)
         warm_times = []
         for i in range(max(1, point.warmup)):
             t0 = time.perf_counter()
@@ -181,9 +184,8 @@ def measure(point: Point) -> dict[str, Any]:
         assert meter.reading is not None
         row.update(w.info)  # wrappers may learn their tiling during the first step
         if not cpu:
-            row["peak_alloc_bytes"] = max(
-                row["peak_alloc_bytes"], torch.cuda.max_memory_allocated(point.device)
-            )
+            peak_all_steps = torch.cuda.max_memory_allocated(point.device) - cuda_base
+            row["peak_alloc_bytes"] = max(row["peak_alloc_bytes"], peak_all_steps)
         row.update(
             status="ok",
             warmup_s=warm_times,
@@ -206,21 +208,60 @@ def measure(point: Point) -> dict[str, Any]:
         if cpu:
             _lift_address_space_cap()
 
-    # 5. gradient error vs conventional on the same network and image.
-    if point.method != "conventional" and point.input_px <= point.grad_check_max_px:
+    # 5. gradient error vs conventional training of the same network and image.
+    if point.input_px <= point.grad_check_max_px:
         try:
             network = w.network
             del w
             memory.release_free_memory()
-            ref = workload.reference_gradients(
-                input_px=point.input_px, device=point.device, dtype=dtype, seed=point.seed
-            )
-            row["grad_rel_error"] = workload.max_relative_grad_error(network, ref)
-            row["grad_ref"] = f"conventional {point.dtype}, same process, same seed"
+            refs = reference_gradients(point, network if point.method == "conventional" else None)
+            if point.method != "conventional":
+                row["grad_rel_error"] = workload.max_relative_grad_error(network, refs[point.dtype])
+            row["grad_rel_error_f64"] = workload.max_relative_grad_error(network, refs["float64"])
+            row["grad_ref"] = "conventional training, same seed (network and image)"
         except Exception as exc:  # noqa: BLE001
-            row["grad_rel_error"] = None
             row["grad_ref"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
     return row
+
+
+def reference_gradients(
+    point: Point, conventional: torch.nn.Module | None
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Conventional parameter gradients in the point's dtype and in float64 (the oracle).
+
+    Cached per (device, input, seed, loss) in ``point.grad_ref_dir`` so that each is computed
+    once per sweep: the conventional point at each size (run first) writes it, passing its own
+    gradients as the same-dtype reference.
+    """
+    from . import workload
+
+    path = None
+    if point.grad_ref_dir is not None:
+        name = f"{point.device}-{point.input_px}px-seed{point.seed}-{point.loss}.pt".replace(
+            ":", ""
+        )
+        path = os.path.join(point.grad_ref_dir, name)
+        if os.path.exists(path):
+            refs: dict[str, dict[str, torch.Tensor]] = torch.load(path)
+            if point.dtype in refs and "float64" in refs:
+                return refs
+    refs = {}
+    if conventional is not None:
+        refs[point.dtype] = {n: p.grad.detach().clone() for n, p in conventional.named_parameters()}
+    for dtype in {point.dtype, "float64"} - set(refs):
+        refs[dtype] = workload.reference_gradients(
+            input_px=point.input_px,
+            device=point.device,
+            dtype=getattr(torch, dtype),
+            seed=point.seed,
+        )
+        memory.release_free_memory()
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save({d: {n: g.cpu() for n, g in r.items()} for d, r in refs.items()}, tmp)
+        os.replace(tmp, path)
+    return refs
 
 
 def main(argv: list[str] | None = None) -> int:

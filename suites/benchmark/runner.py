@@ -113,8 +113,12 @@ def run_points(
     added = []
     bar = tqdm(todo, desc="benchmark", unit="point", disable=not progress, file=sys.stderr)
     if skipped_done:
-        bar.write(f"resuming: {skipped_done} of {len(points)} points already in {path}")
+        bar.write(
+            f"resuming: {skipped_done} of {len(points)} points already in {path}", file=sys.stderr
+        )
     for point in bar:
+        if point.grad_ref_dir is None:
+            point = replace(point, grad_ref_dir=str(out / "gradref"))
         label = f"{point.method} {point.input_px}px tile {point.tile_px or '-'}"
         bar.set_postfix_str(label)
         started = time.time()
@@ -135,5 +139,5 @@ def run_points(
             msg = f"{label}: {row['time_s_median']:.2f} s, alloc peak {row['peak_alloc_bytes'] / 2**20:.0f} MiB"
         else:
             msg = f"{label}: {row['status']} ({(row.get('reason') or '').splitlines()[-1:]})"
-        bar.write(msg)
+        bar.write(msg, file=sys.stderr)
     return added

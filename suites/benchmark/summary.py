@@ -88,6 +88,25 @@ def targets(df: pd.DataFrame) -> list[Target]:
             "below 1: faster than the peer",
         )
     )
+    tiles = ok(df, "streamcheck", input_px=n)
+    tile_fit = (
+        linear_fit(tiles["tile_px"].astype(float) ** 2, tiles["peak_alloc_bytes"])
+        if len(tiles)
+        else None
+    )
+    out.append(
+        Target(
+            f"memory linear in tile pixels (streamcheck, {n}², allocator): R² of mem = a + b·tile²",
+            None if tile_fit is None else tile_fit.r2,
+            0.99,
+            ">=",
+            ".4f",
+            ""
+            if tile_fit is None
+            else f"b = {tile_fit.slope:.1f} B per tile px, a = {tile_fit.intercept / MiB:.0f} MiB, "
+            f"{tile_fit.n} tiles",
+        )
+    )
     stream = ok(df, "streamcheck", tile_px=t)
     fit = linear_fit(stream["pixels"], stream["time_s_median"]) if len(stream) else None
     exponent = loglog_exponent(stream["pixels"], stream["time_s_median"]) if len(stream) else None
@@ -136,6 +155,7 @@ def _points_table(df: pd.DataFrame) -> list[str]:
                 _mib(r.get("rss_delta_bytes")),
                 _mib(r.get("peak_rss_bytes")),
                 _fmt(r.get("grad_rel_error"), ".1e"),
+                _fmt(r.get("grad_rel_error_f64"), ".1e"),
             ]
         )
     return _table(
@@ -150,10 +170,31 @@ def _points_table(df: pd.DataFrame) -> list[str]:
             "allocator peak (MiB)",
             "RSS delta (MiB)",
             "RSS peak raw (MiB)",
-            "grad rel err",
+            "grad err vs conv.",
+            "grad err vs float64",
         ],
         rows,
     )
+
+
+def _peer_table(df: pd.DataFrame) -> list[str]:
+    """streamcheck / lightstream at every (input, tile) both measured."""
+    rows = []
+    for _, r in ok(df, "lightstream").iterrows():
+        n, t = int(r["input_px"]), int(r["tile_px"])
+        ratios = [
+            ratio(value_at(df, "streamcheck", n, t, m), value_at(df, "lightstream", n, t, m))
+            for m in ("time_s_median", "peak_alloc_bytes", "rss_delta_bytes")
+        ]
+        if any(v is not None for v in ratios):
+            rows.append([f"{n}²", str(t), *(_fmt(v, ".2f") for v in ratios)])
+    if not rows:
+        return ["Peer (lightstream): no point measured with both (see *Not measured* below)."]
+    return [
+        "Streamcheck / lightstream on the same points (below 1: streamcheck uses less):",
+        "",
+        *_table(["input", "tile", "time", "allocator peak", "RSS delta"], rows),
+    ]
 
 
 def _first(df: pd.DataFrame, col: str) -> str:
@@ -183,21 +224,47 @@ def write(
     lines += _table(["quantity", "measured", "target", "verdict", "note"], rows)
 
     n, t = FIG2_INPUT_PX, FIG3_TILE_PX
+
+    def err(method: str, metric: str, input_px: int | None = None) -> str:
+        rows = ok(df, method)
+        if input_px is not None:
+            tile = None if method == "conventional" else t
+            rows = rows[rows["input_px"] == input_px]
+            rows = rows[rows["tile_px"].isna()] if tile is None else rows[rows["tile_px"] == tile]
+        values = rows[metric].dropna() if metric in rows else []
+        return _fmt(float(values.max()) if len(values) else None, ".1e")
+
     errors = [
         [
             m,
-            _fmt(value_at(df, m, n, t, "grad_rel_error"), ".2e"),
-            _fmt(ok(df, m)["grad_rel_error"].max() if len(ok(df, m)) else None, ".2e"),
+            err(m, "grad_rel_error", n),
+            err(m, "grad_rel_error_f64", n),
+            err(m, "grad_rel_error"),
+            err(m, "grad_rel_error_f64"),
         ]
-        for m in ("streamcheck", "lightstream")
+        for m in ("conventional", "streamcheck", "lightstream")
     ]
     lines += [
         "",
-        "Gradient error: max over parameters of max|g − g_conv| / max|g_conv|, float32, against",
-        "conventional training of the same network and image in the same process "
-        "(inputs up to 2048²).",
+        "## Gradients",
         "",
-        *_table(["method", f"{n}², tile {t}", "max over all measured points"], errors),
+        "Max over parameters of max|g − g_ref| / max|g_ref|, with g_ref the parameter gradients",
+        "of conventional training of the same network and image (same seed; inputs up to 2048²):",
+        "in the sweep's dtype (*vs conv.*) and in float64 (*vs float64*, the exactness oracle).",
+        "The conventional row's *vs float64* is its own rounding error: the noise floor.",
+        "",
+        *_table(
+            [
+                "method",
+                f"vs conv., {n}²",
+                f"vs float64, {n}²",
+                "vs conv., max all points",
+                "vs float64, max all points",
+            ],
+            errors,
+        ),
+        "",
+        *_peer_table(df),
         "",
         "## Meters",
         "",

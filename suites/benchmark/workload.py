@@ -44,9 +44,12 @@ def build_inputs(
 ) -> tuple[nn.Module, torch.Tensor]:
     """The network (seeded init) and a (1, 3, input_px, input_px) image: identical in every process."""
     torch.manual_seed(seed)
-    network = paper_network().to(device=device, dtype=dtype)
+    network = paper_network().to(device=device, dtype=dtype)  # init in float32, then cast
     generator = torch.Generator().manual_seed(seed + 1)
-    image = torch.randn(1, 3, input_px, input_px, generator=generator, dtype=dtype).to(device)
+    # Drawn in float32 whatever the dtype, so that a float64 run sees exactly the same image.
+    image = torch.randn(1, 3, input_px, input_px, generator=generator).to(
+        device=device, dtype=dtype
+    )
     return network, image
 
 
