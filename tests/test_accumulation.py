@@ -15,7 +15,7 @@ from torch import nn
 from streamcheck import Streamed
 
 F64_RTOL = 1e-10
-TILE = 16
+TILE = 24
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -11,10 +11,6 @@ One spawn serves every test in this file (a module fixture); processes get hard 
 broken rendezvous fails the test instead of hanging it.
 """
 
-# Most of the time is start-up, not streaming: each spawned rank imports torch, and constructing
-# DistributedDataParallel imports torch._dynamo (torch 2.15 asks it for the "optimize_ddp" mode),
-# ~6 s of CPU per rank. The streamed steps themselves take well under a second.
-
 from __future__ import annotations
 
 import copy
@@ -39,8 +35,13 @@ F64_RTOL = 1e-10
 WORLD = 2
 PER_RANK = 2  # images per rank and step; accumulation: one image per backward, PER_RANK backwards
 IMAGE = (3, 40, 36)
-TILE = 16
-SPAWN_DEADLINE_S = 240.0  # turns a hang into a failure; a run takes 20-80 s (see ranks())
+TILE = 24
+# Turns a hang into a failure. A run takes 20 s on 2 idle cores, 80 s on busy ones: most of it is
+# start-up, as each spawned rank imports torch and constructing DistributedDataParallel imports
+# torch._dynamo (torch 2.15 asks it for the "optimize_ddp" mode). The streamed steps take < 1 s.
+SPAWN_DEADLINE_S = 240.0
+
+pytestmark = pytest.mark.slow
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -78,6 +79,8 @@ def grads(model: nn.Module) -> list[torch.Tensor]:
 def worker(rank: int, port: int, out: str) -> None:
     """One rank: DDP step, SGD step, then accumulation with no_sync; results to ``out/rank.pt``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if "lo" in (name for _, name in socket.if_nameindex()):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     try:
@@ -111,14 +114,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-pytestmark = pytest.mark.slow
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("ddp")
-    if "lo" in dict((name, i) for i, name in socket.if_nameindex()):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only; inherited by the ranks
     context = mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + SPAWN_DEADLINE_S
     while not context.join(timeout=max(0.0, deadline - time.monotonic())):
