@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, object] = {"device": args.device, "dtype": args.dtype}
     if args.threads:
         overrides["threads"] = args.threads
+    if mode == "gate":
+        overrides["grad_check_max_px"] = 0  # the gate checks memory and time only
     if args.mem_budget_gib:
         overrides["mem_budget_bytes"] = int(args.mem_budget_gib * 2**30)
     points = grid.points(mode, args.suite, **overrides)
