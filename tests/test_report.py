@@ -146,8 +146,18 @@ def benchmark_rows() -> list[dict[str, Any]]:
     return [
         row("conventional", 1024, None, 3.0123, 301.25, 333.75),
         row("streamcheck", 1024, 512, 4.5678, 41.125, 55.5, n_tiles=9, grad_rel_error=2.5e-07),
-        row("conventional", 2048, None, 12.345, 1234.5, 1300.25),
-        row("streamcheck", 2048, 512, 17.891, 87.75, 111.125, n_tiles=25, grad_rel_error=3.25e-07),
+        row("conventional", 2048, None, 12.345, 1234.5, 1300.25, grad_rel_error_f64=6.125e-05),
+        row(
+            "streamcheck",
+            2048,
+            512,
+            17.891,
+            87.75,
+            111.125,
+            n_tiles=25,
+            grad_rel_error=3.25e-07,
+            grad_rel_error_f64=5.8765e-05,
+        ),
         row("streamcheck", 2048, 256, 19.75, 61.5, 80.25, n_tiles=81, grad_rel_error=4.75e-07),
         row("conventional", 4096, None, 0, 0, 0, status="oom", reason="MemoryError"),
         row("streamcheck", 4096, 512, 71.5, 301.5, 350.75, n_tiles=81),
@@ -339,7 +349,7 @@ def test_fixture_values_appear(built: tuple[Path, str, str]) -> None:
     for value in ("1.23e-15", "1.23e-16", "4.57e-06", "2-17", "3-19", "2 / 4 / 1", "6.79e-16", "7.89e-07", "13 whose tile"):  # fmt: skip
         assert value in eq, value
     mem = section(md, "## 3. Memory")
-    for value in ("12.3", "1234.5", "17.9", "87.8", "25", "3.25e-07"):
+    for value in ("12.3", "1234.5", "17.9", "87.8", "25", "3.25e-07", "6.12e-05", "5.88e-05"):
         assert value in mem, value
     saving = 100 * (1 - 87.75 / 1234.5)  # allocator peak at 2048 px, computed here
     assert f"{saving:.1f} % at 2048 px" in mem
