@@ -430,6 +430,7 @@ def _tile_table(rows: list[dict[str, Any]]) -> str:
                 mib(r.get("peak_alloc_bytes")),
                 mib(r.get("rss_delta_bytes")),
                 err(r.get("grad_rel_error")),
+                err(r.get("grad_rel_error_f64")),
             ]
         )
     if conv:
@@ -441,10 +442,20 @@ def _tile_table(rows: list[dict[str, Any]]) -> str:
                 mib(conv.get("peak_alloc_bytes")),
                 mib(conv.get("rss_delta_bytes")),
                 "-",
+                err(conv.get("grad_rel_error_f64")),
             ]
         )
     return f"Input {px} px.\n\n" + table(
-        ["tile px", "tiles", "time s", "alloc MiB", "RSS MiB", "grad rel. error"], body
+        [
+            "tile px",
+            "tiles",
+            "time s",
+            "alloc MiB",
+            "RSS MiB",
+            "grad error vs conventional",
+            "grad error vs float64",
+        ],
+        body,
     )
 
 
