@@ -257,6 +257,21 @@ def _claims_table(k: dict[str, Any]) -> str:
             _linearity(k, slope, span),
         ]
     )
+    graded = [e for e in k["per_input"] if finite(get(e["streamcheck"], "grad_rel_error_f64"))]
+    if graded:
+        e = graded[-1]
+        text = f"streamcheck {err(get(e['streamcheck'], 'grad_rel_error_f64'))}"
+        if finite(get(e["conventional"], "grad_rel_error_f64")):
+            text += f", conventional {err(get(e['conventional'], 'grad_rel_error_f64'))}"
+        if finite(get(e["lightstream"], "grad_rel_error_f64")):
+            text += f", lightstream {err(get(e['lightstream'], 'grad_rel_error_f64'))}"
+        rows.append(
+            [
+                "weight-gradient error vs conventional float64",
+                "equal gradients (Section 3 of the paper)",
+                f"{text} at {e['input_px']} px ({get(e['streamcheck'], 'dtype', default='?')})",
+            ]
+        )
     ratios = [(e["input_px"], e["time_ratio"]) for e in k["per_input"] if finite(e["time_ratio"])]
     rows.append(
         [
