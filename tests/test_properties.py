@@ -50,9 +50,17 @@ pytestmark = [
 # 1D and 3D stacks share the code paths of 2D ones; they get a quarter of the examples.
 FEWER = settings(max_examples=max(10, settings.default.max_examples // 4))
 
-# Engine gap: reflect padding crashes on border tiles narrower than the padding (see
-# test_reflect_padding_streams_exactly); the main properties draw the other modes.
-STACKS = {"padding_modes": ("zeros", "replicate")}
+# Padding modes the engine streams (circular is refused: see property 5c).
+STACKS = {"padding_modes": ("zeros", "replicate", "reflect")}
+
+# Found while the engine cropped reflect padding to the tile: a border tile narrower than the
+# padding crashed in F.pad (fixed in the engine by mirroring beyond the kernel half).
+NARROW_REFLECT = StreamingCase(
+    nn.Sequential(nn.Conv1d(1, 1, 3, padding=2, padding_mode="reflect", bias=False)),
+    (1, 1, 5),
+    3,
+    0,
+)
 
 FLOAT64_RTOL = 1e-10
 TINY = torch.finfo(torch.float64).tiny
@@ -184,6 +192,7 @@ def test_input_gradient_equals_plain_2d(case: StreamingCase) -> None:
     check_parameter_gradients(case, input_grad=True)
 
 
+@example(NARROW_REFLECT)
 @FEWER
 @given(streaming_cases(ndim=1, **STACKS))
 def test_output_and_gradients_equal_plain_1d(case: StreamingCase) -> None:
@@ -316,7 +325,11 @@ def test_tile_smaller_than_receptive_field_raises(case: StreamingCase, data: st.
         streamcheck.plan(case.module, case.image_shape, tile=tile)
 
 
-@given(streaming_cases(ndim=2, padding_modes=("zeros", "replicate", "circular"), wide_padding=True))
+@given(
+    streaming_cases(
+        ndim=2, padding_modes=("zeros", "replicate", "reflect", "circular"), wide_padding=True
+    )
+)
 def test_unsupported_options_refuse_or_stream_exactly(case: StreamingCase) -> None:
     """Property 5c: stacks PyTorch accepts but the engine may not (circular padding, padding wider
     than the kernel's reach) either stream exactly or raise StreamcheckError naming a layer, before
@@ -331,30 +344,6 @@ def test_unsupported_options_refuse_or_stream_exactly(case: StreamingCase) -> No
         paths = [name for name, _ in case.module.named_modules() if name]
         assert any(f"'{path}'" in str(error) for path in paths), str(error)
         return
-    check_parameter_gradients(case, input_grad=True)
-
-
-_NARROW_REFLECT = StreamingCase(
-    nn.Sequential(nn.Conv1d(1, 1, 3, padding=2, padding_mode="reflect", bias=False)),
-    (1, 1, 5),
-    3,
-    0,
-)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="engine bug: reflect padding on a border tile narrower than the padding crashes in "
-    "F.pad ('Padding size should be less than the corresponding input dimension'); the tile's "
-    "input box misses the pixels the padding mirrors. Once fixed, drop this mark and add "
-    "'reflect' to STACKS.",
-)
-@example(_NARROW_REFLECT)
-@FEWER
-@given(streaming_cases(ndim=1, padding_modes=("reflect",)))
-def test_reflect_padding_streams_exactly(case: StreamingCase) -> None:
-    """Properties 1-3 with reflect padding (a known engine gap, pinned)."""
     check_parameter_gradients(case, input_grad=True)
 
 

@@ -53,6 +53,19 @@ def test_every_draw_runs_and_has_output(ndim: int, data: st.DataObject) -> None:
     assert tuple(y.shape[2:]) == case.geometry.output_px(case.module, case.image_shape[2:])
 
 
+def _max_pool_gives_inf(module: nn.Module, x: torch.Tensor) -> bool:
+    infinite: list[bool] = []
+    handles = [
+        layer.register_forward_hook(lambda m, i, out: infinite.append(bool(out.isinf().any())))
+        for layer in _leaves(module)
+        if isinstance(layer, MAX_POOL)
+    ]
+    module(x)
+    for handle in handles:
+        handle.remove()
+    return any(infinite)
+
+
 @pytest.mark.parametrize("ndim", [1, 2, 3])
 @given(data=st.data())
 def test_min_input_px_is_the_smallest_valid_input(ndim: int, data: st.DataObject) -> None:
@@ -66,8 +79,9 @@ def test_min_input_px_is_the_smallest_valid_input(ndim: int, data: st.DataObject
             if n > 1:
                 smaller = list(shape)
                 smaller[2 + axis] = n - 1
-                with pytest.raises(RuntimeError):
-                    module(torch.zeros(smaller))
+                # PyTorch refuses it, or a max-pool window lies wholly in the padding (-inf)
+                with contextlib.suppress(RuntimeError):
+                    assert _max_pool_gives_inf(module, torch.zeros(smaller))
 
 
 @given(data=st.data())
