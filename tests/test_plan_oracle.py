@@ -1,15 +1,14 @@
 """Property 4: the tile plan, checked against an empirical oracle instead of the engine's arithmetic.
 
 Which input pixels does an output pixel depend on? We ask the module itself. All weights are set
-to one and biases to zero, activations become identities (they are pointwise, so they change no
-dependency), and the image is all ones. Then, for every input pixel p, the image with p raised by
-1e100 (in every channel) is pushed through: the outputs that change (by more than 1e50, far above
-rounding) are exactly those depending on p. Weights are positive, so no contribution can cancel; a max-pool window containing p now has p as
-its maximum; average pooling divides by a positive count. Replicate padding copies p into the
-border, which is a real dependency and is found too. The dependency sets (supports) are exact,
-including the gaps of dilated kernels and what padding clips away. (One blind spot: a dilated
-max-pool window lying wholly in the padding outputs -inf, and anything summed with it stays -inf,
-so dependencies behind it go unseen. That can only weaken the check, never fail it wrongly.)
+to one and biases to zero, pointwise layers (activations, eval BatchNorm, Dropout) become
+identities (they change no dependency), and the image is all ones. Then, for every input pixel p,
+the image with p raised by 1e100 (in every channel) is pushed through: the outputs that change (by
+more than 1e50, far above rounding) are exactly those depending on p. Weights are positive, so no
+contribution can cancel; a max-pool window containing p now has p as its maximum; average pooling
+divides by a positive count. Reflect and replicate padding copy p into the border, a real
+dependency that is found too. The dependency sets (supports) are exact, including the gaps of
+dilated kernels and what padding clips away.
 
 Then, for ``streamcheck.plan(module, shape, tile=tile)``:
   (a) the output boxes partition the output: every output element is owned exactly once;

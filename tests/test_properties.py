@@ -9,7 +9,10 @@ Properties (the numbering is the project's; 4, the plan oracle, is in test_plan_
   1. the stitched output equals the plain output;
   2. every parameter gradient equals the plain one (relative error <= 1e-10);
   3. the input gradient equals the plain one;
-  5. illegal configurations raise StreamcheckError naming the module path, never return numbers;
+  5. illegal configurations raise StreamcheckError naming the module path before computing
+     anything, never return numbers: (a) locality-breaking layers, (b) tiles below the receptive
+     field, (c) options PyTorch accepts but the engine may refuse (circular or over-wide padding)
+     either stream exactly or are refused that way;
   6. float32 streaming agrees with float64 plain within an accumulation-length bound.
 """
 
