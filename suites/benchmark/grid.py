@@ -42,6 +42,9 @@ class Point:
     repeats: int = 5
     max_timing_s: float = 150.0  # fewer repeats (>= 1) when one step is slow; see point.py
     grad_check_max_px: int = 2048  # conventional reference gradients only up to this input
+    # float64 reference only up to this input: on CPU float64 convolutions take torch's im2col
+    # path, whose column buffer for the 64-channel conv at 2048^2 is 64 * 9 * 2048^2 * 8 B = 19 GiB.
+    grad_check_f64_max_px: int = 1024
     seed: int = 0
     loss: str = "sum"
     mem_budget_bytes: int | None = None  # None: a share of MemAvailable at run time (runner.py)

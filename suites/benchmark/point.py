@@ -16,8 +16,10 @@ Order inside the process (NOTE [ Memory meters ] in ``streamcheck/memory.py``):
    before them: input, weights and wrappers are in the baseline);
 5. only then the conventional reference gradients of the same network and image (memory cap
    lifted; cached per size in ``grad_ref_dir``) -> ``grad_rel_error`` (vs conventional in the
-   same dtype) and ``grad_rel_error_f64`` (vs conventional in float64, the exactness oracle; for
-   the conventional row itself this is its own rounding error, the noise floor).
+   same dtype) and, up to ``grad_check_f64_max_px``, ``grad_rel_error_f64`` (vs conventional in
+   float64, the exactness oracle; for the conventional row itself this is its own rounding
+   error, the noise floor). The row is written before this step (``partial``), so a process
+   killed here still leaves its measurements.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -120,8 +123,14 @@ def versions() -> dict[str, Any]:
     }
 
 
-def measure(point: Point) -> dict[str, Any]:
-    """Measure ``point`` in this process; returns the result row (never raises for oom/error)."""
+def measure(
+    point: Point, *, partial: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Measure ``point`` in this process; returns the result row (never raises for oom/error).
+
+    ``partial(row)`` is called with the row as soon as memory and time are measured, before the
+    reference gradients, so that a process killed there still leaves its measurements.
+    """
     from . import workload
 
     threads = point.threads or os.cpu_count() or 1
@@ -208,6 +217,9 @@ def measure(point: Point) -> dict[str, Any]:
         if cpu:
             _lift_address_space_cap()
 
+    if partial is not None:
+        partial(row)
+
     # 5. gradient error vs conventional training of the same network and image.
     if point.input_px <= point.grad_check_max_px:
         try:
@@ -217,7 +229,10 @@ def measure(point: Point) -> dict[str, Any]:
             refs = reference_gradients(point, network if point.method == "conventional" else None)
             if point.method != "conventional":
                 row["grad_rel_error"] = workload.max_relative_grad_error(network, refs[point.dtype])
-            row["grad_rel_error_f64"] = workload.max_relative_grad_error(network, refs["float64"])
+            if "float64" in refs:
+                row["grad_rel_error_f64"] = workload.max_relative_grad_error(
+                    network, refs["float64"]
+                )
             row["grad_ref"] = "conventional training, same seed (network and image)"
         except Exception as exc:  # noqa: BLE001
             row["grad_ref"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
@@ -241,14 +256,17 @@ def reference_gradients(
             ":", ""
         )
         path = os.path.join(point.grad_ref_dir, name)
-        if os.path.exists(path):
-            refs: dict[str, dict[str, torch.Tensor]] = torch.load(path)
-            if point.dtype in refs and "float64" in refs:
-                return refs
+    wanted = {point.dtype} | (
+        {"float64"} if point.input_px <= point.grad_check_f64_max_px else set()
+    )
+    if path is not None and os.path.exists(path):
+        refs: dict[str, dict[str, torch.Tensor]] = torch.load(path)
+        if wanted <= set(refs):
+            return refs
     refs = {}
     if conventional is not None:
         refs[point.dtype] = {n: p.grad.detach().clone() for n, p in conventional.named_parameters()}
-    for dtype in {point.dtype, "float64"} - set(refs):
+    for dtype in sorted(wanted - set(refs)):
         refs[dtype] = workload.reference_gradients(
             input_px=point.input_px,
             device=point.device,
@@ -270,9 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", required=True, help="where to write the result row (JSON)")
     args = parser.parse_args(argv)
     point = Point.from_dict(json.loads(args.json))
-    row = measure(point)
-    with open(args.result, "w") as f:
-        json.dump(row, f)
+
+    def write(row: dict[str, Any]) -> None:
+        tmp = f"{args.result}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(row, f)
+        os.replace(tmp, args.result)
+
+    write(measure(point, partial=write))
     return 0
 
 

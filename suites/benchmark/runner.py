@@ -86,6 +86,8 @@ def run_point(point: Point, *, timeout_s: float = POINT_TIMEOUT_S) -> dict[str, 
             return {**base, "status": "error", "reason": f"timed out after {timeout_s:.0f} s"}
         if result.exists():
             row: dict[str, Any] = json.loads(result.read_text())
+            if proc.returncode != 0 and "grad_ref" not in row:
+                row["grad_ref"] = f"process died (exit {proc.returncode}) in the reference step"
             return row
         if proc.returncode == -signal.SIGKILL:
             why = "killed by SIGKILL (the kernel's OOM killer?) before writing a result"
