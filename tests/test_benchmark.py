@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,23 @@ def test_gate_passes_and_fails_against_the_ceilings(tmp_path: Path) -> None:
     assert not passed
     assert any(line.startswith("FAILED time") for line in lines)
     assert "GATE FAILED" in lines[-1]
+
+
+def test_a_conventional_point_predicted_not_to_fit_is_not_run() -> None:
+    gib = 2**30
+    rows = [
+        {
+            "method": "conventional",
+            "status": "ok",
+            "device": "cpu",
+            "dtype": "float32",
+            "input_px": n,
+            "rss_delta_bytes": gib * (n / 1024) ** 2,
+        }
+        for n in (1024, 2048)
+    ]  # 1 GiB per 1024^2 -> 64 GiB at 8192^2
+    big = Point(suite="input", method="conventional", input_px=8192, mem_budget_bytes=16 * gib)
+    why = runner.predicted_oom(big, rows)
+    assert why is not None and "64.0 GiB" in why
+    assert runner.predicted_oom(replace(big, input_px=2048), rows) is None
+    assert runner.predicted_oom(replace(big, method="streamcheck", tile_px=512), rows) is None

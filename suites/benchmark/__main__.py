@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--mem-budget-gib",
         type=float,
-        help="memory cap per point (default: 85%% of MemAvailable at its start)",
+        help="memory cap per point (default: 70%% of MemAvailable at its start)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)

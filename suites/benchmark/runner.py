@@ -26,7 +26,7 @@ from .results import (
     results_path,
 )
 
-MEM_SHARE = 0.85  # of MemAvailable at the start of a point: the cap given to its process
+MEM_SHARE = 0.7  # of MemAvailable at the start of a point: the cap given to its process
 POINT_TIMEOUT_S = 3600.0
 
 
@@ -53,6 +53,38 @@ def skip_reason(point: Point) -> str | None:
         if not torch.cuda.is_available():
             return "CUDA is not available"
     return None
+
+
+def predicted_oom(point: Point, rows: Sequence[dict[str, Any]]) -> str | None:
+    """Why a conventional point will not fit, from the linear trend (in pixels) of the peak RSS
+    delta of the conventional points measured so far; None if it may fit or nothing is known.
+
+    Running such a point until it hits the address-space cap would hold most of a shared
+    machine's memory for minutes (the 8192^2 conventional step reaches ~20 GB before failing).
+    """
+    if point.method != "conventional" or point.device.startswith("cuda"):
+        return None
+    measured = [
+        (float(r["input_px"]) ** 2, float(r["rss_delta_bytes"]))
+        for r in rows
+        if r.get("method") == "conventional"
+        and r.get("status") == "ok"
+        and r.get("device") == point.device
+        and r.get("dtype") == point.dtype
+        and r.get("rss_delta_bytes")
+    ]
+    budget = point.mem_budget_bytes or (MEM_SHARE * (mem_available_bytes() or 0))
+    if len(measured) < 2 or not budget:
+        return None
+    (x0, y0), (x1, y1) = sorted(measured)[-2:]
+    slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
+    predicted = y1 + slope * (float(point.input_px) ** 2 - x1)
+    if predicted <= budget:
+        return None
+    return (
+        f"not run: predicted peak {predicted / 2**30:.1f} GiB (linear in pixels through the two "
+        f"largest measured conventional points) exceeds the memory budget {budget / 2**30:.1f} GiB"
+    )
 
 
 def is_done(row: dict[str, Any] | None, point: Point) -> bool:
@@ -125,8 +157,11 @@ def run_points(
         bar.set_postfix_str(label)
         started = time.time()
         why = skip_reason(point)
+        oom = predicted_oom(point, read_rows(path)) if why is None else None
         if why is not None:
             row = {**point.to_dict(), "key": point.key, "status": "skipped", "reason": why}
+        elif oom is not None:
+            row = {**point.to_dict(), "key": point.key, "status": "oom", "reason": oom}
         else:
             row = run_point(point, timeout_s=timeout_s)
         row.update(
