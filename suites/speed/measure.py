@@ -6,8 +6,8 @@ one never leak into another (the float64 checks share one process).
 
 The measured body is ``step``: zero the gradients, forward, ``output.sum().backward()``. Setup
 (network, image, memory format, compilation) is done before; the first call is a warm-up (it also
-compiles), then ``repeats`` calls are timed with ``torch.utils.benchmark.Timer`` at an explicit
-thread count, and the median is reported, with the process CPU time of the same runs (all threads): on a shared
+compiles), then ``repeats`` calls are timed (``time.perf_counter``) at an explicit thread count
+(``torch.set_num_threads``), and the median is reported, with the process CPU time of the same runs (all threads): on a shared
 machine the wall time also measures the neighbours' load, the CPU time much less so.
 """
 
@@ -98,8 +98,6 @@ def build(
 
 
 def time_step(config: Config) -> dict[str, Any]:
-    from torch.utils.benchmark import Timer  # imported here: its import warns about CUDA_HOME
-
     network, model, image, info = build(config, dtype=torch.float32)
 
     def step() -> None:
@@ -110,11 +108,13 @@ def time_step(config: Config) -> dict[str, Any]:
     started = time.perf_counter()
     step()  # warm-up; compiles where asked
     info["warmup_s"] = time.perf_counter() - started
-    timer = Timer(stmt="step()", globals={"step": step}, num_threads=config.threads)
+    # perf_counter, not torch.utils.benchmark.Timer: Timer.timeit(1) runs two more warm-up steps
+    # before each measured one, which triples the run time of a 10-second step.
     times, cpu_times = [], []
     for _ in range(config.repeats):
-        cpu_started = time.process_time()
-        times.append(timer.timeit(1).median)
+        cpu_started, started = time.process_time(), time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
         cpu_times.append(
             time.process_time() - cpu_started
         )  # all threads; less hurt by others' load
