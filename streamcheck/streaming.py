@@ -129,6 +129,13 @@ class _TileSource:
         return tile if self.transform is None else self.transform(tile)
 
 
+def _stitched_like(tile: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The stitched output, in the tiles' memory format (channels-last stays channels-last)."""
+    channels_last = tile.dim() == 4 and tile.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=tile.dtype, device=tile.device, memory_format=layout)
+
+
 class _StreamFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -153,7 +160,7 @@ class _StreamFunction(torch.autograd.Function):
                 tile = source(x[_slices(schedule.input_box, in_layout, x.dim())])
                 result = run_tile(graph, schedule, tile)
                 if output is None:
-                    output = result.new_empty(graph.output_node.shape)
+                    output = _stitched_like(result, graph.output_node.shape)
                 output[_slices(schedule.output_box, out_layout, output.dim())] = result
         assert output is not None
         return output

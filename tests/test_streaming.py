@@ -452,3 +452,16 @@ def test_per_pixel_constants_are_rejected() -> None:
 
     with pytest.raises(StreamcheckError, match="varies along a spatial axis"):
         streamcheck.plan(PositionBias(), (1, 3, 32, 32), tile=16)
+
+
+def test_channels_last_stays_exact_and_channels_last() -> None:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    module = module.double().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 40, 36, dtype=torch.float64).to(memory_format=torch.channels_last)
+    y, g, *want = gradients(module, x, None, module)
+    got_y, _, *got = gradients(module, x, g, Streamed(module, tile=16))
+    assert got_y.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(got_y, y) <= F64_RTOL
+    for a, b in zip(got, want, strict=True):
+        assert relative_error(a, b) <= F64_RTOL
