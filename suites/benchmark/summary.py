@@ -198,7 +198,10 @@ def _peer_table(df: pd.DataFrame) -> list[str]:
 
 
 def _first(df: pd.DataFrame, col: str) -> str:
-    values = [str(v) for v in df.get(col, pd.Series(dtype=object)).dropna().unique()]
+    values = [
+        str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+        for v in df.get(col, pd.Series(dtype=object)).dropna().unique()
+    ]
     return ", ".join(values) if values else "–"
 
 
