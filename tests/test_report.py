@@ -429,3 +429,15 @@ def test_gpu_rows_are_named(tmp_path: Path) -> None:
     empty = Source("equivalence", tmp_path), Source("imagenette", tmp_path)
     text = render.environment_section(empty[0], bench, empty[1], render.report_environment())
     assert "GPU results: cuda (Fixture GPU)" in text and "No GPU result" not in text
+
+
+def test_readme_headline_block_is_regenerated_from_the_results(tmp_path: Path) -> None:
+    from suites.report.__main__ import README_END, README_START, REPO, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_START}\nstale number 123\n{README_END}\noutro\n")
+    assert update_readme(readme, REPO / "reports")
+    text = readme.read_text()
+    assert "stale number 123" not in text
+    assert "**Exact?**" in text and "**Cost?**" in text
+    assert text.startswith("intro\n") and text.endswith(f"{README_END}\noutro\n")

@@ -31,6 +31,22 @@ def build(reports: Path, out: Path, *, command: str = "python -m suites.report")
     return [md_path, html_path]
 
 
+README_START, README_END = "<!-- report headline: start -->", "<!-- report headline: end -->"
+
+
+def update_readme(readme: Path, reports: Path) -> bool:
+    """Replace the README's headline block with the report's headline (generated, never typed)."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    lines = render.headline(sources.load_equivalence(reports), sources.load_benchmark(reports))
+    before, rest = text.split(README_START, 1)
+    after = rest.split(README_END, 1)[1]
+    block = "\n".join([README_START, *[line for line in lines if line], README_END])
+    readme.write_text(before + block + after)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m suites.report", description=__doc__)
     p.add_argument(
@@ -41,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m suites.report", *(sys.argv[1:] if argv is None else argv)])
     for path in build(args.reports, args.out or args.reports, command=command):
         print(path)
+    if args.out is None and update_readme(REPO / "README.md", args.reports):
+        print(REPO / "README.md")
     return 0
 
 

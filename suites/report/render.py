@@ -238,7 +238,7 @@ def report_environment() -> dict[str, Any]:
 def markdown_report(
     eq: Source, bench: Source, imn: Source, verdicts: Any, out_dir: Path, env: dict[str, Any]
 ) -> str:
-    headline = _headline(eq, bench)
+    answer = headline(eq, bench)
     sections = [
         "# streamcheck: is streaming exact, and what does it cost?",
         "",
@@ -246,7 +246,7 @@ def markdown_report(
         "edit by hand. Every measured number below is read from those files (Rule P1 of "
         "`suites/report/render.py`); the paper's published claims are labelled as such.",
         "",
-        *headline,
+        *answer,
         environment_section(eq, bench, imn, env),
         "",
         equivalence_section(eq),
@@ -291,7 +291,8 @@ def commands_section(eq: Source, bench: Source, imn: Source, this: str) -> str:
     )
 
 
-def _headline(eq: Source, bench: Source) -> list[str]:
+def headline(eq: Source, bench: Source) -> list[str]:
+    """The report's two-line answer: is streaming exact, and what does it cost."""
     lines = []
     if eq.found:
         s = eq.data.get("summary", {})
