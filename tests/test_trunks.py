@@ -17,28 +17,10 @@ from torch import nn
 
 import streamcheck
 from streamcheck.testing.checker import assert_streaming_equivalent
+from suites.equivalence.trunks import randomize_norms
 
 torchvision = pytest.importorskip("torchvision")
 models = torchvision.models
-
-
-def randomize_norms(module: nn.Module, *, seed: int = 0) -> nn.Module:
-    """Random BatchNorm statistics and affine parameters, random LayerNorm affine parameters."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def uniform(like: torch.Tensor, low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(like.shape, generator=generator)
-
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                assert m.running_mean is not None and m.running_var is not None
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=generator))
-                m.running_var.copy_(uniform(m.running_var, 0.5, 2.0))
-            if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.LayerNorm):
-                m.weight.copy_(uniform(m.weight, 0.5, 1.5))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=generator))
-    return module
 
 
 def resnet_trunk(arch: str, *, up_to: str) -> nn.Module:
