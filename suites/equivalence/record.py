@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -54,6 +53,7 @@ from streamcheck.testing import (
     check_streaming_equivalence,
 )
 from streamcheck.testing.strategies import _leaves
+from suites.environment import cpu_name, git_commit
 
 from . import trunks as T
 from .draws import (
@@ -211,32 +211,6 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "streamcheck", "suites/equivalence"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def environment() -> dict[str, Any]:
     import hypothesis
 
@@ -254,7 +228,7 @@ def environment() -> dict[str, Any]:
         versions["torchvision"] = None
     return {
         "versions": versions,
-        "git_commit": git_commit(),
+        "git_commit": git_commit("streamcheck", "suites/equivalence"),
         "device": "cpu",
         "cpu": cpu_name(),
         "cuda_available": torch.cuda.is_available(),

@@ -17,7 +17,6 @@ import copy
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +28,8 @@ import pandas as pd
 import torch
 import torchvision
 from torch import nn
+
+from suites.environment import cpu_name, git_commit
 
 from . import data as D
 from .model import Table1Net, choose_tile, he_init_, streamed_twin, trunk_of
@@ -71,33 +72,6 @@ class Config:
         return D.STANDIN_LABEL if self.dataset == D.STANDIN_LABEL else "imagenette"
 
 
-def _git_commit() -> str:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "suites/imagenette", "streamcheck"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def environment(cfg: Config) -> dict:
     import numpy
 
@@ -110,10 +84,10 @@ def environment(cfg: Config) -> dict:
         "streamcheck": getattr(streamcheck, "__version__", "unknown"),
         "numpy": numpy.__version__,
         "pandas": pd.__version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit("suites/imagenette", "streamcheck"),
         "device": cfg.device
         + (f" ({torch.cuda.get_device_name(cfg.device)})" if cfg.device.startswith("cuda") else ""),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "dtype": cfg.dtype,
         "hostname_platform": platform.platform(),
