@@ -19,10 +19,11 @@ Rule S5. The wrapper replaces nothing: ``Streamed(m).module is m``, parameters a
          streamed trunk saves and loads like the model without it.
 Rule S6. Autocast state at forward time is re-entered for the recomputation, so a mixed-precision
          run recomputes exactly what its forward computed.
-Rule S7. The image may live elsewhere than the module (say a pinned uint8 image in host memory and
-         the module on a GPU): each tile is copied to the module's device, passed through
-         ``tile_transform`` there (conversion and normalisation, which must be per pixel), and freed,
-         so device memory depends on the tile and the stitched output, not on the image.
+Rule S7. The image may live elsewhere than the module (say a uint8 image in host memory and the
+         module on a GPU): each tile is copied to the module's device (the next one while the
+         current one computes), passed through ``tile_transform`` there (conversion and
+         normalisation, which must be per pixel), and freed, so device memory depends on the tile
+         and the stitched output, not on the image. ``feed.py`` does this (Rules F1-F4).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .feed import TileFeed, laid_out_like
 from .graph import build_graph, training_signature
 from .layers import Window
 from .plan import StreamPlan, make_plan, normalize_tile
@@ -46,6 +48,11 @@ class Streamed(nn.Module):
 
     ``tile`` is the edge of an input tile in pixels, overlap included: an int, or one per spatial
     axis. It sets the memory use; ``streamcheck.plan`` shows the tiles it gives.
+
+    ``tile_transform`` runs on each tile after it reaches the module's device: keep the image in
+    host memory as uint8 and convert per tile (docs/SCALING.md). ``channels_last=True`` lays tiles
+    out as NHWC (NDHWC for 3-D), which makes CPU convolutions faster (reports/speed/SUMMARY.md)
+    and leaves every result unchanged.
 
     >>> import torch, torch.nn as nn
     >>> trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
@@ -64,11 +71,13 @@ class Streamed(nn.Module):
         *,
         tile: int | Sequence[int],
         tile_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.module = module
         self.tile = tile
         self.tile_transform = tile_transform
+        self.channels_last = channels_last
         self._plans: dict[tuple[Any, ...], StreamPlan] = {}
         self._register_state_dict_hook(_hide_module_prefix)
         self._register_load_state_dict_pre_hook(_restore_module_prefix)
@@ -88,12 +97,12 @@ class Streamed(nn.Module):
         plain = self.tile_transform is None and x.is_floating_point()
         plan = self.plan(x.shape, dtype=x.dtype if plain or first is None else first.dtype)
         params = [p for p in self.module.parameters() if p.requires_grad]
-        source = _TileSource(device, self.tile_transform)
-        output: torch.Tensor = _StreamFunction.apply(plan, source, x, *params)
+        feed = TileFeed(device, transform=self.tile_transform, channels_last=self.channels_last)
+        output: torch.Tensor = _StreamFunction.apply(plan, feed, x, *params)
         return output
 
     def extra_repr(self) -> str:
-        return f"tile={self.tile}"
+        return f"tile={self.tile}" + (", channels_last=True" if self.channels_last else "")
 
 
 def _hide_module_prefix(module: nn.Module, state: dict[str, Any], prefix: str, local: Any) -> None:
@@ -115,52 +124,30 @@ def _slices(box: Sequence[tuple[int, int]], layout: Sequence[int], ndim: int) ->
     return tuple(index)
 
 
-class _TileSource:
-    """Cuts a tile out of the image and brings it to the module (Rule S7)."""
-
-    def __init__(
-        self, device: torch.device, transform: Callable[[torch.Tensor], torch.Tensor] | None
-    ):
-        self.device = device
-        self.transform = transform
-
-    def __call__(self, tile: torch.Tensor) -> torch.Tensor:
-        tile = tile.to(self.device, non_blocking=tile.is_pinned())
-        return tile if self.transform is None else self.transform(tile)
-
-
-def _stitched_like(tile: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The stitched output, in the tiles' memory format (channels-last stays channels-last)."""
-    channels_last = tile.dim() == 4 and tile.is_contiguous(memory_format=torch.channels_last)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=tile.dtype, device=tile.device, memory_format=layout)
-
-
 class _StreamFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, plan: StreamPlan, source: _TileSource, x: torch.Tensor, *params: torch.Tensor
+        ctx: Any, plan: StreamPlan, feed: TileFeed, x: torch.Tensor, *params: torch.Tensor
     ) -> torch.Tensor:
         graph = plan.graph
         assert graph is not None
-        device_type = source.device.type
+        device_type = feed.device.type
         ctx.plan = plan
-        ctx.source = source
+        ctx.feed = feed
         ctx.autocast = (
             device_type,
             torch.is_autocast_enabled(device_type),
             torch.get_autocast_dtype(device_type),
         )
         ctx.save_for_backward(x)
-        in_layout = graph.nodes[0].layout
+        indices = [_slices(s.input_box, graph.nodes[0].layout, x.dim()) for s in plan.schedules]
         out_layout = graph.output_node.layout
         output: torch.Tensor | None = None
         with torch.no_grad():  # Rule S1
-            for schedule in plan.schedules:
-                tile = source(x[_slices(schedule.input_box, in_layout, x.dim())])
-                result = run_tile(graph, schedule, tile)
+            for schedule, arrived in zip(plan.schedules, feed.arrivals(x, indices), strict=True):
+                result = run_tile(graph, schedule, feed.prepare(arrived))
                 if output is None:
-                    output = _stitched_like(result, graph.output_node.shape)
+                    output = laid_out_like(result, graph.output_node.shape)
                 output[_slices(schedule.output_box, out_layout, output.dim())] = result
         assert output is not None
         return output
@@ -173,26 +160,26 @@ class _StreamFunction(torch.autograd.Function):
         assert graph is not None
         (x,) = ctx.saved_tensors
         params = [p for p in graph.root.parameters() if p.requires_grad]
-        source: _TileSource = ctx.source
+        feed: TileFeed = ctx.feed
         want_input = ctx.needs_input_grad[2]
         grad_x = torch.zeros_like(x) if want_input else None
         grad_params: list[torch.Tensor | None] = [None] * len(params)
-        in_layout = graph.nodes[0].layout
+        indices = [_slices(s.input_box, graph.nodes[0].layout, x.dim()) for s in plan.schedules]
+        arrivals = feed.arrivals(x.detach(), indices)
         out_layout = graph.output_node.layout
         last = graph.output_node
         skip_last = (
             last.kind == "window" and isinstance(last.layer, Window) and last.layer.kind == "conv"
         )
         device_type, autocast_on, autocast_dtype = ctx.autocast
-        for schedule in plan.schedules:  # Rule S2
-            index = _slices(schedule.input_box, in_layout, x.dim())
-            raw = x[index].detach().requires_grad_(want_input)
-            tile = source(raw)
+        for schedule, index, arrived in zip(plan.schedules, indices, arrivals, strict=True):
+            leaf = arrived.detach().requires_grad_(want_input)  # Rule S2; feed Rule F3
             grad_tile = grad_output[_slices(schedule.output_box, out_layout, grad_output.dim())]
             with (
                 torch.enable_grad(),
                 torch.autocast(device_type, autocast_dtype, enabled=autocast_on),
             ):
+                tile = feed.prepare(leaf)
                 if skip_last:  # Rule S4
                     padded = run_tile(graph, schedule, tile, stop_at_output_input=True)
                     dtype = autocast_dtype if autocast_on else padded.dtype
@@ -202,7 +189,7 @@ class _StreamFunction(torch.autograd.Function):
                 else:
                     result = run_tile(graph, schedule, tile)
                     extra, targets, grads = {}, [result], [grad_tile]
-            inputs = [raw, *params] if want_input else list(params)
+            inputs = [leaf, *params] if want_input else list(params)
             wanted = [t for t in inputs if t.requires_grad]
             found = dict(
                 zip(
@@ -218,9 +205,9 @@ class _StreamFunction(torch.autograd.Function):
                     if g is not None:
                         previous = grad_params[i]
                         grad_params[i] = g if previous is None else previous + g
-            grad_tile_x = found.get(id(raw))
+            grad_tile_x = found.get(id(leaf))
             if grad_x is not None and grad_tile_x is not None:
-                grad_x[index] += grad_tile_x
+                grad_x[index] += grad_tile_x.to(grad_x.device)
         return (None, None, grad_x, *grad_params)
 
 

@@ -208,3 +208,24 @@ def test_a_conventional_point_predicted_not_to_fit_is_not_run() -> None:
     assert why is not None and "64.0 GiB" in why
     assert runner.predicted_oom(replace(big, input_px=2048), rows) is None
     assert runner.predicted_oom(replace(big, method="streamcheck", tile_px=512), rows) is None
+
+
+def test_redo_measures_a_done_point_again_and_the_new_row_wins(tmp_path: Path) -> None:
+    # Conventional points predicted not to fit are recorded without a process: a fast point.
+    gib = 2**30
+    path = results.results_path(tmp_path)
+    for n in (1024, 2048):  # 1 GiB per 1024^2 -> 64 GiB at 8192^2
+        row = {"key": f"conventional|cpu|float32|{n}|-|sum", "method": "conventional"}
+        row |= {"status": "ok", "device": "cpu", "dtype": "float32", "input_px": n}
+        results.append_row(path, row | {"rss_delta_bytes": gib * (n / 1024) ** 2})
+    big = Point(suite="input", method="conventional", input_px=8192, mem_budget_bytes=16 * gib)
+    first = runner.run_points([big], tmp_path, command="first", progress=False)
+    assert [r["status"] for r in first] == ["oom"]
+    assert runner.run_points([big], tmp_path, command="resume", progress=False) == []
+    again = runner.run_points(
+        [big], tmp_path, command="redo", progress=False, redo=lambda p: "|8192|" in p.key
+    )
+    assert [r["command"] for r in again] == ["redo"]
+    latest = {r["key"]: r for r in results.latest_rows(results.read_rows(path))}
+    assert latest[big.key]["command"] == "redo"
+    assert len(results.read_rows(path)) == 4  # the superseded row stays in the file

@@ -252,6 +252,26 @@ def test_float32_tolerance_still_catches_a_dropped_pixel(monkeypatch: pytest.Mon
     }
 
 
+def test_float32_tolerance_widens_by_the_plain_runs_own_rounding_error() -> None:
+    # Rule 3b on made-up numbers: a gradient that is a cancelling sum (max|b| = 1e-3, its terms
+    # of order 1), where the plain float32 run is itself 1e-5 off the float64 value.
+    from streamcheck.testing.checker import NOISE_FACTOR, _compare
+
+    b = torch.tensor([1e-3, -5e-4])
+    b_exact = b.double() + torch.tensor([1e-5, 0.0], dtype=torch.float64)
+    rtol = 1e-6  # alone it would allow 1e-9
+
+    def row(streamed_off_by: float, reference: torch.Tensor | None) -> object:
+        a = b + torch.tensor([streamed_off_by, 0.0])
+        return _compare("w", "param_grad", a, b, reference, rtol=rtol, atol=0.0)
+
+    within, beyond = row(3e-5, b_exact), row(6e-5, b_exact)
+    assert within.passed and not beyond.passed  # 4 x 1e-5 allowed
+    assert within.reference_rounding_error == pytest.approx(1e-5, rel=1e-3)
+    assert within.tolerance == pytest.approx(rtol * 1e-3 + NOISE_FACTOR * 1e-5, rel=1e-3)
+    assert not row(3e-5, None).passed  # without a float64 run (float64 checks): rtol only
+
+
 def test_explicit_tolerance_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(streamcheck, "Streamed", PerturbedWeightStreamed)
     report = check_streaming_equivalence(small_trunk(), small_input(), tile=32, rtol=1e-6)

@@ -103,11 +103,15 @@ def run(
     backward: bool = True,
     seed: int = 0,
     absolute: bool = False,
+    channels_last: bool = False,
 ) -> Run:
     """Forward ``x`` plainly (``tile=None``) or streamed, then backward ``(y * g).sum()``."""
     x = x.detach().clone().requires_grad_(input_grad)
     module.zero_grad(set_to_none=True)
-    y = module(x) if tile is None else streamcheck.Streamed(module, tile=tile)(x)
+    if tile is None:
+        y = module(x)
+    else:
+        y = streamcheck.Streamed(module, tile=tile, channels_last=channels_last)(x)
     if not backward or not y.requires_grad:  # a parameter-free stack on an image without grad
         return Run(y.detach(), y.requires_grad, {}, None)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float32)
@@ -126,6 +130,7 @@ def streamed_and_plain(
     input_grad: bool = True,
     backward: bool = True,
     dtype: torch.dtype = torch.float64,
+    channels_last: bool = False,
 ) -> tuple[Run, Run]:
     """The case run streamed in ``dtype`` and plainly in float64, on identical weights and data.
 
@@ -149,6 +154,7 @@ def streamed_and_plain(
         input_grad=input_grad,
         backward=backward,
         seed=case.seed,
+        channels_last=channels_last,
     )
     return streamed, plain
 
@@ -165,8 +171,10 @@ def check_output(case: StreamingCase) -> None:
     assert_close("output", streamed.output, plain.output, FLOAT64_RTOL)
 
 
-def check_parameter_gradients(case: StreamingCase, *, input_grad: bool) -> None:
-    streamed, plain = streamed_and_plain(case, input_grad=input_grad)
+def check_parameter_gradients(
+    case: StreamingCase, *, input_grad: bool, channels_last: bool = False
+) -> None:
+    streamed, plain = streamed_and_plain(case, input_grad=input_grad, channels_last=channels_last)
     assert_close("output", streamed.output, plain.output, FLOAT64_RTOL)
     assert streamed.output_requires_grad == plain.output_requires_grad
     assert streamed.param_grads.keys() == plain.param_grads.keys()
@@ -210,6 +218,13 @@ def test_output_and_gradients_equal_plain_3d(case: StreamingCase) -> None:
     """Properties 1-3 for Conv3d / MaxPool3d / AvgPool3d stacks."""
     check_output(case)
     check_parameter_gradients(case, input_grad=True)
+
+
+@FEWER
+@given(st.integers(2, 3).flatmap(lambda ndim: streaming_cases(ndim=ndim, **STACKS)))
+def test_channels_last_option_keeps_outputs_and_gradients_equal(case: StreamingCase) -> None:
+    """Properties 1-3 with ``Streamed(..., channels_last=True)`` (feed Rule F4)."""
+    check_parameter_gradients(case, input_grad=True, channels_last=True)
 
 
 # ----------------------------------------------------------------- property 5: illegal configs

@@ -336,41 +336,6 @@ def test_bfloat16_autocast_with_a_conv_first_and_last() -> None:
         assert relative_error(a.float(), b.float()) <= 8 * 2.0**-7
 
 
-def test_uint8_image_converted_per_tile_equals_converting_the_whole_image() -> None:
-    # The image stays uint8 (a quarter of float32's memory); each tile is converted and normalised
-    # on the module's device. The reference converts the whole image first.
-    torch.manual_seed(0)
-    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3)).double()
-    image = torch.randint(0, 256, (1, 3, 41, 37), dtype=torch.uint8)
-    mean = torch.tensor([120.0, 110.0, 100.0], dtype=torch.float64).view(1, 3, 1, 1)
-
-    def normalise(tile: torch.Tensor) -> torch.Tensor:
-        return (tile.double() - mean.to(tile.device)) / 60.0
-
-    want = trunk(normalise(image))
-    g = torch.randn_like(want)
-    got = Streamed(trunk, tile=16, tile_transform=normalise)(image)
-    assert relative_error(got.detach(), want.detach()) <= F64_RTOL
-    params = list(trunk.parameters())
-    for a, b in zip(
-        torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g), strict=True
-    ):
-        assert relative_error(a, b) <= F64_RTOL
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_host_resident_pinned_image_with_module_on_cuda() -> None:
-    torch.manual_seed(0)
-    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3)).double()
-    image = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8).pin_memory()
-    want = trunk(image.double() / 255)
-    streamed = Streamed(trunk.cuda(), tile=24, tile_transform=lambda t: t.double() / 255)
-    got = streamed(image)
-    assert got.device.type == "cuda"
-    assert relative_error(got.cpu(), want) <= F64_RTOL
-
-
 class InPlaceOnSharedMap(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -6,7 +6,9 @@
     python -m suites.benchmark --plots-only    # rebuild figures and SUMMARY.md from results
     python -m suites.benchmark --gate          # CI gate vs suites/benchmark/ceilings.toml
 
-A rerun resumes: points already in ``<out>/results.jsonl`` are skipped (``--fresh`` starts over).
+A rerun resumes: points already in ``<out>/results.jsonl`` are skipped (``--fresh`` starts over;
+``--redo 'streamcheck|cpu|float32|8192|'`` measures the points whose key contains that again, and
+the new rows supersede the old, which stay in the file).
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out", type=Path, help="results folder (default: by mode; gate: a tmp dir)"
     )
     parser.add_argument("--fresh", action="store_true", help="move old results aside, start over")
+    parser.add_argument(
+        "--redo",
+        action="append",
+        default=[],
+        metavar="KEY_PART",
+        help="measure the points whose key (method|device|dtype|input|tile|loss) contains this "
+        "again, even if done (repeatable)",
+    )
     parser.add_argument("--plots-only", action="store_true", help="only rebuild figures + summary")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -107,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides["mem_budget_bytes"] = int(args.mem_budget_gib * 2**30)
     points = grid.points(mode, args.suite, **overrides)
     command = "python -m suites.benchmark " + shlex.join(argv if argv is not None else sys.argv[1:])
-    runner.run_points(points, out, command=command.strip(), progress=not args.no_progress)
+    runner.run_points(
+        points,
+        out,
+        command=command.strip(),
+        progress=not args.no_progress,
+        redo=lambda point: any(part in point.key for part in args.redo),
+    )
     print(f"results: {_display(results_path(out))}")
 
     if mode == "gate":

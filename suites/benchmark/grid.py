@@ -70,7 +70,6 @@ class Grid:
     methods: Sequence[str]
     input_px: Sequence[int]
     tile_px: Sequence[int | str] = (None,)  # type: ignore[assignment]
-    only_if_fits: bool = False  # reserved for streaming-only huge inputs
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,11 @@ SUITES: dict[str, Suite] = {
             description="tile 512, memory and time vs input size; conventional OOM -> estimated",
             grids={
                 "full": [
-                    Grid(["conventional", "streamcheck"], [512, 1024, 2048, 4096, 8192], [512]),
+                    # 16384^2 (268 MP) is past the paper; conventional is predicted out of memory
+                    # there and at 8192^2 (runner.predicted_oom) and recorded so, not run.
+                    Grid(
+                        ["conventional", "streamcheck"], [512, 1024, 2048, 4096, 8192, 16384], [512]
+                    ),
                 ],
                 "quick": [Grid(["conventional", "streamcheck"], [1024, 2048], [512])],
                 "tiny": [Grid(["conventional", "streamcheck"], [128], [64])],

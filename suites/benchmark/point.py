@@ -41,6 +41,7 @@ import torch
 
 from streamcheck import memory
 
+from ..environment import cpu_name
 from .grid import Point
 
 OOM_MESSAGES = ("can't allocate memory", "cannot allocate memory", "out of memory", "bad_alloc")
@@ -100,14 +101,7 @@ def _tf32_off() -> None:
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"{cpu_name()} ({os.cpu_count()} cores)"
 
 
 def versions() -> dict[str, Any]:

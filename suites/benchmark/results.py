@@ -8,11 +8,12 @@ error), the last row wins. A rerun skips the points whose last row is final (``o
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from ..environment import git_commit
 
 RESULTS_NAME = "results.jsonl"
 FINAL_STATUSES = ("ok", "oom")
@@ -64,19 +65,6 @@ def start_fresh(path: Path) -> Path | None:
     return backup
 
 
-def git_commit() -> str:
-    """HEAD's hash, with ``+dirty`` when tracked files differ from it; ``unknown`` outside git."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "streamcheck", "suites"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
+def code_version() -> str:
+    """The commit the measured code comes from (``+dirty`` when the engine or suites differ)."""
+    return git_commit("streamcheck", "suites")

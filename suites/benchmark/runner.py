@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from .results import (
     FINAL_STATUSES,
     REPO_ROOT,
     append_row,
-    git_commit,
+    code_version,
     latest_rows,
     read_rows,
     results_path,
@@ -135,15 +135,17 @@ def run_points(
     command: str,
     progress: bool = True,
     timeout_s: float = POINT_TIMEOUT_S,
+    redo: Callable[[Point], bool] = lambda point: False,
 ) -> list[dict[str, Any]]:
-    """Run the points not yet done in ``out``'s results file; returns the rows added."""
+    """Run the points not yet done in ``out``'s results file, and those ``redo`` names again
+    (the last row of a key wins); returns the rows added."""
     from tqdm import tqdm
 
     path = results_path(out)
     previous = {r["key"]: r for r in latest_rows(read_rows(path))}
-    todo = [p for p in points if not is_done(previous.get(p.key), p)]
+    todo = [p for p in points if redo(p) or not is_done(previous.get(p.key), p)]
     skipped_done = len(points) - len(todo)
-    commit = git_commit()
+    commit = code_version()
     added = []
     bar = tqdm(todo, desc="benchmark", unit="point", disable=not progress, file=sys.stderr)
     if skipped_done:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ PAPER = {
 }
 
 MiB = 2**20
-REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -54,15 +52,6 @@ def sec(t: Any) -> str:
 
 def code(text: Any) -> str:
     return f"`{text}`" if text else "(not recorded)"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def figure(path: Path, out_dir: Path, number: str, caption: str, command: str | None) -> str:

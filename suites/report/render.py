@@ -22,9 +22,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..environment import git_commit
 from .benchmark import key_ratios, memory_section, row_values
 from .equivalence import equivalence_section
-from .format import PAPER, commit, err, git_commit, plural, table
+from .format import PAPER, commit, err, plural, table
 from .sources import Source, finite, get
 from .training import training_section
 

@@ -26,16 +26,19 @@ PER_PROCESS_TIMEOUT_S = 300
 # The grid, as data. Checks (float64, small): streaming stays exact under channels-last, and what
 # the engine does with a compiled module (it traces the module with torch.fx and calls the layers'
 # functions itself, so torch.compile is rejected or bypassed). Timed (float32, the paper's sizes):
-# the conventional baseline and streamcheck in both memory formats, and the baseline compiled.
+# the conventional baseline and streamcheck in each memory format (channels_last_tiles is the
+# engine option ``Streamed(..., channels_last=True)``), and the baseline compiled.
 CHECK = {"kind": "exactness", "method": "streamcheck", "input_px": 96, "tile_px": 40}
 CONFIGS = (
     Config(**CHECK, memory_format="contiguous"),
     Config(**CHECK, memory_format="channels_last"),
+    Config(**CHECK, memory_format="channels_last_tiles"),
     Config(**CHECK, memory_format="contiguous", compile="module"),
     Config(**CHECK, memory_format="contiguous", compile="in_place"),
     # Timed, most telling first (--max-minutes skips what is left).
     Config("time", method="conventional", memory_format="contiguous"),
     Config("time", method="streamcheck", memory_format="contiguous"),
+    Config("time", method="streamcheck", memory_format="channels_last_tiles"),
     Config("time", method="streamcheck", memory_format="channels_last"),
     Config("time", method="conventional", memory_format="channels_last"),
     Config("time", method="conventional", memory_format="contiguous", compile="module"),

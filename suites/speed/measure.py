@@ -18,20 +18,23 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[2]
+from ..benchmark.workload import paper_network
+from ..environment import cpu_name, git_commit
+
 METHODS = ("conventional", "streamcheck")
-MEMORY_FORMATS = ("contiguous", "channels_last")
+# contiguous: as is. channels_last: the user moves the network and the image to channels-last.
+# channels_last_tiles: both stay contiguous and ``Streamed(..., channels_last=True)`` lays out the
+# tiles (streamcheck only).
+MEMORY_FORMATS = ("contiguous", "channels_last", "channels_last_tiles")
 # off: eager. module: torch.compile(network), the usual way. in_place: network.compile(), which
 # keeps the module (and its submodules) as they are for code that inspects them, as the engine does.
 COMPILES = ("off", "module", "in_place")
@@ -58,17 +61,6 @@ class Config:
         return f"{what}_{self.method}_{self.memory_format}_compile-{self.compile}"
 
 
-def paper_network() -> nn.Sequential:
-    """Figs 2-3 of the paper: 3x3 convs (padding 1) with 3, 64 and 3 output channels, ReLU between."""
-    return nn.Sequential(
-        nn.Conv2d(3, 3, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(3, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(64, 3, 3, padding=1),
-    )
-
-
 def memory_format(name: str) -> torch.memory_format:
     return torch.channels_last if name == "channels_last" else torch.contiguous_format
 
@@ -92,7 +84,8 @@ def build(
     if config.method == "streamcheck":
         import streamcheck
 
-        model = streamcheck.Streamed(model, tile=config.tile_px)
+        tiles_last = config.memory_format == "channels_last_tiles"
+        model = streamcheck.Streamed(model, tile=config.tile_px, channels_last=tiles_last)
         info["n_tiles"] = model.plan(image.shape, dtype=dtype).n_tiles
     return network, model, image, info
 
@@ -175,36 +168,20 @@ def exactness(config: Config) -> dict[str, Any]:
 
 
 def environment(config: Config) -> dict[str, Any]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
     import streamcheck
 
     return {
         "python": platform.python_version(),
         "pytorch_version": torch.__version__,
         "streamcheck_version": streamcheck.__version__,
-        "git_commit": commit,
+        "git_commit": git_commit("streamcheck", "suites/speed"),
         "device": "cpu",
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "platform": platform.platform(),
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measure(config: Config) -> dict[str, Any]:

@@ -71,7 +71,9 @@ def write_summary(results_path: Path, summary_path: Path) -> None:
         "",
         "## Checks: streamed (float64) against the plain contiguous network",
         "",
-        "Exactness under channels-last, and what the engine does with a compiled module.",
+        "Exactness under channels-last (`channels_last_tiles`: the engine option "
+        "`Streamed(..., channels_last=True)`, network and image contiguous), and what the engine "
+        "does with a compiled module.",
         "",
         "| memory format | compile | input | tile | max relative error | graphs compiled | status |",
         "|---|---|---|---|---|---|---|",
@@ -149,7 +151,10 @@ def write_summary(results_path: Path, summary_path: Path) -> None:
         "is reported as no clear effect.",
         "",
         f"- channels-last, conventional: {_verdict(ratio('conventional', 'channels_last', 'off'))}",
-        f"- channels-last, streamcheck: {_verdict(ratio('streamcheck', 'channels_last', 'off'))}",
+        f"- channels-last, streamcheck, module and image converted by the user: "
+        f"{_verdict(ratio('streamcheck', 'channels_last', 'off'))}",
+        f"- channels-last, streamcheck, the engine option `Streamed(net, tile=..., channels_last=True)`: "
+        f"{_verdict(ratio('streamcheck', 'channels_last_tiles', 'off'))}",
         f"- torch.compile, conventional: {_verdict(ratio('conventional', 'contiguous', 'module'))}",
         f"- torch.compile, streamcheck, `Streamed(torch.compile(net))`: {_compile_note(exact, 'module')}",
         f"- torch.compile, streamcheck, `net.compile(); Streamed(net)`: {_compile_note(exact, 'in_place')}",

@@ -1,0 +1,111 @@
+"""Bringing input tiles to the module: copy, prefetch, convert, lay out.
+
+NOTE [ Tile feed ]
+Rule F1. A tile is cut from the image where the image lives and brought to the module's device. An
+         image already there is sliced, never copied: the tile is a view.
+Rule F2. From host memory to a CUDA device, the next tile's copy is issued before the current tile
+         is computed (``one_ahead``): the host gathers it into pinned staging memory while the GPU
+         still runs queued kernels, and the copy engine moves it on a side stream while the current
+         tile's kernels run. The compute stream waits for exactly that tile's copy (an event), and
+         the tile is recorded on the compute stream so that the allocator does not reuse its memory
+         early. Pinned staging makes the copy asynchronous for unpinned images too; the staging
+         buffers come from PyTorch's caching host allocator, which holds them until their copy ends.
+Rule F3. On the device, ``transform`` (per pixel: conversion, normalisation) and then the memory
+         format are applied (``prepare``). Both are ordinary autograd ops, so in backward the input
+         gradient flows back through them to the arrived tile, the leaf of the recomputation.
+Rule F4. ``channels_last`` lays 4-D tiles out as NHWC and 5-D tiles as NDHWC. It changes the
+         convolution kernels PyTorch picks, not the arithmetic of any output element: streamed
+         results stay equal to the module's in float64 (tests/test_streaming.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+Index = tuple[Any, ...]
+Handle = TypeVar("Handle")
+
+_END = object()
+
+
+def one_ahead(
+    items: Iterable[Any], launch: Callable[[Any], Handle], arrive: Callable[[Handle], torch.Tensor]
+) -> Iterator[torch.Tensor]:
+    """Yield ``arrive(launch(item))`` per item, launching item i+1 before item i is yielded (Rule F2)."""
+    handles = map(launch, items)
+    current: Any = next(handles, _END)
+    while current is not _END:
+        tile = arrive(current)
+        current = next(handles, _END)  # the next copy is under way while the caller computes
+        yield tile
+
+
+class _CudaCopy:
+    """Host -> CUDA copies on a side stream (Rule F2)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.compute = torch.cuda.current_stream(device)
+        self.side = torch.cuda.Stream(device)
+
+    def launch(self, host: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        if not (host.is_contiguous() and host.is_pinned()):
+            staging = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+            host = staging.copy_(host)
+        with torch.cuda.stream(self.side):
+            tile = host.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.side)
+        return tile, copied
+
+    def arrive(self, handle: tuple[torch.Tensor, torch.cuda.Event]) -> torch.Tensor:
+        tile, copied = handle
+        self.compute.wait_event(copied)
+        tile.record_stream(self.compute)
+        return tile
+
+
+class TileFeed:
+    """Brings the tiles at ``indices`` of an image to ``device`` and prepares them for the module."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        self.device = device
+        self.transform = transform
+        self.channels_last = channels_last
+
+    def arrivals(self, image: torch.Tensor, indices: Sequence[Index]) -> Iterator[torch.Tensor]:
+        """The tiles ``image[index]`` on the module's device, in order (Rules F1, F2)."""
+        if image.device == self.device:
+            return (image[index] for index in indices)
+        if self.device.type == "cuda" and image.device.type == "cpu":
+            copy = _CudaCopy(self.device)
+            return one_ahead((image[index] for index in indices), copy.launch, copy.arrive)
+        return (image[index].to(self.device) for index in indices)
+
+    def prepare(self, tile: torch.Tensor) -> torch.Tensor:
+        """Transform, then memory format (Rules F3, F4)."""
+        if self.transform is not None:
+            tile = self.transform(tile)
+        if self.channels_last and tile.dim() in (4, 5):
+            layout = torch.channels_last if tile.dim() == 4 else torch.channels_last_3d
+            tile = tile.contiguous(memory_format=layout)
+        return tile
+
+
+def laid_out_like(tile: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """An empty tensor of ``shape`` in ``tile``'s dtype, device and memory format (for stitching)."""
+    layout = torch.contiguous_format
+    if tile.dim() == 4 and tile.is_contiguous(memory_format=torch.channels_last):
+        layout = torch.channels_last
+    elif tile.dim() == 5 and tile.is_contiguous(memory_format=torch.channels_last_3d):
+        layout = torch.channels_last_3d
+    return torch.empty(tuple(shape), dtype=tile.dtype, device=tile.device, memory_format=layout)
