@@ -13,14 +13,10 @@ import torch
 from torch import nn
 
 from streamcheck import Streamed
+from streamcheck.testing import relative_error
 
 F64_RTOL = 1e-10
 TILE = 24
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
-    return ((got - want).abs().max() / scale).item()
 
 
 def build_model(*, streamed: bool) -> nn.Sequential:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from streamcheck import Streamed
+from streamcheck.testing import relative_error
 
 F64_RTOL = 1e-10
 WORLD = 2
@@ -42,11 +43,6 @@ TILE = 24
 SPAWN_DEADLINE_S = 240.0
 
 pytestmark = pytest.mark.slow
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
-    return ((got - want).abs().max() / scale).item()
 
 
 def build_model(*, streamed: bool) -> nn.Sequential:

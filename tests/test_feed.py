@@ -8,12 +8,9 @@ from torch import nn
 
 from streamcheck import Streamed
 from streamcheck.feed import TileFeed, laid_out_like, one_ahead
+from streamcheck.testing import relative_error
 
 F64_RTOL = 1e-10
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
 def test_one_ahead_launches_the_next_item_before_the_current_one_is_used() -> None:

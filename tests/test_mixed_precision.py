@@ -31,14 +31,10 @@ import torch
 from torch import nn
 
 from streamcheck import Streamed
+from streamcheck.testing import relative_error
 
 STEPS = 3
 LR = 0.1
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
-    return ((got - want).abs().max() / scale).item()
 
 
 def build_model(*, streamed: bool, device: str) -> nn.Sequential:

@@ -38,6 +38,7 @@ from streamcheck.testing import (
     StreamingCase,
     conv_stacks,
     image_shapes,
+    relative_error,
     stack_geometry,
     streaming_cases,
     tile_sizes,
@@ -66,24 +67,6 @@ NARROW_REFLECT = StreamingCase(
 )
 
 FLOAT64_RTOL = 1e-10
-TINY = torch.finfo(torch.float64).tiny
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``max|a - b| / max|b|`` (``b`` the reference), computed in float64.
-
-    Equal non-finite entries (inf, NaN in both) count as equal; any other non-finite difference
-    is an infinite error.
-    """
-    a, b = a.detach().double(), b.detach().double()
-    assert a.shape == b.shape, f"shape {tuple(a.shape)} != reference {tuple(b.shape)}"
-    if a.numel() == 0:
-        return 0.0
-    same = (a == b) | (a.isnan() & b.isnan())
-    difference = torch.where(same, 0.0, (a - b).abs()).nan_to_num(nan=math.inf)
-    finite = b[b.isfinite()]
-    scale = float(finite.abs().max()) if finite.numel() else 0.0
-    return float(difference.max()) / max(scale, TINY)
 
 
 @dataclass

@@ -12,13 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import streamcheck
 from streamcheck import StreamcheckError, Streamed
+from streamcheck.testing import relative_error
 
 F64_RTOL = 1e-10
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
-    return ((got - want).abs().max() / scale).item()
 
 
 def gradients(module: nn.Module, x: torch.Tensor, upstream: torch.Tensor | None, run) -> tuple:

@@ -6,6 +6,7 @@ from streamcheck.testing.checker import (
     assert_streaming_equivalent,
     check_streaming_equivalence,
     default_tolerances,
+    relative_error,
 )
 from streamcheck.testing.strategies import (
     ACTIVATIONS,
@@ -31,6 +32,7 @@ __all__ = [
     "conv_stacks",
     "default_tolerances",
     "image_shapes",
+    "relative_error",
     "stack_geometry",
     "streaming_cases",
     "tile_sizes",

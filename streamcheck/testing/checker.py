@@ -59,6 +59,7 @@ __all__ = [
     "assert_streaming_equivalent",
     "check_streaming_equivalence",
     "default_tolerances",
+    "relative_error",
     "tf32_disabled",
 ]
 
@@ -478,6 +479,26 @@ def _buffers(streamed: nn.Module, plain: nn.Module, exact: nn.Module | None) -> 
     return [(f"buffers ({count} tensors)", "buffers", flat(streamed), flat(plain), e)]
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max|a - b| / max|b|`` in float64, ``b`` the reference (Rule 3's ``max_rel_error``).
+
+    Equal non-finite entries (inf, NaN in both) count as equal; any other non-finite difference is
+    an infinite error; an all-zero ``b`` makes any difference infinite.
+
+    >>> relative_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]))
+    0.5
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"shape {tuple(a.shape)} != reference {tuple(b.shape)}")
+    max_abs = _max_abs_difference(a, b)
+    finite = b.detach().to(torch.float64)
+    finite = finite[finite.isfinite()].abs()
+    scale = float(finite.max()) if finite.numel() else 0.0
+    if scale > 0:
+        return max_abs / scale
+    return 0.0 if max_abs == 0 else math.inf
+
+
 def _max_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a - b| in float64; equal values (NaN with NaN too) differ by 0, others by inf."""
     a64 = a.detach().to(torch.float64)
@@ -503,11 +524,10 @@ def _compare(
     if a.shape != b.shape:
         return TensorError(name, kind, shape, math.inf, math.inf, math.nan, passed=False)
     max_abs = _max_abs_difference(a, b)
+    max_rel = relative_error(a, b)
     finite_b = b.detach().to(torch.float64)
-    finite_b = finite_b[torch.isfinite(finite_b)].abs()
+    finite_b = finite_b[finite_b.isfinite()].abs()
     scale = float(finite_b.max()) if finite_b.numel() else 0.0
-    zero_scale_rel = 0.0 if max_abs == 0 else math.inf
-    max_rel = max_abs / scale if scale > 0 else zero_scale_rel
     rounding = 0.0 if b_exact is None else _max_abs_difference(b, b_exact)
     if not math.isfinite(rounding):
         rounding = 0.0  # the plain run itself is not finite where float64 is: no help from it

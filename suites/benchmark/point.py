@@ -176,6 +176,7 @@ def measure(
 
         # 4. timed steps under the RSS meter; fewer of them when one step is slow.
         times: list[float] = []
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         with memory.RssMeter() as meter:
             n = point.repeats
             while len(times) < n:
@@ -184,6 +185,7 @@ def measure(
                 times.append(time.perf_counter() - t0)
                 if len(times) == 1:
                     n = max(1, min(point.repeats, math.floor(point.max_timing_s / times[0])))
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
         assert meter.reading is not None
         row.update(w.info)  # wrappers may learn their tiling during the first step
         if not cpu:
@@ -195,6 +197,9 @@ def measure(
             time_s_all=times,
             time_s_median=statistics.median(times),
             repeats_done=len(times),
+            # CPU: every fresh buffer over 32 MiB is mapped anew and faulted in page by page
+            # (reports/speed/SUMMARY.md, huge pages); per timed step.
+            minor_page_faults_per_step=faults / len(times),
             peak_rss_bytes=meter.reading.peak_rss_bytes,
             rss_baseline_bytes=meter.reading.baseline_rss_bytes,
             rss_delta_bytes=meter.reading.delta_bytes,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .measure import REPO, Config
+from ..environment import REPO
+from .measure import Config
 from .summary import write_summary
 
 REPORT_DIR = REPO / "reports" / "speed"
@@ -27,7 +29,8 @@ PER_PROCESS_TIMEOUT_S = 300
 # the engine does with a compiled module (it traces the module with torch.fx and calls the layers'
 # functions itself, so torch.compile is rejected or bypassed). Timed (float32, the paper's sizes):
 # the conventional baseline and streamcheck in each memory format (channels_last_tiles is the
-# engine option ``Streamed(..., channels_last=True)``), and the baseline compiled.
+# engine option ``Streamed(..., channels_last=True)``), with and without transparent huge pages
+# (``Config.huge_pages``), and the baseline compiled.
 CHECK = {"kind": "exactness", "method": "streamcheck", "input_px": 96, "tile_px": 40}
 CONFIGS = (
     Config(**CHECK, memory_format="contiguous"),
@@ -40,6 +43,9 @@ CONFIGS = (
     Config("time", method="streamcheck", memory_format="contiguous"),
     Config("time", method="streamcheck", memory_format="channels_last_tiles"),
     Config("time", method="streamcheck", memory_format="channels_last"),
+    Config("time", method="streamcheck", memory_format="contiguous", huge_pages=True),
+    Config("time", method="streamcheck", memory_format="channels_last_tiles", huge_pages=True),
+    Config("time", method="conventional", memory_format="contiguous", huge_pages=True),
     Config("time", method="conventional", memory_format="channels_last"),
     Config("time", method="conventional", memory_format="contiguous", compile="module"),
 )
@@ -79,8 +85,14 @@ def run_in_fresh_process(configs: list[Config]) -> list[dict]:
     ]
     status, note, lines = "crashed", "", []
     try:
+        env = os.environ | {k: v for c in configs for k, v in c.environment_variables().items()}
         done = subprocess.run(
-            command, cwd=REPO, capture_output=True, text=True, timeout=PER_PROCESS_TIMEOUT_S
+            command,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=PER_PROCESS_TIMEOUT_S,
         )
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         tail = done.stderr.strip().splitlines()[-1:] or ["(no stderr)"]

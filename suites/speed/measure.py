@@ -22,10 +22,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from streamcheck.testing import relative_error
 
 from ..benchmark.workload import paper_network
 from ..environment import cpu_name, git_commit
@@ -54,11 +57,20 @@ class Config:
     repeats: int = 3
     threads: int = 2
     seed: int = 0
+    # Run the process with THP_MEM_ALLOC_ENABLE=1: PyTorch then asks Linux for transparent huge
+    # pages (madvise) for its large CPU allocations, so a fresh 64 MiB buffer takes 32 page faults
+    # instead of 16384. Every tile allocates fresh buffers (glibc maps allocations over 32 MiB
+    # anew each time and unmaps them on free), so streaming on CPU pays these faults per tile.
+    huge_pages: bool = False
 
     @property
     def name(self) -> str:
         what = "exact_float64" if self.kind == "exactness" else "time_forward_backward"
-        return f"{what}_{self.method}_{self.memory_format}_compile-{self.compile}"
+        pages = "_huge-pages" if self.huge_pages else ""
+        return f"{what}_{self.method}_{self.memory_format}_compile-{self.compile}{pages}"
+
+    def environment_variables(self) -> dict[str, str]:
+        return {"THP_MEM_ALLOC_ENABLE": "1"} if self.huge_pages else {}
 
 
 def memory_format(name: str) -> torch.memory_format:
@@ -103,11 +115,13 @@ def time_step(config: Config) -> dict[str, Any]:
     info["warmup_s"] = time.perf_counter() - started
     # perf_counter, not torch.utils.benchmark.Timer: Timer.timeit(1) runs two more warm-up steps
     # before each measured one, which triples the run time of a 10-second step.
-    times, cpu_times = [], []
+    times, cpu_times, faults = [], [], []
     for _ in range(config.repeats):
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         cpu_started, started = time.process_time(), time.perf_counter()
         step()
         times.append(time.perf_counter() - started)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
         cpu_times.append(
             time.process_time() - cpu_started
         )  # all threads; less hurt by others' load
@@ -117,6 +131,7 @@ def time_step(config: Config) -> dict[str, Any]:
         "times_s": times,
         "median_cpu_s": statistics.median(cpu_times),
         "cpu_times_s": cpu_times,
+        "median_minor_page_faults": statistics.median(faults),
         **info,
         **compiled(config),
     }
@@ -137,11 +152,6 @@ def describe_format(t: torch.Tensor) -> str:
     if t.is_contiguous():
         return "contiguous"
     return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "strided"
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
-    return ((got - want).abs().max() / scale).item()
 
 
 def exactness(config: Config) -> dict[str, Any]:
@@ -180,8 +190,19 @@ def environment(config: Config) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "mkldnn": torch.backends.mkldnn.is_available(),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "transparent_hugepage": _transparent_hugepage_mode(),
         "platform": platform.platform(),
     }
+
+
+def _transparent_hugepage_mode() -> str | None:
+    """The kernel's THP mode, the bracketed word of e.g. ``always [madvise] never``."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text[text.find("[") + 1 : text.find("]")] if "[" in text else text.strip()
 
 
 def measure(config: Config) -> dict[str, Any]:
