@@ -8,9 +8,18 @@ torch.Size([1, 8, 128, 128])
 """
 
 from .errors import StreamcheckError
+from .host_memory import keep_freed_host_memory
 from .plan import StreamPlan, Tile, plan
 from .streaming import Streamed
 
 __version__ = "0.1.0"
 
-__all__ = ["StreamPlan", "StreamcheckError", "Streamed", "Tile", "__version__", "plan"]
+__all__ = [
+    "StreamPlan",
+    "StreamcheckError",
+    "Streamed",
+    "Tile",
+    "__version__",
+    "keep_freed_host_memory",
+    "plan",
+]

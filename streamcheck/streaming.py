@@ -141,6 +141,7 @@ class _StreamFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(x)
         indices = [_slices(s.input_box, graph.nodes[0].layout, x.dim()) for s in plan.schedules]
+        ctx.indices = indices
         out_layout = graph.output_node.layout
         output: torch.Tensor | None = None
         with torch.no_grad():  # Rule S1
@@ -164,7 +165,7 @@ class _StreamFunction(torch.autograd.Function):
         want_input = ctx.needs_input_grad[2]
         grad_x = torch.zeros_like(x) if want_input else None
         grad_params: list[torch.Tensor | None] = [None] * len(params)
-        indices = [_slices(s.input_box, graph.nodes[0].layout, x.dim()) for s in plan.schedules]
+        indices = ctx.indices
         arrivals = feed.arrivals(x.detach(), indices)
         out_layout = graph.output_node.layout
         last = graph.output_node

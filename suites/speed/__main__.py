@@ -29,8 +29,8 @@ PER_PROCESS_TIMEOUT_S = 300
 # the engine does with a compiled module (it traces the module with torch.fx and calls the layers'
 # functions itself, so torch.compile is rejected or bypassed). Timed (float32, the paper's sizes):
 # the conventional baseline and streamcheck in each memory format (channels_last_tiles is the
-# engine option ``Streamed(..., channels_last=True)``), with and without transparent huge pages
-# (``Config.huge_pages``), and the baseline compiled.
+# engine option ``Streamed(..., channels_last=True)``), with the host-memory settings of
+# ``measure.ALLOCATORS``, and the baseline compiled.
 CHECK = {"kind": "exactness", "method": "streamcheck", "input_px": 96, "tile_px": 40}
 CONFIGS = (
     Config(**CHECK, memory_format="contiguous"),
@@ -43,9 +43,16 @@ CONFIGS = (
     Config("time", method="streamcheck", memory_format="contiguous"),
     Config("time", method="streamcheck", memory_format="channels_last_tiles"),
     Config("time", method="streamcheck", memory_format="channels_last"),
-    Config("time", method="streamcheck", memory_format="contiguous", huge_pages=True),
-    Config("time", method="streamcheck", memory_format="channels_last_tiles", huge_pages=True),
-    Config("time", method="conventional", memory_format="contiguous", huge_pages=True),
+    Config("time", method="streamcheck", memory_format="contiguous", allocator="keep_freed"),
+    Config(
+        "time", method="streamcheck", memory_format="channels_last_tiles", allocator="keep_freed"
+    ),
+    Config("time", method="conventional", memory_format="contiguous", allocator="keep_freed"),
+    Config("time", method="streamcheck", memory_format="contiguous", allocator="huge_pages"),
+    Config(
+        "time", method="streamcheck", memory_format="channels_last_tiles", allocator="huge_pages"
+    ),
+    Config("time", method="conventional", memory_format="contiguous", allocator="huge_pages"),
     Config("time", method="conventional", memory_format="channels_last"),
     Config("time", method="conventional", memory_format="contiguous", compile="module"),
 )

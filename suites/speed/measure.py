@@ -57,20 +57,34 @@ class Config:
     repeats: int = 3
     threads: int = 2
     seed: int = 0
-    # Run the process with THP_MEM_ALLOC_ENABLE=1: PyTorch then asks Linux for transparent huge
-    # pages (madvise) for its large CPU allocations, so a fresh 64 MiB buffer takes 32 page faults
-    # instead of 16384. Every tile allocates fresh buffers (glibc maps allocations over 32 MiB
-    # anew each time and unmaps them on free), so streaming on CPU pays these faults per tile.
-    huge_pages: bool = False
+    # How the process's host memory is set up; one of ALLOCATORS (environment variables).
+    allocator: str = "default"
 
     @property
     def name(self) -> str:
         what = "exact_float64" if self.kind == "exactness" else "time_forward_backward"
-        pages = "_huge-pages" if self.huge_pages else ""
-        return f"{what}_{self.method}_{self.memory_format}_compile-{self.compile}{pages}"
+        alloc = "" if self.allocator == "default" else f"_alloc-{self.allocator}"
+        return f"{what}_{self.method}_{self.memory_format}_compile-{self.compile}{alloc}"
 
     def environment_variables(self) -> dict[str, str]:
-        return {"THP_MEM_ALLOC_ENABLE": "1"} if self.huge_pages else {}
+        return ALLOCATORS[self.allocator]
+
+
+# Every tile allocates fresh buffers of the same sizes (a 64-channel 512^2 activation is 64 MiB).
+# glibc maps each allocation over 32 MiB anew and unmaps it on free, so by default every tile
+# faults its buffers in again, 4 KiB page by page.
+# keep_freed: the process first calls streamcheck.keep_freed_host_memory(): glibc serves
+#   allocations below 1 GiB from its heap and keeps freed memory, so later tiles reuse the pages
+#   earlier tiles faulted in (streamcheck/host_memory.py).
+# huge_pages: the process runs with THP_MEM_ALLOC_ENABLE=1: PyTorch asks Linux for transparent
+#   huge pages (madvise) for large CPU allocations: 2 MiB pages, 512x fewer faults, but still a
+#   fresh mapping per buffer.
+# The environment variables each setting needs:
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "default": {},
+    "keep_freed": {},
+    "huge_pages": {"THP_MEM_ALLOC_ENABLE": "1"},
+}
 
 
 def memory_format(name: str) -> torch.memory_format:
@@ -103,7 +117,13 @@ def build(
 
 
 def time_step(config: Config) -> dict[str, Any]:
+    kept = None
+    if config.allocator == "keep_freed":
+        import streamcheck
+
+        kept = streamcheck.keep_freed_host_memory()
     network, model, image, info = build(config, dtype=torch.float32)
+    info["keep_freed_host_memory"] = kept
 
     def step() -> None:
         for p in network.parameters():
@@ -190,7 +210,9 @@ def environment(config: Config) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "mkldnn": torch.backends.mkldnn.is_available(),
-        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "allocator_environment": {
+            k: os.environ[k] for env in ALLOCATORS.values() for k in env if k in os.environ
+        },
         "transparent_hugepage": _transparent_hugepage_mode(),
         "platform": platform.platform(),
     }
