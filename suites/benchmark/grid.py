@@ -32,7 +32,7 @@ class Point:
     """One measurement. Run in a fresh process; ``key`` identifies it in the results file."""
 
     suite: str
-    method: str  # conventional | streamcheck | lightstream
+    method: str  # one of workload.METHODS
     input_px: int
     tile_px: int | None = None  # None for conventional
     device: str = "cpu"
@@ -115,6 +115,8 @@ SUITES: dict[str, Suite] = {
                     Grid(
                         ["conventional", "streamcheck"], [512, 1024, 2048, 4096, 8192, 16384], [512]
                     ),
+                    # The same with streamcheck's CPU speed settings (workload.METHODS).
+                    Grid(["streamcheck_tuned"], [512, 1024, 2048, 4096, 8192, 16384], [512]),
                 ],
                 "quick": [Grid(["conventional", "streamcheck"], [1024, 2048], [512])],
                 "tiny": [Grid(["conventional", "streamcheck"], [128], [64])],
@@ -230,5 +232,5 @@ def points(mode: str, suites: Sequence[str] | None = None, **overrides: Any) -> 
                     p = replace(p, **overrides)
                     seen.setdefault(p.key, p)
     # Conventional first at each size (its rows give the OOM trend), then by size and tile.
-    order = {"conventional": 0, "streamcheck": 1, "lightstream": 2}
+    order = {"conventional": 0, "streamcheck": 1, "streamcheck_tuned": 2, "lightstream": 3}
     return sorted(seen.values(), key=lambda p: (p.input_px, order.get(p.method, 9), p.tile_px or 0))

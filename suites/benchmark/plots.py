@@ -32,6 +32,7 @@ from .analysis import (  # noqa: E402
 STYLE = {
     "conventional": {"color": "#444444", "marker": "o"},
     "streamcheck": {"color": "#1f77b4", "marker": "o"},
+    "streamcheck_tuned": {"color": "#2ca02c", "marker": "^"},
     "lightstream": {"color": "#d62728", "marker": "s", "markersize": 5},
 }
 METERS = {
@@ -172,12 +173,14 @@ def _input_panel(ax: plt.Axes, df: pd.DataFrame, metric: str, scale: float, tile
                 label="conventional (estimated: linear fit in pixels)",
             )
             sizes.update(xe)
-    for method in ("streamcheck", "lightstream"):
+    labels = {"streamcheck_tuned": "streamcheck, CPU settings"}
+    for method in ("streamcheck", "streamcheck_tuned", "lightstream"):
         rows = ok(df, method, tile_px=tile)
         if len(rows):
             x = rows["input_px"].astype(int).tolist()
             sizes.update(x)
-            ax.plot(x, rows[metric] / scale, **STYLE[method], label=f"{method} (tile {tile})")
+            label = f"{labels.get(method, method)} (tile {tile})"
+            ax.plot(x, rows[metric] / scale, **STYLE[method], label=label)
     return sorted(sizes)
 
 

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-METHODS = ("conventional", "streamcheck", "lightstream")
+METHODS = ("conventional", "streamcheck", "streamcheck_tuned", "lightstream")
+# streamcheck_tuned: streamcheck with its CPU speed settings (docs/SCALING.md, "Speed on CPU"):
+# streamcheck.keep_freed_host_memory() in the (fresh) process and Streamed(..., channels_last=True).
 
 
 def paper_network() -> nn.Sequential:
@@ -78,10 +80,13 @@ def build(
         return Workload(step, network, image, {"n_tiles": 1})
 
     assert tile_px is not None, "streaming methods need tile_px"
-    if method == "streamcheck":
+    if method in ("streamcheck", "streamcheck_tuned"):
         import streamcheck
 
-        streamed = streamcheck.Streamed(network, tile=tile_px)
+        tuned = method == "streamcheck_tuned"
+        if tuned and device == "cpu":
+            streamcheck.keep_freed_host_memory()
+        streamed = streamcheck.Streamed(network, tile=tile_px, channels_last=tuned)
         plan = streamed.plan(image.shape, dtype=image.dtype)
 
         def step() -> None:
