@@ -197,8 +197,8 @@ def measure(
             time_s_all=times,
             time_s_median=statistics.median(times),
             repeats_done=len(times),
-            # CPU: every fresh buffer over 32 MiB is mapped anew and faulted in page by page
-            # (reports/speed/SUMMARY.md, huge pages); per timed step.
+            # CPU: every fresh buffer of 32 MiB or more is mapped anew and faulted in page by
+            # page unless freed memory is kept (streamcheck/host_memory.py); per timed step.
             minor_page_faults_per_step=faults / len(times),
             peak_rss_bytes=meter.reading.peak_rss_bytes,
             rss_baseline_bytes=meter.reading.baseline_rss_bytes,
