@@ -34,7 +34,7 @@ def keep_freed_host_memory(*, max_bytes: int = 2**30) -> bool:
     Returns True if glibc took both settings. Call it once, early; it changes the whole process.
 
     >>> import streamcheck
-    >>> streamcheck.keep_freed_host_memory() in (True, False)  # False without glibc
+    >>> streamcheck.keep_freed_host_memory()  # on Linux with glibc; False elsewhere
     True
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

@@ -490,10 +490,17 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """
     if a.shape != b.shape:
         raise ValueError(f"shape {tuple(a.shape)} != reference {tuple(b.shape)}")
-    max_abs = _max_abs_difference(a, b)
+    return _relative(_max_abs_difference(a, b), _scale(b))
+
+
+def _scale(b: torch.Tensor) -> float:
+    """max|b| over the finite entries of ``b`` (0 if there are none)."""
     finite = b.detach().to(torch.float64)
     finite = finite[finite.isfinite()].abs()
-    scale = float(finite.max()) if finite.numel() else 0.0
+    return float(finite.max()) if finite.numel() else 0.0
+
+
+def _relative(max_abs: float, scale: float) -> float:
     if scale > 0:
         return max_abs / scale
     return 0.0 if max_abs == 0 else math.inf
@@ -523,11 +530,8 @@ def _compare(
     shape = tuple(b.shape)
     if a.shape != b.shape:
         return TensorError(name, kind, shape, math.inf, math.inf, math.nan, passed=False)
-    max_abs = _max_abs_difference(a, b)
-    max_rel = relative_error(a, b)
-    finite_b = b.detach().to(torch.float64)
-    finite_b = finite_b[finite_b.isfinite()].abs()
-    scale = float(finite_b.max()) if finite_b.numel() else 0.0
+    max_abs, scale = _max_abs_difference(a, b), _scale(b)
+    max_rel = _relative(max_abs, scale)
     rounding = 0.0 if b_exact is None else _max_abs_difference(b, b_exact)
     if not math.isfinite(rounding):
         rounding = 0.0  # the plain run itself is not finite where float64 is: no help from it
