@@ -1,12 +1,29 @@
-"""Where a result was produced: git commit and CPU name, recorded next to every result file."""
+"""Where a result was produced: the one environment record every suite writes next to its results.
+
+Rules (environment record):
+
+E1. Every record the suites write (benchmark rows, the equivalence record, ImageNette runs, any
+    new suite) carries ``environment(device)`` under the key ``"environment"``; no suite spells
+    its own versions (one spelling: ``torch``, never ``torch_version``).
+E2. ``git_commit`` ends in ``+dirty`` when files that shape the result (``streamcheck/``,
+    ``suites/`` by default) have uncommitted changes, so a dirty run is never mistaken for the
+    commit it started from.
+E3. The 1-minute load average is recorded at the time of the record: the machine may be shared,
+    and a timing taken under load is only comparable with one taken under similar load.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+
+# What a result depends on, for Rule E2's ``+dirty``.
+WATCHED = ("streamcheck", "suites")
 
 
 def git_commit(*watched: str) -> str:
@@ -35,3 +52,48 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def load_1min() -> float | None:
+    """The 1-minute load average (Rule E3); None where the platform has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def environment(device: str = "cpu", *, watched: tuple[str, ...] = WATCHED) -> dict[str, Any]:
+    """The environment record (Rule E1) of a result produced on ``device`` in this process.
+
+    >>> env = environment("cpu")
+    >>> sorted(env)  # doctest: +NORMALIZE_WHITESPACE
+    ['cores', 'cpu', 'device', 'git_commit', 'gpu', 'load_1min', 'platform', 'python',
+     'streamcheck', 'threads', 'torch', 'torchvision']
+    >>> env["device"], env["gpu"]
+    ('cpu', None)
+    """
+    import torch
+
+    import streamcheck
+
+    try:
+        import torchvision
+
+        torchvision_version: str | None = torchvision.__version__
+    except ImportError:
+        torchvision_version = None
+    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision_version,
+        "streamcheck": getattr(streamcheck, "__version__", "unknown"),
+        "git_commit": git_commit(*watched),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "cpu": cpu_name(),
+        "gpu": gpu,
+        "load_1min": load_1min(),
+        "platform": platform.platform(),
+    }

@@ -229,3 +229,31 @@ def test_redo_measures_a_done_point_again_and_the_new_row_wins(tmp_path: Path) -
     latest = {r["key"]: r for r in results.latest_rows(results.read_rows(path))}
     assert latest[big.key]["command"] == "redo"
     assert len(results.read_rows(path)) == 4  # the superseded row stays in the file
+
+
+def test_the_environment_record_has_one_spelling_and_marks_a_dirty_tree(tmp_path: Path) -> None:
+    import os
+    import platform
+    import subprocess
+
+    from suites import environment
+
+    env = environment.environment("cpu")
+    assert env["torch"] == torch.__version__ and env["python"] == platform.python_version()
+    assert env["device"] == "cpu" and env["gpu"] is None
+    assert env["threads"] == torch.get_num_threads()
+    assert 0 <= env["load_1min"] <= os.getloadavg()[0] + 5  # read at a slightly different time
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=environment.REPO, capture_output=True, text=True
+    ).stdout.strip()
+    assert env["git_commit"].removesuffix("+dirty") == head
+    # Rule E2: an untracked file under a watched path makes the commit dirty.
+    probe = environment.REPO / "suites" / f".env_probe_{os.getpid()}"
+    probe.write_text("x")
+    try:
+        assert (
+            environment.environment("cpu", watched=(str(probe),))["git_commit"] == head + "+dirty"
+        )
+    finally:
+        probe.unlink()
+    assert not environment.git_commit(str(probe)).endswith("+dirty")
