@@ -6,9 +6,9 @@ Layout (what `--data PATH` / `IMAGENETTE_ROOT` must point at; the fast.ai archiv
     PATH/train/n01440764/*.JPEG      one folder per WordNet id, 10 folders
     PATH/val/n01440764/*.JPEG        same 10 folders
 
-The stand-in writes the same layout with synthetic textures (one texture family per class,
-random colours, so colour alone carries no label), and a ``standin.json`` manifest that
-labels it "STAND-IN".
+The stand-in writes the same layout with random views of real photographs bundled with
+scikit-image (each class its own photographs; NOTE [ Photograph stand-in ]), and a
+``standin.json`` manifest that labels it "STAND-IN".
 
 NOTE [ Identical data for both runs ]
 Rule 1. The epoch order is ``randperm(n)`` from a generator seeded with (seed, epoch).
@@ -208,21 +208,32 @@ class BatchStream:
 # Stand-in generator
 # ---------------------------------------------------------------------------------------------
 
-STANDIN_VERSION = 1
-# One texture family per class (index = position in WNIDS). Period and angle ranges are wide and
-# overlap between families where that would let zoom (RandomResizedCrop) or colour give the class
-# away; what separates classes is the kind of spatial structure.
-STANDIN_FAMILIES = (
-    "stripes at 0 deg",
-    "stripes at 60 deg",
-    "stripes at 120 deg",
-    "checkerboard",
-    "concentric rings",
-    "radial spokes",
-    "scattered disks",
-    "dot grid",
-    "scattered rectangles",
-    "wavy stripes",
+# NOTE [ Photograph stand-in ]
+# Rule S1. Every image is a view of real photographs that scikit-image ships inside its wheel
+#          (skimage/data/*.png, *.jpg); functions of skimage.data that fetch files through pooch
+#          are not used, so the stand-in is made offline. Each class has its own photographs.
+# Rule S2. A view is a random crop (15-70 % of the photograph's area, aspect 3/4-4/3), resized to
+#          `size_px`, flipped left-right with probability 1/2, colour-jittered (brightness,
+#          contrast, saturation x0.6-1.4, hue +-0.08 turns), turned grey with probability 1/4,
+#          plus pixel noise: colour and brightness alone do not give the class away, and no two
+#          images are the same view. Tuning images are other random views of the same photographs
+#          (not held-out photographs): the tuning accuracy measures recognising new views.
+# Rule S3. Every random number comes from numpy's generator seeded with (seed, version, split,
+#          class, index): the data set is a pure function of `StandinSpec`, bit for bit.
+
+STANDIN_VERSION = 2
+# One entry per class (index = position in WNIDS): the skimage.data photographs it is drawn from.
+STANDIN_PHOTOS: tuple[tuple[str, ...], ...] = (
+    ("astronaut",),
+    ("chelsea",),
+    ("coffee",),
+    ("rocket",),
+    ("hubble_deep_field",),
+    ("retina",),
+    ("immunohistochemistry",),
+    ("motorcycle_left", "motorcycle_right"),
+    ("camera", "moon", "coins"),
+    ("brick", "grass", "gravel"),
 )
 
 
@@ -235,83 +246,83 @@ class StandinSpec:
     version: int = STANDIN_VERSION
 
 
-def _texture(family: int, rng: np.random.Generator, size: int) -> np.ndarray:
-    """A (size, size) field in [0, 1] of the class's texture family."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    cx, cy = rng.uniform(0, size, 2)
-    x, y = xx - cx, yy - cy
-    phase = rng.uniform(0, 2 * np.pi)
-    period = rng.uniform(14, 40)
-    if family in (0, 1, 2):  # straight stripes, class-specific angle +- 12 deg
-        theta = np.deg2rad(60 * family + rng.uniform(-12, 12))
-        return 0.5 + 0.5 * np.sin(
-            2 * np.pi * (x * np.cos(theta) + y * np.sin(theta)) / period + phase
-        )
-    if family == 3:  # checkerboard, slightly rotated
-        t = np.deg2rad(rng.uniform(-10, 10))
-        u, v = x * np.cos(t) + y * np.sin(t), -x * np.sin(t) + y * np.cos(t)
-        return ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
-    if family == 4:  # concentric rings
-        return 0.5 + 0.5 * np.sin(2 * np.pi * np.hypot(x, y) / period + phase)
-    if family == 5:  # radial spokes
-        k = int(rng.integers(6, 16))
-        return 0.5 + 0.5 * np.sin(k * np.arctan2(y, x) + phase)
-    if family == 6:  # scattered filled disks
-        f = np.zeros((size, size), np.float32)
-        for _ in range(int(rng.integers(6, 20))):
-            px, py, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(10, 50)
-            f[np.hypot(xx - px, yy - py) < r] = 1.0
-        return f
-    if family == 7:  # grid of round dots
-        p = period
-        u, v = (xx - cx) % p - p / 2, (yy - cy) % p - p / 2
-        return (np.hypot(u, v) < p * rng.uniform(0.2, 0.35)).astype(np.float32)
-    if family == 8:  # scattered axis-aligned rectangles
-        f = np.zeros((size, size), np.float32)
-        for _ in range(int(rng.integers(6, 20))):
-            x0, y0 = rng.uniform(-20, size, 2)
-            w, h = rng.uniform(15, 90, 2)
-            f[(xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < y0 + h)] = 1.0
-        return f
-    if family == 9:  # wavy stripes
-        theta = rng.uniform(0, np.pi)
-        u, v = x * np.cos(theta) + y * np.sin(theta), -x * np.sin(theta) + y * np.cos(theta)
-        amp, wavelength = rng.uniform(8, 20), rng.uniform(50, 110)
-        return 0.5 + 0.5 * np.sin(
-            2 * np.pi * (u + amp * np.sin(2 * np.pi * v / wavelength)) / period + phase
-        )
-    raise ValueError(family)
+def standin_photo(name: str) -> Image.Image:
+    """One bundled skimage.data photograph as RGB (Rule S1: read from the wheel, never fetched).
+
+    >>> standin_photo("coffee").size      # coffee.png is 600 x 400 px
+    (600, 400)
+    """
+    from skimage import data as skdata
+
+    if name in ("motorcycle_left", "motorcycle_right"):
+        left, right, _ = skdata.stereo_motorcycle()
+        array = left if name == "motorcycle_left" else right
+    else:
+        array = getattr(skdata, name)()
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    return Image.fromarray(array[..., :3].astype(np.uint8), "RGB")
 
 
-def standin_image(class_index: int, split: str, index: int, spec: StandinSpec) -> Image.Image:
+def _view(photo: Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
+    """One random view of `photo` (Rule S2)."""
+    from torchvision.transforms import functional as F
+
+    w, h = photo.size
+    area = rng.uniform(0.15, 0.7) * w * h
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw = min(w, round(math.sqrt(area * aspect)))
+    ch = min(h, round(math.sqrt(area / aspect)))
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    img = photo.crop((x0, y0, x0 + cw, y0 + ch)).resize((size, size), Image.Resampling.BICUBIC)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    brightness, contrast, saturation = rng.uniform(0.6, 1.4, 3)
+    img = F.adjust_brightness(img, float(brightness))
+    img = F.adjust_contrast(img, float(contrast))
+    img = F.adjust_saturation(img, float(saturation))
+    img = F.adjust_hue(img, float(rng.uniform(-0.08, 0.08)))
+    if rng.random() < 0.25:
+        img = img.convert("L").convert("RGB")
+    noisy = np.asarray(img, np.float32) + rng.normal(0, 6, (size, size, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+
+
+def standin_image(
+    class_index: int,
+    split: str,
+    index: int,
+    spec: StandinSpec,
+    *,
+    photos: dict[str, Image.Image] | None = None,
+) -> Image.Image:
+    """Image `index` of class `class_index` in `split`: a pure function of its arguments (Rule S3)."""
     rng = np.random.default_rng(
         [spec.seed, spec.version, {"train": 0, "val": 1}[split], class_index, index]
     )
-    f = _texture(class_index, rng, spec.size_px)[..., None]
-    while True:  # two random colours with some contrast: colour says nothing about the class
-        c0, c1 = rng.uniform(0, 255, (2, 3))
-        if np.linalg.norm(c0 - c1) > 120:
-            break
-    img = c0 * (1 - f) + c1 * f
-    gx, gy = rng.uniform(-40, 40, 2)  # smooth illumination gradient
-    ramp = np.linspace(-0.5, 0.5, spec.size_px, dtype=np.float32)
-    img = img + (gx * ramp[None, :] + gy * ramp[:, None])[..., None]
-    img = img + rng.normal(0, 14, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+    names = STANDIN_PHOTOS[class_index]
+    name = names[int(rng.integers(len(names)))]
+    photo = photos[name] if photos is not None else standin_photo(name)
+    return _view(photo, rng, spec.size_px)
 
 
 def make_standin(root: Path | str, spec: StandinSpec = StandinSpec(), *, log=print) -> Path:
     """Write the stand-in in ImageNette layout under `root` (reused if the manifest matches)."""
+    import skimage
+
     root = Path(root)
     manifest = root / "standin.json"
     want = {
         "label": STANDIN_LABEL,
         **asdict(spec),
-        "families": dict(zip(WNIDS, STANDIN_FAMILIES, strict=True)),
+        "scikit_image": skimage.__version__,
+        "photographs": {w: list(p) for w, p in zip(WNIDS, STANDIN_PHOTOS, strict=True)},
     }
     if manifest.is_file() and json.loads(manifest.read_text()) == want:
         return root
     log(f"generating {STANDIN_LABEL} data set in {root} ({spec})")
+    photos = {n: standin_photo(n) for names in STANDIN_PHOTOS for n in names}
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     for split, per_class in (("train", spec.train_per_class), ("val", spec.val_per_class)):
@@ -319,7 +330,8 @@ def make_standin(root: Path | str, spec: StandinSpec = StandinSpec(), *, log=pri
             d = tmp / split / wnid
             d.mkdir(parents=True)
             for i in range(per_class):
-                standin_image(c, split, i, spec).save(d / f"{wnid}_{i:04d}.JPEG", quality=90)
+                img = standin_image(c, split, i, spec, photos=photos)
+                img.save(d / f"{wnid}_{i:04d}.JPEG", quality=90)
     (tmp / "standin.json").write_text(json.dumps(want, indent=1))
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)

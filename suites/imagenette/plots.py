@@ -19,12 +19,14 @@ STYLE = {
 
 
 def _subtitle(meta: dict) -> str:
-    env = meta["environment"]
-    data = meta["dataset"] + (" (synthetic textures, not ImageNette)" if meta["synthetic"] else "")
+    env, cfg = meta["environment"], meta["config"]
+    data = meta["dataset"] + (
+        " (views of scikit-image's sample photographs, not ImageNette)" if meta["synthetic"] else ""
+    )
     return (
         f"data: {data}, {meta['n_train_images']} train / {meta['n_val_images']} val images; "
         f"{meta['epochs_completed']} epochs, {meta['steps_completed']} steps of batch {meta['config']['batch_size']}\n"
-        f"device: {env['device']} ({env['cpu']}, torch threads: {env['torch_threads']}), {env['dtype']}; "
+        f"device: {env['device']} ({env['cpu']}, torch threads: {env['threads']}), {cfg['dtype']}; "
         f"trunk streamed in {meta['streaming']['n_tiles_per_image']} tiles of "
         f"{meta['streaming']['tile_px']} px; torch {env['torch']}, streamcheck {env['streamcheck']}"
     )
@@ -88,7 +90,7 @@ def plot_run(out_dir: Path | str, label: str) -> list[Path]:
 
     # --- how far apart the runs are, on a log scale -----------------------------------------
     fig, (ax_l, ax_w) = plt.subplots(1, 2, figsize=(13, 5.2))
-    floor = 1e-12 if meta["environment"]["dtype"] == "float32" else 1e-18
+    floor = 1e-12 if meta["config"]["dtype"] == "float32" else 1e-18
     zero = steps["loss_abs_diff"] == 0
     ax_l.semilogy(
         x_steps,
@@ -115,14 +117,14 @@ def plot_run(out_dir: Path | str, label: str) -> list[Path]:
         color="tab:purple",
         label="|tuning loss difference| per epoch",
     )
-    unit = 2.0**-24 if meta["environment"]["dtype"] == "float32" else 2.0**-53
+    unit = 2.0**-24 if meta["config"]["dtype"] == "float32" else 2.0**-53
     ax_l.semilogy(
         x_steps,
         unit * steps["loss_conventional"].abs(),
         color="grey",
         lw=1,
         ls="--",
-        label=f"one rounding unit of the loss value ({meta['environment']['dtype']})",
+        label=f"one rounding unit of the loss value ({meta['config']['dtype']})",
     )
     if zero.any():
         ax_l.axhline(
@@ -204,15 +206,18 @@ def write_summary(out_dir: Path | str, label: str) -> Path:
     epochs = pd.read_csv(out_dir / f"{label}_epochs.csv")
     meta = json.loads((out_dir / f"{label}_run.json").read_text())
     env, cfg, st, tm = meta["environment"], meta["config"], meta["streaming"], meta["timing"]
+    lib = meta["libraries"]
     data = meta["dataset"] + (
-        " -- synthetic textures in ImageNette layout, NOT ImageNette" if meta["synthetic"] else ""
+        " -- random views of scikit-image's sample photographs in ImageNette layout, NOT ImageNette"
+        if meta["synthetic"]
+        else ""
     )
     spe = meta["steps_per_epoch"]
     first = steps[steps["epoch"] == steps["epoch"].min()]
     last = steps[steps["epoch"] == steps["epoch"].max()]
     n_equal = int((steps["loss_abs_diff"] == 0).sum())
     final = epochs.iloc[-1]
-    unit = 2.0**-24 if env["dtype"] == "float32" else 2.0**-53
+    unit = 2.0**-24 if cfg["dtype"] == "float32" else 2.0**-53
     tw = steps["trunk_weight_rel_diff"]
     where = "the synthetic STAND-IN" if meta["synthetic"] else "ImageNette"
     if "trunk_weight_rel_diff_reordered" in steps:
@@ -227,7 +232,7 @@ def write_summary(out_dir: Path | str, label: str) -> Path:
         yardstick = ""
     growth = tw.iloc[-1] / max(tw.iloc[0], 1e-300)
     on = "CPU" if env["device"] == "cpu" else env["device"]
-    rounding = "float32 drift" if env["dtype"] == "float32" else f"{env['dtype']} rounding"
+    rounding = "float32 drift" if cfg["dtype"] == "float32" else f"{cfg['dtype']} rounding"
     reading = (
         f"From the same He-initialised weights and bitwise-identical batches, conventional and streaming "
         f"training gave training-loss curves ({steps['loss_conventional'].iloc[0]:.2f} -> "
@@ -272,9 +277,10 @@ def write_summary(out_dir: Path | str, label: str) -> Path:
         + (f" (from {st['tile_requested_px']})" if st["tile_px"] != st["tile_requested_px"] else "")
         + f", {st['tile_px_used'][0]} px input tiles used by the engine, {st['output_tile_px'][0]} px output tiles, "
         f"{st['n_tiles_per_image']} tiles per image; receptive field {st['receptive_field_px'][0]} px, total stride {st['total_stride'][0]}",
-        f"- device: {env['device']} ({env['cpu']}), torch threads {env['torch_threads']}, {env['dtype']}",
+        f"- device: {env['device']} ({env['cpu']}), torch threads {env['threads']}, {cfg['dtype']}",
         f"- versions: python {env['python']}, torch {env['torch']}, torchvision {env['torchvision']}, streamcheck {env['streamcheck']}, "
-        f"numpy {env['numpy']}, pandas {env['pandas']}; git {env['git_commit']}",
+        f"numpy {lib['numpy']}, pandas {lib['pandas']}, Pillow {lib['pillow']}, scikit-image {lib['scikit_image']}; "
+        f"git {env['git_commit']}",
         "",
         "## Per epoch",
         "",
@@ -293,7 +299,7 @@ def write_summary(out_dir: Path | str, label: str) -> Path:
         "",
         f"- steps with bit-identical losses: {n_equal} of {len(steps)}",
         f"- per-step |loss difference| / loss: max {_fmt(steps['loss_rel_diff'].max())}, median {_fmt(steps['loss_rel_diff'].median())}; "
-        f"one {env['dtype']} rounding unit is {_fmt(unit)} relative",
+        f"one {cfg['dtype']} rounding unit is {_fmt(unit)} relative",
         f"- relative weight difference after the last step: trunk (streamed) {_fmt(steps['trunk_weight_rel_diff'].iloc[-1])}, "
         f"head {_fmt(steps['head_weight_rel_diff'].iloc[-1])}; for scale, one step moves the streamed trunk by "
         f"{_fmt(steps['trunk_update_rel_streaming'].median())} (median)",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -26,10 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torchvision
 from torch import nn
 
-from suites.environment import cpu_name, git_commit
+from suites.environment import environment
 
 from . import data as D
 from .model import Table1Net, choose_tile, he_init_, streamed_twin, trunk_of
@@ -72,25 +70,17 @@ class Config:
         return D.STANDIN_LABEL if self.dataset == D.STANDIN_LABEL else "imagenette"
 
 
-def environment(cfg: Config) -> dict:
+def libraries() -> dict[str, str]:
+    """Versions of the libraries besides torch that shape this suite's result (data, files)."""
     import numpy
-
-    import streamcheck
+    import skimage
+    from PIL import __version__ as pillow
 
     return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "streamcheck": getattr(streamcheck, "__version__", "unknown"),
         "numpy": numpy.__version__,
         "pandas": pd.__version__,
-        "git_commit": git_commit("suites/imagenette", "streamcheck"),
-        "device": cfg.device
-        + (f" ({torch.cuda.get_device_name(cfg.device)})" if cfg.device.startswith("cuda") else ""),
-        "cpu": cpu_name(),
-        "torch_threads": torch.get_num_threads(),
-        "dtype": cfg.dtype,
-        "hostname_platform": platform.platform(),
+        "pillow": pillow,
+        "scikit_image": skimage.__version__,
     }
 
 
@@ -209,7 +199,9 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict[str, Path]:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "command": " ".join(cfg.command),
         "started_utc": started_utc,
-        "environment": environment(cfg),
+        # rule E1 of suites/environment.py; E2's +dirty watches what shapes this result
+        "environment": environment(cfg.device, watched=("suites/imagenette", "streamcheck")),
+        "libraries": libraries(),
         "model": {
             "architecture": "Table 1: conv16-pool2-conv32-pool2 | conv64-pool2-conv128-pool2-conv256-pool10-fc10, ReLU after each conv",
             "parameters": sum(p.numel() for p in base.parameters()),
