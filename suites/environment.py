@@ -82,7 +82,9 @@ def environment(device: str = "cpu", *, watched: tuple[str, ...] = WATCHED) -> d
         torchvision_version: str | None = torchvision.__version__
     except ImportError:
         torchvision_version = None
-    gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
+    # A CUDA row on a machine without CUDA (a skipped point) records gpu None: what was there.
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    gpu = torch.cuda.get_device_name(device) if cuda else None
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,

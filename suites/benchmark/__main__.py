@@ -1,8 +1,9 @@
 """python -m suites.benchmark: memory and time sweeps of streaming vs conventional training.
 
     python -m suites.benchmark                 # full CPU sweep -> reports/benchmark/
+    python -m suites.benchmark --device cuda   # the same cases on a GPU -> reports/benchmark/cuda/
     python -m suites.benchmark --quick         # a few minutes -> reports/benchmark/quick/
-    python -m suites.benchmark --suite tile    # one suite (tile, input, peer)
+    python -m suites.benchmark --suite tile    # one suite (tile, input, peer, speed, table2)
     python -m suites.benchmark --plots-only    # rebuild figures and SUMMARY.md from results
     python -m suites.benchmark --gate          # CI gate vs suites/benchmark/ceilings.toml
 
@@ -23,8 +24,10 @@ from . import grid, runner
 from .results import REPO_ROOT, results_path, start_fresh
 
 DEFAULT_OUT = {
-    "full": REPO_ROOT / "reports" / "benchmark",
-    "quick": REPO_ROOT / "reports" / "benchmark" / "quick",
+    ("full", "cpu"): REPO_ROOT / "reports" / "benchmark",
+    ("quick", "cpu"): REPO_ROOT / "reports" / "benchmark" / "quick",
+    ("full", "cuda"): REPO_ROOT / "reports" / "benchmark" / "cuda",
+    ("quick", "cuda"): REPO_ROOT / "reports" / "benchmark" / "cuda" / "quick",
 }
 
 
@@ -53,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY_PART",
-        help="measure the points whose key (method|device|dtype|input|tile|loss) contains this "
+        help="measure the points whose key (name|device|dtype|input|tile|loss) contains this "
         "again, even if done (repeatable)",
     )
     parser.add_argument("--plots-only", action="store_true", help="only rebuild figures + summary")
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     elif mode == "gate" or mode == "tiny":
         out = Path(tempfile.mkdtemp(prefix=f"streamcheck-{mode}-"))
     else:
-        out = DEFAULT_OUT[mode]
+        out = DEFAULT_OUT[(mode, grid.device_kind(args.device))]
     out.mkdir(parents=True, exist_ok=True)
 
     if args.plots_only:

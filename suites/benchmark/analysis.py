@@ -1,41 +1,91 @@
-"""Tables and fits computed from the results file only (used by plots.py and summary.py)."""
+"""The one analysis of the results: latest rows, fits, ratios, predicted OOM.
+
+``SUMMARY.md`` (summary.py), the figures (plots.py), the CI gate (gate.py), the report's section
+(suites/report/benchmark.py) and the README headline all read the results through this module.
+
+Rules (benchmark analysis):
+
+B1. The latest row per key is the point's value (results.py Rule R2); rows are flattened to one
+    column per parameter and metric (``results.flat``).
+B2. A ratio names the case and settings of both sides (``Ratio.label``), and compares only cases
+    of the same kind of settings: defaults with defaults, tuned with tuned (``PAIRS``).
+B3. A conventional value that was not measured (out of memory) may be estimated from the linear
+    trend in pixels of the same case's measured points, as the paper did; an estimate is always
+    flagged (``estimated``), never shown as measured.
+B4. The headline is the ratio at the paper's size (``PAPER_INPUT_PX``, ``PAPER_TILE_PX``) for every
+    pair, not the most flattering point.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from .results import latest_rows, read_rows, results_path
+from .results import flat, latest_rows, read_rows, results_path
+from .workload import CASES
+
+if TYPE_CHECKING:
+    from .grid import Point
 
 MiB = 2**20
-FIG2_INPUT_PX = 2048
-FIG3_TILE_PX = 512
+GiB = 2**30
+# The paper's Fig 2 input and Fig 3 tile; the largest size at which it measured conventional.
+PAPER_INPUT_PX = 2048
+PAPER_TILE_PX = 512
+FIG2_INPUT_PX = PAPER_INPUT_PX
+FIG3_TILE_PX = PAPER_TILE_PX
+# Rule B2: (streaming, conventional) pairs with the same settings, and the tuned streamcheck
+# against conventional's best (compiled).
+PAIRS = (
+    ("streamcheck", "conventional"),
+    ("streamcheck_tuned", "conventional_tuned"),
+    ("streamcheck_tuned", "conventional_compiled"),
+)
+NUMERIC = (
+    "tile_px",
+    "time_s_median",
+    "cpu_s_median",
+    "peak_alloc_bytes",
+    "rss_delta_bytes",
+    "peak_rss_bytes",
+    "grad_rel_error",
+    "grad_rel_error_f64",
+    "n_tiles",
+    "minor_page_faults_per_step",
+    "env_load_1min",
+    "load_1min_after",
+)
+
+
+def frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Rule B1: the latest row per key, flat, as a DataFrame (empty if there are no rows)."""
+    df = pd.DataFrame([flat(r) for r in latest_rows(rows)])
+    if df.empty:
+        return df
+    for col in NUMERIC:
+        df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else np.nan
+    df["pixels"] = df["input_px"].astype(float) ** 2
+    return df
 
 
 def load(out: Path) -> pd.DataFrame:
-    """The latest row per point, as a DataFrame (empty if there is no results file)."""
-    rows = latest_rows(read_rows(results_path(out)))
-    df = pd.DataFrame(rows)
+    """``frame`` of ``out``'s results file."""
+    return frame(read_rows(results_path(out)))
+
+
+def ok(df: pd.DataFrame, name: str, **where: Any) -> pd.DataFrame:
+    """The measured (status ok) rows of case ``name`` matching ``where``, by input and tile."""
     if df.empty:
         return df
-    for col in (
-        "tile_px",
-        "time_s_median",
-        "peak_alloc_bytes",
-        "rss_delta_bytes",
-        "peak_rss_bytes",
-        "grad_rel_error",
-        "grad_rel_error_f64",
-        "n_tiles",
-    ):
-        if col not in df:
-            df[col] = np.nan
-    df["pixels"] = df["input_px"].astype(float) ** 2
-    return df
+    sel = (df["name"] == name) & (df["status"] == "ok")
+    for col, value in where.items():
+        sel &= df[col].isna() if value is None else df[col] == value
+    return df[sel].sort_values(["input_px", "tile_px"], na_position="first")
 
 
 def fig2_input_px(df: pd.DataFrame) -> int | None:
@@ -54,15 +104,6 @@ def fig3_tile_px(df: pd.DataFrame) -> int | None:
         return None
     counts = stream.groupby("tile_px")["input_px"].nunique()
     return FIG3_TILE_PX if FIG3_TILE_PX in counts.index else int(counts.idxmax())
-
-
-def ok(df: pd.DataFrame, method: str, **where: Any) -> pd.DataFrame:
-    if df.empty:
-        return df
-    sel = (df["method"] == method) & (df["status"] == "ok")
-    for col, value in where.items():
-        sel &= df[col] == value
-    return df[sel].sort_values(["input_px", "tile_px"], na_position="first")
 
 
 @dataclass(frozen=True)
@@ -102,35 +143,155 @@ def loglog_exponent(x: Any, y: Any) -> float | None:
     return float(np.polyfit(np.log(x[keep]), np.log(y[keep]), 1)[0])
 
 
-def conventional_trend(df: pd.DataFrame, metric: str) -> LinearFit | None:
-    """Linear fit in pixels of a conventional metric over its measured (status ok) points."""
-    conv = ok(df, "conventional")
-    if len(conv) < 2:
+def trend(df: pd.DataFrame, name: str, metric: str, **where: Any) -> LinearFit | None:
+    """Linear fit in pixels of ``metric`` over case ``name``'s measured points."""
+    rows = ok(df, name, **where)
+    if len(rows) < 2:
         return None
-    return linear_fit(conv["pixels"], conv[metric])
+    return linear_fit(rows["pixels"], rows[metric])
 
 
-def conventional_at(df: pd.DataFrame, input_px: int, metric: str) -> tuple[float | None, bool]:
-    """(value, estimated): measured if that point is ok, else the linear trend in pixels."""
-    conv = ok(df, "conventional", input_px=input_px)
-    if len(conv) and np.isfinite(conv[metric].iloc[0]):
-        return float(conv[metric].iloc[0]), False
-    fit = conventional_trend(df, metric)
-    if fit is None:
-        return None, True
-    return float(fit(float(input_px) ** 2)), True
+def conventional_trend(
+    df: pd.DataFrame, metric: str, name: str = "conventional"
+) -> LinearFit | None:
+    return trend(df, name, metric)
 
 
 def value_at(
-    df: pd.DataFrame, method: str, input_px: int, tile_px: int, metric: str
+    df: pd.DataFrame, name: str, input_px: int, tile_px: int | None, metric: str
 ) -> float | None:
-    rows = ok(df, method, input_px=input_px, tile_px=tile_px)
-    if not len(rows) or not np.isfinite(rows[metric].iloc[0]):
+    """Case ``name``'s measured ``metric`` at (input, tile); None if not measured."""
+    rows = ok(df, name, input_px=input_px, tile_px=tile_px)
+    if not len(rows) or metric not in rows or not np.isfinite(rows[metric].iloc[0]):
         return None
     return float(rows[metric].iloc[0])
+
+
+def conventional_at(
+    df: pd.DataFrame, input_px: int, metric: str, name: str = "conventional"
+) -> tuple[float | None, bool]:
+    """(value, estimated): measured if that point is ok, else (Rule B3) the linear trend in pixels."""
+    value = value_at(df, name, input_px, None, metric)
+    if value is not None:
+        return value, False
+    fit = trend(df, name, metric)
+    if fit is None:
+        return None, True
+    return float(fit(float(input_px) ** 2)), True
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+def settings(name: str) -> str:
+    return CASES[name].settings if name in CASES else "settings not recorded"
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``streaming / conventional`` of one metric at one point; Rule B2's names on both sides."""
+
+    streaming: str
+    conventional: str
+    metric: str
+    input_px: int
+    tile_px: int
+    value: float | None
+    estimated: bool  # Rule B3: the conventional side comes from its trend
+
+    @property
+    def label(self) -> str:
+        return (
+            f"{self.streaming} ({settings(self.streaming)}) / "
+            f"{self.conventional} ({settings(self.conventional)})"
+        )
+
+    @property
+    def same_settings(self) -> bool:
+        return settings(self.streaming) == settings(self.conventional)
+
+
+def pair_ratio(
+    df: pd.DataFrame,
+    streaming: str,
+    conventional: str,
+    metric: str,
+    *,
+    input_px: int = PAPER_INPUT_PX,
+    tile_px: int = PAPER_TILE_PX,
+    estimate: bool = False,
+) -> Ratio:
+    """The ratio of ``metric`` streaming / conventional at (input, tile); the conventional side
+    estimated from its trend only where ``estimate`` (Rule B3)."""
+    top = value_at(df, streaming, input_px, tile_px, metric)
+    if estimate:
+        bottom, estimated = conventional_at(df, input_px, metric, conventional)
+    else:
+        bottom, estimated = value_at(df, conventional, input_px, None, metric), False
+    return Ratio(streaming, conventional, metric, input_px, tile_px, ratio(top, bottom), estimated)
+
+
+def pair_ratios(
+    df: pd.DataFrame, metric: str, *, input_px: int = PAPER_INPUT_PX, tile_px: int = PAPER_TILE_PX
+) -> list[Ratio]:
+    """Rule B4: every pair of ``PAIRS`` at (input, tile), measured on both sides."""
+    return [pair_ratio(df, s, c, metric, input_px=input_px, tile_px=tile_px) for s, c in PAIRS]
+
+
+def predicted_oom(point: Point, df: pd.DataFrame, *, budget_bytes: float | None) -> str | None:
+    """Why a conventional point will not fit, from the linear trend in pixels (through the two
+    largest measured points of the same case, else of plain ``conventional``) of its peak memory
+    (RSS delta on CPU, allocator peak on CUDA); None if it may fit or nothing is known.
+
+    Running such a point until it hits the address-space cap would hold most of a shared
+    machine's memory for minutes (the 8192^2 conventional step reaches ~20 GB before failing).
+    """
+    if df.empty or not budget_bytes or CASES[point.name].kind != "conventional":
+        return None
+    metric = "peak_alloc_bytes" if point.device.startswith("cuda") else "rss_delta_bytes"
+    network = CASES[point.name].network
+    plain = "conventional" if network == "paper" else f"{network}_conventional"
+    for name in dict.fromkeys([point.name, plain]):
+        rows = ok(df, name, device=point.device, dtype=point.dtype)
+        rows = rows[np.isfinite(rows[metric])] if len(rows) else rows
+        if len(rows) >= 2:
+            break
+    else:
+        return None
+    (x0, y0), (x1, y1) = sorted(zip(rows["pixels"], rows[metric], strict=True))[-2:]
+    slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
+    predicted = y1 + slope * (float(point.input_px) ** 2 - x1)
+    if predicted <= budget_bytes:
+        return None
+    return (
+        f"not run: predicted peak {predicted / GiB:.1f} GiB (linear in pixels through the two "
+        f"largest measured {name} points) exceeds the memory budget {budget_bytes / GiB:.1f} GiB"
+    )
+
+
+def headline(df: pd.DataFrame) -> dict[str, Any]:
+    """Rule B4: what the README and the report lead with, at the paper's size.
+
+    ``time`` and ``memory`` are lists of ``Ratio`` for every pair measured on both sides;
+    ``memory_large`` is the defaults pair's allocator ratio at the largest streamed size, against
+    an estimated conventional where conventional did not run (flagged).
+    """
+    time = [r for r in pair_ratios(df, "time_s_median") if r.value is not None]
+    memory = [r for r in pair_ratios(df, "peak_alloc_bytes") if r.value is not None][:1]
+    streamed = ok(df, "streamcheck", tile_px=PAPER_TILE_PX)
+    large = None
+    if len(streamed):
+        biggest = int(streamed["input_px"].max())
+        if biggest > PAPER_INPUT_PX:
+            large = pair_ratio(
+                df,
+                "streamcheck",
+                "conventional",
+                "peak_alloc_bytes",
+                input_px=biggest,
+                estimate=True,
+            )
+    return {"time": time, "memory": memory, "memory_large": large}

@@ -1,12 +1,14 @@
 """The benchmark suites, declared as data: a name, the figure it reproduces, a parameter grid per mode.
 
-A *point* is one (method, input, tile) measurement, run in a fresh process by ``point.py``. Its
-``key`` names the workload, not the suite, so a point shared by two suites (conventional 2048^2,
-streaming 2048^2 at tile 512) is measured once and used by both figures.
+A *point* is one (case, input, tile) measurement, run in a fresh process by ``point.py``; the
+cases (what is run, with which settings) are in ``workload.CASES``. A point's ``key`` names the
+workload, not the suite, so a point shared by two suites (conventional 2048^2, streaming 2048^2 at
+tile 512) is measured once and used by both figures.
 
-Modes: ``full`` (the committed sweep, < ~40 min on 2 CPU cores), ``quick`` (a few minutes: 1024^2
-and 2048^2 only), ``gate`` (the CI regression gate: the 2048^2 pair of the quick mode), ``tiny``
-(tests: 128^2, tile 64).
+Modes: ``full`` (the committed sweep), ``quick`` (a few minutes: 1024^2 and 2048^2 only), ``gate``
+(the CI regression gate: the 2048^2 points of ``ceilings.toml``), ``tiny`` (tests: 128^2, tile 64).
+A grid may be limited to one device kind (``cpu`` or ``cuda``): on a GPU the input sweep goes on
+to 32768^2 and the paper's Table 2 network is measured.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import tomllib
+
+from .workload import CASES, case
 
 # Smallest tile the tile suite starts from (see ``smallest_legal_tile``): every tile costs a fixed
 # Python/dispatch overhead, and the legal minimum (7 px at 2048^2: ~4 * 10^6 tiles) would take
@@ -29,12 +33,12 @@ MAX_TILES = 400
 
 @dataclass(frozen=True)
 class Point:
-    """One measurement. Run in a fresh process; ``key`` identifies it in the results file."""
+    """One measurement of case ``name``. Run in a fresh process; ``key`` identifies it."""
 
-    suite: str
-    method: str  # one of workload.METHODS
+    name: str  # one of workload.CASES
     input_px: int
     tile_px: int | None = None  # None for conventional
+    suite: str = ""  # the suite that asked for it first (informational: not in the key)
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None  # None: all cores
@@ -53,23 +57,29 @@ class Point:
     @property
     def key(self) -> str:
         tile = "-" if self.tile_px is None else str(self.tile_px)
-        return "|".join([self.method, self.device, self.dtype, str(self.input_px), tile, self.loss])
+        return "|".join([self.name, self.device, self.dtype, str(self.input_px), tile, self.loss])
+
+    def params(self) -> dict[str, Any]:
+        """The row's ``params``: every field but the name."""
+        return {k: v for k, v in asdict(self).items() if k != "name"}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Point:
-        return cls(**d)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass(frozen=True)
 class Grid:
-    """A cartesian product of methods x inputs x tiles (tiles ignored for conventional)."""
+    """A cartesian product of cases x inputs x tiles (tiles ignored for conventional cases)."""
 
-    methods: Sequence[str]
+    cases: Sequence[str]
     input_px: Sequence[int]
-    tile_px: Sequence[int | str] = (None,)  # type: ignore[assignment]
+    tile_px: Sequence[int | str | None] = (None,)
+    device: str | None = None  # "cpu" or "cuda": only on that kind of device; None: any
 
 
 @dataclass(frozen=True)
@@ -81,9 +91,18 @@ class Suite:
 
 
 TILE_FULL: tuple[int | str, ...] = ("smallest", 128, 256, 512, 1024, 2048)
+INPUT_CPU = (512, 1024, 2048, 4096, 8192, 16384)
+INPUT_CUDA = (*INPUT_CPU, 32768)
+# Best against best: conventional with streamcheck's speed settings (and compiled) on the sizes
+# conventional training fits in on a 2-core CPU machine.
+INPUT_CONVENTIONAL_TUNED = (512, 1024, 2048, 4096)
 
 with Path(__file__).with_name("ceilings.toml").open("rb") as _f:
-    _GATE = tomllib.load(_f)["gate"]
+    GATE = tomllib.load(_f)["gate"]
+
+SPEED_CASES = [
+    name for name, c in CASES.items() if c.network == "paper" and c.kind != "lightstream"
+]
 
 SUITES: dict[str, Suite] = {
     s.name: s
@@ -110,16 +129,42 @@ SUITES: dict[str, Suite] = {
             description="tile 512, memory and time vs input size; conventional OOM -> estimated",
             grids={
                 "full": [
-                    # 16384^2 (268 MP) is past the paper; conventional is predicted out of memory
-                    # there and at 8192^2 (runner.predicted_oom) and recorded so, not run.
+                    # Past the paper's sizes conventional is predicted out of memory
+                    # (analysis.predicted_oom) and recorded so, not run.
                     Grid(
-                        ["conventional", "streamcheck"], [512, 1024, 2048, 4096, 8192, 16384], [512]
+                        ["conventional", "streamcheck", "streamcheck_tuned"],
+                        INPUT_CPU,
+                        [512],
+                        "cpu",
                     ),
-                    # The same with streamcheck's CPU speed settings (workload.METHODS).
-                    Grid(["streamcheck_tuned"], [512, 1024, 2048, 4096, 8192, 16384], [512]),
+                    Grid(
+                        ["conventional", "streamcheck", "streamcheck_tuned"],
+                        INPUT_CUDA,
+                        [512],
+                        "cuda",
+                    ),
+                    Grid(
+                        ["conventional_tuned", "conventional_compiled"],
+                        INPUT_CONVENTIONAL_TUNED,
+                        [None],
+                        "cpu",
+                    ),
+                    Grid(
+                        ["conventional_tuned", "conventional_compiled"], INPUT_CUDA, [None], "cuda"
+                    ),
                 ],
-                "quick": [Grid(["conventional", "streamcheck"], [1024, 2048], [512])],
-                "tiny": [Grid(["conventional", "streamcheck"], [128], [64])],
+                "quick": [
+                    Grid(["conventional", "streamcheck"], [1024, 2048], [512]),
+                    Grid(["conventional_tuned", "streamcheck_tuned"], [2048], [512]),
+                ],
+                "tiny": [
+                    Grid(["conventional", "streamcheck"], [128], [64]),
+                    Grid(
+                        ["conventional_tuned", "conventional_compiled", "streamcheck_tuned"],
+                        [128],
+                        [64],
+                    ),
+                ],
             },
         ),
         Suite(
@@ -133,14 +178,39 @@ SUITES: dict[str, Suite] = {
             },
         ),
         Suite(
+            name="speed",
+            figure="speed settings",
+            description="input 2048^2, tile 512: each CPU speed setting alone and together",
+            grids={
+                "full": [Grid(SPEED_CASES, [2048], [512], "cpu")],
+                "quick": [Grid(SPEED_CASES, [1024], [512], "cpu")],
+                "tiny": [Grid(SPEED_CASES, [128], [64])],
+            },
+        ),
+        Suite(
+            name="table2",
+            figure="Table 2 network",
+            description="the paper's TUPAC16 network (streamed until the final seven layers), GPU",
+            grids={
+                "full": [
+                    Grid(["table2_conventional"], [8192, 16384, 32768], [None], "cuda"),
+                    Grid(
+                        ["table2_streamcheck", "table2_streamcheck_tuned"],
+                        [8192, 16384, 32768],
+                        [2048],
+                        "cuda",
+                    ),
+                ],
+                "tiny": [Grid(["table2_conventional", "table2_streamcheck"], [256], [192])],
+            },
+        ),
+        Suite(
             name="gate",
             figure="CI gate",
             description="conventional vs streamcheck at the size and tile of ceilings.toml",
             grids={
-                "gate": [
-                    Grid(["conventional", "streamcheck"], [_GATE["input_px"]], [_GATE["tile_px"]])
-                ],
-                "tiny": [Grid(["conventional", "streamcheck"], [128], [64])],
+                "gate": [Grid(GATE["cases"], [GATE["input_px"]], [GATE["tile_px"]])],
+                "tiny": [Grid(GATE["cases"], [128], [64])],
             },
         ),
     ]
@@ -148,7 +218,7 @@ SUITES: dict[str, Suite] = {
 
 # The suites a plain run of each mode measures.
 DEFAULT_SUITES = {
-    "full": ("tile", "input", "peer"),
+    "full": ("tile", "input", "peer", "speed", "table2"),
     "quick": ("tile", "input", "peer"),
     "gate": ("gate",),
     "tiny": ("tile", "input", "peer"),
@@ -156,6 +226,17 @@ DEFAULT_SUITES = {
 
 # Timing per mode: (warm-up runs, timed runs, seconds above which fewer timed runs are made).
 TIMING = {"full": (1, 5, 90.0), "quick": (1, 3, 60.0), "gate": (1, 3, 60.0), "tiny": (1, 3, 10.0)}
+
+# At each size: conventional first (its rows give the OOM trend), then each streaming case right
+# after its conventional counterpart, so that a pair is measured back to back.
+ORDER = (
+    "conventional",
+    "streamcheck",
+    "conventional_tuned",
+    "streamcheck_tuned",
+    "conventional_compiled",
+    "lightstream",
+)
 
 
 @functools.cache
@@ -193,8 +274,9 @@ def smallest_legal_tile(input_px: int, *, max_tiles: int | None = None) -> tuple
 
 def _tiles(values: Iterable[int | str | None], input_px: int) -> list[int | None]:
     """Resolve a tile list; ``"smallest"`` is dropped when a listed tile is within 25 % above it."""
+    values = list(values)
     fixed = sorted({v for v in values if isinstance(v, int) and v <= input_px})
-    out: list[int | None] = [None] if None in values else []
+    out: list[int | None] = []
     for v in values:
         if v == "smallest":
             _, practical = smallest_legal_tile(input_px, max_tiles=MAX_TILES)
@@ -205,32 +287,38 @@ def _tiles(values: Iterable[int | str | None], input_px: int) -> list[int | None
     return out + fixed
 
 
+def device_kind(device: str) -> str:
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
 def points(mode: str, suites: Sequence[str] | None = None, **overrides: Any) -> list[Point]:
     """The points of ``suites`` (default: the mode's) in ``mode``, deduplicated by workload key."""
     names = list(suites or DEFAULT_SUITES[mode])
     warmup, repeats, max_timing_s = TIMING[mode]
+    kind = device_kind(str(overrides.get("device", "cpu")))
     seen: dict[str, Point] = {}
     for name in names:
         if name not in SUITES:
             raise SystemExit(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
-        suite = SUITES[name]
-        if mode not in suite.grids:
-            continue
-        for grid in suite.grids[mode]:
-            for method, input_px in itertools.product(grid.methods, grid.input_px):
-                tiles = [None] if method == "conventional" else _tiles(grid.tile_px, input_px)
-                for tile in tiles:
+        for grid in SUITES[name].grids.get(mode, []):
+            if grid.device not in (None, kind):
+                continue
+            for case_name, input_px in itertools.product(grid.cases, grid.input_px):
+                conventional = case(case_name).kind == "conventional"
+                for tile in [None] if conventional else _tiles(grid.tile_px, input_px):
                     p = Point(
-                        suite=name,
-                        method=method,
+                        name=case_name,
                         input_px=input_px,
                         tile_px=tile,
+                        suite=name,
                         warmup=warmup,
                         repeats=repeats,
                         max_timing_s=max_timing_s,
                     )
                     p = replace(p, **overrides)
                     seen.setdefault(p.key, p)
-    # Conventional first at each size (its rows give the OOM trend), then by size and tile.
-    order = {"conventional": 0, "streamcheck": 1, "streamcheck_tuned": 2, "lightstream": 3}
-    return sorted(seen.values(), key=lambda p: (p.input_px, order.get(p.method, 9), p.tile_px or 0))
+    order = {n: i for i, n in enumerate(ORDER)}
+    return sorted(
+        seen.values(),
+        key=lambda p: (p.input_px, order.get(p.name, len(order)), p.name, p.tile_px or 0),
+    )

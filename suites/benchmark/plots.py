@@ -27,12 +27,15 @@ from .analysis import (  # noqa: E402
     fig3_tile_px,
     load,
     ok,
+    settings,
 )
 
 STYLE = {
     "conventional": {"color": "#444444", "marker": "o"},
     "streamcheck": {"color": "#1f77b4", "marker": "o"},
     "streamcheck_tuned": {"color": "#2ca02c", "marker": "^"},
+    "conventional_tuned": {"color": "#9467bd", "marker": "v"},
+    "conventional_compiled": {"color": "#8c564b", "marker": "D", "markersize": 5},
     "lightstream": {"color": "#d62728", "marker": "s", "markersize": 5},
 }
 METERS = {
@@ -76,11 +79,11 @@ def _environment(df: pd.DataFrame) -> str:
     good = df[df["status"] == "ok"]
     first = good.iloc[0] if len(good) else df.iloc[0]
     parts = [
-        str(first.get("device_name", first.get("device", "?"))),
-        f"{int(first['threads']) if pd.notna(first.get('threads')) else '?'} threads",
+        str(first.get("env_gpu") or first.get("env_cpu") or first.get("device", "?")),
+        f"{int(first['env_threads']) if pd.notna(first.get('env_threads')) else '?'} threads",
         str(first.get("dtype", "")),
-        f"torch {first.get('torch_version', '?')}",
-        f"streamcheck {first.get('streamcheck_version', '?')}",
+        f"torch {first.get('env_torch', '?')}",
+        f"streamcheck {first.get('env_streamcheck', '?')}",
     ]
     return ", ".join(parts)
 
@@ -158,7 +161,7 @@ def _input_panel(ax: plt.Axes, df: pd.DataFrame, metric: str, scale: float, tile
         sizes.update(x)
         ax.plot(x, conv[metric] / scale, **STYLE["conventional"], label="conventional (measured)")
         fit = conventional_trend(df, metric)
-        oom = df.loc[(df["method"] == "conventional") & (df["status"] == "oom"), "input_px"]
+        oom = df.loc[(df["name"] == "conventional") & (df["status"] == "oom"), "input_px"]
         beyond = [p for p in df.loc[df["status"] == "ok", "input_px"] if p > max(x)]
         wanted = sorted({int(p) for p in [*oom, *beyond]})
         if fit is not None and wanted:
@@ -173,14 +176,19 @@ def _input_panel(ax: plt.Axes, df: pd.DataFrame, metric: str, scale: float, tile
                 label="conventional (estimated: linear fit in pixels)",
             )
             sizes.update(xe)
-    labels = {"streamcheck_tuned": "streamcheck, CPU settings"}
-    for method in ("streamcheck", "streamcheck_tuned", "lightstream"):
-        rows = ok(df, method, tile_px=tile)
+    for name in ("conventional_tuned", "conventional_compiled"):
+        rows = ok(df, name)
         if len(rows):
             x = rows["input_px"].astype(int).tolist()
             sizes.update(x)
-            label = f"{labels.get(method, method)} (tile {tile})"
-            ax.plot(x, rows[metric] / scale, **STYLE[method], label=label)
+            ax.plot(x, rows[metric] / scale, **STYLE[name], label=f"{name} ({settings(name)})")
+    for name in ("streamcheck", "streamcheck_tuned", "lightstream"):
+        rows = ok(df, name, tile_px=tile)
+        if len(rows):
+            x = rows["input_px"].astype(int).tolist()
+            sizes.update(x)
+            label = f"{name}, tile {tile} ({settings(name)})"
+            ax.plot(x, rows[metric] / scale, **STYLE[name], label=label)
     return sorted(sizes)
 
 

@@ -1,6 +1,6 @@
 """The measured body: one point, run in a fresh process.
 
-    python -m suites.benchmark.point --json '{"suite": "tile", "method": "streamcheck", ...}' \\
+    python -m suites.benchmark.point --json '{"name": "streamcheck", "input_px": 2048, ...}' \\
         --result row.json
 
 Order inside the process (NOTE [ Memory meters ] in ``streamcheck/memory.py``):
@@ -13,7 +13,9 @@ Order inside the process (NOTE [ Memory meters ] in ``streamcheck/memory.py``):
    allocator peak of live tensors); on CUDA ``max_memory_allocated`` over all steps instead;
 4. freed memory is handed back and the peak-RSS mark reset, then the timed steps run inside an
    ``RssMeter`` -> ``peak_rss_bytes`` (raw VmHWM) and ``rss_delta_bytes`` (over the RSS just
-   before them: input, weights and wrappers are in the baseline);
+   before them: input, weights and wrappers are in the baseline); each step is timed by
+   ``StepTimer``: wall clock and process CPU time, and on CUDA the GPU's own clock (CUDA events),
+   which is then the ``time_s_median``;
 5. only then the conventional reference gradients of the same network and image (memory cap
    lifted; cached per size in ``grad_ref_dir``) -> ``grad_rel_error`` (vs conventional in the
    same dtype) and, up to ``grad_check_f64_max_px``, ``grad_rel_error_f64`` (vs conventional in
@@ -28,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -41,7 +42,7 @@ import torch
 
 from streamcheck import memory
 
-from ..environment import cpu_name
+from ..environment import environment, load_1min
 from .grid import Point
 
 OOM_MESSAGES = ("can't allocate memory", "cannot allocate memory", "out of memory", "bad_alloc")
@@ -98,23 +99,57 @@ def _tf32_off() -> None:
         torch.backends.cudnn.allow_tf32 = False
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({os.cpu_count()} cores)"
-
-
-def versions() -> dict[str, Any]:
-    import streamcheck
-
-    from . import peer
-
+def new_row(point: Point) -> dict[str, Any]:
+    """The row of ``point`` before anything is measured: ``{name, key, status, reason, params,
+    environment, metrics}`` (the results file's row shape, ``results.py``)."""
     return {
-        "torch_version": torch.__version__,
-        "streamcheck_version": getattr(streamcheck, "__version__", "unknown"),
-        "lightstream_version": peer.version(),
-        "python_version": platform.python_version(),
+        "name": point.name,
+        "key": point.key,
+        "status": "error",
+        "reason": None,
+        "params": point.params(),
+        "environment": None,
+        "metrics": {},
     }
+
+
+class StepTimer:
+    """Times one step: wall clock and process CPU time; on CUDA also CUDA events (the GPU's own
+    clock, from the first kernel queued to the last one finished)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.gpu: list[float] = []
+
+    def __call__(self, step: Callable[[], None]) -> float:
+        """Run ``step`` once, timed; returns the time the median is taken of (GPU time on CUDA)."""
+        if self.cuda:
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        step()  # the workload synchronizes before returning on CUDA
+        self.wall.append(time.perf_counter() - t0)
+        self.cpu.append(time.process_time() - cpu0)
+        if not self.cuda:
+            return self.wall[-1]
+        end.record()
+        end.synchronize()
+        self.gpu.append(start.elapsed_time(end) / 1000.0)
+        return self.gpu[-1]
+
+    def metrics(self) -> dict[str, Any]:
+        times = self.gpu if self.cuda else self.wall
+        out = {
+            "time_s_all": times,
+            "time_s_median": statistics.median(times),
+            "time_meter": "CUDA events" if self.cuda else "time.perf_counter (wall)",
+            "wall_s_all": self.wall,
+            "cpu_s_median": statistics.median(self.cpu),
+            "repeats_done": len(times),
+        }
+        return out
 
 
 def measure(
@@ -132,32 +167,31 @@ def measure(
     if point.device.startswith("cuda"):
         _tf32_off()
     dtype = getattr(torch, point.dtype)
-    row: dict[str, Any] = {
-        **point.to_dict(),
-        "key": point.key,
-        "status": "error",
-        "reason": None,
-        "threads": torch.get_num_threads(),
-        "device_name": device_name(point.device),
-        **versions(),
-    }
+    c = workload.case(point.name)
+    row = new_row(point)
+    m: dict[str, Any] = row["metrics"]
     cpu = not point.device.startswith("cuda")
     try:
+        row["environment"] = environment(point.device)
+        if c.kind == "lightstream":
+            from . import peer
+
+            row["environment"]["lightstream"] = peer.version()
         # Thread pool and profiler up (libraries loaded) before the address space is capped.
         memory.profiler_peak_bytes(
             lambda: torch.nn.functional.conv2d(torch.ones(1, 1, 8, 8), torch.ones(1, 1, 3, 3))
         )
         w = workload.build(
-            point.method,
+            point.name,
             input_px=point.input_px,
             tile_px=point.tile_px,
             device=point.device,
             dtype=dtype,
             seed=point.seed,
         )
-        row.update(w.info)
-        row["rss_setup_bytes"] = memory.current_rss_bytes()
-        row["mem_cap_bytes"] = _set_address_space_cap(point.mem_budget_bytes) if cpu else None
+        m.update(w.info)
+        m["rss_setup_bytes"] = memory.current_rss_bytes()
+        m["mem_cap_bytes"] = _set_address_space_cap(point.mem_budget_bytes) if cpu else None
 
         # 3. warm-up; the first one is the allocator measurement.
         cuda_base = 0 if cpu else torch.cuda.memory_allocated(point.device)
@@ -167,39 +201,38 @@ def measure(
             if i > 0:
                 w.step()
             elif cpu:
-                row["peak_alloc_bytes"] = memory.profiler_peak_bytes(w.step)
-                row["alloc_meter"] = "torch.profiler CPU allocator events (live tensors)"
+                m["peak_alloc_bytes"] = memory.profiler_peak_bytes(w.step)
+                m["alloc_meter"] = "torch.profiler CPU allocator events (live tensors)"
             else:
-                row["peak_alloc_bytes"] = memory.cuda_peak_bytes(w.step, device=point.device)
-                row["alloc_meter"] = "torch.cuda.max_memory_allocated"
+                m["peak_alloc_bytes"] = memory.cuda_peak_bytes(w.step, device=point.device)
+                m["alloc_meter"] = "torch.cuda.max_memory_allocated"
             warm_times.append(time.perf_counter() - t0)
 
         # 4. timed steps under the RSS meter; fewer of them when one step is slow.
-        times: list[float] = []
+        timer = StepTimer(point.device)
         faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         with memory.RssMeter() as meter:
             n = point.repeats
-            while len(times) < n:
-                t0 = time.perf_counter()
-                w.step()
-                times.append(time.perf_counter() - t0)
-                if len(times) == 1:
-                    n = max(1, min(point.repeats, math.floor(point.max_timing_s / times[0])))
+            while len(timer.wall) < n:
+                timer(w.step)
+                if len(timer.wall) == 1:
+                    n = max(1, min(point.repeats, math.floor(point.max_timing_s / timer.wall[0])))
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+        m["load_1min_after"] = load_1min()  # Rule E3 (suites/environment.py): before and after
         assert meter.reading is not None
-        row.update(w.info)  # wrappers may learn their tiling during the first step
+        m.update(w.info)  # wrappers may learn their tiling during the first step
         if not cpu:
             peak_all_steps = torch.cuda.max_memory_allocated(point.device) - cuda_base
-            row["peak_alloc_bytes"] = max(row["peak_alloc_bytes"], peak_all_steps)
-        row.update(
-            status="ok",
+            m["peak_alloc_bytes"] = max(m["peak_alloc_bytes"], peak_all_steps)
+        if c.compile:
+            m["dynamo_unique_graphs"] = workload.dynamo_graphs()
+        row["status"] = "ok"
+        m.update(
             warmup_s=warm_times,
-            time_s_all=times,
-            time_s_median=statistics.median(times),
-            repeats_done=len(times),
+            **timer.metrics(),
             # CPU: every fresh buffer of 32 MiB or more is mapped anew and faulted in page by
             # page unless freed memory is kept (streamcheck/host_memory.py); per timed step.
-            minor_page_faults_per_step=faults / len(times),
+            minor_page_faults_per_step=faults / len(timer.wall),
             peak_rss_bytes=meter.reading.peak_rss_bytes,
             rss_baseline_bytes=meter.reading.baseline_rss_bytes,
             rss_delta_bytes=meter.reading.delta_bytes,
@@ -207,7 +240,7 @@ def measure(
             rss_meter="VmHWM of this fresh process (peak RSS), delta over the RSS before timing",
         )
     except Exception as exc:  # noqa: BLE001 -- every failure becomes a row
-        if is_oom(exc, capped=row.get("mem_cap_bytes") is not None):
+        if is_oom(exc, capped=m.get("mem_cap_bytes") is not None):
             row.update(status="oom", reason=f"{type(exc).__name__}: {str(exc).strip()[:300]}")
         else:
             row.update(status="error", reason=traceback.format_exc()[-1500:])
@@ -219,42 +252,39 @@ def measure(
     if partial is not None:
         partial(row)
 
-    # 5. gradient error vs conventional training of the same network and image.
+    # 5. gradient error vs conventional training (PyTorch defaults) of the same network and image.
     if point.input_px <= point.grad_check_max_px:
         try:
             network = w.network
             del w
             memory.release_free_memory()
-            refs = reference_gradients(point, network if point.method == "conventional" else None)
-            if point.method != "conventional":
-                row["grad_rel_error"] = workload.max_relative_grad_error(network, refs[point.dtype])
+            own = point.name == "conventional" or point.name == f"{c.network}_conventional"
+            refs = reference_gradients(point, c.network, network if own else None)
+            if not own:
+                m["grad_rel_error"] = workload.max_relative_grad_error(network, refs[point.dtype])
             if "float64" in refs:
-                row["grad_rel_error_f64"] = workload.max_relative_grad_error(
-                    network, refs["float64"]
-                )
-            row["grad_ref"] = "conventional training, same seed (network and image)"
+                m["grad_rel_error_f64"] = workload.max_relative_grad_error(network, refs["float64"])
+            m["grad_ref"] = "conventional training (PyTorch defaults), same seed (network, image)"
         except Exception as exc:  # noqa: BLE001
-            row["grad_ref"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+            m["grad_ref"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
     return row
 
 
 def reference_gradients(
-    point: Point, conventional: torch.nn.Module | None
+    point: Point, network: str, conventional: torch.nn.Module | None
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Conventional parameter gradients in the point's dtype and in float64 (the oracle).
 
-    Cached per (device, input, seed, loss) in ``point.grad_ref_dir`` so that each is computed
-    once per sweep: the conventional point at each size (run first) writes it, passing its own
-    gradients as the same-dtype reference.
+    Cached per (network, device, input, seed, loss) in ``point.grad_ref_dir`` so that each is
+    computed once per sweep: the plain conventional point at each size (run first) writes it,
+    passing its own gradients as the same-dtype reference.
     """
     from . import workload
 
     path = None
     if point.grad_ref_dir is not None:
-        name = f"{point.device}-{point.input_px}px-seed{point.seed}-{point.loss}.pt".replace(
-            ":", ""
-        )
-        path = os.path.join(point.grad_ref_dir, name)
+        name = f"{network}-{point.device}-{point.input_px}px-seed{point.seed}-{point.loss}.pt"
+        path = os.path.join(point.grad_ref_dir, name.replace(":", ""))
     wanted = {point.dtype} | (
         {"float64"} if point.input_px <= point.grad_check_f64_max_px else set()
     )
@@ -267,6 +297,7 @@ def reference_gradients(
         refs[point.dtype] = {n: p.grad.detach().clone() for n, p in conventional.named_parameters()}
     for dtype in sorted(wanted - set(refs)):
         refs[dtype] = workload.reference_gradients(
+            network=network,
             input_px=point.input_px,
             device=point.device,
             dtype=getattr(torch, dtype),

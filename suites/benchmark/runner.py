@@ -14,17 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import peer
+from ..environment import environment
+from . import analysis, peer, workload
 from .grid import Point
-from .results import (
-    FINAL_STATUSES,
-    REPO_ROOT,
-    append_row,
-    code_version,
-    latest_rows,
-    read_rows,
-    results_path,
-)
+from .point import new_row
+from .results import FINAL_STATUSES, REPO_ROOT, append_row, latest_rows, read_rows, results_path
 
 MEM_SHARE = 0.7  # of MemAvailable at the start of a point: the cap given to its process
 POINT_TIMEOUT_S = 3600.0
@@ -41,9 +35,23 @@ def mem_available_bytes() -> int | None:
     return None
 
 
+def memory_budget_bytes(point: Point) -> float | None:
+    """What a point may use: its cap on CPU, the GPU's total memory on CUDA."""
+    if point.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return float(torch.cuda.get_device_properties(point.device).total_memory)
+    if point.mem_budget_bytes is not None:
+        return float(point.mem_budget_bytes)
+    available = mem_available_bytes()
+    return None if available is None else MEM_SHARE * available
+
+
 def skip_reason(point: Point) -> str | None:
     """Why ``point`` cannot run here (None if it can)."""
-    if point.method == "lightstream":
+    if workload.case(point.name).kind == "lightstream":
         ok, why = peer.available()
         if not ok:
             return why
@@ -53,38 +61,6 @@ def skip_reason(point: Point) -> str | None:
         if not torch.cuda.is_available():
             return "CUDA is not available"
     return None
-
-
-def predicted_oom(point: Point, rows: Sequence[dict[str, Any]]) -> str | None:
-    """Why a conventional point will not fit, from the linear trend (in pixels) of the peak RSS
-    delta of the conventional points measured so far; None if it may fit or nothing is known.
-
-    Running such a point until it hits the address-space cap would hold most of a shared
-    machine's memory for minutes (the 8192^2 conventional step reaches ~20 GB before failing).
-    """
-    if point.method != "conventional" or point.device.startswith("cuda"):
-        return None
-    measured = [
-        (float(r["input_px"]) ** 2, float(r["rss_delta_bytes"]))
-        for r in rows
-        if r.get("method") == "conventional"
-        and r.get("status") == "ok"
-        and r.get("device") == point.device
-        and r.get("dtype") == point.dtype
-        and r.get("rss_delta_bytes")
-    ]
-    budget = point.mem_budget_bytes or (MEM_SHARE * (mem_available_bytes() or 0))
-    if len(measured) < 2 or not budget:
-        return None
-    (x0, y0), (x1, y1) = sorted(measured)[-2:]
-    slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
-    predicted = y1 + slope * (float(point.input_px) ** 2 - x1)
-    if predicted <= budget:
-        return None
-    return (
-        f"not run: predicted peak {predicted / 2**30:.1f} GiB (linear in pixels through the two "
-        f"largest measured conventional points) exceeds the memory budget {budget / 2**30:.1f} GiB"
-    )
 
 
 def is_done(row: dict[str, Any] | None, point: Point) -> bool:
@@ -103,13 +79,14 @@ def run_point(point: Point, *, timeout_s: float = POINT_TIMEOUT_S) -> dict[str, 
             point = replace(point, mem_budget_bytes=int(MEM_SHARE * available))
     env = {
         **os.environ,
+        **workload.case(point.name).environment_variables(),
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     with tempfile.TemporaryDirectory(prefix="streamcheck-bench-") as tmp:
         result = Path(tmp) / "row.json"
         cmd = [sys.executable, "-m", "suites.benchmark.point"]
         cmd += ["--json", json.dumps(point.to_dict()), "--result", str(result)]
-        base: dict[str, Any] = {**point.to_dict(), "key": point.key}
+        base = new_row(point)
         try:
             proc = subprocess.run(
                 cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
@@ -118,8 +95,9 @@ def run_point(point: Point, *, timeout_s: float = POINT_TIMEOUT_S) -> dict[str, 
             return {**base, "status": "error", "reason": f"timed out after {timeout_s:.0f} s"}
         if result.exists():
             row: dict[str, Any] = json.loads(result.read_text())
-            if proc.returncode != 0 and "grad_ref" not in row:
-                row["grad_ref"] = f"process died (exit {proc.returncode}) in the reference step"
+            if proc.returncode != 0 and "grad_ref" not in row["metrics"]:
+                why = f"process died (exit {proc.returncode}) in the reference step"
+                row["metrics"]["grad_ref"] = why
             return row
         if proc.returncode == -signal.SIGKILL:
             why = "killed by SIGKILL (the kernel's OOM killer?) before writing a result"
@@ -145,7 +123,6 @@ def run_points(
     previous = {r["key"]: r for r in latest_rows(read_rows(path))}
     todo = [p for p in points if redo(p) or not is_done(previous.get(p.key), p)]
     skipped_done = len(points) - len(todo)
-    commit = code_version()
     added = []
     bar = tqdm(todo, desc="benchmark", unit="point", disable=not progress, file=sys.stderr)
     if skipped_done:
@@ -155,27 +132,30 @@ def run_points(
     for point in bar:
         if point.grad_ref_dir is None:
             point = replace(point, grad_ref_dir=str(out / "gradref"))
-        label = f"{point.method} {point.input_px}px tile {point.tile_px or '-'}"
+        label = f"{point.name} {point.input_px}px tile {point.tile_px or '-'}"
         bar.set_postfix_str(label)
         started = time.time()
         why = skip_reason(point)
-        oom = predicted_oom(point, read_rows(path)) if why is None else None
-        if why is not None:
-            row = {**point.to_dict(), "key": point.key, "status": "skipped", "reason": why}
-        elif oom is not None:
-            row = {**point.to_dict(), "key": point.key, "status": "oom", "reason": oom}
+        oom = None
+        if why is None:
+            oom = analysis.predicted_oom(
+                point, analysis.frame(read_rows(path)), budget_bytes=memory_budget_bytes(point)
+            )
+        if why is not None or oom is not None:
+            row = new_row(point) | {"status": "skipped" if why else "oom", "reason": why or oom}
+            row["environment"] = environment(point.device)
         else:
             row = run_point(point, timeout_s=timeout_s)
-        row.update(
-            git_commit=commit,
-            command=command,
-            started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            wall_s=round(time.time() - started, 2),
-        )
+        row["run"] = {
+            "command": command,
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "wall_s": round(time.time() - started, 2),
+        }
         append_row(path, row)
         added.append(row)
+        m = row["metrics"]
         if row["status"] == "ok":
-            msg = f"{label}: {row['time_s_median']:.2f} s, alloc peak {row['peak_alloc_bytes'] / 2**20:.0f} MiB"
+            msg = f"{label}: {m['time_s_median']:.2f} s, alloc peak {m['peak_alloc_bytes'] / 2**20:.0f} MiB"
         else:
             msg = f"{label}: {row['status']} ({(row.get('reason') or '').splitlines()[-1:]})"
         bar.write(msg, file=sys.stderr)

@@ -1,13 +1,13 @@
-"""The measured workload: the paper's Figs 2-3 network on one image, and one training step per method.
+"""The cases, as data: a name, the network, the settings, and one training step as the measured body.
 
-Setup (network, input, wrappers) is built here apart from the measured body, which is the
-callable ``Workload.step``: one forward + backward (loss = output.sum()), parameter gradients left
-in ``.grad``.
+Setup (network, input, memory format, compilation, wrappers) is built here apart from the measured
+body, the callable ``Workload.step``: one forward + backward (loss = output.sum()), parameter
+gradients left in ``.grad``. A case's settings are all named in its ``settings`` text, so that
+every ratio between two cases can say what each side ran with (Rule B2 in ``analysis.py``).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,9 +15,79 @@ from typing import Any
 import torch
 from torch import nn
 
-METHODS = ("conventional", "streamcheck", "streamcheck_tuned", "lightstream")
-# streamcheck_tuned: streamcheck with its CPU speed settings (docs/SCALING.md, "Speed on CPU"):
-# streamcheck.keep_freed_host_memory() in the (fresh) process and Streamed(..., channels_last=True).
+NETWORKS = ("paper", "table2")
+KINDS = ("conventional", "streamcheck", "lightstream")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One way of running a training step; ``name`` is the row's name in the results file."""
+
+    name: str
+    kind: str  # one of KINDS
+    network: str = "paper"  # one of NETWORKS
+    channels_last: bool = False  # conventional: network and image; streamcheck: the engine option
+    keep_freed: bool = False  # streamcheck.keep_freed_host_memory() first (CPU)
+    huge_pages: bool = False  # THP_MEM_ALLOC_ENABLE=1 (PyTorch asks for transparent huge pages)
+    compile: bool = False  # torch.compile(network) (conventional only: the engine refuses it)
+
+    @property
+    def settings(self) -> str:
+        """The settings in words: what a ratio's side ran with."""
+        parts = [
+            ("channels-last", self.channels_last),
+            ("keep_freed_host_memory()", self.keep_freed),
+            ("huge pages", self.huge_pages),
+            ("torch.compile", self.compile),
+        ]
+        named = [name for name, on in parts if on]
+        return " + ".join(named) if named else "PyTorch defaults"
+
+    @property
+    def label(self) -> str:
+        """``name (settings)``: how a ratio names one side."""
+        return f"{self.name} ({self.settings})"
+
+    def environment_variables(self) -> dict[str, str]:
+        """What the case's fresh process needs in its environment (set before torch starts)."""
+        return {"THP_MEM_ALLOC_ENABLE": "1"} if self.huge_pages else {}
+
+
+def _case(name: str, kind: str, **settings: Any) -> Case:
+    return Case(name, kind, **settings)
+
+
+TUNED = {"channels_last": True, "keep_freed": True}
+# Every case the benchmark knows. *_tuned: streamcheck's CPU speed settings (docs/SCALING.md),
+# given to conventional training too so that best is compared with best; *_compiled adds
+# torch.compile on top. The single-setting cases are the speed study (suite ``speed``).
+CASES: dict[str, Case] = {
+    c.name: c
+    for c in [
+        _case("conventional", "conventional"),
+        _case("conventional_tuned", "conventional", **TUNED),
+        _case("conventional_compiled", "conventional", **TUNED, compile=True),
+        _case("conventional_channels_last", "conventional", channels_last=True),
+        _case("conventional_keep_freed", "conventional", keep_freed=True),
+        _case("conventional_huge_pages", "conventional", huge_pages=True),
+        _case("conventional_compiled_defaults", "conventional", compile=True),
+        _case("streamcheck", "streamcheck"),
+        _case("streamcheck_tuned", "streamcheck", **TUNED),
+        _case("streamcheck_channels_last", "streamcheck", channels_last=True),
+        _case("streamcheck_keep_freed", "streamcheck", keep_freed=True),
+        _case("streamcheck_huge_pages", "streamcheck", huge_pages=True),
+        _case("lightstream", "lightstream"),
+        _case("table2_conventional", "conventional", network="table2"),
+        _case("table2_streamcheck", "streamcheck", network="table2"),
+        _case("table2_streamcheck_tuned", "streamcheck", network="table2", **TUNED),
+    ]
+}
+
+
+def case(name: str) -> Case:
+    if name not in CASES:
+        raise ValueError(f"unknown case {name!r}; known: {', '.join(CASES)}")
+    return CASES[name]
 
 
 def paper_network() -> nn.Sequential:
@@ -31,6 +101,37 @@ def paper_network() -> nn.Sequential:
     )
 
 
+def table2_network() -> tuple[nn.Sequential, nn.Sequential]:
+    """(streamed trunk, head) of the paper's Table 2 (TUPAC16) network.
+
+    Pairs of 3x3 convs (32, 64, 128, 256, 512) each followed by a 2x2 max-pool are streamed; the
+    final seven layers (two pairs of 512-channel convs with BatchNorm, a max-pool between them,
+    global max-pool, dropout 0.5, fully connected) are not, as in the paper's Section 6.2.
+    """
+
+    def pair(c_in: int, c_out: int, *, norm: bool = False) -> list[nn.Module]:
+        layers: list[nn.Module] = []
+        for c in (c_in, c_out):
+            layers.append(nn.Conv2d(c, c_out, 3, padding=1))
+            layers += [nn.BatchNorm2d(c_out)] if norm else []
+            layers.append(nn.ReLU())
+        return layers
+
+    trunk: list[nn.Module] = []
+    for c_in, c_out in ((3, 32), (32, 64), (64, 128), (128, 256), (256, 512)):
+        trunk += [*pair(c_in, c_out), nn.MaxPool2d(2)]
+    head = [
+        *pair(512, 512, norm=True),
+        nn.MaxPool2d(2),
+        *pair(512, 512, norm=True),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(512, 1),
+    ]
+    return nn.Sequential(*trunk), nn.Sequential(*head)
+
+
 @dataclass
 class Workload:
     """A ready-to-run training step and what is known about its tiling."""
@@ -42,17 +143,26 @@ class Workload:
 
 
 def build_inputs(
-    *, input_px: int, device: str, dtype: torch.dtype, seed: int
+    *, network: str = "paper", input_px: int, device: str, dtype: torch.dtype, seed: int
 ) -> tuple[nn.Module, torch.Tensor]:
-    """The network (seeded init) and a (1, 3, input_px, input_px) image: identical in every process."""
+    """The network (seeded init) and a (1, 3, input_px, input_px) image: identical in every process.
+
+    The Table 2 network is ``Sequential(trunk, head)``.
+    """
     torch.manual_seed(seed)
-    network = paper_network().to(device=device, dtype=dtype)  # init in float32, then cast
+    if network == "paper":
+        module: nn.Module = paper_network()
+    elif network == "table2":
+        module = nn.Sequential(*table2_network())
+    else:
+        raise ValueError(f"unknown network {network!r}; known: {', '.join(NETWORKS)}")
+    module = module.to(device=device, dtype=dtype)  # init in float32, then cast
     generator = torch.Generator().manual_seed(seed + 1)
     # Drawn in float32 whatever the dtype, so that a float64 run sees exactly the same image.
     image = torch.randn(1, 3, input_px, input_px, generator=generator).to(
         device=device, dtype=dtype
     )
-    return network, image
+    return module, image
 
 
 def _zero_grads(network: nn.Module) -> None:
@@ -66,35 +176,53 @@ def _sync(device: str) -> None:
 
 
 def build(
-    method: str, *, input_px: int, tile_px: int | None, device: str, dtype: torch.dtype, seed: int
+    name: str, *, input_px: int, tile_px: int | None, device: str, dtype: torch.dtype, seed: int
 ) -> Workload:
-    """Set up ``method`` (see ``METHODS``) on a fresh network and image."""
-    network, image = build_inputs(input_px=input_px, device=device, dtype=dtype, seed=seed)
-    if method == "conventional":
+    """Set up case ``name`` (see ``CASES``) on a fresh network and image."""
+    c = case(name)
+    info: dict[str, Any] = {"settings": c.settings}
+    if c.keep_freed and device == "cpu":
+        import streamcheck
+
+        info["keep_freed_host_memory"] = streamcheck.keep_freed_host_memory()
+    network, image = build_inputs(
+        network=c.network, input_px=input_px, device=device, dtype=dtype, seed=seed
+    )
+    # Table 2: the head has dropout; the same draw in every step and every process.
+    reseed = (lambda: torch.manual_seed(seed + 2)) if c.network == "table2" else (lambda: None)
+    if c.kind == "conventional":
+        if c.channels_last:
+            network = network.to(memory_format=torch.channels_last)
+            image = image.contiguous(memory_format=torch.channels_last)
+        model: Callable[[torch.Tensor], torch.Tensor] = network
+        if c.compile:
+            model = torch.compile(network)  # type: ignore[assignment]
 
         def step() -> None:
             _zero_grads(network)
-            network(image).sum().backward()
+            reseed()
+            model(image).sum().backward()
             _sync(device)
 
-        return Workload(step, network, image, {"n_tiles": 1})
+        return Workload(step, network, image, info | {"n_tiles": 1, **_compiled(c)})
 
-    assert tile_px is not None, "streaming methods need tile_px"
-    if method in ("streamcheck", "streamcheck_tuned"):
+    assert tile_px is not None, "streaming cases need tile_px"
+    if c.kind == "streamcheck":
         import streamcheck
 
-        tuned = method == "streamcheck_tuned"
-        if tuned and device == "cpu":
-            streamcheck.keep_freed_host_memory()
-        streamed = streamcheck.Streamed(network, tile=tile_px, channels_last=tuned)
+        trunk, head = (
+            (network[0], network[1]) if c.network == "table2" else (network, nn.Identity())
+        )
+        streamed = streamcheck.Streamed(trunk, tile=tile_px, channels_last=c.channels_last)
         plan = streamed.plan(image.shape, dtype=image.dtype)
 
         def step() -> None:
             _zero_grads(network)
-            streamed(image).sum().backward()
+            reseed()
+            head(streamed(image)).sum().backward()
             _sync(device)
 
-        info = {
+        info |= {
             "n_tiles": plan.n_tiles,
             "tile_px_used": plan.tile_px_used[0],
             "overlap_px": list(plan.overlap_px[0]),
@@ -102,21 +230,38 @@ def build(
         }
         return Workload(step, network, image, info)
 
-    if method == "lightstream":
+    if c.kind == "lightstream":
         from . import peer
 
-        return peer.build(network, image, tile_px=tile_px, device=device)
+        w = peer.build(network, image, tile_px=tile_px, device=device)
+        w.info |= info
+        return w
 
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    raise ValueError(f"unknown kind {c.kind!r}; expected one of {KINDS}")
+
+
+def _compiled(c: Case) -> dict[str, Any]:
+    return {"compile": "torch.compile(network), inductor"} if c.compile else {}
+
+
+def dynamo_graphs() -> int:
+    """How many graphs dynamo compiled in this process (0: the compiled code was bypassed)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def reference_gradients(
-    *, input_px: int, device: str, dtype: torch.dtype, seed: int
+    *, network: str, input_px: int, device: str, dtype: torch.dtype, seed: int
 ) -> dict[str, torch.Tensor]:
-    """Parameter gradients of conventional training on the same network and image."""
-    network, image = build_inputs(input_px=input_px, device=device, dtype=dtype, seed=seed)
-    network(image).sum().backward()
-    return {name: p.grad.detach().clone() for name, p in network.named_parameters()}
+    """Parameter gradients of conventional training (PyTorch defaults) on the same network and image."""
+    module, image = build_inputs(
+        network=network, input_px=input_px, device=device, dtype=dtype, seed=seed
+    )
+    if network == "table2":
+        torch.manual_seed(seed + 2)
+    module(image).sum().backward()
+    return {name: p.grad.detach().clone() for name, p in module.named_parameters()}
 
 
 def max_relative_grad_error(network: nn.Module, reference: dict[str, torch.Tensor]) -> float:
@@ -129,7 +274,3 @@ def max_relative_grad_error(network: nn.Module, reference: dict[str, torch.Tenso
         scale = ref.abs().max().item() or 1.0
         worst = max(worst, (grad.to(ref.dtype) - ref).abs().max().item() / scale)
     return worst
-
-
-def copy_network(network: nn.Module) -> nn.Module:
-    return copy.deepcopy(network)
