@@ -99,6 +99,17 @@ def _tf32_off() -> None:
         torch.backends.cudnn.allow_tf32 = False
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds all processes on the machine have used since boot (``/proc/stat``)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def new_row(point: Point) -> dict[str, Any]:
     """The row of ``point`` before anything is measured: ``{name, key, status, reason, params,
     environment, metrics}`` (the results file's row shape, ``results.py``)."""
@@ -211,6 +222,7 @@ def measure(
         # 4. timed steps under the RSS meter; fewer of them when one step is slow.
         timer = StepTimer(point.device)
         faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        busy_before = machine_busy_s()
         with memory.RssMeter() as meter:
             n = point.repeats
             while len(timer.wall) < n:
@@ -218,6 +230,12 @@ def measure(
                 if len(timer.wall) == 1:
                     n = max(1, min(point.repeats, math.floor(point.max_timing_s / timer.wall[0])))
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+        busy_after = machine_busy_s()
+        if busy_before is not None and busy_after is not None:
+            # The machine may be shared: how many cores other processes kept busy, on average,
+            # while the timed steps ran (all CPU time on the machine minus this process's own).
+            others = busy_after - busy_before - sum(timer.cpu)
+            m["other_processes_cores_busy"] = round(max(0.0, others) / sum(timer.wall), 3)
         m["load_1min_after"] = load_1min()  # Rule E3 (suites/environment.py): before and after
         assert meter.reading is not None
         m.update(w.info)  # wrappers may learn their tiling during the first step
