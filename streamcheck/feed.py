@@ -11,7 +11,9 @@ Rule F2. From host memory to a CUDA device, the next tile's copy is issued befor
          early. Pinned staging makes the copy asynchronous for unpinned images too; the staging
          buffers come from PyTorch's caching host allocator, which holds them until their copy ends.
 Rule F3. On the device, ``transform`` (per pixel: conversion, normalisation) and then the memory
-         format are applied (``prepare``). Both are ordinary autograd ops, so in backward the input
+         format are applied (``prepare``); a transform that changes the batch or spatial sizes,
+         or returns another dtype than the module's, is refused on the first tile, before the
+         module runs. Both are ordinary autograd ops, so in backward the input
          gradient flows back through them to the arrived tile, the leaf of the recomputation.
 Rule F4. ``channels_last`` lays 4-D tiles out as NHWC and 5-D tiles as NDHWC. It changes the
          convolution kernels PyTorch picks, not the arithmetic of any output element: streamed
@@ -24,6 +26,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
+
+from .errors import StreamcheckError
 
 Index = tuple[Any, ...]
 Handle = TypeVar("Handle")
@@ -77,10 +81,12 @@ class TileFeed:
         *,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         channels_last: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.device = device
         self.transform = transform
         self.channels_last = channels_last
+        self.dtype = dtype  # what the module computes in; None under autocast
 
     def arrivals(self, image: torch.Tensor, indices: Sequence[Index]) -> Iterator[torch.Tensor]:
         """The tiles ``image[index]`` on the module's device, in order (Rules F1, F2)."""
@@ -94,11 +100,29 @@ class TileFeed:
     def prepare(self, tile: torch.Tensor) -> torch.Tensor:
         """Transform, then memory format (Rules F3, F4)."""
         if self.transform is not None:
-            tile = self.transform(tile)
+            tile = self._checked(tile, self.transform(tile))
         if self.channels_last and tile.dim() in (4, 5):
             layout = torch.channels_last if tile.dim() == 4 else torch.channels_last_3d
             tile = tile.contiguous(memory_format=layout)
         return tile
+
+    def _checked(self, tile: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Rule F3: a transform is per pixel and yields what the module computes in."""
+        same_pixels = result.dim() == tile.dim() and (
+            result.shape[0] == tile.shape[0] and result.shape[2:] == tile.shape[2:]
+        )
+        if not same_pixels:
+            raise StreamcheckError(
+                f"streamcheck: tile_transform turned a tile of shape {tuple(tile.shape)} into "
+                f"{tuple(result.shape)}; it must work per pixel (keep the batch and spatial sizes; "
+                "channels may change). Fix: crop or resize the image before streaming"
+            )
+        if self.dtype is not None and result.dtype != self.dtype:
+            raise StreamcheckError(
+                f"streamcheck: tile_transform returns {result.dtype} tiles, but the module's "
+                f"parameters are {self.dtype}. Fix: end the transform with .to({self.dtype})"
+            )
+        return result
 
 
 def laid_out_like(tile: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

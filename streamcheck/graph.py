@@ -3,14 +3,18 @@
 NOTE [ Graph ]
 Rule G1. The module is traced with torch.fx. Known torch.nn layers (`layers.KNOWN_MODULES`, when
          their ``forward`` is not overridden) stay whole; everything else is traced through.
-Rule G2. fx freezes ``self.training`` of traced-through modules into the graph, so a graph is built
-         per training-mode signature of the module (`training_signature`).
+Rule G2. fx freezes ``self.training`` and other plain attributes of traced-through modules into the
+         graph, so a graph holds only for the module state it was traced from: ``Streamed`` keys
+         its plans on that state (NOTE [ Plan cache ] in ``state.py``).
 Rule G3. Every tensor node carries a *layout*: which tensor dimension holds each spatial axis. The
          input is ``(N, C, *spatial)``; permutes move axes; window layers need the spatial axes
          last and in order.
 Rule G4. ``get_attr`` nodes and nodes computed from them alone are constants (parameters such as
-         ConvNeXt's layer scale). They are re-read from the module on every tile, so their
-         gradients flow, and must have size 1 along every spatial axis they broadcast over.
+         ConvNeXt's layer scale, buffers such as FrozenBatchNorm2d's statistics, and what
+         ``forward`` computes from them). Buffers are traced as ``get_attr`` too
+         (``proxy_buffer_attributes``), never baked in as values. Constants are re-read from the
+         live module and recomputed on every tile, so their gradients flow and later changes are
+         seen, and must have size 1 along every spatial axis they broadcast over.
 Rule G5. A layer that works in place may only overwrite a feature map that nothing else reads:
          otherwise the result depends on the order of reads and writes, which tiles do not keep.
          Hooks on streamed modules are refused: they would see tiles (or meta tensors) instead of
@@ -42,7 +46,7 @@ from .layers import (
     classify_module,
 )
 
-__all__ = ["Graph", "Node", "build_graph", "training_signature"]
+__all__ = ["Graph", "Node", "build_graph"]
 
 
 @dataclass
@@ -86,14 +90,11 @@ class Graph:
 
 
 class _Tracer(fx.Tracer):
+    proxy_buffer_attributes = True  # Rule G4
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # A subclass that overrides forward is not the layer we know (Rule G1).
         return isinstance(m, KNOWN_MODULES) and type(m).forward.__module__.startswith("torch.nn")
-
-
-def training_signature(module: nn.Module) -> tuple[bool, ...]:
-    """The training flags of every submodule; a new graph is traced when they change (Rule G2)."""
-    return tuple(m.training for m in module.modules())
 
 
 def _path(node: fx.Node) -> str:
@@ -192,7 +193,7 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
                 output = index[result.name]
             continue
         inputs = [a for a in fxn.all_input_nodes]
-        spatial = [index[a.name] for a in inputs if a.name in index]
+        spatial = [index[a.name] for a in inputs if a.name in index and a.name not in constants]
         if fxn.op == "get_attr" or not spatial:
             constants.add(fxn.name)
             index[fxn.name] = len(nodes)
@@ -218,6 +219,7 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
                 inplace=_is_inplace(fxn, submodule),
             )
         )
+    _check_rank(nodes, input_shape)
     _raise(problems)
     if output is None:
         raise StreamcheckError("streamcheck: the module returns nothing streamable")
@@ -231,6 +233,30 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
     _attach_layouts(nodes, len(input_shape) - 2, problems)
     _raise(problems)
     return Graph(module, gm, nodes, output)
+
+
+_AXES = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
+
+
+def _check_rank(nodes: list[Node], input_shape: Sequence[int]) -> None:
+    """An input whose rank does not fit the module's window layers (say, no batch axis)."""
+    windows = [n for n in nodes if n.kind == "window" and isinstance(n.layer, Window)]
+    ranks = {n.layer.ndim for n in windows if isinstance(n.layer, Window)}
+    spatial = len(input_shape) - 2
+    if len(ranks) != 1 or spatial in ranks:
+        return
+    (rank,) = ranks
+    missing = rank + 2 - len(input_shape)
+    fix = (
+        "add the batch axis: image.unsqueeze(0) (or image[None])"
+        if missing == 1
+        else f"pass a tensor of shape {_AXES[rank]}"
+    )
+    raise StreamcheckError(
+        f"streamcheck: the module's window layers ('{windows[0].path}', ...) are {rank}-D, so the "
+        f"input must be {_AXES[rank]}; got shape {tuple(input_shape)} ({len(input_shape)} "
+        f"dimensions). Fix: {fix}"
+    )
 
 
 def _check_inplace_and_hooks(module: nn.Module, nodes: list[Node], problems: list[str]) -> None:

@@ -181,11 +181,7 @@ def _conv_window(m: nn.modules.conv._ConvNd) -> Window | Rejected:
         )
     ndim = len(m.kernel_size)
     reach = [m.dilation[a] * (m.kernel_size[a] - 1) for a in range(ndim)]
-    reversed_pads = m._reversed_padding_repeated_twice
-    pads = [
-        (reversed_pads[2 * (ndim - 1 - a)], reversed_pads[2 * (ndim - 1 - a) + 1])
-        for a in range(ndim)
-    ]
+    pads = _conv_pads(m, reach)
     if m.padding_mode == "zeros" and any(max(p) > reach[a] for a, p in enumerate(pads)):
         return Rejected(
             f"padding {m.padding} exceeds the kernel's reach {tuple(reach)}, so border outputs see "
@@ -201,6 +197,23 @@ def _conv_window(m: nn.modules.conv._ConvNd) -> Window | Rejected:
         pad_right=tuple(p[1] for p in pads),
         pad_mode="constant" if m.padding_mode == "zeros" else m.padding_mode,
     )
+
+
+def _conv_pads(m: nn.modules.conv._ConvNd, reach: list[int]) -> list[tuple[int, int]]:
+    """(left, right) padding per axis, read as ``m.forward`` reads it.
+
+    PyTorch's ``forward`` passes ``m.padding`` to the convolution for zero padding, and pads by
+    ``m._reversed_padding_repeated_twice`` (computed once, in ``__init__``) for the other modes.
+    """
+    ndim = len(reach)
+    if m.padding_mode != "zeros":
+        rev = m._reversed_padding_repeated_twice
+        return [(rev[2 * (ndim - 1 - a)], rev[2 * (ndim - 1 - a) + 1]) for a in range(ndim)]
+    if m.padding == "valid":
+        return [(0, 0)] * ndim
+    if m.padding == "same":  # the convolution puts the odd pixel on the right
+        return [(r // 2, r - r // 2) for r in reach]
+    return [(int(p), int(p)) for p in _tuple(m.padding, ndim)]
 
 
 def _pool_window(m: nn.Module, ndim: int) -> Window | Rejected:

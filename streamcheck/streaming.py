@@ -29,16 +29,19 @@ Rule S7. The image may live elsewhere than the module (say a uint8 image in host
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .errors import StreamcheckError
 from .feed import TileFeed, laid_out_like
-from .graph import build_graph, training_signature
+from .graph import build_graph
 from .layers import Window
 from .plan import StreamPlan, make_plan, normalize_tile
 from .program import run_tile
+from .state import PlanCache, module_state, tensor_versions
 
 __all__ = ["Streamed"]
 
@@ -47,7 +50,8 @@ class Streamed(nn.Module):
     """Wrap ``module`` so that it runs tile by tile, with outputs and gradients equal to ``module``.
 
     ``tile`` is the edge of an input tile in pixels, overlap included: an int, or one per spatial
-    axis. It sets the memory use; ``streamcheck.plan`` shows the tiles it gives.
+    axis. It sets the memory use; ``streamcheck.plan`` shows the tiles it gives. ``tile`` and the
+    module may be changed between calls: plans are keyed on both (NOTE [ Plan cache ]).
 
     ``tile_transform`` runs on each tile after it reaches the module's device: keep the image in
     host memory as uint8 and convert per tile (docs/SCALING.md). ``channels_last=True`` lays tiles
@@ -63,6 +67,9 @@ class Streamed(nn.Module):
     >>> streamed(image).sum().backward()
     >>> trunk[0].weight.grad.shape
     torch.Size([4, 3, 3, 3])
+    >>> trunk[1] = nn.Sigmoid()                  # model surgery after wrapping is followed
+    >>> trunk(image).sub(streamed(image)).abs().max().item()
+    0.0
     """
 
     def __init__(
@@ -78,27 +85,49 @@ class Streamed(nn.Module):
         self.tile = tile
         self.tile_transform = tile_transform
         self.channels_last = channels_last
-        self._plans: dict[tuple[Any, ...], StreamPlan] = {}
+        self._plans: PlanCache[StreamPlan] = PlanCache()
         self._register_state_dict_hook(_hide_module_prefix)
         self._register_load_state_dict_pre_hook(_restore_module_prefix)
 
     def plan(self, input_shape: Sequence[int], *, dtype: torch.dtype | None = None) -> StreamPlan:
-        """The tile plan for an input of ``input_shape`` (cached per shape and training mode)."""
-        dtype = dtype or next((p.dtype for p in self.module.parameters()), torch.float32)
-        key = (tuple(input_shape), dtype, training_signature(self.module))
-        if key not in self._plans:
-            edges = normalize_tile(self.tile, len(input_shape) - 2)
-            self._plans[key] = make_plan(build_graph(self.module, input_shape, dtype=dtype), edges)
-        return self._plans[key]
+        """The tile plan for an input of ``input_shape``, in the module's dtype unless given."""
+        device, module_dtype = _placement(self.module)
+        dtype = dtype or module_dtype or torch.float32
+        return self._plan(module_state(self.module), tuple(input_shape), dtype, device)
+
+    def _plan(
+        self,
+        state: Any,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device | None,
+    ) -> StreamPlan:
+        """Rule K1: the plan for this module state and these settings, derived when new."""
+        tile = tuple(self.tile) if isinstance(self.tile, Sequence) else self.tile
+
+        def build() -> StreamPlan:
+            graph = build_graph(self.module, shape, dtype=dtype)
+            return make_plan(graph, normalize_tile(self.tile, len(shape) - 2))
+
+        return self._plans.get(state, (shape, dtype, tile, device), build)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first = next(self.module.parameters(), None)
-        device = first.device if first is not None else x.device
-        plain = self.tile_transform is None and x.is_floating_point()
-        plan = self.plan(x.shape, dtype=x.dtype if plain or first is None else first.dtype)
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        feed = TileFeed(device, transform=self.tile_transform, channels_last=self.channels_last)
-        output: torch.Tensor = _StreamFunction.apply(plan, feed, x, *params)
+        _check_is_tensor(x)
+        state = module_state(self.module)
+        device, module_dtype = _placement(self.module)
+        device = device or x.device
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = _compute_dtype(x, module_dtype, self.tile_transform, autocast=autocast)
+        plan = self._plan(state, tuple(x.shape), dtype, device)
+        params = tuple(p for p in self.module.parameters() if p.requires_grad)
+        feed = TileFeed(
+            device,
+            transform=self.tile_transform,
+            channels_last=self.channels_last,
+            dtype=None if autocast else dtype,
+        )
+        call = _Call(plan, state, tensor_versions(self.module), params)
+        output: torch.Tensor = _StreamFunction.apply(call, feed, x, *params)
         return output
 
     def extra_repr(self) -> str:
@@ -117,6 +146,71 @@ def _restore_module_prefix(state: dict[str, Any], prefix: str, *args: Any) -> No
             state[prefix + "module." + key[len(prefix) :]] = state.pop(key)
 
 
+def _check_is_tensor(x: Any) -> None:
+    if not isinstance(x, torch.Tensor):
+        hint = (
+            "torch.from_numpy(array) (then .permute(2, 0, 1) for an HWC image, and [None] for the "
+            "batch axis)"
+            if type(x).__module__.startswith("numpy")
+            else "torch.as_tensor(...) with shape (N, C, *spatial)"
+        )
+        raise StreamcheckError(
+            f"streamcheck: Streamed expects a torch.Tensor of shape (N, C, *spatial), got "
+            f"{type(x).__module__}.{type(x).__name__}. Fix: convert it with {hint}"
+        )
+
+
+def _placement(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    """The one device and floating dtype of the module's parameters and buffers, or an error."""
+    devices: dict[torch.device, list[str]] = {}
+    dtypes: dict[torch.dtype, list[str]] = {}
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        devices.setdefault(t.device, []).append(name)
+        if t.is_floating_point():
+            dtypes.setdefault(t.dtype, []).append(name)
+    for what, found, fix in (
+        ("devices", devices, "module.to(device)"),
+        ("dtypes", dtypes, "module.to(dtype)"),
+    ):
+        if len(found) > 1:
+            listed = "; ".join(
+                f"{key}: {', '.join(repr(n) for n in names[:4])}{', ...' if len(names) > 4 else ''}"
+                for key, names in found.items()
+            )
+            raise StreamcheckError(
+                f"streamcheck: the module's parameters and buffers sit on several {what} "
+                f"({listed}); a streamed module computes on one. Fix: {fix}"
+            )
+    return next(iter(devices), None), next(iter(dtypes), None)
+
+
+def _compute_dtype(
+    x: torch.Tensor,
+    module_dtype: torch.dtype | None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    *,
+    autocast: bool,
+) -> torch.dtype:
+    """The dtype tiles reach the module in; an image the module cannot take is an error."""
+    if transform is not None:
+        return module_dtype or torch.float32
+    if not x.is_floating_point():
+        want = module_dtype or torch.float32
+        raise StreamcheckError(
+            f"streamcheck: the image is {x.dtype}, but the module computes in {want}. Fix: keep "
+            f"the image as it is and convert each tile on the module's device with "
+            f"Streamed(..., tile_transform=lambda t: t.to({want}) / 255) (normalise as the model "
+            f"expects), or convert the whole image with image.to({want})"
+        )
+    if module_dtype is not None and x.dtype != module_dtype and not autocast:
+        raise StreamcheckError(
+            f"streamcheck: the image is {x.dtype}, but the module's parameters are {module_dtype}. "
+            f"Fix: image.to({module_dtype}), module.to({x.dtype}), or convert per tile with "
+            f"tile_transform=lambda t: t.to({module_dtype})"
+        )
+    return x.dtype
+
+
 def _slices(box: Sequence[tuple[int, int]], layout: Sequence[int], ndim: int) -> tuple[Any, ...]:
     index: list[Any] = [slice(None)] * ndim
     for dim, (start, stop) in zip(layout, box, strict=True):
@@ -124,15 +218,47 @@ def _slices(box: Sequence[tuple[int, int]], layout: Sequence[int], ndim: int) ->
     return tuple(index)
 
 
+@dataclass(frozen=True)
+class _Call:
+    """What one forward call used, for its backward (Rule K4)."""
+
+    plan: StreamPlan
+    state: Any
+    versions: dict[str, int]
+    params: tuple[torch.Tensor, ...]
+
+    def check_unchanged(self) -> None:
+        """The module the recomputation will run is the one forward ran (Rule K4)."""
+        graph = self.plan.graph
+        assert graph is not None
+        if module_state(graph.root) != self.state:
+            raise StreamcheckError(
+                "streamcheck: the streamed module changed between forward and backward (a "
+                "submodule, parameter, flag or hook was replaced or added), so the backward "
+                "recomputation would not be what forward computed. Fix: change the module only "
+                "after backward, or run forward again"
+            )
+        now = tensor_versions(graph.root)
+        written = [name for name, version in self.versions.items() if now.get(name) != version]
+        if written:
+            raise StreamcheckError(
+                "streamcheck: parameters or buffers of the streamed module were written in place "
+                f"between forward and backward ({', '.join(repr(n) for n in written)}), so the "
+                "backward recomputation would not be what forward computed. Fix: take the "
+                "optimizer step (or edit weights) only after backward"
+            )
+
+
 class _StreamFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, plan: StreamPlan, feed: TileFeed, x: torch.Tensor, *params: torch.Tensor
+        ctx: Any, call: _Call, feed: TileFeed, x: torch.Tensor, *params: torch.Tensor
     ) -> torch.Tensor:
+        plan = call.plan
         graph = plan.graph
         assert graph is not None
         device_type = feed.device.type
-        ctx.plan = plan
+        ctx.call = call
         ctx.feed = feed
         ctx.autocast = (
             device_type,
@@ -154,13 +280,22 @@ class _StreamFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        plan: StreamPlan = ctx.plan
+        if torch.is_grad_enabled():
+            raise StreamcheckError(
+                "streamcheck: double backward (backward or autograd.grad with create_graph=True) "
+                "through a Streamed module is not supported: each tile's recomputation is "
+                "differentiated on its own and the gradients it returns carry no graph. Fix: "
+                "call backward without create_graph, or compute higher-order terms on a module "
+                "that is not streamed"
+            )
+        call: _Call = ctx.call
+        call.check_unchanged()
+        plan = call.plan
         graph = plan.graph
         assert graph is not None
         (x,) = ctx.saved_tensors
-        params = [p for p in graph.root.parameters() if p.requires_grad]
+        params = call.params
         feed: TileFeed = ctx.feed
         want_input = ctx.needs_input_grad[2]
         grad_x = torch.zeros_like(x) if want_input else None
