@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,9 @@ def test_quick_run_writes_labelled_files(run32) -> None:
     assert len(steps) == 3 and len(epochs) == 1
     assert meta["dataset"] == "STAND-IN" and meta["synthetic"] and meta["status"] == "finished"
     assert meta["streaming"]["n_tiles_per_image"] > 1  # the trunk really is tiled
-    for key in ("torch", "torchvision", "streamcheck", "git_commit", "device", "dtype"):
-        assert meta["environment"][key]
+    for key in ("torch", "torchvision", "streamcheck", "git_commit", "device", "threads"):
+        assert meta["environment"][key]  # the shared record (suites/environment.py)
+    assert meta["config"]["dtype"] == "float32" and meta["libraries"]["scikit_image"]
     assert "suites.imagenette" in meta["command"]
     assert meta["runs"] == ["conventional", "streaming", "reordered"]
     # the control (half-batch gradient sums) drifts from conventional by rounding only, too
@@ -174,10 +176,46 @@ def test_standin_is_deterministic_with_imagenette_layout(tmp_path: Path) -> None
     with Image.open(next(a.rglob("*.JPEG"))) as im:
         assert im.size == (64, 64)
     assert D.is_standin(a) and D.resolve_root(a) == a
-    assert json.loads((a / "standin.json").read_text())["label"] == "STAND-IN"
-    # classes differ in spatial structure, not just colour: grey-level images still differ
-    grey = [np.asarray(D.standin_image(c, "train", 0, spec).convert("L"), float) for c in range(10)]
-    assert min(np.abs(grey[i] - grey[j]).mean() for i in range(10) for j in range(i)) > 5
+    manifest = json.loads((a / "standin.json").read_text())
+    assert manifest["label"] == "STAND-IN" and manifest["version"] == D.STANDIN_VERSION
+    assert D.make_standin(a, spec, log=pytest.fail) == a  # a matching manifest is reused
+    # A new view each time: no two images of a class are the same crop of the same photograph.
+    views = [np.asarray(D.standin_image(0, "train", i, spec), float) for i in range(3)]
+    assert min(np.abs(views[i] - views[j]).mean() for i in range(3) for j in range(i)) > 5
+
+
+def test_standin_photographs_are_bundled_and_distinct() -> None:
+    """Every class's photographs load offline (from the skimage wheel), and no two classes share one."""
+    import skimage
+
+    bundled = set(os.listdir(Path(skimage.__file__).parent / "data"))
+    names = [n for photos in D.STANDIN_PHOTOS for n in photos]
+    assert len(D.STANDIN_PHOTOS) == len(D.WNIDS) and len(set(names)) == len(names)
+    # skimage.data's own names for the files it ships (the others are fetched through pooch)
+    files = {"chelsea": "chelsea.png", "hubble_deep_field": "hubble_deep_field.jpg"}
+    files |= {"immunohistochemistry": "ihc.png", "retina": "retina.jpg", "rocket": "rocket.jpg"}
+    files |= {"motorcycle_left": "motorcycle_left.png", "motorcycle_right": "motorcycle_right.png"}
+    for name in names:
+        assert files.get(name, f"{name}.png") in bundled, name
+        photo = D.standin_photo(name)
+        assert photo.mode == "RGB" and min(photo.size) >= 300, name
+
+
+def test_standin_views_vary_within_a_class_less_than_between_photographs() -> None:
+    """Learnable but not trivial: one class's views share more with each other than with another
+    class's, yet a view is not its photograph (crop, scale, flip, colour jitter, noise)."""
+    spec = D.StandinSpec(size_px=64)
+
+    def mean_colour(c: int, i: int) -> np.ndarray:
+        return np.asarray(D.standin_image(c, "train", i, spec), float).mean(axis=(0, 1))
+
+    hubble = np.array([mean_colour(4, i) for i in range(8)])  # dark sky with small galaxies
+    retina = np.array([mean_colour(5, i) for i in range(8)])  # a bright fundus photograph
+    assert hubble.mean() < 60 < retina.mean()
+    grey = [np.asarray(D.standin_image(1, "train", i, spec).convert("L"), float) for i in range(8)]
+    assert all(g.std() > 5 for g in grey)  # not flat colour: structure carries the class
+    colourful = [np.ptp(mean_colour(5, i)) for i in range(16)]  # turned grey with p = 1/4
+    assert min(colourful) < 2 < 20 < max(colourful)
 
 
 def test_real_loader_reads_imagenette_layout(tmp_path: Path) -> None:

@@ -41,9 +41,10 @@ PAPER = Schedule(epochs=200, lr=1e-3, control=False, standin=D.StandinSpec())
 STANDIN_REPORT = Schedule(
     epochs=8, lr=1e-2, control=True, standin=D.StandinSpec(train_per_class=32, val_per_class=10)
 )
+# A smoke test (CI): a few steps at the paper's lr, whose float32 drift tests/test_imagenette.py bounds.
 QUICK = Schedule(
     epochs=1,
-    lr=1e-2,
+    lr=PAPER.lr,
     control=False,
     standin=D.StandinSpec(train_per_class=5, val_per_class=2),
     batch_size=8,
