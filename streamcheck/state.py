@@ -37,21 +37,22 @@ __all__ = ["MAX_PLANS", "PlanCache", "module_state", "tensor_versions"]
 MAX_PLANS = 8
 
 _STRUCTURE = frozenset({"_parameters", "_buffers", "_modules", "training"})
-_PRIMITIVE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
+_PLAIN = frozenset({int, float, bool, str, bytes, type(None), torch.dtype, torch.device})
 
 Plan = TypeVar("Plan")
 
 
 def _freeze(value: Any) -> Hashable:
     """A hashable stand-in for an attribute: the value when it is plain, else the object's identity."""
-    if isinstance(value, _PRIMITIVE):
+    kind = type(value)
+    if kind in _PLAIN:
         return value
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, *(_freeze(v) for v in value))
+    if kind is tuple or kind is list:
+        return (kind.__name__, *(_freeze(v) for v in value))
     if isinstance(value, torch.Tensor):
         return ("tensor", id(value), tuple(value.shape), value.dtype, value.device)
     if isinstance(value, dict):  # hook and other registries: their keys and entries' identities
-        return ("dict", *((_freeze(k), id(v)) for k, v in value.items()))
+        return ("dict", *((_freeze(k), id(v)) for k, v in value.items())) if value else "{}"
     return ("object", id(value))
 
 
