@@ -223,12 +223,12 @@ def write_imagenette(folder: Path, *, dtype: str = "float32", plots: bool = True
     ]  # fmt: skip
     run = {
         "dataset": "STAND-IN", "synthetic": True, "n_train_images": 40, "n_val_images": 20,
-        "config": {"epochs": 2, "batch_size": 4, "image_size": 160},
+        "config": {"epochs": 2, "batch_size": 4, "image_size": 160, "lr": 1e-3, "dtype": dtype},
         "command": IMN_COMMAND, "status": "finished", "epochs_completed": 2,
         "steps_completed": 4, "steps_per_epoch": 2, "finished_utc": "2031-01-02T07:08:09+00:00",
         "environment": {"python": "3.99.1", "torch": "9.8.7", "torchvision": "0.77.6",
                         "streamcheck": "0.5.4", "git_commit": "0ddba11", "device": "cpu",
-                        "cpu": "Fixture CPU", "torch_threads": 1, "dtype": dtype},
+                        "cpu": "Fixture CPU", "threads": 1},
         "streaming": {"n_tiles_per_image": 49, "tile_px": 32},
     }  # fmt: skip
     for name, rows in (("steps", steps), ("epochs", epochs)):
@@ -357,6 +357,7 @@ def test_fixture_values_appear(built: tuple[Path, str, str]) -> None:
     train = section(md, "## 4. Training")
     for value in ("2.345678", "2.345912", "2.34e-04", "0.375", "49 tiles of 32 px"):
         assert value in train, value
+    assert "Both runs learn: tuning accuracy 0.375 (conventional)" in train  # 0.375 > 2 x chance
     # the float64 run in a subfolder: its largest per-step relative loss difference (step 4)
     assert f"| `float64/` (STAND-IN) | float64 | 4 | {4 * 4.5e-08:.2e} |" in train
 

@@ -8,6 +8,9 @@ from typing import Any
 from .format import err, figure, missing_note, relpath, table
 from .sources import Source, finite, get
 
+PAPER_LR = 1e-3  # Section 5.2
+CHANCE = 1 / 10  # ten classes
+
 
 # ----------------------------------------------------------------------------- 4. training
 def training_section(imn: Source, out_dir: Path) -> str:
@@ -20,8 +23,10 @@ def training_section(imn: Source, out_dir: Path) -> str:
     if synthetic:
         parts += [
             f"> **STAND-IN data, not ImageNette.** This run trained on `{run.get('dataset', label)}`: "
-            "synthetic textures in ImageNette's folder layout, generated on this machine. It "
-            "checks that conventional and streamed training coincide, not ImageNette accuracy.",
+            "random views (crops, scales, flips, colour jitter) of scikit-image's bundled sample "
+            "photographs, one set of photographs per class, in ImageNette's folder layout. It "
+            "checks that conventional and streamed training coincide while the network learns, "
+            "not ImageNette accuracy.",
             "",
         ]
     cfg = run.get("config", {})
@@ -32,9 +37,11 @@ def training_section(imn: Source, out_dir: Path) -> str:
         f"({stream.get('n_tiles_per_image', 'n/a')} tiles of {stream.get('tile_px', 'n/a')} px per "
         f"{cfg.get('image_size', 'n/a')} px image): {run.get('epochs_completed', 'n/a')} of "
         f"{cfg.get('epochs', 'n/a')} epochs, {run.get('steps_completed', 'n/a')} steps of batch "
-        f"{cfg.get('batch_size', 'n/a')}, {get(run, 'environment', 'dtype', default='n/a')}; status: "
-        f"{run.get('status', 'n/a')}."
+        f"{cfg.get('batch_size', 'n/a')}, SGD lr {cfg.get('lr', 'n/a')}"
+        + (f" (paper: {PAPER_LR})" if cfg.get("lr") != PAPER_LR else "")
+        + f", {cfg.get('dtype', 'n/a')}; status: {run.get('status', 'n/a')}."
     )
+    parts += _learning(epochs, steps)
     if epochs:
         last = epochs[-1]
         rows = []
@@ -122,6 +129,27 @@ def training_section(imn: Source, out_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def _learning(epochs: list[dict[str, Any]], steps: list[dict[str, Any]]) -> list[str]:
+    """Did the runs learn? First and last epoch of both, against chance (10 classes)."""
+    keys = ("val_acc_conventional", "val_acc_streaming")
+    if not epochs or not all(finite(epochs[i].get(k)) for i in (0, -1) for k in keys):
+        return []
+    first, last = epochs[0], epochs[-1]
+    losses = [s.get("loss_conventional") for s in steps if finite(s.get("loss_conventional"))]
+    loss = f"; training loss (conventional) {losses[0]:.2f} at step 1, {losses[-1]:.2f} at step {len(losses)}"
+    learned = min(last[k] for k in keys) > 2 * CHANCE
+    return [
+        "",
+        ("Both runs learn" if learned else "The runs did not learn far above chance")
+        + f": tuning accuracy {first['val_acc_conventional']:.3f} (conventional) and "
+        f"{first['val_acc_streaming']:.3f} (streaming) after epoch {_int(first.get('epoch'))}, "
+        f"{last['val_acc_conventional']:.3f} and {last['val_acc_streaming']:.3f} after epoch "
+        f"{_int(last.get('epoch'))}, against {CHANCE:.3f} by chance"
+        + (loss if losses else "")
+        + ".",
+    ]
+
+
 def _int(value: Any) -> str:
     return str(int(value)) if finite(value) else "n/a"
 
@@ -141,7 +169,7 @@ def _other_runs_table(runs: list[dict[str, Any]]) -> str:
         rows.append(
             [
                 f"`{r['folder']}/` ({r['label']})",
-                get(run, "environment", "dtype", default="n/a"),
+                get(run, "config", "dtype", default="n/a"),
                 run.get("steps_completed", len(steps)),
                 worst("loss_rel_diff"),
                 worst("loss_rel_diff_reordered"),
