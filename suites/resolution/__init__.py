@@ -1,0 +1,1 @@
+"""The paper's applied claims on synthetic slides: resolution, saliency, LSUV (issue 15)."""
