@@ -9,6 +9,7 @@ torch.Size([1, 8, 128, 128])
 
 from .errors import StreamcheckError
 from .host_memory import keep_freed_host_memory
+from .lsuv import lsuv_init
 from .plan import StreamPlan, Tile, plan
 from .streaming import Streamed
 
@@ -21,5 +22,6 @@ __all__ = [
     "Tile",
     "__version__",
     "keep_freed_host_memory",
+    "lsuv_init",
     "plan",
 ]
