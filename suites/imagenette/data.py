@@ -309,14 +309,18 @@ def standin_image(
 
 def make_standin(root: Path | str, spec: StandinSpec = StandinSpec(), *, log=print) -> Path:
     """Write the stand-in in ImageNette layout under `root` (reused if the manifest matches)."""
+    import PIL
     import skimage
+    import torchvision
 
     root = Path(root)
     manifest = root / "standin.json"
-    want = {
+    want = {  # everything the bytes depend on: reused only if all of it matches
         "label": STANDIN_LABEL,
         **asdict(spec),
-        "scikit_image": skimage.__version__,
+        "scikit_image": skimage.__version__,  # the photographs
+        "pillow": PIL.__version__,  # resizing, colour jitter, JPEG encoding
+        "torchvision": torchvision.__version__,  # adjust_hue and friends
         "photographs": {w: list(p) for w, p in zip(WNIDS, STANDIN_PHOTOS, strict=True)},
     }
     if manifest.is_file() and json.loads(manifest.read_text()) == want:
