@@ -125,23 +125,28 @@ def equivalence_record() -> dict[str, Any]:
 
 
 def benchmark_rows() -> list[dict[str, Any]]:
-    """Rows as ``suites/benchmark/point.py`` writes them (Point fields + measurements)."""
+    """Rows as the benchmark pipeline writes them (``suites/benchmark/results.py`` Rule R1)."""
     from suites.benchmark.grid import Point
+    from suites.benchmark.point import new_row
 
     def row(method: str, px: int, tile: int | None, t: float, alloc: float, rss: float,
             status: str = "ok", **extra: Any) -> dict[str, Any]:  # fmt: skip
-        point = Point(suite="input", method=method, input_px=px, tile_px=tile)
-        out = {**point.to_dict(), "key": point.key, "status": status, "threads": 2,
-               "device_name": "Fixture CPU (2 cores)", "torch_version": "9.8.7",
-               "streamcheck_version": "0.5.4", "python_version": "3.99.1",
-               "lightstream_version": None,
-               # what runner.run_points adds to each row
-               "git_commit": "c0ffee1", "command": BENCH_COMMAND,
-               "started_utc": "2031-01-02T05:06:07Z", "wall_s": 33.5}  # fmt: skip
+        point = Point(name=method, input_px=px, tile_px=tile, suite="input")
+        out = new_row(point) | {"status": status, "reason": extra.pop("reason", None)}
+        out["environment"] = {"python": "3.99.1", "torch": "9.8.7", "torchvision": "7.6.5",
+                              "streamcheck": "0.5.4", "git_commit": "c0ffee1", "device": "cpu",
+                              "threads": 2, "cpu": "Fixture CPU", "gpu": None, "load_1min": 0.5}  # fmt: skip
+        # what runner.run_points adds to each row
+        out["run"] = {
+            "command": BENCH_COMMAND,
+            "started_utc": "2031-01-02T05:06:07Z",
+            "wall_s": 33.5,
+        }
         if status == "ok":
-            out.update(time_s_median=t, peak_alloc_bytes=int(alloc * MiB),
-                       rss_delta_bytes=int(rss * MiB))  # fmt: skip
-        return out | extra
+            out["metrics"] = dict(time_s_median=t, peak_alloc_bytes=int(alloc * MiB),
+                                  rss_delta_bytes=int(rss * MiB))  # fmt: skip
+        out["metrics"] |= extra
+        return out
 
     return [
         row("conventional", 1024, None, 3.0123, 301.25, 333.75),
@@ -162,6 +167,10 @@ def benchmark_rows() -> list[dict[str, Any]]:
         row("conventional", 4096, None, 0, 0, 0, status="oom", reason="MemoryError"),
         row("streamcheck", 4096, 512, 71.5, 301.5, 350.75, n_tiles=81),
         row("lightstream", 2048, 512, 0, 0, 0, status="skipped", reason=NO_PEER),
+        row("conventional_tuned", 2048, None, 6.125, 1200.5, 1250.75),
+        row(
+            "streamcheck_tuned", 2048, 512, 4.375, 90.25, 150.5, n_tiles=25, grad_rel_error=3.5e-07
+        ),
     ]
 
 
@@ -278,12 +287,20 @@ def derived_benchmark_numbers(rows: list[dict[str, Any]]) -> list[float]:
     """Savings, ratios, MiB, fits: computed here with numpy, independently of the report."""
     import numpy as np
 
-    ok = {(r["method"], r["input_px"], r["tile_px"]): r for r in rows if r["status"] == "ok"}
+    from suites.benchmark.results import flat
+
+    rows = [flat(r) for r in rows]
+    ok = {(r["name"], r["input_px"], r["tile_px"]): r for r in rows if r["status"] == "ok"}
     out: list[float] = []
     for r in ok.values():
         out += [r["peak_alloc_bytes"] / MiB, r["rss_delta_bytes"] / MiB]
     conv = {px: r for (m, px, _), r in ok.items() if m == "conventional"}
     stream = {px: r for (m, px, t), r in ok.items() if m == "streamcheck" and t == 512}
+    # like with like: each tuned case against the tuned conventional case
+    tuned = {px: r for (m, px, _), r in ok.items() if m == "conventional_tuned"}
+    for (method, px, _tile), r in ok.items():
+        if method == "streamcheck_tuned" and px in tuned:
+            out.append(r["time_s_median"] / tuned[px]["time_s_median"])
     for (method, px, _tile), r in ok.items():
         if method == "conventional" or px not in conv:
             continue
@@ -353,7 +370,13 @@ def test_fixture_values_appear(built: tuple[Path, str, str]) -> None:
         assert value in mem, value
     saving = 100 * (1 - 87.75 / 1234.5)  # allocator peak at 2048 px, computed here
     assert f"{saving:.1f} % at 2048 px" in mem
-    assert f"{17.891 / 12.345:.2f} at 2048 px" in mem
+    defaults = "streamcheck (PyTorch defaults) / conventional (PyTorch defaults), 2048 px"
+    assert f"{defaults} | longer (Figs 2-3; no single number) | {17.891 / 12.345:.2f} |" in mem
+    tuned = (
+        "streamcheck_tuned (channels-last + keep_freed_host_memory()) / conventional_tuned "
+        "(channels-last + keep_freed_host_memory()), 2048 px"
+    )
+    assert f"{tuned} | longer (Figs 2-3; no single number) | {4.375 / 6.125:.2f} |" in mem
     train = section(md, "## 4. Training")
     for value in ("2.345678", "2.345912", "2.34e-04", "0.375", "49 tiles of 32 px"):
         assert value in train, value
@@ -423,9 +446,10 @@ def test_report_without_any_result_files(
 
 
 def test_gpu_rows_are_named(tmp_path: Path) -> None:
+    from suites.benchmark.results import flat
     from suites.report.sources import Source
 
-    gpu_row = {**benchmark_rows()[0], "device": "cuda", "device_name": "Fixture GPU"}
+    gpu_row = flat(benchmark_rows()[0]) | {"device": "cuda", "env_gpu": "Fixture GPU"}
     bench = Source("benchmark", tmp_path, data={"rows": [gpu_row]})
     empty = Source("equivalence", tmp_path), Source("imagenette", tmp_path)
     text = render.environment_section(empty[0], bench, empty[1], render.report_environment())
@@ -442,3 +466,13 @@ def test_readme_headline_block_is_regenerated_from_the_results(tmp_path: Path) -
     assert "stale number 123" not in text
     assert "**Exact?**" in text and "**Cost?**" in text
     assert text.startswith("intro\n") and text.endswith(f"{README_END}\noutro\n")
+
+
+def test_the_headline_states_both_pairs_at_the_paper_size(built: tuple[Path, str, str]) -> None:
+    _, md, _ = built
+    cost = next(line for line in md.splitlines() if line.startswith("- **Cost?**"))
+    assert cost.startswith("- **Cost?** At 2048², tile 512: ")
+    assert f"{17.891 / 12.345:.2f}x the conventional time (streamcheck / conventional, both PyTorch defaults)" in cost  # fmt: skip
+    tuned = "streamcheck_tuned / conventional_tuned, both channels-last + keep_freed_host_memory()"
+    assert f"{4.375 / 6.125:.2f}x the conventional time ({tuned})" in cost
+    assert f"{100 * 87.75 / 1234.5:.0f} % of conventional's peak memory" in cost

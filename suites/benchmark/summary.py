@@ -9,19 +9,23 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..report.format import table
 from .analysis import (
     FIG2_INPUT_PX,
     FIG3_TILE_PX,
+    PAIRS,
     MiB,
     conventional_at,
     linear_fit,
     load,
     loglog_exponent,
     ok,
+    pair_ratio,
     ratio,
+    settings,
     value_at,
 )
-from .grid import MAX_TILES
+from .grid import MAX_TILES, SPEED_CASES
 
 
 @dataclass(frozen=True)
@@ -52,23 +56,16 @@ def _mib(value: float | None) -> str:
 def targets(df: pd.DataFrame) -> list[Target]:
     n, t = FIG2_INPUT_PX, FIG3_TILE_PX
     out = []
-    conv_time, _ = conventional_at(df, n, "time_s_median")
-    for method in _streaming_methods(df):
-        out.append(
-            Target(
-                f"time {method} / conventional, {n}², tile {t}",
-                ratio(value_at(df, method, n, t, "time_s_median"), conv_time),
-                1.30,
-                "<=",
-                ".2f",
-            )
-        )
+    for streaming, conventional in PAIRS:
+        r = pair_ratio(df, streaming, conventional, "time_s_median", input_px=n, tile_px=t)
+        out.append(Target(f"time {r.label}, {n}², tile {t}", r.value, 1.30, "<=", ".2f"))
     for px, limit in ((n, 0.20), (8192, 0.05)):
         for metric, meter in (("peak_alloc_bytes", "allocator"), ("rss_delta_bytes", "RSS delta")):
             conv, estimated = conventional_at(df, px, metric)
             out.append(
                 Target(
-                    f"memory streamcheck / conventional, {px}², tile {t} ({meter})",
+                    f"memory streamcheck / conventional (both {settings('conventional')}), "
+                    f"{px}², tile {t} ({meter})",
                     ratio(value_at(df, "streamcheck", px, t, metric), conv),
                     limit,
                     "<=",
@@ -78,7 +75,7 @@ def targets(df: pd.DataFrame) -> list[Target]:
             )
     out.append(
         Target(
-            f"time streamcheck / lightstream, {n}², tile {t}",
+            f"time streamcheck / lightstream (both {settings('streamcheck')}), {n}², tile {t}",
             ratio(
                 value_at(df, "streamcheck", n, t, "time_s_median"),
                 value_at(df, "lightstream", n, t, "time_s_median"),
@@ -135,16 +132,138 @@ def _streaming_methods(df: pd.DataFrame) -> list[str]:
     return ["streamcheck"] + (["streamcheck_tuned"] if len(ok(df, "streamcheck_tuned")) else [])
 
 
+POINTS_ORDER = (
+    "conventional",
+    "conventional_tuned",
+    "conventional_compiled",
+    "streamcheck",
+    "streamcheck_tuned",
+    "lightstream",
+)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return table(header, rows).splitlines()
+
+
+def _load(r: pd.Series) -> str:
+    """The machine's load around a point: 1-minute load average at its start, and the cores other
+    processes kept busy during its timed steps."""
+    return f"{_fmt(r.get('env_load_1min'), '.1f')} / {_fmt(r.get('other_processes_cores_busy'), '.2f')}"
+
+
+def like_with_like(df: pd.DataFrame) -> list[str]:
+    """Rule B2/B4 of analysis.py: every pair at the paper's size, then by input size."""
+    n, t = FIG2_INPUT_PX, FIG3_TILE_PX
+    rows = []
+    for streaming, conventional in PAIRS:
+        ratios = [
+            pair_ratio(df, streaming, conventional, m, input_px=n, tile_px=t)
+            for m in ("time_s_median", "peak_alloc_bytes", "rss_delta_bytes")
+        ]
+        if all(r.value is None for r in ratios):
+            continue
+        loads = []
+        for name, tile in ((streaming, t), (conventional, None)):
+            found = ok(df, name, input_px=n, tile_px=tile)
+            loads.append(_load(found.iloc[0]) if len(found) else "–")
+        rows.append([ratios[0].label, *(_fmt(r.value, ".2f") for r in ratios), *loads])
+    inputs = sorted({int(p) for p in ok(df, "conventional_tuned")["input_px"]}) if len(df) else []
+    by_size = []
+    for px in inputs:
+        cells = [f"{px}²"]
+        for streaming, conventional in PAIRS:
+            r = pair_ratio(df, streaming, conventional, "time_s_median", input_px=px, tile_px=t)
+            cells.append(_fmt(r.value, ".2f"))
+        by_size.append(cells)
+    if not rows:
+        return ["No pair measured on both sides at the paper's size."]
+    lines = [
+        f"Streaming / conventional at {n}², tile {t}, each side named with its settings (below 1:",
+        "streaming uses less). *load*: the 1-minute load average at the point's start / cores other",
+        "processes kept busy during its timed steps, on this 2-core machine shared with other jobs;",
+        "the two sides of a pair were measured one after the other.",
+        "",
+        *_table(
+            [
+                "streaming / conventional",
+                "time",
+                "allocator peak",
+                "RSS delta",
+                "load, streaming",
+                "load, conventional",
+            ],
+            rows,
+        ),
+    ]
+    if by_size:
+        lines += [
+            "",
+            f"Time ratio by input size (tile {t}):",
+            "",
+            *_table(["input", *(f"{s} / {c}" for s, c in PAIRS)], by_size),
+        ]
     return lines
+
+
+def speed_table(df: pd.DataFrame) -> list[str]:
+    """Suite ``speed``: each setting alone and together, against the same kind with defaults."""
+    n, t = FIG2_INPUT_PX, FIG3_TILE_PX
+    rows = []
+    for name in SPEED_CASES:
+        conventional = name.startswith("conventional")
+        tile = None if conventional else t
+        found = ok(df, name, input_px=n, tile_px=tile)
+        if not len(found):
+            continue
+        r = found.iloc[0]
+        base = "conventional" if conventional else "streamcheck"
+        speedup = ratio(value_at(df, base, n, tile, "time_s_median"), float(r["time_s_median"]))
+        rows.append(
+            [
+                name,
+                settings(name),
+                _fmt(r.get("time_s_median"), ".2f"),
+                _fmt(r.get("cpu_s_median"), ".2f"),
+                _fmt(speedup, ".2f"),
+                _fmt(r.get("minor_page_faults_per_step"), ",.0f"),
+                _mib(r.get("peak_alloc_bytes")),
+                _mib(r.get("rss_delta_bytes")),
+                _load(r),
+                "migrated" if isinstance(r.get("run_migrated"), str) else "",
+            ]
+        )
+    if not rows:
+        return ["No speed-suite point measured (`python -m suites.benchmark --suite speed`)."]
+    return [
+        f"Input {n}², tile {t} (streamcheck), one fresh process each. *speed-up*: the same kind",
+        "(conventional or streamcheck) with PyTorch defaults / this case, by median wall time.",
+        "*migrated*: a row of the former speed suite (no allocator or RSS meter).",
+        "",
+        *_table(
+            [
+                "case",
+                "settings",
+                "time (s)",
+                "CPU time (s)",
+                "speed-up vs defaults",
+                "page faults / step",
+                "allocator peak (MiB)",
+                "RSS delta (MiB)",
+                "load",
+                "",
+            ],
+            rows,
+        ),
+    ]
 
 
 def _points_table(df: pd.DataFrame) -> list[str]:
     rows = []
-    order = {"conventional": 0, "streamcheck": 1, "streamcheck_tuned": 2, "lightstream": 3}
-    df = df.assign(_o=df["method"].map(order)).sort_values(["input_px", "_o", "tile_px"])
+    order = {name: i for i, name in enumerate(POINTS_ORDER)}
+    df = df[df["suite"] != "speed"]  # in the speed table
+    df = df.assign(_o=df["name"].map(order).fillna(len(order)))
+    df = df.sort_values(["input_px", "_o", "name", "tile_px"])
     for _, r in df.iterrows():
         tile = "–" if pd.isna(r.get("tile_px")) else str(int(r["tile_px"]))
         n_tiles = "–" if pd.isna(r.get("n_tiles")) else str(int(r["n_tiles"]))
@@ -153,7 +272,7 @@ def _points_table(df: pd.DataFrame) -> list[str]:
         status = r["status"] if r["status"] == "ok" else f"**{r['status']}**"
         rows.append(
             [
-                r["method"],
+                r["name"],
                 f"{int(r['input_px'])}²",
                 tile,
                 n_tiles,
@@ -165,11 +284,12 @@ def _points_table(df: pd.DataFrame) -> list[str]:
                 _mib(r.get("peak_rss_bytes")),
                 _fmt(r.get("grad_rel_error"), ".1e"),
                 _fmt(r.get("grad_rel_error_f64"), ".1e"),
+                _load(r),
             ]
         )
     return _table(
         [
-            "method",
+            "case",
             "input",
             "tile",
             "tiles",
@@ -181,6 +301,7 @@ def _points_table(df: pd.DataFrame) -> list[str]:
             "RSS peak raw (MiB)",
             "grad err vs conv.",
             "grad err vs float64",
+            "load",
         ],
         rows,
     )
@@ -226,6 +347,10 @@ def write(
         "",
         "Generated by `suites/benchmark/summary.py` from `results.jsonl` in this folder; do not edit.",
         "",
+        "## Like with like",
+        "",
+        *like_with_like(df),
+        "",
         "## Targets",
         "",
     ]
@@ -240,7 +365,7 @@ def write(
     def err(method: str, metric: str, input_px: int | None = None) -> str:
         rows = ok(df, method)
         if input_px is not None:
-            tile = None if method == "conventional" else t
+            tile = None if method.startswith("conventional") else t
             rows = rows[rows["input_px"] == input_px]
             rows = rows[rows["tile_px"].isna()] if tile is None else rows[rows["tile_px"] == tile]
         values = rows[metric].dropna() if metric in rows else []
@@ -254,7 +379,7 @@ def write(
             err(m, "grad_rel_error"),
             err(m, "grad_rel_error_f64"),
         ]
-        for m in ("conventional", "streamcheck", "streamcheck_tuned", "lightstream")
+        for m in POINTS_ORDER
     ]
     lines += [
         "",
@@ -268,7 +393,7 @@ def write(
         "",
         *_table(
             [
-                "method",
+                "case",
                 f"vs conv., {n}²",
                 f"vs float64, {n}²" if n <= 1024 else "vs float64, 1024²",
                 "vs conv., max all points",
@@ -293,11 +418,17 @@ def write(
         "",
         "## All points",
         "",
-        "*streamcheck_tuned* is streamcheck with its CPU speed settings: the point's process calls",
-        "`streamcheck.keep_freed_host_memory()` and streams with `channels_last=True`",
-        "(docs/SCALING.md); *streamcheck* runs with PyTorch's defaults.",
+        "Cases and their settings (`suites/benchmark/workload.py`): "
+        + "; ".join(f"*{name}*: {settings(name)}" for name in POINTS_ORDER)
+        + ". Channels-last for streamcheck is the engine option `Streamed(..., channels_last=True)`;",
+        "for conventional, the network and the image are converted. *load*: 1-minute load average",
+        "at the point's start / cores other processes kept busy during its timed steps.",
         "",
         *_points_table(df),
+        "",
+        "## Speed settings",
+        "",
+        *speed_table(df),
     ]
     not_ok = df[df["status"] != "ok"]
     if len(not_ok):
@@ -311,12 +442,13 @@ def write(
         "",
         "## Environment and commands",
         "",
-        f"- device: {_first(df, 'device_name')}; threads: {_first(df, 'threads')}; "
-        f"dtype: {_first(df, 'dtype')}",
-        f"- torch {_first(df, 'torch_version')}; streamcheck {_first(df, 'streamcheck_version')}; "
-        f"lightstream {_first(df, 'lightstream_version')}; python {_first(df, 'python_version')}",
-        f"- git commit(s): {_first(df, 'git_commit')}",
-        f"- measured with: {'; '.join(f'`{c}`' for c in df['command'].dropna().unique())}",
+        f"- device: {_first(df, 'env_cpu')} ({_first(df, 'env_cores')} cores); GPU: "
+        f"{_first(df, 'env_gpu')}; threads: {_first(df, 'env_threads')}; dtype: {_first(df, 'dtype')}",
+        f"- torch {_first(df, 'env_torch')}; torchvision {_first(df, 'env_torchvision')}; "
+        f"streamcheck {_first(df, 'env_streamcheck')}; lightstream {_first(df, 'env_lightstream')}; "
+        f"python {_first(df, 'env_python')}",
+        f"- git commit(s): {_first(df, 'env_git_commit')}",
+        f"- measured with: {'; '.join(f'`{c}`' for c in df['run_command'].dropna().unique())}",
         f"- this summary and the figures rebuilt with: `{rebuild_command}`",
         "",
         "![Fig 2](fig2_tile.png)",

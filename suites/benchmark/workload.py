@@ -112,7 +112,9 @@ def table2_network() -> tuple[nn.Sequential, nn.Sequential]:
     def pair(c_in: int, c_out: int, *, norm: bool = False) -> list[nn.Module]:
         layers: list[nn.Module] = []
         for c in (c_in, c_out):
-            layers.append(nn.Conv2d(c, c_out, 3, padding=1))
+            # No bias before BatchNorm: it would be cancelled, and its gradient is zero (up to
+            # rounding, which a relative gradient error would then measure against itself).
+            layers.append(nn.Conv2d(c, c_out, 3, padding=1, bias=not norm))
             layers += [nn.BatchNorm2d(c_out)] if norm else []
             layers.append(nn.ReLU())
         return layers

@@ -1,384 +1,192 @@
-"""Section 3 of the report: memory and time (paper Figs 2-3), from the benchmark rows."""
+"""Section 3 of the report: memory and time (paper Figs 2-3), from the benchmark rows.
+
+Every ratio, fit and estimate comes from ``suites/benchmark/analysis.py`` (the one analysis of the
+results); this module only lays them out next to the paper's claims.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from suites.benchmark import analysis as A
+
 from .format import PAPER, err, figure, mib, missing_note, relpath, sec, table
-from .sources import Source, finite, get
+from .sources import Source, finite
+
+TIME_SERIES = (
+    "conventional",
+    "streamcheck",
+    "conventional_tuned",
+    "streamcheck_tuned",
+    "conventional_compiled",
+    "lightstream",
+)
 
 
-# ---------------------------------------------------------------------------- 3. memory, time
 def row_values(rows: list[dict[str, Any]], key: str) -> str:
-    """The distinct values of ``key`` over benchmark rows, comma-separated."""
-    found = sorted({str(r[key]) for r in rows if r.get(key) is not None})
+    """The distinct values of ``key`` over (flat) benchmark rows, comma-separated."""
+    found = sorted(
+        {str(r[key]) for r in rows if r.get(key) is not None and r.get(key) == r.get(key)}
+    )
     return ", ".join(found) if found else "n/a"
 
 
 def _bench_command(bench: Source) -> str | None:
-    commands = sorted({str(r["command"]) for r in bench.data.get("rows", []) if r.get("command")})
+    rows = bench.data.get("rows", [])
+    commands = sorted({str(r["run_command"]) for r in rows if r.get("run_command")})
     return "; ".join(commands) if commands else None
 
 
-def _ok(rows: list[dict[str, Any]], method: str, **where: Any) -> list[dict[str, Any]]:
-    return [
-        r
-        for r in rows
-        if r.get("method") == method
-        and r.get("status", "ok") == "ok"
-        and all(r.get(k) == v for k, v in where.items())
-    ]
+def _v(df: pd.DataFrame, name: str, px: int, tile: int | None, metric: str) -> float | None:
+    return A.value_at(df, name, px, None if name.startswith("conventional") else tile, metric)
 
 
-def _one(rows: list[dict[str, Any]], method: str, **where: Any) -> dict[str, Any] | None:
-    found = _ok(rows, method, **where)
-    return found[-1] if found else None  # the latest measurement of that point
+def _status(df: pd.DataFrame, name: str, px: int) -> str:
+    """Why case ``name`` has no value at ``px``: its row's status, else not measured."""
+    rows = df[(df["name"] == name) & (df["input_px"] == px)] if len(df) else df
+    return str(rows["status"].iloc[-1]) if len(rows) else "not measured"
 
 
-def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
-    """Least-squares slope of log y against log x (1 = linear); None with < 2 points."""
-    pairs = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if x > 0 and y > 0]
-    if len(pairs) < 2:
-        return None
-    mx = sum(p[0] for p in pairs) / len(pairs)
-    my = sum(p[1] for p in pairs) / len(pairs)
-    sxx = sum((p[0] - mx) ** 2 for p in pairs)
-    return sum((p[0] - mx) * (p[1] - my) for p in pairs) / sxx if sxx else None
+def _ratio_text(r: A.Ratio) -> str:
+    return "not measured" if r.value is None else f"{r.value:.2f}"
 
 
-def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float] | None:
-    """Least-squares ``y = a + b x``: ``(b, a, r2)``; None with < 2 distinct x."""
-    if len(xs) < 2 or len(set(xs)) < 2:
-        return None
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
-        (x - mx) ** 2 for x in xs
-    )
-    a = my - b * mx
-    total = sum((y - my) ** 2 for y in ys)
-    residual = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys, strict=True))
-    return b, a, 1 - residual / total if total else 1.0
-
-
-def key_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The numbers the memory/time table compares with the paper, computed from result rows."""
-    out: dict[str, Any] = {"per_input": [], "tile_px": None}
-    stream_tiles = sorted({r.get("tile_px") for r in _ok(rows, "streamcheck") if r.get("tile_px")})
-    conv_inputs = {r.get("input_px") for r in _ok(rows, "conventional")}
-    # the tile of the input suite: the one measured at most input sizes (512 in the paper's Fig 3)
-    tile = max(
-        stream_tiles,
-        key=lambda t: (len({r.get("input_px") for r in _ok(rows, "streamcheck", tile_px=t)}), t),
-        default=None,
-    )
-    out["tile_px"] = tile
-    inputs = sorted(
-        {r.get("input_px") for r in rows if r.get("input_px") is not None}
-        & ({r.get("input_px") for r in _ok(rows, "streamcheck", tile_px=tile)} | conv_inputs)
-    )
-    for px in inputs:
-        conv = _one(rows, "conventional", input_px=px)
-        stream = _one(rows, "streamcheck", input_px=px, tile_px=tile)
-        peer = _one(rows, "lightstream", input_px=px, tile_px=tile)
-        failed_conv = [
-            r
-            for r in rows
-            if r.get("method") == "conventional"
-            and r.get("input_px") == px
-            and r.get("status", "ok") != "ok"
-        ]
-        entry: dict[str, Any] = {
-            "input_px": px,
-            "conventional": conv,
-            "streamcheck": stream,
-            "lightstream": peer,
-            "conventional_status": failed_conv[-1].get("status")
-            if failed_conv and conv is None
-            else None,
-        }
-        for meter in ("peak_alloc_bytes", "rss_delta_bytes"):
-            a, b = get(stream, meter), get(conv, meter)
-            entry[f"saving_pct_{meter}"] = (
-                100 * (1 - a / b) if finite(a) and finite(b) and b else None
-            )
-        a, b = get(stream, "time_s_median"), get(conv, "time_s_median")
-        entry["time_ratio"] = a / b if finite(a) and finite(b) and b else None
-        c = get(peer, "time_s_median")
-        entry["peer_time_ratio"] = c / b if finite(c) and finite(b) and b else None
-        entry["peer_over_streamcheck_time"] = c / a if finite(c) and finite(a) and a else None
-        for meter in ("peak_alloc_bytes", "rss_delta_bytes"):
-            p, q = get(peer, meter), get(conv, meter)
-            entry[f"peer_saving_pct_{meter}"] = (
-                100 * (1 - p / q) if finite(p) and finite(q) and q else None
-            )
-        out["per_input"].append(entry)
-    for method in ("streamcheck", "conventional", "lightstream"):
-        points = [
-            (e["input_px"] ** 2, get(e[method], "time_s_median"))
-            for e in out["per_input"]
-            if finite(get(e[method], "time_s_median"))
-        ]
-        out[f"time_slope_{method}"] = loglog_slope([p[0] for p in points], [p[1] for p in points])
-        out[f"time_slope_{method}_range"] = (
-            (int(math.sqrt(points[0][0])), int(math.sqrt(points[-1][0])))
-            if len(points) >= 2
-            else None
-        )
-    for meter in ("peak_alloc_bytes", "rss_delta_bytes"):
-        savings = [
-            (e[f"saving_pct_{meter}"], e["input_px"])
-            for e in out["per_input"]
-            if finite(e[f"saving_pct_{meter}"])
-        ]
-        out[f"max_saving_{meter}"] = max(savings) if savings else None
-        # Where conventional did not run (out of memory), the paper estimated it; so do we, from
-        # the linear trend in pixels of the measured conventional points, and say so.
-        measured = [(e["input_px"] ** 2, get(e["conventional"], meter)) for e in out["per_input"]]
-        measured = [(x, y) for x, y in measured if finite(y)]
-        fit = linear_fit([x for x, _ in measured], [y for _, y in measured])
-        estimated = []
-        for e in out["per_input"]:
-            stream = get(e["streamcheck"], meter)
-            if fit is None or e["conventional"] is not None or not finite(stream):
-                continue
-            conv_estimate = fit[1] + fit[0] * e["input_px"] ** 2
-            if conv_estimate > 0:
-                estimated.append((100 * (1 - stream / conv_estimate), e["input_px"], conv_estimate))
-        out[f"estimated_saving_{meter}"] = max(estimated) if estimated else None
-    streamed = [
-        (e["input_px"] ** 2, get(e["streamcheck"], "time_s_median"))
-        for e in out["per_input"]
-        if finite(get(e["streamcheck"], "time_s_median"))
-    ]
-    fit = linear_fit([x for x, _ in streamed], [y for _, y in streamed])
-    out["time_linear_r2_streamcheck"] = fit[2] if fit else None
-    out["time_linear_n_streamcheck"] = len(streamed)
-    return out
-
-
-def memory_section(bench: Source, out_dir: Path) -> str:
-    parts = ["## 3. Memory and time (paper Figs 2-3)", ""]
-    if not bench.found:
-        parts += missing_note(bench, "python -m suites.benchmark")
-        parts += _figures(bench, out_dir, None)
-        return "\n".join(parts)
-    rows = bench.data["rows"]
-    command = _bench_command(bench)
-    k = key_ratios(rows)
-    measured = [r for r in rows if r.get("status") == "ok"] or rows
-    devices = sorted({str(r.get("device_name") or r.get("device")) for r in measured})
-    dtypes = sorted({str(r.get("dtype")) for r in measured if r.get("dtype")})
-    parts += [
-        "The paper's Figs 2-3 network (three 3x3 convolutions with 3, 64 and 3 output channels), "
-        f"one forward + backward per step, measured on {', '.join(devices)} in {', '.join(dtypes)}. "
-        "Two memory meters, never mixed: *allocator peak* (live tensors, from torch's profiler on "
-        "CPU or CUDA's allocator statistics) and *RSS delta* (peak resident memory of a fresh "
-        "process above its size before the timed steps). Time is the median of the timed steps.",
-        "",
-        "### Key ratios next to the paper's claims",
-        "",
-        _claims_table(k),
-        "",
-        "### Per input size" + (f" (streaming tile {k['tile_px']} px)" if k["tile_px"] else ""),
-        "",
-        _per_input_tables(k),
-    ]
-    tile_table = _tile_table(rows)
-    if tile_table:
-        parts += ["", "### Per tile size", "", tile_table]
-    statuses = [r for r in rows if r.get("status", "ok") != "ok"]
-    if statuses:
-        parts += [
-            "",
-            "Points that did not complete: "
-            + "; ".join(
-                f"{r.get('method')} {r.get('input_px')} px"
-                + (f" tile {r.get('tile_px')}" if r.get("tile_px") else "")
-                + f": {r.get('status')}"
-                for r in statuses
-            )
-            + ".",
-        ]
-    if not _ok(rows, "lightstream"):
-        reasons = sorted(
-            {
-                str(r.get("reason"))
-                for r in rows
-                if r.get("method") == "lightstream" and r.get("reason")
-            }
-        )
-        parts += [
-            "",
-            "**No lightstream row**: the peer library was not measured in these result files"
-            + (f" ({'; '.join(reasons)})." if reasons else "."),
-        ]
-    parts += ["", *_figures(bench, out_dir, command)]
-    return "\n".join(parts)
-
-
-def _linearity(k: dict[str, Any], slope: float | None, span: tuple[int, int] | None) -> str:
-    n = k.get("time_linear_n_streamcheck", 0)
-    if slope is None or span is None or n < 3:
-        return f"not measured ({n} input sizes; a trend needs three or more)"
-    return (
-        f"log-log slope {slope:.2f} over {span[0]}-{span[1]} px (1 = linear); R² of a straight "
-        f"line in pixels {k['time_linear_r2_streamcheck']:.4f} ({n} sizes)"
-    )
-
-
-def _claims_table(k: dict[str, Any]) -> str:
+def _claims_table(df: pd.DataFrame, tile: int) -> str:
     rows = []
+    head = A.headline(df)
     for meter, label in (("peak_alloc_bytes", "allocator peak"), ("rss_delta_bytes", "RSS delta")):
-        best = k.get(f"max_saving_{meter}")
-        estimate = k.get(f"estimated_saving_{meter}")
+        both = []
+        for px in sorted({int(p) for p in A.ok(df, "streamcheck", tile_px=tile)["input_px"]}):
+            r = A.pair_ratio(df, "streamcheck", "conventional", meter, input_px=px, tile_px=tile)
+            if r.value is not None:
+                both.append((100 * (1 - r.value), px))
+        best = max(both) if both else None
         text = f"{best[0]:.1f} % at {best[1]} px (both measured)" if best else "not measured"
-        if estimate:
-            text += (
-                f"; {estimate[0]:.1f} % at {estimate[1]} px against an estimated conventional "
-                f"{mib(estimate[2])} MiB (linear in pixels; conventional did not run there)"
-            )
+        large = head["memory_large"]
+        if large is not None and large.estimated:
+            r = A.pair_ratio(
+                df, "streamcheck", "conventional", meter, input_px=large.input_px, tile_px=tile,
+                estimate=True,
+            )  # fmt: skip
+            conv, _ = A.conventional_at(df, large.input_px, meter)
+            if r.value is not None:
+                text += (
+                    f"; {100 * (1 - r.value):.1f} % at {large.input_px} px against an estimated "
+                    f"conventional {mib(conv)} MiB (linear in pixels; conventional did not run there)"
+                )
         rows.append(
             [
-                f"memory saved by streaming ({label})",
+                f"memory saved by streaming ({label}; both PyTorch defaults)",
                 f"up to {PAPER['memory_saving_pct']} % (Fig. 3; conventional estimated above "
                 f"{PAPER['conventional_estimated_above_px']} px)",
                 text,
             ]
         )
-    slope = k.get("time_slope_streamcheck")
-    span = k.get("time_slope_streamcheck_range")
-    rows.append(
-        [
-            "streaming time vs input pixels",
-            PAPER["time"] + " (Fig. 3)",
-            _linearity(k, slope, span),
+    stream = A.ok(df, "streamcheck", tile_px=tile)
+    fit = A.linear_fit(stream["pixels"], stream["time_s_median"]) if len(stream) else None
+    slope = A.loglog_exponent(stream["pixels"], stream["time_s_median"]) if len(stream) else None
+    if fit is None or slope is None or fit.n < 3:
+        linear = f"not measured ({len(stream)} input sizes; a trend needs three or more)"
+    else:
+        span = (int(stream["input_px"].min()), int(stream["input_px"].max()))
+        linear = (
+            f"log-log slope {slope:.2f} over {span[0]}-{span[1]} px (1 = linear); R² of a "
+            f"straight line in pixels {fit.r2:.4f} ({fit.n} sizes)"
+        )
+    rows.append(["streaming time vs input pixels", PAPER["time"] + " (Fig. 3)", linear])
+    graded = stream[stream["grad_rel_error_f64"].notna()] if len(stream) else stream
+    if len(graded):
+        px = int(graded["input_px"].max())
+        parts = [
+            f"{name} {err(_v(df, name, px, tile, 'grad_rel_error_f64'))}"
+            for name in ("streamcheck", "conventional", "lightstream")
+            if _v(df, name, px, tile, "grad_rel_error_f64") is not None
         ]
-    )
-    graded = [e for e in k["per_input"] if finite(get(e["streamcheck"], "grad_rel_error_f64"))]
-    if graded:
-        e = graded[-1]
-        text = f"streamcheck {err(get(e['streamcheck'], 'grad_rel_error_f64'))}"
-        if finite(get(e["conventional"], "grad_rel_error_f64")):
-            text += f", conventional {err(get(e['conventional'], 'grad_rel_error_f64'))}"
-        if finite(get(e["lightstream"], "grad_rel_error_f64")):
-            text += f", lightstream {err(get(e['lightstream'], 'grad_rel_error_f64'))}"
         rows.append(
             [
                 "weight-gradient error vs conventional float64",
                 "equal gradients (Section 3 of the paper)",
-                f"{text} at {e['input_px']} px ({get(e['streamcheck'], 'dtype', default='?')})",
+                f"{', '.join(parts)} at {px} px ({graded['dtype'].iloc[0]})",
             ]
         )
-    ratios = [(e["input_px"], e["time_ratio"]) for e in k["per_input"] if finite(e["time_ratio"])]
-    rows.append(
-        [
-            "streaming time / conventional time",
-            "longer (Figs 2-3; no single number)",
-            ", ".join(f"{r:.2f} at {px} px" for px, r in ratios) if ratios else "not measured",
-        ]
-    )
+    for r in A.pair_ratios(df, "time_s_median", tile_px=tile):
+        rows.append(
+            [
+                f"time {r.label}, {r.input_px} px",
+                "longer (Figs 2-3; no single number)",
+                _ratio_text(r),
+            ]
+        )
     peer = [
-        (e["input_px"], e["peer_time_ratio"], e["peer_over_streamcheck_time"])
-        for e in k["per_input"]
-        if finite(e["peer_time_ratio"])
-    ]
+        (px, A.ratio(_v(df, "lightstream", px, tile, "time_s_median"), _v(df, "conventional", px, tile, "time_s_median")))
+        for px in sorted({int(p) for p in A.ok(df, "lightstream")["input_px"]})
+    ]  # fmt: skip
+    peer = [(px, r) for px, r in peer if r is not None]
     rows.append(
         [
-            "lightstream time / conventional time",
+            "lightstream / conventional time (both PyTorch defaults)",
             "-",
-            ", ".join(f"{r:.2f} at {px} px" for px, r, _ in peer)
+            ", ".join(f"{r:.2f} at {px} px" for px, r in peer)
             if peer
-            else "not measured (no lightstream row)",
-        ]
-    )
-    peer_saving = [
-        (e["input_px"], e["peer_saving_pct_peak_alloc_bytes"])
-        for e in k["per_input"]
-        if finite(e["peer_saving_pct_peak_alloc_bytes"])
-    ]
-    rows.append(
-        [
-            "memory saved by lightstream (allocator peak)",
-            "-",
-            ", ".join(f"{s:.1f} % at {px} px" for px, s in peer_saving)
-            if peer_saving
             else "not measured (no lightstream row)",
         ]
     )
     return table(["quantity", "paper (published, GPU)", "here (measured)"], rows, align="lll")
 
 
-def _pct(value: Any) -> str:
-    return f"{value:.1f}" if finite(value) else "-"
-
-
-def _ratio(value: Any) -> str:
-    return f"{value:.2f}" if finite(value) else "-"
-
-
-def _per_input_tables(k: dict[str, Any]) -> str:
+def _per_input_tables(df: pd.DataFrame, tile: int) -> str:
     """Time, memory and gradient error per input size: three small tables."""
+    inputs = sorted({int(p) for p in df["input_px"] if p == p}) if len(df) else []
+    inputs = [px for px in inputs if any(_v(df, n, px, tile, "time_s_median") for n in TIME_SERIES)]
+    series = [n for n in TIME_SERIES if len(A.ok(df, n))]
     time_rows, memory_rows, grad_rows = [], [], []
-    for e in k["per_input"]:
-        conv, stream, peer = e["conventional"], e["streamcheck"], e["lightstream"]
-        missing = e["conventional_status"] or "not measured"
-
-        def cell(row: dict[str, Any] | None, fmt: Any, key: str, absent: str = "-") -> str:
-            return fmt(get(row, key)) if row else absent
-
-        time_rows.append(
-            [
-                e["input_px"],
-                cell(conv, sec, "time_s_median", missing),
-                cell(stream, sec, "time_s_median", "not measured"),
-                _ratio(e["time_ratio"]),
-                cell(peer, sec, "time_s_median"),
-                _ratio(e["peer_time_ratio"]),
-            ]
-        )
-        memory_rows.append(
-            [
-                e["input_px"],
-                cell(conv, mib, "peak_alloc_bytes", missing),
-                cell(stream, mib, "peak_alloc_bytes", "not measured"),
-                _pct(e["saving_pct_peak_alloc_bytes"]),
-                cell(peer, mib, "peak_alloc_bytes"),
-                cell(conv, mib, "rss_delta_bytes", missing),
-                cell(stream, mib, "rss_delta_bytes", "not measured"),
-                _pct(e["saving_pct_rss_delta_bytes"]),
-                cell(peer, mib, "rss_delta_bytes"),
-            ]
-        )
-        if any(get(r, key) is not None for r in (conv, stream, peer) for key in GRAD_KEYS):
-            grad_rows.append(
-                [
-                    e["input_px"],
-                    cell(conv, err, "grad_rel_error_f64"),
-                    cell(stream, err, "grad_rel_error_f64"),
-                    cell(peer, err, "grad_rel_error_f64"),
-                    cell(stream, err, "grad_rel_error"),
-                    cell(peer, err, "grad_rel_error"),
-                ]
+    for px in inputs:
+        cells: list[Any] = [px]
+        for name in series:
+            value = _v(df, name, px, tile, "time_s_median")
+            cells.append(sec(value) if value is not None else _status(df, name, px))
+        for s, c in A.PAIRS:
+            if s in series and c in series:
+                r = A.pair_ratio(df, s, c, "time_s_median", input_px=px, tile_px=tile)
+                cells.append(f"{r.value:.2f}" if r.value is not None else "-")
+        time_rows.append(cells)
+        mem: list[Any] = [px]
+        for meter in ("peak_alloc_bytes", "rss_delta_bytes"):
+            conv, stream = (
+                _v(df, "conventional", px, tile, meter),
+                _v(df, "streamcheck", px, tile, meter),
             )
+            saved = 100 * (1 - stream / conv) if finite(conv) and finite(stream) and conv else None
+            mem += [
+                mib(conv) if conv is not None else _status(df, "conventional", px),
+                mib(stream) if stream is not None else _status(df, "streamcheck", px),
+                f"{saved:.1f}" if saved is not None else "-",
+                mib(_v(df, "lightstream", px, tile, meter)),
+            ]
+        memory_rows.append(mem)
+        grads = [
+            _v(df, "conventional", px, tile, "grad_rel_error_f64"),
+            _v(df, "streamcheck", px, tile, "grad_rel_error_f64"),
+            _v(df, "lightstream", px, tile, "grad_rel_error_f64"),
+            _v(df, "streamcheck", px, tile, "grad_rel_error"),
+            _v(df, "streamcheck_tuned", px, tile, "grad_rel_error"),
+            _v(df, "conventional_tuned", px, tile, "grad_rel_error"),
+        ]
+        if any(g is not None for g in grads):
+            grad_rows.append([px, *(err(g) if g is not None else "-" for g in grads)])
+    pair_headers = [f"{s} / {c}" for s, c in A.PAIRS if s in series and c in series]
     parts = [
-        "Time per training step (median, seconds):",
+        "Time per training step (median, seconds). Settings: "
+        + "; ".join(f"*{n}*: {A.settings(n)}" for n in series)
+        + ". Each ratio divides cases with the same settings, except the last, which sets "
+        "streaming's best against conventional's best:",
         "",
-        table(
-            [
-                "input px",
-                "conventional",
-                "streamcheck",
-                "streamcheck / conv.",
-                "lightstream",
-                "lightstream / conv.",
-            ],
-            time_rows,
-        ),
+        table(["input px", *series, *pair_headers], time_rows),
         "",
-        "Peak memory (MiB) and the share streaming saves:",
+        "Peak memory (MiB) and the share streaming saves (both PyTorch defaults):",
         "",
         table(
             [
@@ -400,7 +208,8 @@ def _per_input_tables(k: dict[str, Any]) -> str:
             "",
             "Weight-gradient error, max over parameters of max|g - g_ref| / max|g_ref| "
             "(float64 reference: conventional training in float64; a conventional row against "
-            "it is float32's own rounding, the noise floor):",
+            "it is float32's own rounding, the noise floor; *vs conventional*: against "
+            "conventional training with PyTorch defaults in the same dtype):",
             "",
             table(
                 [
@@ -408,8 +217,9 @@ def _per_input_tables(k: dict[str, Any]) -> str:
                     "conventional vs float64",
                     "streamcheck vs float64",
                     "lightstream vs float64",
-                    "streamcheck vs conventional (same dtype)",
-                    "lightstream vs conventional (same dtype)",
+                    "streamcheck vs conventional",
+                    "streamcheck_tuned vs conventional",
+                    "conventional_tuned vs conventional",
                 ],
                 grad_rows,
             ),
@@ -417,30 +227,20 @@ def _per_input_tables(k: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-GRAD_KEYS = ("grad_rel_error", "grad_rel_error_f64")
-
-
-def _tile_table(rows: list[dict[str, Any]]) -> str:
+def _tile_table(df: pd.DataFrame) -> str:
     """Fig 2: the input size with the most streamcheck tiles measured, across tiles."""
-    stream = _ok(rows, "streamcheck")
-    if not stream:
+    px = A.fig2_input_px(df)
+    if px is None:
         return ""
-    sizes = {}
-    for r in stream:
-        sizes.setdefault(r.get("input_px"), set()).add(r.get("tile_px"))
-    px = max(sizes, key=lambda p: (len(sizes[p]), p or 0))
-    if len(sizes[px]) < 2:
+    stream = A.ok(df, "streamcheck", input_px=px)
+    if len(stream) < 2:
         return ""
-    conv = _one(rows, "conventional", input_px=px)
-    body = []
-    for tile in sorted(t for t in sizes[px] if t is not None):
-        r = _one(rows, "streamcheck", input_px=px, tile_px=tile)
-        if r is None:
-            continue
+    body: list[list[Any]] = []
+    for _, r in stream.iterrows():
         body.append(
             [
-                tile,
-                r.get("n_tiles", "n/a"),
+                int(r["tile_px"]),
+                int(r["n_tiles"]) if finite(r.get("n_tiles")) else "n/a",
                 sec(r.get("time_s_median")),
                 mib(r.get("peak_alloc_bytes")),
                 mib(r.get("rss_delta_bytes")),
@@ -448,19 +248,21 @@ def _tile_table(rows: list[dict[str, Any]]) -> str:
                 err(r.get("grad_rel_error_f64")),
             ]
         )
-    if conv:
+    conv = A.ok(df, "conventional", input_px=px)
+    if len(conv):
+        r = conv.iloc[0]
         body.append(
             [
                 "conventional",
                 1,
-                sec(conv.get("time_s_median")),
-                mib(conv.get("peak_alloc_bytes")),
-                mib(conv.get("rss_delta_bytes")),
+                sec(r.get("time_s_median")),
+                mib(r.get("peak_alloc_bytes")),
+                mib(r.get("rss_delta_bytes")),
                 "-",
-                err(conv.get("grad_rel_error_f64")),
+                err(r.get("grad_rel_error_f64")),
             ]
         )
-    return f"Input {px} px.\n\n" + table(
+    return f"Input {px} px, both PyTorch defaults.\n\n" + table(
         [
             "tile px",
             "tiles",
@@ -472,6 +274,96 @@ def _tile_table(rows: list[dict[str, Any]]) -> str:
         ],
         body,
     )
+
+
+def memory_section(bench: Source, out_dir: Path) -> str:
+    parts = ["## 3. Memory and time (paper Figs 2-3)", ""]
+    if not bench.found:
+        parts += missing_note(bench, "python -m suites.benchmark")
+        parts += _figures(bench, out_dir, None)
+        return "\n".join(parts)
+    df: pd.DataFrame = bench.data["frame"]
+    rows = bench.data["rows"]
+    command = _bench_command(bench)
+    tile = A.fig3_tile_px(df) or A.PAPER_TILE_PX
+    measured = [r for r in rows if r.get("status") == "ok"] or rows
+    devices = sorted(
+        {str(r.get("env_gpu") or r.get("env_cpu") or r.get("device")) for r in measured}
+    )
+    dtypes = sorted({str(r.get("dtype")) for r in measured if r.get("dtype")})
+    parts += [
+        "The paper's Figs 2-3 network (three 3x3 convolutions with 3, 64 and 3 output channels), "
+        f"one forward + backward per step, measured on {', '.join(devices)} in {', '.join(dtypes)}. "
+        "Two memory meters, never mixed: *allocator peak* (live tensors, from torch's profiler on "
+        "CPU or CUDA's allocator statistics) and *RSS delta* (peak resident memory of a fresh "
+        "process above its size before the timed steps). Time is the median of the timed steps. "
+        "Every ratio names the settings of both sides (`suites/benchmark/analysis.py`, Rule B2).",
+        "",
+        "### Key ratios next to the paper's claims",
+        "",
+        _claims_table(df, tile),
+        "",
+        f"### Per input size (streaming tile {tile} px)",
+        "",
+        _per_input_tables(df, tile),
+    ]
+    tile_table = _tile_table(df)
+    if tile_table:
+        parts += ["", "### Per tile size", "", tile_table]
+    statuses = [r for r in rows if r.get("status", "ok") != "ok" and r.get("suite") != "speed"]
+    if statuses:
+        parts += [
+            "",
+            "Points that did not complete: "
+            + "; ".join(
+                f"{r.get('name')} {r.get('input_px')} px"
+                + (f" tile {r.get('tile_px')}" if finite(r.get("tile_px")) else "")
+                + f": {r.get('status')}"
+                for r in statuses
+            )
+            + ".",
+        ]
+    if not len(A.ok(df, "lightstream")):
+        reasons = sorted(
+            {
+                str(r.get("reason"))
+                for r in rows
+                if r.get("name") == "lightstream" and r.get("reason")
+            }
+        )
+        parts += [
+            "",
+            "**No lightstream row**: the peer library was not measured in these result files"
+            + (f" ({'; '.join(reasons)})." if reasons else "."),
+        ]
+    parts += ["", *_figures(bench, out_dir, command)]
+    return "\n".join(parts)
+
+
+def headline_cost(bench: Source) -> str:
+    """The README's cost line (Rule B4): both pairs at the paper's size, and the memory saved."""
+    head = A.headline(bench.data["frame"])
+    n, t = A.PAPER_INPUT_PX, A.PAPER_TILE_PX
+    parts = []
+    for r in head["time"]:
+        both = f"both {A.settings(r.streaming)}" if r.same_settings else r.label
+        parts.append(
+            f"{r.value:.2f}x the conventional time ({r.streaming} / {r.conventional}, {both})"
+        )
+    memory = head["memory"]
+    text = f"- **Cost?** At {n}², tile {t}: "
+    text += "; ".join(parts) if parts else "time not measured on both sides"
+    if memory:
+        text += f"; {100 * memory[0].value:.0f} % of conventional's peak memory (allocator, both PyTorch defaults)"
+    large = head["memory_large"]
+    if large is not None and large.value is not None:
+        how = (
+            "an estimated conventional (linear in pixels; it did not run)"
+            if large.estimated
+            else "conventional"
+        )
+        text += f"; at {large.input_px}², {100 * large.value:.1f} % of {how}"
+    return text + "."
 
 
 # What each benchmark figure shows (file names from suites/benchmark/plots.py).

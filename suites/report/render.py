@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import base64
 import html
-import platform
 import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..environment import git_commit
-from .benchmark import key_ratios, memory_section, row_values
+from ..environment import environment
+from .benchmark import headline_cost, memory_section, row_values
 from .equivalence import equivalence_section
 from .format import PAPER, commit, err, plural, table
 from .sources import Source, finite, get
@@ -31,6 +30,24 @@ from .training import training_section
 
 
 # ------------------------------------------------------------------------------ 1. environment
+def _environment_cells(e: dict[str, Any]) -> list[Any]:
+    """commit, versions, device and threads of one environment record (suites/environment.py;
+    an older record's ``versions`` block and ``torch_threads`` are read too)."""
+
+    def version(name: str) -> Any:
+        return e.get(name) or get(e, "versions", name, default="n/a")
+
+    return [
+        commit(e.get("git_commit")),
+        version("python"),
+        version("torch"),
+        version("torchvision"),
+        version("streamcheck"),
+        f"{e.get('device', 'n/a')} ({e.get('gpu') or e.get('cpu', 'n/a')})",
+        e.get("threads", e.get("torch_threads", "n/a")),
+    ]
+
+
 def environment_section(eq: Source, bench: Source, imn: Source, report_env: dict[str, Any]) -> str:
     rows = []
     e = get(eq.data, "metadata", "environment", default={})
@@ -39,30 +56,25 @@ def environment_section(eq: Source, bench: Source, imn: Source, report_env: dict
             [
                 "equivalence record",
                 get(eq.data, "metadata", "finished_utc", default="n/a"),
-                commit(e.get("git_commit")),
-                get(e, "versions", "python", default="n/a"),
-                get(e, "versions", "torch", default="n/a"),
-                get(e, "versions", "torchvision", default="n/a"),
-                get(e, "versions", "streamcheck", default="n/a"),
-                f"{e.get('device', 'n/a')} ({e.get('cpu', 'n/a')})",
-                e.get("torch_threads", "n/a"),
+                *_environment_cells(e),
             ]
         )
     if bench.found:
         brow = [r for r in bench.data["rows"] if r.get("status") == "ok"] or bench.data["rows"]
-        dates = sorted(str(r["started_utc"]) for r in brow if r.get("started_utc"))
-        commits = sorted({str(r["git_commit"]) for r in brow if r.get("git_commit")})
+        dates = sorted(str(r["run_started_utc"]) for r in brow if r.get("run_started_utc"))
+        commits = sorted({str(r["env_git_commit"]) for r in brow if r.get("env_git_commit")})
+        devices = {(r.get("env_device"), r.get("env_gpu") or r.get("env_cpu")) for r in brow}
         rows.append(
             [
                 "benchmark" + (" (quick mode)" if bench.data.get("quick") else ""),
                 f"{dates[0]} to {dates[-1]}" if len(dates) > 1 else (dates or ["n/a"])[0],
                 ", ".join(commit(c) for c in commits) or "n/a",
-                row_values(brow, "python_version"),
-                row_values(brow, "torch_version"),
-                "not recorded",
-                row_values(brow, "streamcheck_version"),
-                row_values(brow, "device_name"),
-                row_values(brow, "threads"),
+                row_values(brow, "env_python"),
+                row_values(brow, "env_torch"),
+                row_values(brow, "env_torchvision"),
+                row_values(brow, "env_streamcheck"),
+                ", ".join(sorted(f"{d} ({n})" for d, n in devices)),
+                row_values(brow, "env_threads"),
             ]
         )
     if imn.found:
@@ -71,13 +83,7 @@ def environment_section(eq: Source, bench: Source, imn: Source, report_env: dict
             [
                 f"ImageNette suite ({imn.data['label']})",
                 get(imn.data, "run", "finished_utc", default="n/a"),
-                commit(env.get("git_commit")),
-                env.get("python", "n/a"),
-                env.get("torch", "n/a"),
-                env.get("torchvision", "n/a"),
-                env.get("streamcheck", "n/a"),
-                f"{env.get('device', 'n/a')} ({env.get('cpu', 'n/a')})",
-                env.get("torch_threads", "n/a"),
+                *_environment_cells(env),
             ]
         )
     rows.append(
@@ -140,7 +146,7 @@ def _devices(eq: Source, bench: Source, imn: Source) -> set[str]:
     for r in bench.data.get("rows", []) if bench.found else []:
         if r.get("status") == "ok":
             device = str(r.get("device", "cpu"))
-            found.add(device if device == "cpu" else f"{device} ({r.get('device_name', '?')})")
+            found.add(device if device == "cpu" else f"{device} ({r.get('env_gpu', '?')})")
     if imn.found:
         found.add(str(get(imn.data, "run", "environment", "device", default="cpu")))
     return found
@@ -215,25 +221,13 @@ def _first_line(text: str) -> str:
 
 # ------------------------------------------------------------------------------- document
 def report_environment() -> dict[str, Any]:
+    """The environment record (suites/environment.py) of this report, with its date."""
     import torch
 
-    import streamcheck
-
-    try:
-        import torchvision
-
-        tv = torchvision.__version__
-    except ImportError:
-        tv = "not installed"
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": tv,
-        "streamcheck": streamcheck.__version__,
-        "device": "cpu" + (" + cuda" if torch.cuda.is_available() else ""),
-    }
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = environment(device)
+    env["torchvision"] = env["torchvision"] or "not installed"
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **env}
 
 
 def markdown_report(
@@ -327,21 +321,7 @@ def headline(eq: Source, bench: Source) -> list[str]:
     else:
         lines.append("- **Exact?** No equivalence record found.")
     if bench.found:
-        k = key_ratios(bench.data["rows"])
-        best = k.get("max_saving_peak_alloc_bytes")
-        ratio = [
-            (e["input_px"], e["time_ratio"]) for e in k["per_input"] if finite(e["time_ratio"])
-        ]
-        text = "- **Cost?** "
-        text += (
-            f"{best[0]:.1f} % less memory (allocator peak) at {best[1]} px"
-            if best
-            else "memory saving not measured"
-        )
-        text += (
-            f"; {ratio[-1][1]:.2f}x the conventional time at {ratio[-1][0]} px." if ratio else "."
-        )
-        lines.append(text)
+        lines.append(headline_cost(bench))
     else:
         lines.append("- **Cost?** No benchmark results found.")
     return [*lines, ""]

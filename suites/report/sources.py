@@ -2,7 +2,7 @@
 the report, never a crash and never a number from somewhere else.
 
 - ``equivalence/record.json``: written by ``python -m suites.equivalence``;
-- ``benchmark/*.jsonl``: one JSON row per measured point (``suites/benchmark/point.py``), plus
+- ``benchmark/results.jsonl``: one JSON row per measured point (``suites/benchmark/results.py``), plus
   any ``benchmark/*.json`` with run metadata, and the PNGs next to them;
 - ``imagenette/{label}_run.json``, ``_epochs.csv``, ``_steps.csv`` and PNGs
   (``suites/imagenette/train.py``, ``plots.py``); the real ImageNette run (``imagenette_``) is
@@ -108,8 +108,12 @@ def load_equivalence(reports: Path) -> Source:
 
 
 def load_benchmark(reports: Path) -> Source:
-    """``benchmark/results.jsonl`` (the full sweep), else ``benchmark/quick/results.jsonl``; the
-    last row per point ``key`` wins, as in ``suites/benchmark/results.py``."""
+    """``benchmark/results.jsonl`` (the full sweep), else ``benchmark/quick/results.jsonl``, read
+    by the benchmark's own reader and analysis (``suites/benchmark/analysis.py``): ``rows`` are the
+    latest row per key, flat; ``frame`` the same as the analysis's DataFrame."""
+    from suites.benchmark import analysis
+    from suites.benchmark.results import flat, latest_rows, read_rows
+
     source = Source("benchmark", reports / "benchmark")
     candidates = [source.folder, source.folder / "quick"]
     folder = next((f for f in candidates if (f / "results.jsonl").exists()), None)
@@ -117,12 +121,14 @@ def load_benchmark(reports: Path) -> Source:
         source.missing.append(f"no `results.jsonl` in `{source.folder}` or `{source.folder}/quick`")
         return source
     source.folder = folder
-    latest: dict[str, dict[str, Any]] = {}
-    for i, row in enumerate(read_jsonl(folder / "results.jsonl", source.missing)):
-        latest[str(row.get("key", i))] = row
-    rows = list(latest.values())
+    try:
+        raw = read_rows(folder / "results.jsonl")
+    except ValueError as exc:  # an older row shape: say so (Rule P2), do not guess
+        source.missing.append(str(exc))
+        return source
+    rows = [flat(r) for r in latest_rows(raw)]
     if rows:
-        source.data = {"rows": rows, "quick": folder.name == "quick"}
+        source.data = {"rows": rows, "frame": analysis.frame(raw), "quick": folder.name == "quick"}
     else:
         source.missing.append(f"`results.jsonl` in `{folder}` has no rows")
     source.figures = sorted(folder.glob("*.png"))
