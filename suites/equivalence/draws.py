@@ -24,7 +24,9 @@ from streamcheck.testing.strategies import _leaves
 # Rule R4: the options each dtype draws with (passed to streaming_cases).
 PADDING_MODES = ("zeros", "replicate")
 FLOAT32_OPTIONS = {"activations": SMOOTH_ACTIVATIONS, "pools": ("avg",)}
-REFLECT_BUG = "crashes on a border tile narrower than the padding (tests/test_properties.py, xfail)"
+# Why reflect padding would not be drawn: the guard below failing means the fixed narrow-border bug
+# (tests/test_properties.py, NARROW_REFLECT) is back.
+REFLECT_BUG = "a border tile narrower than the padding no longer streams exactly (tests/test_properties.py, NARROW_REFLECT)"
 
 
 def reflect_padding_streams() -> bool:

@@ -98,7 +98,7 @@ def choose_tile(
     """The smallest legal input-tile edge >= `requested`, and its plan.
 
     The paper streamed "with tiles of 32 x 32 pixels"; our engine's `tile` is the input-tile edge,
-    overlap included (docs/CONTRACT.md). The trunk's receptive field is 10 px (conv3, pool2,
+    overlap included (README.md, "Use it"). The trunk's receptive field is 10 px (conv3, pool2,
     conv3, pool2) and its total stride 4, so 32 is expected to be legal; should the engine
     refuse it (StreamcheckError), try 33, 34, ... and report why in the run metadata.
     """
