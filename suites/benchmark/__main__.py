@@ -48,6 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run only this suite (repeatable)",
     )
     parser.add_argument(
+        "--input-px",
+        type=int,
+        action="append",
+        metavar="N",
+        help="only the points of this input size (repeatable; to size a run to the time there is)",
+    )
+    parser.add_argument(
         "--out", type=Path, help="results folder (default: by mode; gate: a tmp dir)"
     )
     parser.add_argument("--fresh", action="store_true", help="move old results aside, start over")
@@ -119,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mem_budget_gib:
         overrides["mem_budget_bytes"] = int(args.mem_budget_gib * 2**30)
     points = grid.points(mode, args.suite, **overrides)
+    if args.input_px:
+        points = [p for p in points if p.input_px in args.input_px]
     command = "python -m suites.benchmark " + shlex.join(argv if argv is not None else sys.argv[1:])
     runner.run_points(
         points,
