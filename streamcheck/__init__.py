@@ -10,12 +10,15 @@ torch.Size([1, 8, 128, 128])
 from .errors import StreamcheckError
 from .host_memory import keep_freed_host_memory
 from .lsuv import lsuv_init
+from .masks import tissue_mask
 from .plan import StreamPlan, Tile, plan
+from .sources import ImageSource, open_image
 from .streaming import Streamed
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ImageSource",
     "StreamPlan",
     "StreamcheckError",
     "Streamed",
@@ -23,5 +26,7 @@ __all__ = [
     "__version__",
     "keep_freed_host_memory",
     "lsuv_init",
+    "open_image",
     "plan",
+    "tissue_mask",
 ]

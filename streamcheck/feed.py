@@ -18,16 +18,25 @@ Rule F3. On the device, ``transform`` (per pixel: conversion, normalisation) and
 Rule F4. ``channels_last`` lays 4-D tiles out as NHWC and 5-D tiles as NDHWC. It changes the
          convolution kernels PyTorch picks, not the arithmetic of any output element: streamed
          results stay equal to the module's in float64 (tests/test_streaming.py).
+Rule F5. An image source (``sources.py``: a TIFF level, a memmap, a zarr array) is read region by
+         region on one background thread, one region ahead (``read_ahead``): region i+1 is read from
+         disk while tile i computes. Onto a CUDA device the copy of Rule F2 follows, so then one
+         region is being read, one copied and one computed at a time. The thread is joined when
+         the tiles end or their consumer stops early (an error in a tile), never left running.
+Rule F6. Only the tiles asked for are read: a masked call (``masks.py``) never reads the regions
+         of the tiles it skips.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
 
 from .errors import StreamcheckError
+from .sources import ImageSource
 
 Index = tuple[Any, ...]
 Handle = TypeVar("Handle")
@@ -45,6 +54,19 @@ def one_ahead(
         tile = arrive(current)
         current = next(handles, _END)  # the next copy is under way while the caller computes
         yield tile
+
+
+def read_ahead(source: ImageSource, indices: Sequence[Index]) -> Iterator[torch.Tensor]:
+    """``source[index]`` per index, the next region read on a thread while this one is used (Rule F5)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="streamcheck-read") as pool:
+
+        def launch(index: Index) -> Future[torch.Tensor]:
+            return pool.submit(source.__getitem__, index)
+
+        try:
+            yield from one_ahead(indices, launch, Future.result)
+        finally:  # Rule F5: an abandoned read is not waited for longer than it runs
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _CudaCopy:
@@ -88,14 +110,20 @@ class TileFeed:
         self.channels_last = channels_last
         self.dtype = dtype  # what the module computes in; None under autocast
 
-    def arrivals(self, image: torch.Tensor, indices: Sequence[Index]) -> Iterator[torch.Tensor]:
-        """The tiles ``image[index]`` on the module's device, in order (Rules F1, F2)."""
-        if image.device == self.device:
+    def arrivals(
+        self, image: torch.Tensor | ImageSource, indices: Sequence[Index]
+    ) -> Iterator[torch.Tensor]:
+        """The tiles ``image[index]`` on the module's device, in order (Rules F1, F2, F5)."""
+        if isinstance(image, ImageSource):
+            tiles: Iterator[torch.Tensor] = read_ahead(image, indices)
+        elif image.device == self.device:
             return (image[index] for index in indices)
+        else:
+            tiles = (image[index] for index in indices)
         if self.device.type == "cuda" and image.device.type == "cpu":
             copy = _CudaCopy(self.device)
-            return one_ahead((image[index] for index in indices), copy.launch, copy.arrive)
-        return (image[index].to(self.device) for index in indices)
+            return one_ahead(tiles, copy.launch, copy.arrive)
+        return (tile.to(self.device) for tile in tiles)
 
     def prepare(self, tile: torch.Tensor) -> torch.Tensor:
         """Transform, then memory format (Rules F3, F4)."""

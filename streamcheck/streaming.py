@@ -23,7 +23,18 @@ Rule S7. The image may live elsewhere than the module (say a uint8 image in host
          module on a GPU): each tile is copied to the module's device (the next one while the
          current one computes), passed through ``tile_transform`` there (conversion and
          normalisation, which must be per pixel), and freed, so device memory depends on the tile
-         and the stitched output, not on the image. ``feed.py`` does this (Rules F1-F4).
+         and the stitched output, not on the image. ``feed.py`` does this (Rules F1-F6).
+Rule S8. The image may also be an image source (``open_image``: a TIFF level, a memmap, a zarr
+         array), read region by region on demand (sources Rules I1-I4); it is read again in
+         backward, and its input gradient goes to an array the caller gives (saliency Rules A1-A4).
+Rule S9. Tiles not computed: with ``mask=`` the tiles whose input holds no tissue are skipped in
+         forward and backward (masks Rules T1-T3). And, always: in backward a tile whose slice of
+         the output gradient is all zeros is not recomputed, since its terms in geometry Rule 7's
+         sum are zero. The one difference: were that tile's activations or Jacobian inf or NaN,
+         the plain module's backward would form 0 * inf = NaN, the streamed one skips it and stays
+         finite. A NaN or inf in the output gradient is not zero, so such a tile is recomputed.
+         Which tiles have a non-zero gradient is read in one pass before the first tile (one
+         device synchronisation per backward, not one per tile).
 """
 
 from __future__ import annotations
@@ -39,8 +50,11 @@ from .errors import StreamcheckError
 from .feed import TileFeed, laid_out_like
 from .graph import build_graph
 from .layers import Window
+from .masks import ScaledMask
 from .plan import StreamPlan, make_plan, normalize_tile
 from .program import run_tile
+from .saliency import GradientSink
+from .sources import ImageSource
 from .state import PlanCache, module_state, tensor_versions
 
 __all__ = ["Streamed"]
@@ -111,14 +125,36 @@ class Streamed(nn.Module):
 
         return self._plans.get(state, (shape, dtype, tile, device), build)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_is_tensor(x)
+    def forward(
+        self,
+        x: torch.Tensor | ImageSource,
+        *,
+        mask: Any = None,
+        input_grad: Any = None,
+    ) -> torch.Tensor:
+        """Stream ``x``: a ``(N, C, *spatial)`` tensor or an image source (``open_image``).
+
+        ``mask`` (a boolean array over the image's spatial axes, any resolution) skips the tiles
+        whose input holds no tissue (NOTE [ Tissue masks ]; ``computed_region`` says which are
+        computed). ``input_grad`` (an array, for image sources) receives the input gradient in
+        backward (NOTE [ Gradient sinks ]).
+        """
+        _check_image(x)
         state = module_state(self.module)
         device, module_dtype = _placement(self.module)
         device = device or x.device
         autocast = torch.is_autocast_enabled(device.type)
         dtype = _compute_dtype(x, module_dtype, self.tile_transform, autocast=autocast)
-        plan = self._plan(state, tuple(x.shape), dtype, device)
+        plan = self._plan_for(x, state, dtype, device)
+        tiles = None if mask is None else _masked_tiles(plan, mask)
+        sink = None
+        if input_grad is not None:
+            if not isinstance(x, ImageSource):
+                raise StreamcheckError(
+                    "streamcheck: input_grad is for image sources; for a tensor image use "
+                    "image.requires_grad_() and read image.grad"
+                )
+            sink = GradientSink(input_grad, x)
         params = tuple(p for p in self.module.parameters() if p.requires_grad)
         feed = TileFeed(
             device,
@@ -126,9 +162,53 @@ class Streamed(nn.Module):
             channels_last=self.channels_last,
             dtype=None if autocast else dtype,
         )
-        call = _Call(plan, state, tensor_versions(self.module), params)
+        call = _Call(plan, state, tensor_versions(self.module), params, tiles, sink)
         output: torch.Tensor = _StreamFunction.apply(call, feed, x, *params)
         return output
+
+    def computed_region(self, x: torch.Tensor | ImageSource, *, mask: Any) -> torch.Tensor:
+        """A boolean tensor, 1 on the output's batch and channel axes: True where tiles are computed.
+
+        The gradient contract of ``mask=`` (Rule T3) is that of ``module(x) * computed_region``.
+
+        >>> import torch, torch.nn as nn
+        >>> s = Streamed(nn.Conv2d(1, 1, 3, padding=1), tile=8)
+        >>> tissue = torch.zeros(4, 4, dtype=torch.bool); tissue[0, 0] = True   # top-left 4 x 4 px
+        >>> s.computed_region(torch.zeros(1, 1, 16, 16), mask=tissue)[0, 0].sum().item()
+        36
+        """
+        _check_image(x)
+        state = module_state(self.module)
+        device, module_dtype = _placement(self.module)
+        autocast = torch.is_autocast_enabled((device or x.device).type)
+        dtype = _compute_dtype(x, module_dtype, self.tile_transform, autocast=autocast)
+        plan = self._plan_for(x, state, dtype, device or x.device)
+        graph = plan.graph
+        assert graph is not None
+        layout = graph.output_node.layout
+        ndim = len(plan.output_shape)
+        shape = [plan.output_shape[d] if d in layout else 1 for d in range(ndim)]
+        region = torch.zeros(shape, dtype=torch.bool, device=device or x.device)
+        for i in _masked_tiles(plan, mask):
+            region[_slices(plan.schedules[i].output_box, layout, ndim)] = True
+        return region
+
+    def _plan_for(
+        self,
+        x: torch.Tensor | ImageSource,
+        state: Any,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> StreamPlan:
+        try:
+            return self._plan(state, tuple(x.shape), dtype, device)
+        except StreamcheckError as e:
+            if not isinstance(x, ImageSource):
+                raise
+            raise StreamcheckError(
+                f"{e}\n(the image is {x!r}: {x.channels} channel(s); open_image(..., channels=3) "
+                "keeps the first three, layout='CHW' reads an array channels first)"
+            ) from e
 
     def extra_repr(self) -> str:
         return f"tile={self.tile}" + (", channels_last=True" if self.channels_last else "")
@@ -146,18 +226,26 @@ def _restore_module_prefix(state: dict[str, Any], prefix: str, *args: Any) -> No
             state[prefix + "module." + key[len(prefix) :]] = state.pop(key)
 
 
-def _check_is_tensor(x: Any) -> None:
-    if not isinstance(x, torch.Tensor):
+def _check_image(x: Any) -> None:
+    if not isinstance(x, (torch.Tensor, ImageSource)):
         hint = (
-            "torch.from_numpy(array) (then .permute(2, 0, 1) for an HWC image, and [None] for the "
-            "batch axis)"
+            "streamcheck.open_image(array) (an HWC array read tile by tile; layout='CHW' "
+            "otherwise), or torch.from_numpy(array) (then .permute(2, 0, 1) for an HWC image, "
+            "and [None] for the batch axis)"
             if type(x).__module__.startswith("numpy")
-            else "torch.as_tensor(...) with shape (N, C, *spatial)"
+            else "torch.as_tensor(...) with shape (N, C, *spatial), or streamcheck.open_image(...) "
+            "for a slide file, memmap or zarr array"
         )
         raise StreamcheckError(
-            f"streamcheck: Streamed expects a torch.Tensor of shape (N, C, *spatial), got "
-            f"{type(x).__module__}.{type(x).__name__}. Fix: convert it with {hint}"
+            f"streamcheck: Streamed expects a torch.Tensor of shape (N, C, *spatial) or an image "
+            f"source, got {type(x).__module__}.{type(x).__name__}. Fix: convert it with {hint}"
         )
+
+
+def _masked_tiles(plan: StreamPlan, mask: Any) -> tuple[int, ...]:
+    """The tiles whose input box touches the mask (masks Rule T2)."""
+    scaled = ScaledMask(mask, plan.input_shape[2:])
+    return tuple(i for i, s in enumerate(plan.schedules) if scaled.touches(s.input_box))
 
 
 def _placement(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
@@ -185,7 +273,7 @@ def _placement(module: nn.Module) -> tuple[torch.device | None, torch.dtype | No
 
 
 def _compute_dtype(
-    x: torch.Tensor,
+    x: torch.Tensor | ImageSource,
     module_dtype: torch.dtype | None,
     transform: Callable[[torch.Tensor], torch.Tensor] | None,
     *,
@@ -226,6 +314,8 @@ class _Call:
     state: Any
     versions: dict[str, int]
     params: tuple[torch.Tensor, ...]
+    tiles: tuple[int, ...] | None = None  # those computed (masks Rule T2); None: all
+    sink: GradientSink | None = None  # where a source's input gradient goes (Rule S8)
 
     def check_unchanged(self) -> None:
         """The module the recomputation will run is the one forward ran (Rule K4)."""
@@ -252,7 +342,11 @@ class _Call:
 class _StreamFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, call: _Call, feed: TileFeed, x: torch.Tensor, *params: torch.Tensor
+        ctx: Any,
+        call: _Call,
+        feed: TileFeed,
+        x: torch.Tensor | ImageSource,
+        *params: torch.Tensor,
     ) -> torch.Tensor:
         plan = call.plan
         graph = plan.graph
@@ -265,18 +359,29 @@ class _StreamFunction(torch.autograd.Function):
             torch.is_autocast_enabled(device_type),
             torch.get_autocast_dtype(device_type),
         )
-        ctx.save_for_backward(x)
-        indices = [_slices(s.input_box, graph.nodes[0].layout, x.dim()) for s in plan.schedules]
-        ctx.indices = indices
+        if isinstance(x, torch.Tensor):
+            ctx.save_for_backward(x)
+        else:
+            ctx.source = x  # Rule S8: read again in backward
+        schedules = plan.schedules
+        if call.tiles is not None:  # Rule S9
+            schedules = tuple(schedules[i] for i in call.tiles)
+        indices = [_slices(s.input_box, graph.nodes[0].layout, x.dim()) for s in schedules]
+        ctx.schedules, ctx.indices = schedules, indices
         out_layout = graph.output_node.layout
         output: torch.Tensor | None = None
         with torch.no_grad():  # Rule S1
-            for schedule, arrived in zip(plan.schedules, feed.arrivals(x, indices), strict=True):
+            for schedule, arrived in zip(schedules, feed.arrivals(x, indices), strict=True):
                 result = run_tile(graph, schedule, feed.prepare(arrived))
                 if output is None:
                     output = laid_out_like(result, graph.output_node.shape)
+                    if call.tiles is not None:
+                        output.zero_()  # skipped tiles own zeros (masks Rule T2)
                 output[_slices(schedule.output_box, out_layout, output.dim())] = result
-        assert output is not None
+        if output is None:  # every tile masked out
+            autocast_on, autocast_dtype = ctx.autocast[1:]
+            dtype = autocast_dtype if autocast_on else (feed.dtype or plan.dtype)
+            output = torch.zeros(graph.output_node.shape, dtype=dtype, device=feed.device)
         return output
 
     @staticmethod
@@ -294,23 +399,36 @@ class _StreamFunction(torch.autograd.Function):
         plan = call.plan
         graph = plan.graph
         assert graph is not None
-        (x,) = ctx.saved_tensors
+        x = ctx.saved_tensors[0] if ctx.saved_tensors else ctx.source
         params = call.params
         feed: TileFeed = ctx.feed
-        want_input = ctx.needs_input_grad[2]
-        grad_x = torch.zeros_like(x) if want_input else None
+        sink = call.sink
+        want_input = ctx.needs_input_grad[2] or sink is not None
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
         grad_params: list[torch.Tensor | None] = [None] * len(params)
-        indices = ctx.indices
-        arrivals = feed.arrivals(x.detach(), indices)
         out_layout = graph.output_node.layout
+        slices = [_slices(s.output_box, out_layout, grad_output.dim()) for s in ctx.schedules]
+        nonzero = _nonzero_slices(grad_output, slices)  # Rule S9
+        work = [
+            (schedule, index, grad_slice)
+            for schedule, index, grad_slice, keep in zip(
+                ctx.schedules, ctx.indices, slices, nonzero, strict=True
+            )
+            if keep
+        ]
+        arrivals = feed.arrivals(
+            x.detach() if isinstance(x, torch.Tensor) else x, [index for _, index, _ in work]
+        )
         last = graph.output_node
         skip_last = (
             last.kind == "window" and isinstance(last.layer, Window) and last.layer.kind == "conv"
         )
         device_type, autocast_on, autocast_dtype = ctx.autocast
-        for schedule, index, arrived in zip(plan.schedules, indices, arrivals, strict=True):
+        for (schedule, index, grad_slice), arrived in zip(work, arrivals, strict=True):
+            if want_input and not arrived.is_floating_point():  # saliency Rule A4
+                arrived = arrived.to(feed.dtype or torch.float32)
             leaf = arrived.detach().requires_grad_(want_input)  # Rule S2; feed Rule F3
-            grad_tile = grad_output[_slices(schedule.output_box, out_layout, grad_output.dim())]
+            grad_tile = grad_output[grad_slice]
             with (
                 torch.enable_grad(),
                 torch.autocast(device_type, autocast_dtype, enabled=autocast_on),
@@ -342,9 +460,19 @@ class _StreamFunction(torch.autograd.Function):
                         previous = grad_params[i]
                         grad_params[i] = g if previous is None else previous + g
             grad_tile_x = found.get(id(leaf))
-            if grad_x is not None and grad_tile_x is not None:
+            if grad_tile_x is not None and grad_x is not None:
                 grad_x[index] += grad_tile_x.to(grad_x.device)
+            if grad_tile_x is not None and sink is not None:
+                sink.add(schedule.input_box, grad_tile_x)  # saliency Rule A3
         return (None, None, grad_x, *grad_params)
+
+
+def _nonzero_slices(grad: torch.Tensor, slices: Sequence[tuple[Any, ...]]) -> list[bool]:
+    """Whether each slice of ``grad`` holds a non-zero (NaN and inf count), in one sync (Rule S9)."""
+    if not slices:
+        return []
+    flags = torch.stack([grad[index].ne(0).any() for index in slices])
+    return [bool(f) for f in flags.tolist()]
 
 
 def _conv_backward(

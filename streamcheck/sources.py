@@ -1,0 +1,490 @@
+"""Image sources: images that stay where they are (a file, a memmap, a zarr store) and are read
+region by region, as ``Streamed`` asks for each tile.
+
+NOTE [ Image sources ]
+Rule I1. A source is a 2-D image seen as a batch of one, ``shape == (1, C, H, W)``. Indexing it
+         with the slices of one tile (``source[:, :, y0:y1, x0:x1]``) reads exactly that region and
+         returns a new CPU tensor of the stored dtype; nothing else of the image is read, and no
+         level is ever read whole (except by ``read_all``, which refuses large ones).
+Rule I2. Layout. Arrays are assumed HWC (height, width, channels: how slides and ``PIL``/``pyvips``
+         store pixels) unless ``layout="CHW"`` says otherwise; a TIFF says its own (its series'
+         axes: ``YXS`` is HWC, ``SYX`` and ``CYX`` are CHW). Either way a region arrives laid out
+         as a tile of a ``(1, C, H, W)`` tensor would be (contiguous), so streaming a source runs
+         the very kernels, and gives the very numbers, of streaming the same pixels as a tensor.
+Rule I3. Every check happens when the source is opened, before any tile is read: a missing file,
+         a level that does not exist, a layout or channel count that does not fit.
+Rule I4. Sources pickle without reading pixels (DataLoader workers, ``torch.multiprocessing``): a
+         TIFF by its path, level and series (the copy opens the file on first use), a memmap by
+         its file, offset, shape and strides; a zarr array by its store. An in-memory NumPy array is
+         its own data and pickles with it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import StreamcheckError
+from .geometry import Interval
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["ImageSource", "open_image"]
+
+LAYOUTS = ("HWC", "CHW")
+READ_ALL_MAX_PIXELS = 64 * 2**20  # read_all refuses levels larger than this (Rule I1)
+
+
+class ImageSource:
+    """A 2-D image read region by region (NOTE [ Image sources ]); make one with ``open_image``."""
+
+    layout: str  # "HWC" or "CHW", the stored order of the axes (Rule I2)
+    shape: tuple[int, int, int, int]  # (1, C, H, W), as Streamed sees it
+    dtype: torch.dtype
+    device = torch.device("cpu")
+    name: str  # for messages
+
+    def _read(self, rows: Interval, cols: Interval) -> np.ndarray:
+        """The stored pixels of one region, in the stored layout (subclasses)."""
+        raise NotImplementedError
+
+    @property
+    def height(self) -> int:
+        return self.shape[2]
+
+    @property
+    def width(self) -> int:
+        return self.shape[3]
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1]
+
+    def dim(self) -> int:
+        return 4
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def region(self, rows: Interval, cols: Interval) -> torch.Tensor:
+        """Pixels ``[y0, y1) x [x0, x1)`` as a ``(1, C, h, w)`` CPU tensor (Rules I1, I2)."""
+        import numpy as np
+
+        (y0, y1), (x0, x1) = rows, cols
+        if not (0 <= y0 <= y1 <= self.height and 0 <= x0 <= x1 <= self.width):
+            raise StreamcheckError(
+                f"streamcheck: region rows {rows}, cols {cols} lies outside {self.name} "
+                f"({self.height} x {self.width} px)"
+            )
+        stored = self._read(rows, cols)
+        if self.layout == "HWC":
+            stored = stored[..., : self.channels].transpose(2, 0, 1)
+        else:
+            stored = stored[: self.channels]
+        # Rule I2: one copy, into the layout of a tile of a (1, C, H, W) tensor (contiguous)
+        return torch.from_numpy(np.array(stored, order="C", copy=True))[None]
+
+    def __getitem__(self, index: tuple[Any, ...]) -> torch.Tensor:
+        """``source[:, :, y0:y1, x0:x1]``: one region (the only indexing a tile feed does)."""
+        if not (
+            isinstance(index, tuple)
+            and len(index) == 4
+            and all(isinstance(s, slice) and s.step in (None, 1) for s in index)
+            and index[0] == slice(None)
+            and index[1] == slice(None)
+        ):
+            raise StreamcheckError(
+                f"streamcheck: an image source is read by regions, source[:, :, y0:y1, x0:x1]; "
+                f"got index {index!r}"
+            )
+        rows = index[2].indices(self.height)[:2]
+        cols = index[3].indices(self.width)[:2]
+        return self.region(rows, cols)
+
+    def read_all(self) -> torch.Tensor:
+        """The whole image as a ``(1, C, H, W)`` tensor, for small levels (thumbnails) only."""
+        if self.height * self.width > READ_ALL_MAX_PIXELS:
+            raise StreamcheckError(
+                f"streamcheck: {self.name} is {self.height} x {self.width} px, more than "
+                f"{READ_ALL_MAX_PIXELS // 2**20} Mpx; read_all is for thumbnails. Fix: open a "
+                "lower pyramid level (open_image(path, level=-1) is the smallest)"
+            )
+        return self.region((0, self.height), (0, self.width))
+
+    def __repr__(self) -> str:
+        _, c, h, w = self.shape
+        return f"{type(self).__name__}({self.name}, {h} x {w} px, {c} channels, {self.layout}, {self.dtype})"
+
+
+def _torch_dtype(dtype: Any, name: str) -> torch.dtype:
+    import numpy as np
+
+    try:
+        return torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
+    except TypeError as e:
+        raise StreamcheckError(
+            f"streamcheck: {name} stores {dtype}, which torch cannot hold. Fix: use an unsigned "
+            "8- or 16-bit, a signed integer or a floating-point array"
+        ) from e
+
+
+def _checked_shape(
+    stored: Sequence[int], layout: str, channels: int | None, name: str
+) -> tuple[int, int, int, int]:
+    """(1, C, H, W) from a stored HWC/CHW shape, with the checks of Rule I3."""
+    if layout not in LAYOUTS:
+        raise StreamcheckError(
+            f"streamcheck: layout {layout!r} is not one of {', '.join(LAYOUTS)} (for {name})"
+        )
+    if len(stored) != 3:
+        fix = (
+            "add a channel axis (array[..., None] for one channel)"
+            if len(stored) == 2
+            else "pass one 2-D image with its channels (HWC or CHW)"
+        )
+        raise StreamcheckError(
+            f"streamcheck: {name} has shape {tuple(stored)}; an image source has 3 axes "
+            f"({layout}). Fix: {fix}"
+        )
+    h, w, c = stored if layout == "HWC" else (stored[1], stored[2], stored[0])
+    if channels is not None:
+        if not 1 <= channels <= c:
+            raise StreamcheckError(
+                f"streamcheck: channels={channels} asked of {name}, which has {c} channels "
+                f"({layout} shape {tuple(stored)}). Fix: channels between 1 and {c}, or the other "
+                "layout if the axes are not in the order assumed"
+            )
+        c = channels
+    return (1, int(c), int(h), int(w))
+
+
+class ArraySource(ImageSource):
+    """A NumPy array, ``np.memmap`` or zarr array (anything sliced into NumPy arrays)."""
+
+    def __init__(self, array: Any, *, layout: str, channels: int | None, name: str) -> None:
+        import numpy as np
+
+        self.array = array
+        self.layout = layout
+        self.name = name
+        self.shape = _checked_shape(array.shape, layout, channels, name)
+        self.dtype = _torch_dtype(array.dtype, name)
+        self._file = _MemmapFile(array) if isinstance(array, np.memmap) else None
+
+    def _read(self, rows: Interval, cols: Interval) -> np.ndarray:
+        (y0, y1), (x0, x1) = rows, cols
+        if self.layout == "HWC":
+            return self.array[y0:y1, x0:x1]
+        return self.array[:, y0:y1, x0:x1]
+
+    def __getstate__(self) -> dict[str, Any]:  # Rule I4
+        return {**vars(self), "array": None} if self._file is not None else dict(vars(self))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        if self._file is not None:
+            self.array = self._file.open()
+
+
+class _MemmapFile:
+    """Where a memmap's bytes lie in its file (Rule I4), to map them again read-only."""
+
+    def __init__(self, array: np.memmap) -> None:
+        import numpy as np
+
+        base: Any = array
+        while not isinstance(base, mmap.mmap):
+            base = base.base
+            if base is None or array.filename is None:
+                raise StreamcheckError(
+                    "streamcheck: this np.memmap has no file mapping (it could not be pickled "
+                    "without its data). Fix: open_image the array np.memmap(path, ...) returns, "
+                    "or a view of it"
+                )
+        mapped_at = np.frombuffer(base, dtype=np.uint8).ctypes.data
+        mapped_from = array.offset - array.offset % mmap.ALLOCATIONGRANULARITY
+        self.filename = str(array.filename)
+        self.offset = mapped_from + array.__array_interface__["data"][0] - mapped_at
+        self.shape, self.strides, self.dtype = array.shape, array.strides, array.dtype
+
+    def open(self) -> np.ndarray:
+        import numpy as np
+
+        steps = list(zip(self.shape, self.strides, strict=True))
+        low = sum((n - 1) * s for n, s in steps if s < 0)  # bytes before element 0 (<= 0)
+        span = sum((n - 1) * abs(s) for n, s in steps) + self.dtype.itemsize
+        flat = np.memmap(
+            self.filename, dtype=np.uint8, mode="r", offset=self.offset + low, shape=(span,)
+        )
+        return np.ndarray(self.shape, self.dtype, buffer=flat, offset=-low, strides=self.strides)
+
+
+class TiffSource(ImageSource):
+    """One level of a (tiled, pyramidal) TIFF, read through tifffile's zarr store."""
+
+    def __init__(self, path: Path, *, level: int, series: int, channels: int | None) -> None:
+        self.path, self.series, self._channels = path, series, channels
+        self.name = f"'{path}'"
+        self._array: Any = None
+        self._tiff: Any = None
+        with self._open_tiff() as tiff:  # Rule I3: described now, read on first use
+            self._describe(tiff, level)
+
+    def _open_tiff(self) -> Any:
+        tifffile = _import("tifffile")
+        if not self.path.is_file():
+            raise StreamcheckError(
+                f"streamcheck: no file at {str(self.path)!r} (absolute: {str(self.path.absolute())!r}). "
+                "Fix: check the path"
+            )
+        try:
+            return tifffile.TiffFile(self.path)
+        except (tifffile.TiffFileError, ValueError, OSError) as e:
+            raise StreamcheckError(
+                f"streamcheck: {self.name} is not a TIFF file tifffile can read ({e}). Fix: convert "
+                "it to a tiled pyramidal TIFF (e.g. with vips tiffsave --tile --pyramid)"
+            ) from e
+
+    def _describe(self, tiff: Any, level: int) -> None:
+        """Shape, layout and index of the chosen level (Rule I3)."""
+        if not 0 <= self.series < len(tiff.series):
+            raise StreamcheckError(
+                f"streamcheck: series {self.series} does not exist in {self.name}, which has "
+                f"{len(tiff.series)}. Fix: series=0..{len(tiff.series) - 1}"
+            )
+        levels = tiff.series[self.series].levels
+        if not -len(levels) <= level < len(levels):
+            sizes = ", ".join(f"{i}: {_yx(lv)}" for i, lv in enumerate(levels))
+            raise StreamcheckError(
+                f"streamcheck: level {level} does not exist in {self.name}: series {self.series} "
+                f"has {len(levels)} level(s) ({sizes}). Fix: level=0..{len(levels) - 1} "
+                "(-1 is the smallest)"
+            )
+        self.level = level % len(levels)
+        chosen = levels[self.level]
+        axes, shape = chosen.axes, chosen.shape
+        if "Y" not in axes or "X" not in axes:
+            raise StreamcheckError(
+                f"streamcheck: {self.name} level {self.level} has axes {axes!r}; an image needs Y and X"
+            )
+        channel_axes = [a for a in axes if a in "SC"]
+        channel = next((a for a in channel_axes if shape[axes.index(a)] > 1), None)
+        channel = channel or (channel_axes[-1] if channel_axes else None)
+        extra = {a: n for a, n in zip(axes, shape, strict=True) if a not in "YX" and a != channel}
+        if any(n > 1 for n in extra.values()):
+            raise StreamcheckError(
+                f"streamcheck: {self.name} level {self.level} has axes {axes!r} of shape "
+                f"{tuple(shape)}; streamcheck streams one 2-D image, and "
+                f"{', '.join(f'{a}={n}' for a, n in extra.items() if n > 1)} holds several. Fix: "
+                "write each plane as its own series and pass series=..."
+            )
+        kept = [a for a in axes if a in "YX" or a == channel]
+        self._axes = axes
+        self._channel = channel
+        order = "".join(kept)
+        self.layout = "CHW" if order.startswith(("S", "C")) else "HWC"
+        c = shape[axes.index(channel)] if channel is not None else 1
+        stored = (shape[axes.index("Y")], shape[axes.index("X")], c)
+        if self.layout == "CHW":
+            stored = (c, stored[0], stored[1])
+        self.shape = _checked_shape(stored, self.layout, self._channels, self.name)
+        self.dtype = _torch_dtype(chosen.dtype, self.name)
+        self.name = f"'{self.path}' level {self.level}"
+
+    def _zarr(self) -> Any:
+        if self._array is None:
+            zarr = _import("zarr")
+            self._tiff = self._open_tiff()
+            weakref.finalize(self, self._tiff.close)  # the file closes with the source
+            store = self._tiff.series[self.series].aszarr(level=self.level)
+            self._array = zarr.open(store, mode="r")
+        return self._array
+
+    def _read(self, rows: Interval, cols: Interval) -> np.ndarray:
+        index: list[Any] = []
+        for a in self._axes:
+            if a == "Y":
+                index.append(slice(*rows))
+            elif a == "X":
+                index.append(slice(*cols))
+            elif a == self._channel:
+                index.append(slice(None))
+            else:
+                index.append(0)
+        pixels = self._zarr()[tuple(index)]
+        if self._channel is None:
+            pixels = pixels[..., None]
+        return pixels
+
+    def close(self) -> None:
+        """Close the file (it is opened again on the next read)."""
+        if self._tiff is not None:
+            self._tiff.close()
+        self._tiff = self._array = None
+
+    def __getstate__(self) -> dict[str, Any]:  # Rule I4
+        return {**vars(self), "_array": None, "_tiff": None}
+
+
+class VipsSource(ImageSource):
+    """A ``pyvips.Image`` (bands last: HWC), cropped region by region."""
+
+    def __init__(self, image: Any, *, channels: int | None) -> None:
+        self.image = image
+        self.layout = "HWC"
+        self.name = f"pyvips image {image.get('filename') if 'filename' in image.get_fields() else ''}".strip()
+        self.shape = _checked_shape(
+            (image.height, image.width, image.bands), "HWC", channels, self.name
+        )
+        self.dtype = _torch_dtype(_vips_dtype(image), self.name)
+
+    def _read(self, rows: Interval, cols: Interval) -> np.ndarray:
+        import numpy as np
+
+        (y0, y1), (x0, x1) = rows, cols
+        if y1 == y0 or x1 == x0:
+            return np.zeros((y1 - y0, x1 - x0, self.image.bands), dtype=_vips_dtype(self.image))
+        region = self.image.crop(x0, y0, x1 - x0, y1 - y0)
+        data = region.write_to_memory()
+        return np.frombuffer(data, dtype=_vips_dtype(self.image)).reshape(y1 - y0, x1 - x0, -1)
+
+    def __getstate__(self) -> dict[str, Any]:  # Rule I4
+        raise StreamcheckError(
+            "streamcheck: a pyvips image source cannot be pickled (pyvips images do not pickle). "
+            "Fix: for DataLoader workers open the file by path, open_image(path, level=...)"
+        )
+
+
+_VIPS_FORMATS = {
+    "uchar": "uint8",
+    "char": "int8",
+    "ushort": "uint16",
+    "short": "int16",
+    "uint": "uint32",
+    "int": "int32",
+    "float": "float32",
+    "double": "float64",
+}
+
+
+def _vips_dtype(image: Any) -> str:
+    return _VIPS_FORMATS.get(image.format, image.format)
+
+
+def _yx(level: Any) -> str:
+    axes, shape = level.axes, level.shape
+    return (
+        f"{shape[axes.index('Y')]} x {shape[axes.index('X')]}"
+        if "Y" in axes and "X" in axes
+        else str(shape)
+    )
+
+
+def _import(name: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise StreamcheckError(
+            f"streamcheck: reading slides needs {name}, which is not installed. Fix: "
+            "pip install 'streamcheck[slides]'"
+        ) from e
+
+
+def open_image(
+    obj: Any,
+    *,
+    level: int = 0,
+    layout: str | None = None,
+    channels: int | None = None,
+    series: int = 0,
+) -> ImageSource:
+    """An image source that ``Streamed`` reads tile by tile, in place of a ``(1, C, H, W)`` tensor.
+
+    ``obj`` is a path to a TIFF (tiled, pyramidal, OME-TIFF or SVS-like; ``level`` picks the
+    pyramid level, ``-1`` the smallest, ``series`` the image in the file), a NumPy array or
+    ``np.memmap``, a zarr array (or a zarr group of levels ``"0"``, ``"1"``, ...), or a
+    ``pyvips.Image``. Arrays are HWC unless ``layout="CHW"`` (Rule I2); ``channels=3`` keeps the
+    first three channels (drops alpha). Tiles arrive in the stored dtype (uint8 for slides):
+    give ``Streamed`` a ``tile_transform``.
+
+    >>> import numpy as np, torch, torch.nn as nn, streamcheck
+    >>> pixels = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)  # HWC
+    >>> source = streamcheck.open_image(pixels)
+    >>> source.shape                                   # a batch of one, channels first
+    (1, 3, 300, 200)
+    >>> trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).double()
+    >>> to_float = lambda t: t.double() / 255
+    >>> streamed = streamcheck.Streamed(trunk, tile=64, tile_transform=to_float)
+    >>> tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous()   # the same pixels
+    >>> torch.equal(streamed(source), streamed(tensor))   # 300 x 200 px -> 5 x 4 tiles of 64 px
+    True
+    >>> torch.allclose(streamed(source), trunk(to_float(tensor)), rtol=1e-12, atol=0)
+    True
+    """
+    if isinstance(obj, ImageSource):
+        if level != 0 or layout is not None or channels is not None:
+            raise StreamcheckError(
+                f"streamcheck: {obj!r} is already an image source; open the original with "
+                "level/layout/channels instead"
+            )
+        return obj
+    if isinstance(obj, torch.Tensor):
+        raise StreamcheckError(
+            "streamcheck: open_image takes a path, a NumPy/zarr array or a pyvips image; a tensor "
+            "of shape (N, C, H, W) goes to Streamed directly"
+        )
+    if isinstance(obj, (str, os.PathLike)):
+        if layout is not None:
+            raise StreamcheckError(
+                "streamcheck: a TIFF states its own layout (its axes); drop layout=..."
+            )
+        return TiffSource(Path(obj), level=level, series=series, channels=channels)
+    module = type(obj).__module__.split(".")[0]
+    if module == "pyvips":
+        _only_level_zero(level, "a pyvips image (load the level with pyvips)")
+        if layout not in (None, "HWC"):
+            raise StreamcheckError(
+                "streamcheck: pyvips images are HWC (bands last); drop layout=..."
+            )
+        return VipsSource(obj, channels=channels)
+    if module == "zarr" and hasattr(obj, "keys") and not hasattr(obj, "dtype"):  # a group of levels
+        names = list(obj.keys())
+        keys = sorted((k for k in names if k.isdigit()), key=int)
+        if not keys:
+            raise StreamcheckError(
+                f"streamcheck: the zarr group has no levels named '0', '1', ... (it has "
+                f"{sorted(names)}). Fix: pass the zarr array itself"
+            )
+        if not -len(keys) <= level < len(keys):
+            raise StreamcheckError(
+                f"streamcheck: level {level} does not exist in the zarr group, which has "
+                f"{len(keys)} level(s). Fix: level=0..{len(keys) - 1} (-1 is the smallest)"
+            )
+        array = obj[keys[level]]
+        return ArraySource(
+            array, layout=layout or "HWC", channels=channels, name=f"zarr level {keys[level]}"
+        )
+    if hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__"):
+        _only_level_zero(level, "an array (it has one resolution; open the level you want)")
+        kind = "np.memmap" if type(obj).__name__ == "memmap" else f"{module} array"
+        return ArraySource(obj, layout=layout or "HWC", channels=channels, name=kind)
+    raise StreamcheckError(
+        f"streamcheck: open_image cannot read {type(obj).__module__}.{type(obj).__name__}. Fix: "
+        "pass a TIFF path, a NumPy array or np.memmap, a zarr array, or a pyvips.Image"
+    )
+
+
+def _only_level_zero(level: int, what: str) -> None:
+    if level != 0:
+        raise StreamcheckError(
+            f"streamcheck: level={level} was given for {what}; only level 0 exists"
+        )
