@@ -89,6 +89,13 @@ def reproduce(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def resolution(session: nox.Session) -> None:
+    """Run the resolution / saliency / LSUV experiment: python -m suites.resolution {posargs}."""
+    install(session, "resolution")
+    session.run("python", "-m", "suites.resolution", *session.posargs)
+
+
+@nox.session(default=False)
 def report(session: nox.Session) -> None:
     """Build the reports from result files: python -m suites.report {posargs}."""
     # The package too: the report may read streamcheck's version or plans.

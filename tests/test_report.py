@@ -441,7 +441,7 @@ def test_report_without_any_result_files(
     assert main(["--reports", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "REPORT.md").read_text()
     assert [h in md for h in SECTIONS] == [True] * len(SECTIONS)
-    assert md.count("**Not available**") == 3
+    assert md.count("**Not available**") == 4  # equivalence, benchmark, training, resolution
     assert "report.html" in capsys.readouterr().out
 
 

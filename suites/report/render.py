@@ -26,6 +26,7 @@ from .benchmark import headline_cost, memory_section, row_values
 from .equivalence import equivalence_section
 from .format import PAPER, commit, err, plural, table
 from .sources import Source, finite, get
+from .resolution import resolution_section
 from .training import training_section
 
 
@@ -249,6 +250,8 @@ def markdown_report(
         memory_section(bench, out_dir),
         "",
         training_section(imn, out_dir),
+        "",
+        resolution_section(imn.folder.parent, out_dir),  # reports/resolution/summary.json
         "",
         limits_section(verdicts),
         "",

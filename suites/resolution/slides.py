@@ -57,7 +57,7 @@ class SlideSpec:
     lesions: tuple[int, int] = (3, 6)  # lesions per positive slide, inclusive range
     nuclei: tuple[int, int] = (5, 9)  # nuclei per lesion, inclusive range
     cluster_sigma_px: float = 5.0
-    amplitude: float = 900.0  # grey levels x px²: mass of each Gaussian of a nucleus (Rule SL2)
+    amplitude: float = 600.0  # grey levels x px²: mass of each Gaussian of a nucleus (Rule SL2)
     patch_px: int = 128
     seed: int = 0
     version: int = VERSION
@@ -209,7 +209,7 @@ def read_table(root: Path | str) -> list[Slide]:
 def read_slide(root: Path | str, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(image HxWx3 uint8, lesion mask HxW bool) of one slide."""
     root = Path(root)
-    image = np.asarray(Image.open(root / "slides" / f"{name}.png").convert("RGB"))
+    image = np.array(Image.open(root / "slides" / f"{name}.png").convert("RGB"))
     mask = np.asarray(Image.open(root / "masks" / f"{name}.png")) > 0
     return image, mask
 

@@ -1,0 +1,183 @@
+"""The report's resolution section (suites/resolution -> reports/resolution/summary.json).
+
+Every number is read from ``summary.json`` (Rule P1 of render.py); the verdicts ("rises with
+resolution", "better than chance") are computed from those numbers and their intervals, never typed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .format import code, commit, figure, table
+
+COMMAND = "python -m suites.resolution"
+
+
+def load(reports: Path) -> dict[str, Any] | None:
+    path = reports / "resolution" / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _ci(values: list[float]) -> str:
+    return f"{values[0]:.3f} to {values[1]:.3f}"
+
+
+def verdicts(summary: dict[str, Any]) -> list[str]:
+    """Plain statements computed from the numbers: does AUC rise, does saliency find lesions."""
+    rows = sorted(summary["resolutions"], key=lambda r: r["input_px"])
+    lo, hi = rows[0], rows[-1]
+    aucs = [r["auc"] for r in rows]
+    rises = all(b >= a for a, b in zip(aucs, aucs[1:], strict=False))
+    tests = {(t["higher_px"], t["lower_px"]): t for t in summary["permutation_tests"]}
+    top = tests.get((hi["input_px"], lo["input_px"]))
+    listed = ", ".join(f"{r['input_px']}² {r['auc']:.3f}" for r in rows)
+    out = [
+        f"Test AUC {'rises monotonically' if rises else 'does not rise monotonically'} with "
+        f"resolution: {listed}.",
+        f"Highest against lowest resolution ({hi['input_px']}² vs {lo['input_px']}²): AUC "
+        f"{hi['auc']:.3f} (95 % CI {_ci(hi['auc_ci'])}) vs {lo['auc']:.3f} "
+        f"({_ci(lo['auc_ci'])})"
+        + (
+            f", one-sided permutation p = {top['p_one_sided']:.3g} "
+            f"({'significant' if top['p_one_sided'] < 0.05 else 'not significant'} at 0.05)."
+            if top
+            else "."
+        ),
+        f"At the lowest resolution the lesions change no downsampled pixel by more than "
+        f"{lo['lesion_visibility']:.2f} texture standard deviations (full resolution: "
+        f"{hi['lesion_visibility']:.2f}); its AUC CI "
+        + ("includes" if lo["auc_ci"][0] <= 0.5 <= lo["auc_ci"][1] else "excludes")
+        + " chance (0.5).",
+        f"Saliency of the highest resolution as a lesion-pixel detector: AUC "
+        f"{hi['saliency_lesion_auc']:.3f} (95 % CI {_ci(hi['saliency_lesion_auc_ci'])}), "
+        + (
+            "better than chance."
+            if hi["saliency_lesion_auc_ci"][0] > 0.5
+            else "not measurably better than chance."
+        ),
+    ]
+    return out
+
+
+def summary_markdown(summary: dict[str, Any], *, figures: Path, out_dir: Path | None = None) -> str:
+    """The section's body; figure links relative to ``out_dir`` (default: the figures' folder)."""
+    out_dir = out_dir or figures
+    cfg = summary["config"]
+    spec = cfg["spec"]
+    rows = sorted(summary["resolutions"], key=lambda r: -r["input_px"])
+    parts = [
+        f"> **{summary['label']} slides, not CAMELYON17.** Generated tissue texture (scikit-image's "
+        f"bundled IHC image, tiled, rotated, recoloured) with small lesions built to vanish under "
+        f"downsampling (`suites/resolution/slides.py`, NOTE [ Synthetic slides ]). Configuration "
+        f"**{cfg['name']}**: {cfg['description']}.",
+        "",
+        *[f"- {line}" for line in verdicts(summary)],
+        "",
+        f"{spec['n_train']} training and {spec['n_test']} test slides of {spec['size_px']}² px "
+        f"(half with {spec['lesions'][0]}-{spec['lesions'][1]} lesions of "
+        f"{spec['nuclei'][0]}-{spec['nuclei'][1]} nuclei); the Table 2-style network "
+        f"(conv pairs of {tuple(cfg['channels'])} channels, 2x2 max-pools, global max-pool, one "
+        f"logit) trained streamed (tile {cfg['tile']} px) at each resolution through Lightning, "
+        f"{cfg['epochs']} epochs, {cfg['accumulate']} slides per step, Adam lr {cfg['lr']}, "
+        f"precision {cfg['precision']}, LSUV initialisation from streamed statistics "
+        f"({cfg['lsuv_slides']} slides), image-level labels only.",
+        "",
+        table(
+            [
+                "input",
+                "test AUC",
+                "95 % CI",
+                "saliency lesion AUC",
+                "95 % CI",
+                "lesion visibility",
+                "last-epoch train loss",
+                "s per slide step",
+            ],
+            [
+                [
+                    f"{r['input_px']}² (1/{r['downsample']})",
+                    f"{r['auc']:.3f}",
+                    _ci(r["auc_ci"]),
+                    f"{r['saliency_lesion_auc']:.3f}",
+                    _ci(r["saliency_lesion_auc_ci"]),
+                    f"{r['lesion_visibility']:.2f}",
+                    "n/a"
+                    if r["final_epoch_train_loss"] is None
+                    else f"{r['final_epoch_train_loss']:.3f}",
+                    f"{r['train_s_per_slide_step']:.2f}",
+                ]
+                for r in rows
+            ],
+        ),
+        "",
+        "Lesion visibility: the largest change the lesions make to any downsampled pixel, in "
+        "standard deviations of the texture at that resolution (Rule SL5). CIs: "
+        f"{cfg['bootstrap']} bootstrap resamples of the test slides, the same for every "
+        "resolution; saliency CIs resample the positive test slides.",
+        "",
+        table(
+            ["higher", "lower", "AUC difference", "one-sided p"],
+            [
+                [
+                    f"{t['higher_px']}²",
+                    f"{t['lower_px']}²",
+                    f"{t['auc_difference']:+.3f}",
+                    f"{t['p_one_sided']:.3g}",
+                ]
+                for t in summary["permutation_tests"]
+            ],
+        ),
+        "",
+        f"Paired permutation tests ({cfg['permutations']} permutations of within-model ranks, "
+        "NOTE [ Comparing resolutions ]).",
+        "",
+    ]
+    command = summary.get("command")
+    for name, number, caption in (
+        (
+            "auc_vs_resolution.png",
+            "Fig. R1",
+            "Test AUC and saliency-lesion AUC against input size.",
+        ),
+        (
+            "saliency_overlays.png",
+            "Fig. R2",
+            "Saliency maps per resolution on test slides (paper Figs 5-6 recipe).",
+        ),
+    ):
+        if (figures / name).is_file():
+            parts += [figure(figures / name, out_dir, number, caption, command), ""]
+    timing = summary.get("timing", {})
+    env = summary.get("environment", {})
+    estimates = ", ".join(
+        f"{name} ~{s / 60:.0f} min" for name, s in timing.get("estimated_train_s", {}).items()
+    )
+    parts += [
+        f"Run: {code(command or COMMAND)}, {summary['started_utc']} to {summary['finished_utc']} "
+        f"({summary['wall_s'] / 60:.1f} min wall), commit {commit(env.get('git_commit'))}, torch "
+        f"{env.get('torch', 'n/a')}, {env.get('device', 'n/a')} ({env.get('cpu', 'n/a')}), "
+        f"{env.get('threads', 'n/a')} threads, 1-min load {env.get('load_1min', 'n/a')} at the end. "
+        f"Training time from this run's {timing.get('s_per_megapixel_slide_step', float('nan')):.2f} "
+        f"s per megapixel and slide step (at {timing.get('measured_at_px', 'n/a')}² px, under this "
+        f"load): {estimates}.",
+    ]
+    return "\n".join(parts)
+
+
+def resolution_section(reports: Path, out_dir: Path) -> str:
+    parts = ["## 4b. Resolution and saliency (paper Tables 3-5, Figs 5-6)", ""]
+    summary = load(reports)
+    if summary is None:
+        return "\n".join(
+            parts
+            + [
+                f"**Not available**: no `{reports / 'resolution' / 'summary.json'}`. Produce it "
+                f"with `{COMMAND}` (or `nox -s resolution`).",
+                "",
+            ]
+        )
+    return "\n".join(
+        parts + [summary_markdown(summary, figures=reports / "resolution", out_dir=out_dir)]
+    )
