@@ -323,11 +323,15 @@ def make_standin(root: Path | str, spec: StandinSpec = StandinSpec(), *, log=pri
         "torchvision": torchvision.__version__,  # adjust_hue and friends
         "photographs": {w: list(p) for w, p in zip(WNIDS, STANDIN_PHOTOS, strict=True)},
     }
-    if manifest.is_file() and json.loads(manifest.read_text()) == want:
+
+    def ready() -> bool:
+        return manifest.is_file() and json.loads(manifest.read_text()) == want
+
+    if ready():
         return root
     log(f"generating {STANDIN_LABEL} data set in {root} ({spec})")
     photos = {n: standin_photo(n) for names in STANDIN_PHOTOS for n in names}
-    tmp = root.with_name(root.name + ".partial")
+    tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")  # two runs may generate at once
     shutil.rmtree(tmp, ignore_errors=True)
     for split, per_class in (("train", spec.train_per_class), ("val", spec.val_per_class)):
         for c, wnid in enumerate(WNIDS):
@@ -337,6 +341,9 @@ def make_standin(root: Path | str, spec: StandinSpec = StandinSpec(), *, log=pri
                 img = standin_image(c, split, i, spec, photos=photos)
                 img.save(d / f"{wnid}_{i:04d}.JPEG", quality=90)
     (tmp / "standin.json").write_text(json.dumps(want, indent=1))
+    if ready():  # another process finished first, with the same bytes (Rule S3): keep its copy
+        shutil.rmtree(tmp)
+        return root
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     return root
