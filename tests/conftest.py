@@ -48,3 +48,15 @@ def _no_tf32() -> Iterator[None]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tf32_disabled(device):
         yield
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for tests of many tiny tensors: on a loaded 2-core machine, two threads
+    made a 2x4x20x20 float64 conv2d take 42 ms instead of 0.11 ms (thread oversubscription)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -15,6 +15,7 @@ from torch import nn
 from streamcheck.testing import (
     StreamingCase,
     conv_stacks,
+    graphs,
     image_shapes,
     stack_geometry,
     streaming_cases,
@@ -57,7 +58,7 @@ def _max_pool_gives_inf(module: nn.Module, x: torch.Tensor) -> bool:
     infinite: list[bool] = []
     handles = [
         layer.register_forward_hook(lambda m, i, out: infinite.append(bool(out.isinf().any())))
-        for layer in _leaves(module)
+        for layer in module.modules()
         if isinstance(layer, MAX_POOL)
     ]
     module(x)
@@ -246,3 +247,117 @@ def test_wide_padding_is_reachable_when_asked() -> None:
 def test_smallest_legal_tile_is_reachable_in_1d_and_3d(ndim: int) -> None:
     smallest = {"smallest legal tile": REACHABLE["smallest legal tile"]}
     assert _unseen(streaming_cases(ndim=ndim), smallest) == set()
+
+
+# ------------------------------------------------------------------------- DAG networks (graphs)
+BLOCK_FEATURES: dict[str, Callable[[StreamingCase], bool]] = {
+    "residual add": _has(lambda m: isinstance(m, graphs.Residual) and m.merge == "add"),
+    "residual multiply": _has(lambda m: isinstance(m, graphs.Residual) and m.merge == "mul"),
+    "concatenation": _has(lambda m: isinstance(m, graphs.Branches) and m.merge == "cat"),
+    "rejoin add": _has(lambda m: isinstance(m, graphs.Branches) and m.merge == "add"),
+    "rejoin multiply": _has(lambda m: isinstance(m, graphs.Branches) and m.merge == "mul"),
+    "three branches": _has(lambda m: isinstance(m, graphs.Branches) and len(m.branches) == 3),
+    "shared conv": _has(lambda m: isinstance(m, graphs.SharedTwice)),
+    "permute + Linear": _has(
+        lambda m: isinstance(m, graphs.ChannelMix) and isinstance(m.inner, nn.Linear)
+    ),
+    "permute + LayerNorm": _has(
+        lambda m: isinstance(m, graphs.ChannelMix) and isinstance(m.inner, nn.LayerNorm)
+    ),
+    "FrozenBatchNorm": _has(lambda m: isinstance(m, graphs.FrozenBatchNorm)),
+    "pool in a branch": lambda c: any(
+        isinstance(p, MAX_POOL | AVG_POOL)
+        for m in c.module.modules()
+        if isinstance(m, graphs.Branches | graphs.Residual)
+        for p in m.modules()
+    ),
+    "stride before a join": lambda c: (
+        max(c.geometry.total_stride) > 1 and graphs.has_blocks(c.module)
+    ),
+    "even 'same' kernel in a branch": _has(
+        lambda m: (
+            isinstance(m, graphs.Branches)
+            and any(
+                isinstance(c, CONV)
+                and c.padding == "same"
+                and any(k % 2 == 0 for k in c.kernel_size)
+                for c in m.modules()
+            )
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@settings(max_examples=max(10, settings.default.max_examples // 4))
+@given(data=st.data())
+@pytest.mark.usefixtures("one_thread")
+def test_every_dag_draw_runs_with_the_computed_geometry(ndim: int, data: st.DataObject) -> None:
+    case = data.draw(graphs.dag_cases(ndim=ndim))
+    x = torch.randn(case.image_shape, dtype=torch.float64)
+    with torch.no_grad():
+        y = case.module.double()(x)
+    assert y.isfinite().all()
+    geometry = case.geometry
+    assert isinstance(geometry, graphs.NetworkGeometry) or not graphs.has_blocks(case.module)
+    assert tuple(y.shape[2:]) == geometry.output_px(case.module, case.image_shape[2:])
+    assert y.shape[1] == graphs.out_channels(case.module, case.image_shape[1])
+    for axis, n in enumerate(geometry.min_input_px):  # the smallest valid input is the smallest
+        assert n <= case.image_shape[2 + axis]
+        if n > 1:
+            smaller = list(case.image_shape)
+            smaller[2 + axis] = n - 1
+            # PyTorch refuses it, or a max-pool window lies wholly in the padding (-inf)
+            with contextlib.suppress(RuntimeError):
+                assert _max_pool_gives_inf(case.module, torch.zeros(smaller, dtype=torch.float64))
+
+
+@given(data=st.data())
+def test_dag_bounds_are_respected(data: st.DataObject) -> None:
+    ndim = data.draw(st.integers(1, 3))
+    bounds = {
+        "min_blocks": data.draw(st.integers(0, 2)),
+        "max_channels": data.draw(st.integers(1, 5)),
+        "max_kernel": data.draw(st.integers(1, 5)),
+        "max_dilation": data.draw(st.integers(1, 3)),
+        "max_receptive_field_px": data.draw(st.integers(1, 30)),
+        "blocks": data.draw(st.lists(st.sampled_from(graphs.BLOCKS), min_size=1, unique=True)),
+    }
+    bounds["max_blocks"] = bounds["min_blocks"] + data.draw(st.integers(0, 2))
+    network = data.draw(graphs.dag_networks(ndim=ndim, **bounds))
+    geometry = graphs.network_geometry(network, ndim=ndim)
+    assert max(geometry.receptive_field_px) <= bounds["max_receptive_field_px"]
+    kinds = {
+        "residual_add": lambda m: isinstance(m, graphs.Residual) and m.merge == "add",
+        "residual_mul": lambda m: isinstance(m, graphs.Residual) and m.merge == "mul",
+        "concat": lambda m: isinstance(m, graphs.Branches) and m.merge == "cat",
+        "rejoin_add": lambda m: isinstance(m, graphs.Branches) and m.merge == "add",
+        "rejoin_mul": lambda m: isinstance(m, graphs.Branches) and m.merge == "mul",
+        "shared": lambda m: isinstance(m, graphs.SharedTwice),
+    }
+    top_blocks = [m for m in network if not isinstance(m, nn.Sequential)]
+    assert len(top_blocks) <= bounds["max_blocks"]
+    for block in top_blocks:
+        drawn = [k for k, is_kind in kinds.items() if is_kind(block)] or ["mix"]
+        assert set(drawn) <= set(bounds["blocks"])
+    for m in network.modules():
+        if isinstance(m, CONV):
+            assert m.out_channels <= max(bounds["max_channels"], m.in_channels)
+            assert max(m.kernel_size) <= bounds["max_kernel"]
+            assert max(m.dilation) <= bounds["max_dilation"]
+
+
+def test_dag_edge_cases_are_reachable() -> None:
+    assert _unseen(graphs.dag_cases(ndim=2), BLOCK_FEATURES) == set()
+
+
+def test_dag_geometry_of_a_known_network() -> None:
+    """Rules D1-D2 by hand: a stride-2 conv, then branches with 3- and 'same' 4-wide kernels."""
+    net = nn.Sequential(
+        nn.Conv1d(1, 2, 3, stride=2),  # (3, 2, 0)
+        graphs.Branches(nn.Conv1d(2, 1, 3, padding=1), nn.Conv1d(2, 1, 4, padding="same")),
+    )
+    # branch 1: (3 + 2*2, 2, 0 + 1*2) = (7, 2, 2); branch 2 ('same' 4: left 1): (9, 2, 2)
+    geometry = graphs.network_geometry(net, ndim=1)
+    assert geometry.receptive_field_px == (9,) and geometry.total_stride == (2,)
+    assert geometry.output_px(net, (11,)) == (5,) == net(torch.zeros(1, 1, 11)).shape[2:]

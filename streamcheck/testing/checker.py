@@ -57,6 +57,7 @@ __all__ = [
     "EquivalenceReport",
     "TensorError",
     "assert_streaming_equivalent",
+    "check_streamed",
     "check_streaming_equivalence",
     "default_tolerances",
     "relative_error",
@@ -231,21 +232,92 @@ def check_streaming_equivalence(
     a mismatch (see :func:`assert_streaming_equivalent` for arguments and the method).
     """
     x_ref = _example_tensor(example_input, dtype=dtype, seed=seed)
+    device = x_ref.device
+    plain = _cast_copy(module, dtype=dtype, device=device)
+    streamed_module = _cast_copy(module, dtype=dtype, device=device)
+    with tf32_disabled(device):
+        # Rule 6: construct and plan before any computation; errors propagate.
+        streamed = streamcheck.Streamed(streamed_module, tile=tile)
+        n_tiles = streamcheck.plan(streamed_module, tuple(x_ref.shape), tile=tile).n_tiles
+    return _check(
+        streamed, plain, x_ref, n_tiles=n_tiles, head=head, rtol=rtol, atol=atol, seed=seed
+    )
+
+
+def check_streamed(
+    streamed: streamcheck.Streamed,
+    example_input: torch.Tensor | Sequence[int],
+    *,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    seed: int = 0,
+) -> EquivalenceReport:
+    """Compare an existing ``Streamed`` wrapper, as it is now, with its module run plainly.
+
+    Unlike :func:`check_streaming_equivalence` (Rule 1), the wrapper itself runs, with its tile,
+    options and whatever it cached from earlier calls: after a user changed the module in place
+    (a replaced submodule, loaded weights, another tile), this shows whether the wrapper still
+    computes what the module computes. The reference is a deep copy of ``streamed.module`` in its
+    current dtype, device and training mode; the dtype of the check is that of the module's
+    parameters. The gradients of the wrapped parameters are restored afterwards. Rule 6 holds
+    with one change: the wrapper runs first, so its own refusal propagates, and a wrapper that
+    streams what a fresh ``streamcheck.plan`` of its module refuses fails with AssertionError.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> trunk = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()).double()
+    >>> streamed = streamcheck.Streamed(trunk, tile=8)
+    >>> check_streamed(streamed, (1, 1, 20, 20)).passed
+    True
+    >>> trunk[1] = nn.Tanh()  # changed after wrapping: the wrapper must see it
+    >>> check_streamed(streamed, (1, 1, 20, 20)).passed
+    True
+    """
+    module = streamed.module
+    first = next((p for p in module.parameters() if p.is_floating_point()), None)
+    dtype = first.dtype if first is not None else torch.float64
+    x_ref = _example_tensor(example_input, dtype=dtype, seed=seed)
+    if first is not None:
+        x_ref = x_ref.to(first.device)
+    plain = _cast_copy(module, dtype=dtype, device=x_ref.device)
+    saved = [(p, p.grad) for p in module.parameters()]
+    for p, _ in saved:
+        p.grad = None
+    try:
+        report = _check(
+            streamed, plain, x_ref, n_tiles=None, head=head, rtol=rtol, atol=atol, seed=seed
+        )
+    finally:
+        for p, grad in saved:
+            p.grad = grad
+    return report
+
+
+def _check(
+    streamed: streamcheck.Streamed,
+    plain: nn.Module,
+    x_ref: torch.Tensor,
+    *,
+    n_tiles: int | None,
+    head: Callable[[torch.Tensor], torch.Tensor] | None,
+    rtol: float | None,
+    atol: float | None,
+    seed: int,
+) -> EquivalenceReport:
+    """Run ``streamed`` and ``plain`` (with their heads) on ``x_ref`` and compare (Rules 2-5)."""
+    dtype, device = x_ref.dtype, x_ref.device
+    streamed_module = streamed.module
     if rtol is None or atol is None:
         default_rtol, default_atol = default_tolerances(dtype, _accumulation_length(x_ref.shape))
         rtol = default_rtol if rtol is None else rtol
         atol = default_atol if atol is None else atol
-    device = x_ref.device
-
-    plain = _cast_copy(module, dtype=dtype, device=device)
-    streamed_module = _cast_copy(module, dtype=dtype, device=device)
     plain_head = (
         _cast_copy(head, dtype=dtype, device=device) if isinstance(head, nn.Module) else head
     )
     streamed_head = (
         _cast_copy(head, dtype=dtype, device=device) if isinstance(head, nn.Module) else head
     )
-
     exact: tuple[nn.Module, Any] | None = None  # Rule 3b: the plain run in float64
     if dtype != torch.float64:
         exact_head = (
@@ -256,24 +328,29 @@ def check_streaming_equivalence(
         exact = (_cast_copy(plain, dtype=torch.float64, device=device), exact_head)
 
     with tf32_disabled(device):
-        # Rule 6: construct and plan before any computation; errors propagate.
-        streamed = streamcheck.Streamed(streamed_module, tile=tile)
-        n_tiles = streamcheck.plan(streamed_module, tuple(x_ref.shape), tile=tile).n_tiles
-        y_plain, x_grad_plain = _forward_backward(plain, plain_head, x_ref, seed=seed)
         y_streamed, x_grad_streamed = _forward_backward(streamed, streamed_head, x_ref, seed=seed)
+        y_plain, x_grad_plain = _forward_backward(plain, plain_head, x_ref, seed=seed)
         y_exact: torch.Tensor | None = None
         x_grad_exact: torch.Tensor | None = None
         if exact is not None:
             y_exact, x_grad_exact = _forward_backward(*exact, x_ref.double(), seed=seed)
+    if n_tiles is None:  # check_streamed: the wrapper ran; a fresh plan must agree it may
+        try:
+            n_tiles = streamcheck.plan(plain, tuple(x_ref.shape), tile=streamed.tile).n_tiles
+        except streamcheck.StreamcheckError as error:
+            raise AssertionError(
+                "streamcheck: the Streamed wrapper ran, but a fresh plan of its module refuses "
+                f"it (a stale cache?): {error}"
+            ) from error
 
-    tile_px = _tile_tuple(tile, spatial_dims=x_ref.dim() - 2)
+    tile_px = _tile_tuple(streamed.tile, spatial_dims=x_ref.dim() - 2)
     if n_tiles < 2:
         warnings.warn(
             f"streamcheck: tile {'x'.join(map(str, tile_px))} covers the whole "
             f"{'x'.join(map(str, x_ref.shape[2:]))} input in one tile, so the check compares "
             "nothing streamed; use a smaller tile or a larger input",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
     # Every compared tensor as (name, kind, streamed, plain, plain in float64 or None).

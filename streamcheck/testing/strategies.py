@@ -187,7 +187,8 @@ class StackGeometry:
 
 
 def stack_geometry(module: nn.Module, *, ndim: int) -> StackGeometry:
-    """Receptive field, total stride and smallest valid input of a (nested) Sequential stack.
+    """Receptive field, total stride and smallest valid input of a (nested) Sequential stack
+    (of a network with joins too: ``graphs.network_geometry``).
 
     >>> stack = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, dilation=2))
     >>> g = stack_geometry(stack, ndim=2)
@@ -196,6 +197,10 @@ def stack_geometry(module: nn.Module, *, ndim: int) -> StackGeometry:
     >>> g.total_stride, g.min_input_px  # 12 px -> conv 10 -> pool 5 -> dilated conv 1
     ((2, 2), (12, 12))
     """
+    from streamcheck.testing import graphs  # graphs builds on this module
+
+    if graphs.has_blocks(module):  # residuals, branches, shared layers: NOTE [ DAG geometry ]
+        return graphs.network_geometry(module, ndim=ndim)
     rf, jump = [1] * ndim, [1] * ndim
     chain: list[tuple[_Window, ...]] = []
     for layer in _leaves(module):

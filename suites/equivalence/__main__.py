@@ -1,8 +1,8 @@
 """python -m suites.equivalence: draw networks, check streamed == plain, write record.json.
 
-python -m suites.equivalence                 # the committed record (~5-8 min on 2 CPU cores)
-python -m suites.equivalence --quick         # < 1 min: few networks, no torchvision trunks
-python -m suites.equivalence --examples 200  # more networks per dtype
+python -m suites.equivalence                 # the committed record (~20 min on 2 shared CPU cores)
+python -m suites.equivalence --quick         # 1-2 min: few networks, no torchvision trunks
+python -m suites.equivalence --examples 200 --dag-examples 50  # other counts per dtype
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import torch
 from .record import REPO, main_command, make_record, write_record
 
 DEFAULT_EXAMPLES = 1000
+DEFAULT_DAG_EXAMPLES = 200
 QUICK_EXAMPLES = 6
+QUICK_DAG_EXAMPLES = 3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,6 +40,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"networks per dtype, split 1:2:1 over 1D/2D/3D (default {DEFAULT_EXAMPLES}, "
         f"--quick {QUICK_EXAMPLES})",
     )
+    p.add_argument(
+        "--dag-examples",
+        type=int,
+        metavar="N",
+        help=f"DAG networks (streamcheck.testing.graphs) per dtype, split like --examples "
+        f"(default {DEFAULT_DAG_EXAMPLES}, --quick {QUICK_DAG_EXAMPLES}; 0: none)",
+    )
     p.add_argument("--no-trunks", action="store_true", help="skip the torchvision trunks")
     p.add_argument("--seed", type=int, default=0, help="hypothesis seed (the draws replay)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -57,11 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         else REPO / "reports" / "equivalence"
     )
     examples = args.examples or (QUICK_EXAMPLES if args.quick else DEFAULT_EXAMPLES)
+    dag_examples = args.dag_examples
+    if dag_examples is None:
+        dag_examples = QUICK_DAG_EXAMPLES if args.quick else DEFAULT_DAG_EXAMPLES
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
         record = make_record(
             examples=examples,
+            dag_examples=dag_examples,
             seed=args.seed,
             with_trunks=not (args.quick or args.no_trunks),
             command=main_command(argv),

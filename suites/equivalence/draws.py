@@ -17,9 +17,12 @@ from streamcheck.testing import (
     SMOOTH_ACTIVATIONS,
     StreamingCase,
     check_streaming_equivalence,
+    graphs,
     streaming_cases,
 )
-from streamcheck.testing.strategies import _leaves
+
+# Rule R1b: the two families of drawn networks and the strategy that draws each.
+FAMILIES = {"chain": streaming_cases, "dag": graphs.dag_cases}
 
 # Rule R4: the options each dtype draws with (passed to streaming_cases).
 PADDING_MODES = ("zeros", "replicate")
@@ -60,7 +63,7 @@ def examples_per_ndim(total: int) -> dict[int, int]:
 def ill_posed(case: StreamingCase) -> str | None:
     """The first layer whose plain output is non-finite on a finite input (Rule R2b), or None."""
     found: list[str] = []
-    named = [(name, m) for name, m in case.module.named_modules() if not list(m.children())]
+    named = [(name, m) for name, m in named_leaves(case.module)]
     handles = [
         m.register_forward_hook(
             lambda _m, _args, out, name=name: (
@@ -80,9 +83,11 @@ def ill_posed(case: StreamingCase) -> str | None:
 
 
 def draw_cases(
-    ndim: int, n: int, *, seed: int, options: dict[str, Any]
+    ndim: int, n: int, *, seed: int, options: dict[str, Any], family: str = "chain"
 ) -> tuple[list[StreamingCase], dict[str, int]]:
-    """``n`` streamed cases (>= 2 tiles) drawn by hypothesis (Rules R1, R2, R2b); and the skips."""
+    """``n`` streamed cases (>= 2 tiles) of ``family`` drawn by hypothesis (Rules R1, R1b, R2,
+    R2b); and the skips."""
+    strategy = FAMILIES[family]
     cases: list[StreamingCase] = []
     skipped = {"single_tile_draws_skipped": 0, "ill_posed_draws_skipped": 0}
 
@@ -94,7 +99,7 @@ def draw_cases(
         phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
-    @given(streaming_cases(ndim=ndim, **options))
+    @given(strategy(ndim=ndim, **options))
     def collect(case: StreamingCase) -> None:
         try:
             n_tiles = streamcheck.plan(case.module, case.image_shape, tile=case.tile).n_tiles
@@ -113,10 +118,30 @@ def draw_cases(
     return cases, skipped
 
 
+def named_leaves(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Layers without children, in definition order (a layer used twice is listed once)."""
+    return [(name, m) for name, m in module.named_modules() if not list(m.children())]
+
+
+def _join(block: nn.Module) -> str | None:
+    """The kind of a joining or shared block of ``streamcheck.testing.graphs`` (None otherwise)."""
+    if isinstance(block, graphs.Residual):
+        return f"join: residual {'add' if block.merge == 'add' else 'multiply'}"
+    if isinstance(block, graphs.Branches):
+        merge = {"cat": "concatenation", "add": "add", "mul": "multiply"}[block.merge]
+        return f"join: {len(block.branches)} branches, {merge}"
+    if isinstance(block, graphs.SharedTwice):
+        return "join: one conv used twice"
+    if isinstance(block, graphs.ChannelMix):
+        return f"join: permute + {type(block.inner).__name__} over channels"
+    return None
+
+
 def layer_kinds(module: nn.Module) -> list[str]:
-    """Leaf layer kinds, with the options that change the streaming arithmetic."""
-    kinds = []
-    for layer in _leaves(module):
+    """Leaf layer kinds, with the options that change the streaming arithmetic, and the kinds of
+    joining blocks (prefixed ``join:``)."""
+    kinds = [kind for m in module.modules() if (kind := _join(m)) is not None]
+    for _, layer in named_leaves(module):
         name = type(layer).__name__
         if isinstance(layer, nn.GELU) and layer.approximate == "tanh":
             name = "GELU(tanh)"

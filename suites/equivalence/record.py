@@ -4,6 +4,11 @@ NOTE [ The equivalence record ]
 Rule R1. Networks come from ``streamcheck.testing.streaming_cases``, drawn by hypothesis itself
          (``@given`` with ``max_examples=N``, ``database=None``, generation only, a fixed seed),
          so the record replays: the same seed and versions draw the same networks.
+Rule R1b. Two families: chains (``streaming_cases``: nested nn.Sequential stacks) and DAGs
+         (``streamcheck.testing.graphs.dag_cases``: residual add and multiply, concatenation,
+         branches that rejoin, a conv used twice, permute + LayerNorm/Linear over channels,
+         FrozenBatchNorm, between strided segments). Each entry names its ``family``; the summary
+         gives every figure per family too (``by_family``).
 Rule R2. A case whose tile covers the whole input (one tile) streams nothing; it is skipped while
          drawing (``assume``) and counted as ``single_tile_draws_skipped``.
 Rule R2b. A draw on which PyTorch itself is undefined is skipped too and counted as
@@ -36,7 +41,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import sys
 import time
 import warnings
@@ -53,16 +57,17 @@ from streamcheck.testing import (
     StreamingCase,
     check_streaming_equivalence,
 )
-from streamcheck.testing.strategies import _leaves
-from suites.environment import cpu_name, git_commit
+from suites.environment import environment
 
 from . import trunks as T
 from .draws import (
+    FAMILIES,
     REFLECT_BUG,
     draw_cases,
     draw_options,
     examples_per_ndim,
     layer_kinds,
+    named_leaves,
     reflect_padding_streams,
 )
 
@@ -99,15 +104,18 @@ def _json(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def check_case(case: StreamingCase, dtype: torch.dtype) -> dict[str, Any]:
+def check_case(case: StreamingCase, dtype: torch.dtype, *, family: str = "chain") -> dict[str, Any]:
     """Run the checker on one drawn case (Rule R3); a JSON-ready dict."""
+    leaves = named_leaves(case.module)
     entry: dict[str, Any] = {
+        "family": family,
         "ndim": case.ndim,
         "dtype": str(dtype).removeprefix("torch."),
         "input_shape": list(case.image_shape),
         "tile": list(case.tile) if isinstance(case.tile, tuple) else case.tile,
         "receptive_field_px": list(case.geometry.receptive_field_px),
-        "layers": [repr(layer) for layer in _leaves(case.module)],
+        # chains: the layers in order; DAGs: each layer with its path (the joins show in paths)
+        "layers": [repr(m) if family == "chain" else f"{n}: {m!r}" for n, m in leaves],
         "kinds": layer_kinds(case.module),
         "n_parameters": sum(p.numel() for p in case.module.parameters()),
     }
@@ -176,11 +184,16 @@ def check_trunk(trunk: T.Trunk, dtype: torch.dtype) -> dict[str, Any]:
     return entry
 
 
-def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts and worst errors over the drawn cases (Rule R5)."""
+def summarize(cases: list[dict[str, Any]], *, family: str | None = None) -> dict[str, Any]:
+    """Counts and worst errors over the drawn cases (Rule R5), or over one family's (Rule R1b);
+    case indices are into ``cases``."""
+
+    def mine_of(c: dict[str, Any], dtype: str) -> bool:
+        return c["dtype"] == dtype and family in (None, c.get("family", "chain"))
+
     summary: dict[str, Any] = {"networks": {}, "worst_rel_error": {}, "tiles_per_case": {}}
     for dtype in DTYPES:
-        mine = [c for c in cases if c["dtype"] == dtype]
+        mine = [c for c in cases if mine_of(c, dtype)]
         summary["networks"][dtype] = {
             f"{ndim}d": sum(c["ndim"] == ndim for c in mine) for ndim in NDIMS
         }
@@ -195,7 +208,7 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
             candidates = [
                 (c["worst_rel_error"][kind], i)
                 for i, c in enumerate(cases)
-                if c["dtype"] == dtype
+                if mine_of(c, dtype)
                 and "worst_rel_error" in c
                 and c["worst_rel_error"].get(kind) is not None
             ]
@@ -207,65 +220,58 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
         summary["worst_rel_error"][dtype] = worst
         fractions = [c["worst_fraction_of_rtol"] for c in mine if c.get("worst_fraction_of_rtol")]
         summary.setdefault("worst_fraction_of_rtol", {})[dtype] = max(fractions, default=None)
-    kinds = Counter(k for c in cases for k in c["kinds"])
+    chosen = [c for c in cases if family in (None, c.get("family", "chain"))]
+    kinds = Counter(k for c in chosen for k in c["kinds"])
     summary["layer_kinds"] = dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
     summary["layer_kinds_networks"] = dict(
         sorted(
-            Counter(k for c in cases for k in set(c["kinds"])).items(),
+            Counter(k for c in chosen for k in set(c["kinds"])).items(),
             key=lambda kv: (-kv[1], kv[0]),
         )
     )
-    summary["n_cases"] = len(cases)
-    summary["n_failed"] = sum(not c["passed"] for c in cases)
+    summary["n_cases"] = len(chosen)
+    summary["n_failed"] = sum(not c["passed"] for c in chosen)
+    if family is None:
+        summary["by_family"] = {
+            name: summarize(cases, family=name)
+            for name in FAMILIES
+            if any(c.get("family", "chain") == name for c in cases)
+        }
     return summary
 
 
-def environment() -> dict[str, Any]:
+def _hypothesis_version() -> str:
     import hypothesis
 
-    versions = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "streamcheck": streamcheck.__version__,
-        "hypothesis": hypothesis.__version__,
-    }
-    try:
-        import torchvision
-
-        versions["torchvision"] = torchvision.__version__
-    except ImportError:
-        versions["torchvision"] = None
-    return {
-        "versions": versions,
-        "git_commit": git_commit("streamcheck", "suites/equivalence"),
-        "device": "cpu",
-        "cpu": cpu_name(),
-        "cuda_available": torch.cuda.is_available(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-    }
+    return str(hypothesis.__version__)
 
 
 def make_record(
     *,
     examples: int,
+    dag_examples: int = 0,
     seed: int,
     with_trunks: bool,
     command: str,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Draw and check ``examples`` networks per dtype (split over 1D/2D/3D), then the trunks."""
+    """Draw and check ``examples`` chains and ``dag_examples`` DAG networks per dtype (each split
+    over 1D/2D/3D), then the trunks."""
     with warnings.catch_warnings():
         # PyTorch's note about its own 'same' padding of even kernels (the strategies draw them).
         warnings.filterwarnings("ignore", "Using padding='same' with even kernel")
         return _make_record(
-            examples=examples, seed=seed, with_trunks=with_trunks, command=command, log=log
+            examples={"chain": examples, "dag": dag_examples},
+            seed=seed,
+            with_trunks=with_trunks,
+            command=command,
+            log=log,
         )
 
 
 def _make_record(
     *,
-    examples: int,
+    examples: dict[str, int],
     seed: int,
     with_trunks: bool,
     command: str,
@@ -273,7 +279,7 @@ def _make_record(
 ) -> dict[str, Any]:
     started = time.perf_counter()
     started_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    per_ndim = examples_per_ndim(examples)
+    families = [family for family in FAMILIES if examples.get(family, 0) > 0]
     reflect = reflect_padding_streams()
     options = draw_options(reflect=reflect)
     log(
@@ -286,40 +292,40 @@ def _make_record(
     )
     cases: list[dict[str, Any]] = []
     draws: dict[str, Any] = {}
-    steps = len(DTYPES) * len(NDIMS) + (len(T.TRUNKS) * len(DTYPES) if with_trunks else 0)
+    groups = [(f, d, n) for f in families for d in DTYPES for n in NDIMS]
+    steps = len(groups) + (len(T.TRUNKS) * len(DTYPES) if with_trunks else 0)
     step = 0
-    for dtype_name, dtype in DTYPES.items():
-        for ndim in NDIMS:
-            step += 1
-            t0 = time.perf_counter()
-            group_seed = seed + 10 * ndim + (0 if dtype_name == "float64" else 1)
-            drawn, skipped = draw_cases(
-                ndim, per_ndim[ndim], seed=group_seed, options=options[dtype_name]
-            )
-            results = [check_case(case, dtype) for case in drawn]
-            cases.extend(results)
-            draws[f"{ndim}d-{dtype_name}"] = {
-                "requested": per_ndim[ndim],
-                "drawn": len(drawn),
-                **skipped,
-                "hypothesis_seed": group_seed,
-            }
-            worst = max(
-                (
-                    v
-                    for r in results
-                    for v in r.get("worst_rel_error", {}).values()
-                    if v is not None
-                ),
-                default=0.0,
-            )
-            failed = sum(not r["passed"] for r in results)
-            log(
-                f"[{step}/{steps}] {ndim}D {dtype_name}: {len(results)} networks checked "
-                f"(skipped: {skipped['single_tile_draws_skipped']} single-tile, "
-                f"{skipped['ill_posed_draws_skipped']} ill-posed draws), {failed} failed, worst rel err "
-                f"{worst:.2e}, {time.perf_counter() - t0:.1f} s"
-            )
+    for family, dtype_name, ndim in groups:
+        dtype = DTYPES[dtype_name]
+        per_ndim = examples_per_ndim(examples[family])
+        step += 1
+        t0 = time.perf_counter()
+        # chains keep the seeds of the records before DAGs were added (Rule R1: they replay)
+        group_seed = seed + 10 * ndim + (0 if dtype_name == "float64" else 1)
+        group_seed += 100 if family == "dag" else 0
+        drawn, skipped = draw_cases(
+            ndim, per_ndim[ndim], seed=group_seed, options=options[dtype_name], family=family
+        )
+        results = [check_case(case, dtype, family=family) for case in drawn]
+        cases.extend(results)
+        group = f"{ndim}d-{dtype_name}" if family == "chain" else f"dag-{ndim}d-{dtype_name}"
+        draws[group] = {
+            "requested": per_ndim[ndim],
+            "drawn": len(drawn),
+            **skipped,
+            "hypothesis_seed": group_seed,
+        }
+        worst = max(
+            (v for r in results for v in r.get("worst_rel_error", {}).values() if v is not None),
+            default=0.0,
+        )
+        failed = sum(not r["passed"] for r in results)
+        log(
+            f"[{step}/{steps}] {family} {ndim}D {dtype_name}: {len(results)} networks checked "
+            f"(skipped: {skipped['single_tile_draws_skipped']} single-tile, "
+            f"{skipped['ill_posed_draws_skipped']} ill-posed draws), {failed} failed, worst rel err "
+            f"{worst:.2e}, {time.perf_counter() - t0:.1f} s"
+        )
     trunk_rows: list[dict[str, Any]] = []
     if with_trunks:
         for trunk in T.TRUNKS:
@@ -338,7 +344,8 @@ def _make_record(
                 )
     summary = summarize(cases)
     failures = [
-        {"case": i, **{k: c[k] for k in ("ndim", "dtype", "input_shape", "tile", "layers")}}
+        {"case": i}
+        | {k: c[k] for k in ("family", "ndim", "dtype", "input_shape", "tile", "layers")}
         | {"error": c.get("error"), "float64_recheck": c.get("float64_recheck")}
         for i, c in enumerate(cases)
         if not c["passed"]
@@ -354,13 +361,19 @@ def _make_record(
             "started_utc": started_utc,
             "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - started, 1),
-            "examples_per_dtype": examples,
+            "examples_per_dtype": examples["chain"],
+            "dag_examples_per_dtype": examples.get("dag", 0),
             "seed": seed,
-            "environment": environment(),
+            "environment": environment("cpu"),
+            "hypothesis": _hypothesis_version(),
         },
         "method": {
             "checker": "streamcheck.testing.check_streaming_equivalence",
             "strategy": "streamcheck.testing.streaming_cases",
+            "strategies": {
+                "chain": "streamcheck.testing.streaming_cases",
+                "dag": "streamcheck.testing.graphs.dag_cases",
+            },
             "draw_options": {
                 dtype: {
                     key: [repr(factory()) for factory in value]

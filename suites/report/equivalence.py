@@ -15,62 +15,28 @@ def equivalence_section(eq: Source) -> str:
         return "\n".join(parts + missing_note(eq, "python -m suites.equivalence"))
     rec = eq.data
     summary, meta, method = rec.get("summary", {}), rec.get("metadata", {}), rec.get("method", {})
-    networks = summary.get("networks", {})
     n_cases = summary.get("n_cases", "n/a")
     failures = rec.get("failures", [])
     trunks = rec.get("trunks", [])
     verdict = f"**{plural(len(failures), 'failure')}**" if failures else "**no failures**"
+    families = summary.get("by_family", {})
+    strategies = method.get("strategies") or {"chain": method.get("strategy", "the strategies")}
+    drawn_from = " and ".join(
+        f"{get(families, name, 'n_cases', default=n_cases if len(strategies) == 1 else 'n/a')} "
+        f"{_FAMILY_LABELS.get(name, name)} from `{strategy}`"
+        for name, strategy in strategies.items()
+    )
     parts += [
-        f"{n_cases} randomly generated networks (drawn by hypothesis from "
-        f"`{method.get('strategy', 'the project strategies')}`, seed {meta.get('seed', 'n/a')}) and "
+        f"{n_cases} randomly generated networks (drawn by hypothesis, seed "
+        f"{meta.get('seed', 'n/a')}: {drawn_from}) and "
         f"{len(trunks)} torchvision trunk checks were each run twice -- plainly and streamed tile by "
         f"tile -- on the same weights and input, and the output, the input gradient and every "
         f"parameter gradient compared by `{method.get('checker', 'the equivalence checker')}`: "
         f"{verdict}. Errors are max |streamed - plain| / max |plain| per tensor; the table gives "
-        "the worst over all networks of each dtype.",
+        "the worst over all networks of each family and dtype.",
         "",
     ]
-    worst = summary.get("worst_rel_error", {})
-    tiles = summary.get("tiles_per_case", {})
-    fractions = summary.get("worst_fraction_of_rtol", {})
-    rows = []
-    for dtype in ("float64", "float32"):
-        if dtype not in networks:
-            continue
-        counts = networks[dtype]
-        w = worst.get(dtype, {})
-        n_failed = sum(1 for f in failures if f.get("dtype") == dtype and "trunk" not in f)
-        rows.append(
-            [
-                dtype,
-                sum(v for v in counts.values() if finite(v)),
-                " / ".join(str(counts.get(k, 0)) for k in ("1d", "2d", "3d")),
-                f"{get(tiles, dtype, 'min', default='n/a')}-{get(tiles, dtype, 'max', default='n/a')}",
-                err(get(w, "output", "max_rel_error")),
-                err(get(w, "param_grad", "max_rel_error")),
-                err(get(w, "input_grad", "max_rel_error")),
-                _tolerance(method, dtype),
-                err(fractions.get(dtype)),
-                n_failed,
-            ]
-        )
-    parts.append(
-        table(
-            [
-                "dtype",
-                "networks",
-                "1D / 2D / 3D",
-                "tiles per network",
-                "output",
-                "parameter grads",
-                "input grad",
-                "tolerance",
-                "worst error / tolerance",
-                "failed",
-            ],
-            rows,
-        )
-    )
+    parts.append(_results_table(summary, failures, method))
     parts += ["", "How the networks were drawn:", "", _draw_notes(method)]
     if failures:
         parts += ["", "### Failures", ""]
@@ -93,6 +59,71 @@ def equivalence_section(eq: Source) -> str:
         f"in {meta.get('wall_s', 'n/a')} s.",
     ]
     return "\n".join(parts)
+
+
+_FAMILY_LABELS = {
+    "chain": "chains (nested nn.Sequential)",
+    "dag": "DAGs (residual add/multiply, concatenation, rejoined branches, a shared conv, "
+    "permute + LayerNorm/Linear)",
+}
+
+
+def _results_table(
+    summary: dict[str, Any], failures: list[dict[str, Any]], method: dict[str, Any]
+) -> str:
+    """One row per family (chains, DAGs; Rule R1b of the record) and dtype."""
+    families = summary.get("by_family") or {"chain": summary}
+    rows = []
+    for family, part in families.items():
+        for dtype in ("float64", "float32"):
+            if dtype in part.get("networks", {}):
+                rows.append(_result_row(family, dtype, part, failures, method))
+    return table(
+        [
+            "networks",
+            "dtype",
+            "count",
+            "1D / 2D / 3D",
+            "tiles per network",
+            "output",
+            "parameter grads",
+            "input grad",
+            "tolerance",
+            "worst error / tolerance",
+            "failed",
+        ],
+        rows,
+    )
+
+
+def _result_row(
+    family: str,
+    dtype: str,
+    part: dict[str, Any],
+    failures: list[dict[str, Any]],
+    method: dict[str, Any],
+) -> list[Any]:
+    counts = part["networks"][dtype]
+    w = get(part, "worst_rel_error", dtype, default={})
+    tiles = part.get("tiles_per_case", {})
+    n_failed = sum(
+        1
+        for f in failures
+        if f.get("dtype") == dtype and "trunk" not in f and f.get("family", "chain") == family
+    )
+    return [
+        "chains" if family == "chain" else "DAGs",
+        dtype,
+        sum(v for v in counts.values() if finite(v)),
+        " / ".join(str(counts.get(k, 0)) for k in ("1d", "2d", "3d")),
+        f"{get(tiles, dtype, 'min', default='n/a')}-{get(tiles, dtype, 'max', default='n/a')}",
+        err(get(w, "output", "max_rel_error")),
+        err(get(w, "param_grad", "max_rel_error")),
+        err(get(w, "input_grad", "max_rel_error")),
+        _tolerance(method, dtype),
+        err(get(part, "worst_fraction_of_rtol", dtype)),
+        n_failed,
+    ]
 
 
 def _tolerance(method: dict[str, Any], dtype: str) -> str:
@@ -121,6 +152,8 @@ def _draw_notes(method: dict[str, Any]) -> str:
 
 
 def _layer_group(name: str) -> str:
+    if name.startswith("join: "):
+        return "join"
     if "Conv" in name or "Pool" in name:
         return "window"
     if "(eval)" in name or "(train)" in name:

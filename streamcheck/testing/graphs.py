@@ -1,0 +1,570 @@
+"""Hypothesis strategies for streamable DAG networks: residuals, concatenations, shared layers.
+
+``conv_stacks`` draws chains; the strategies here draw graphs that the engine must trace and
+schedule as graphs: residual additions and multiplications, concatenation along channels, two
+branches that rejoin, one submodule used twice, and permute + LayerNorm / Linear over channels
+(permute back). Networks are ``nn.Sequential`` chains of such blocks and ``conv_stacks`` segments,
+so strides and padding happen before, inside and after the branches. The blocks are module-level
+classes (they pickle, and fx traces through them).
+
+NOTE [ DAG geometry ]
+Rule D1. Along one axis a path from the input to a node is ``(F, S, P)``: output pixel ``o``
+         depends on input pixels ``[o*S - P, o*S - P + F)``. A window layer (kernel k, stride s,
+         dilation d, left padding p) after ``(F, S, P)`` gives ``(F + d*(k-1)*S, S*s, P + p*S)``
+         (strategies Rule 2 with the left padding kept); a pointwise layer changes nothing.
+Rule D2. Branches that rejoin have equal ``S`` (the strategies draw them so); the join depends on
+         the hull of what its branches need: ``P = max P_i`` and ``F = max(F_i - P_i) + P``. An
+         identity skip is the path ``(1, 1, 0)``. A shared layer used twice is a chain of two.
+Rule D3. Sizes follow PyTorch per layer (strategies Rule 3); a join is valid only when all its
+         branches give the same size. Residual and rejoined bodies are size-preserving by
+         construction (stride 1, total padding ``d*(k-1)``), except that reflect padding needs an
+         input larger than the padding: the smallest valid input is searched for, as in
+         ``stack_geometry``.
+Rule D4. Draws stay within ``max_receptive_field_px``: a segment whose addition would exceed it is
+         drawn and dropped (the network stays valid and the bound holds).
+Rule D5. Parameters and buffers are initialised under a drawn seed (strategies Rule 5).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+from streamcheck.testing.strategies import (
+    ACTIVATIONS,
+    StackGeometry,
+    StreamingCase,
+    _eval_layer,
+    _tuple_or_int,
+    _windows,
+    conv_stacks,
+    image_shapes,
+    tile_sizes,
+)
+
+__all__ = [
+    "BLOCKS",
+    "Branches",
+    "ChannelMix",
+    "FrozenBatchNorm",
+    "NetworkGeometry",
+    "Residual",
+    "SharedTwice",
+    "dag_cases",
+    "dag_networks",
+    "network_geometry",
+]
+
+BLOCKS = ("residual_add", "residual_mul", "concat", "rejoin_add", "rejoin_mul", "shared", "mix")
+
+_CONV: dict[int, Any] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_MAX_POOL: dict[int, Any] = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_AVG_POOL: dict[int, Any] = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+# ------------------------------------------------------------------------------------- blocks
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm with fixed statistics whose ``forward`` reads its buffers (torchvision's
+    ``FrozenBatchNorm2d`` for any number of spatial axes): the scale is computed from
+    ``running_var`` on every call, so a buffer that is baked in instead of re-read goes stale.
+
+    >>> norm = FrozenBatchNorm(3, ndim=2)
+    >>> norm(torch.ones(1, 3, 2, 2)).shape
+    torch.Size([1, 3, 2, 2])
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
+    def __init__(self, channels: int, *, ndim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.ndim = ndim
+        self.eps = eps
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0)):
+            self.register_buffer(name, torch.full((channels,), value))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * self.ndim
+        scale = self.weight.reshape(shape) * (self.running_var.reshape(shape) + self.eps).rsqrt()
+        shift = self.bias.reshape(shape) - self.running_mean.reshape(shape) * scale
+        return x * scale + shift
+
+
+class Residual(nn.Module):
+    """``x + body(x)`` or ``x * body(x)``; ``body`` keeps the shape."""
+
+    def __init__(self, body: nn.Module, *, merge: str = "add") -> None:
+        super().__init__()
+        self.body = body
+        self.merge = merge
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return x + y if self.merge == "add" else x * y
+
+    def extra_repr(self) -> str:
+        return f"merge={self.merge!r}"
+
+
+class Branches(nn.Module):
+    """Branches from one input that rejoin: summed, multiplied, or concatenated along channels."""
+
+    def __init__(self, *branches: nn.Module, merge: str = "cat") -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.merge = merge
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = [branch(x) for branch in self.branches]
+        if self.merge == "cat":
+            return torch.cat(outputs, dim=1)
+        return functools.reduce(operator.add if self.merge == "add" else operator.mul, outputs)
+
+    def extra_repr(self) -> str:
+        return f"merge={self.merge!r}"
+
+
+class SharedTwice(nn.Module):
+    """One layer applied twice (its gradient sums both uses), with an activation between."""
+
+    def __init__(self, layer: nn.Module, activation: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.activation(self.layer(x)))
+
+
+class ChannelMix(nn.Module):
+    """Channels moved last, a LayerNorm or Linear over them, and moved back (ConvNeXt's pattern)."""
+
+    def __init__(self, inner: nn.Module, *, ndim: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.ndim = ndim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = (0, *range(2, 2 + self.ndim), 1)
+        back = (0, 1 + self.ndim, *range(1, 1 + self.ndim))
+        return self.inner(x.permute(*last)).permute(*back)
+
+
+_BLOCK_TYPES = (Residual, Branches, SharedTwice)
+
+
+def has_blocks(module: nn.Module) -> bool:
+    """Whether ``module`` contains a branching block (so only ``network_geometry`` applies)."""
+    return any(isinstance(m, _BLOCK_TYPES) for m in module.modules())
+
+
+# ------------------------------------------------------------------------------------- geometry
+Path = tuple[int, int, int]  # (F, S, P) along one axis, Rule D1
+
+
+def _paths(module: nn.Module) -> list[nn.Module] | None:
+    """The parallel paths of a joining block, or None for a chain or a leaf."""
+    if isinstance(module, Residual):
+        return [nn.Identity(), module.body]
+    if isinstance(module, Branches):
+        return list(module.branches)
+    return None
+
+
+def _chain(module: nn.Module) -> list[nn.Module] | None:
+    if isinstance(module, nn.Sequential):
+        return list(module)
+    if isinstance(module, SharedTwice):
+        return [module.layer, module.activation, module.layer]
+    return None
+
+
+def _axis_path(module: nn.Module, ndim: int, axis: int, path: Path) -> Path:
+    """Rule D1 and D2: ``path`` extended by ``module``."""
+    chain = _chain(module)
+    if chain is not None:
+        for child in chain:
+            path = _axis_path(child, ndim, axis, path)
+        return path
+    paths = _paths(module)
+    if paths is not None:
+        ends = [_axis_path(p, ndim, axis, path) for p in paths]
+        strides = {s for _, s, _ in ends}
+        if len(strides) != 1:
+            raise ValueError(f"branches of {type(module).__name__} have strides {strides}")
+        left = max(p for _, _, p in ends)
+        return (max(f - p for f, _, p in ends) + left, strides.pop(), left)
+    windows = _windows(module, ndim)
+    if windows is None:
+        return path
+    f, s, p = path
+    w = windows[axis]
+    return (f + w.dilation * (w.kernel - 1) * s, s * w.stride, p + w.pad_left * s)
+
+
+def _axis_size(module: nn.Module, ndim: int, axis: int, n: int) -> int:
+    """Output size along ``axis`` for input size ``n`` (Rule D3); < 1 means invalid."""
+    if n < 1:
+        return 0
+    chain = _chain(module)
+    if chain is not None:
+        for child in chain:
+            n = _axis_size(child, ndim, axis, n)
+        return n
+    paths = _paths(module)
+    if paths is not None:
+        sizes = {_axis_size(p, ndim, axis, n) for p in paths}
+        return sizes.pop() if len(sizes) == 1 else 0
+    windows = _windows(module, ndim)
+    return n if windows is None else windows[axis].output_px(n)
+
+
+@dataclass(frozen=True)
+class NetworkGeometry(StackGeometry):
+    """``StackGeometry`` of a network with joins (Rules D1-D3), independent of the engine."""
+
+    ndim: int = 2
+
+    def output_px(self, module: nn.Module, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(_axis_size(module, self.ndim, axis, n) for axis, n in enumerate(spatial_shape))
+
+
+def network_geometry(module: nn.Module, *, ndim: int) -> NetworkGeometry:
+    """Receptive field, total stride and smallest valid input of a network with joins.
+
+    >>> same = nn.Conv2d(2, 2, 3, padding=1)              # F 3, left padding 1
+    >>> wide = nn.Conv2d(2, 2, 5, padding=2)              # F 5, left padding 2
+    >>> net = nn.Sequential(nn.MaxPool2d(2), Branches(same, wide, merge="cat"))
+    >>> g = network_geometry(net, ndim=2)
+    >>> g.receptive_field_px, g.total_stride  # 2 + (5 - 1) * 2 = 10: the wider branch decides
+    ((10, 10), (2, 2))
+    >>> g.min_input_px  # pooling needs 2 px
+    (2, 2)
+    """
+    fields, strides, smallest = [], [], []
+    for axis in range(ndim):
+        f, s, _ = _axis_path(module, ndim, axis, (1, 1, 0))
+        fields.append(f)
+        strides.append(s)
+        n = 1
+        while _axis_size(module, ndim, axis, n) < 1:
+            n += 1
+            if n > 100_000:
+                raise ValueError(f"no input size up to {n} gives output for {module}")
+        smallest.append(n)
+    return NetworkGeometry(tuple(fields), tuple(strides), tuple(smallest), ndim=ndim)
+
+
+def out_channels(module: nn.Module, channels: int) -> int:
+    """Channels ``module`` produces from ``channels`` input channels."""
+    chain = _chain(module)
+    if chain is not None:
+        for child in chain:
+            channels = out_channels(child, channels)
+        return channels
+    if isinstance(module, Residual):
+        return channels
+    if isinstance(module, Branches):
+        outs = [out_channels(b, channels) for b in module.branches]
+        return sum(outs) if module.merge == "cat" else outs[0]
+    if isinstance(module, ChannelMix):
+        inner = module.inner
+        return int(inner.out_features) if isinstance(inner, nn.Linear) else channels
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return int(module.out_channels)
+    return channels
+
+
+# ----------------------------------------------------------------------------------- strategies
+def _size_preserving_conv(
+    draw: st.DrawFn,
+    *,
+    ndim: int,
+    channels: int,
+    out: int,
+    budget: Sequence[int],
+    max_kernel: int,
+    max_dilation: int,
+    padding_modes: Sequence[str],
+) -> nn.Module:
+    """A stride-1 conv whose total padding is its reach: output size = input size (Rule D3)."""
+    kernel, dilation = [], []
+    for b in budget:
+        k = draw(st.integers(1, max(1, min(max_kernel, b + 1))))
+        d = draw(st.integers(1, max(1, min(max_dilation, b // (k - 1))))) if k > 1 else 1
+        kernel.append(k)
+        dilation.append(d)
+    reach = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+    padding: str | int | tuple[int, ...] = "same"
+    if all(r % 2 == 0 for r in reach) and draw(st.booleans()):
+        padding = _tuple_or_int(draw, [r // 2 for r in reach])
+    common = math.gcd(channels, out)
+    groups = draw(st.sampled_from([g for g in range(1, common + 1) if common % g == 0]))
+    return _CONV[ndim](
+        channels,
+        out,
+        _tuple_or_int(draw, kernel),
+        padding=padding,
+        dilation=_tuple_or_int(draw, dilation),
+        groups=groups,
+        bias=draw(st.booleans()),
+        padding_mode=draw(st.sampled_from(padding_modes)),
+    )
+
+
+def _pointwise(
+    draw: st.DrawFn, *, ndim: int, channels: int, activations: Sequence[Callable[[], nn.Module]]
+) -> nn.Module:
+    """An activation, an eval BatchNorm or Dropout, a FrozenBatchNorm, or a LayerNorm over
+    channels (keeps the channel count)."""
+    # LayerNorm over one channel is degenerate: x - mean is rounding noise, amplified 1/sqrt(eps).
+    kinds = ["activation", "activation", "eval", "frozen"] + (["norm"] if channels > 1 else [])
+    kind = draw(st.sampled_from(kinds))
+    if kind == "activation":
+        return draw(st.sampled_from(activations))()
+    if kind == "eval":
+        return _eval_layer(draw, ndim=ndim, channels=channels)
+    if kind == "frozen":
+        frozen = FrozenBatchNorm(channels, ndim=ndim)
+        with torch.no_grad():
+            frozen.weight.normal_()
+            frozen.bias.normal_()
+            frozen.running_mean.normal_()
+            frozen.running_var.uniform_(0.5, 2.0)
+        return frozen
+    norm = nn.LayerNorm(channels)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    return ChannelMix(norm, ndim=ndim)
+
+
+def _body(
+    draw: st.DrawFn,
+    *,
+    ndim: int,
+    channels: int,
+    out: int,
+    budget: Sequence[int],
+    options: dict[str, Any],
+) -> nn.Module:
+    """A size-preserving path from ``channels`` to ``out`` channels: convs (and stride-1 pools)
+    with pointwise layers between, within the receptive-field ``budget`` (px at this depth)."""
+    layers: list[nn.Module] = []
+    left = list(budget)
+    n_convs = draw(st.integers(1, 2))
+    for i in range(n_convs):
+        mid = out if i == n_convs - 1 else draw(st.integers(1, options["max_channels"]))
+        conv = _size_preserving_conv(
+            draw,
+            ndim=ndim,
+            channels=channels,
+            out=mid,
+            budget=[b // (n_convs - i) for b in left],
+            max_kernel=options["max_kernel"],
+            max_dilation=options["max_dilation"],
+            padding_modes=options["padding_modes"],
+        )
+        windows = _windows(conv, ndim) or ()
+        left = [b - w.dilation * (w.kernel - 1) for b, w in zip(left, windows, strict=True)]
+        layers.append(conv)
+        channels = mid
+        if draw(st.booleans()):
+            layers.append(
+                _pointwise(draw, ndim=ndim, channels=channels, activations=options["activations"])
+            )
+    if min(left) >= 2 and options["pools"] and draw(st.booleans()):  # 3-wide, stride 1, padding 1
+        kind = draw(st.sampled_from(options["pools"]))
+        pool = _MAX_POOL[ndim](3, 1, 1) if kind == "max" else _AVG_POOL[ndim](3, 1, 1)
+        layers.insert(draw(st.integers(0, len(layers))), pool)
+    return layers[0] if len(layers) == 1 and draw(st.booleans()) else nn.Sequential(*layers)
+
+
+def _block(
+    draw: st.DrawFn,
+    kind: str,
+    *,
+    ndim: int,
+    channels: int,
+    budget: Sequence[int],
+    options: dict[str, Any],
+) -> nn.Module:
+    body = functools.partial(_body, draw, ndim=ndim, channels=channels, options=options)
+    if kind in ("residual_add", "residual_mul"):
+        return Residual(body(out=channels, budget=budget), merge=kind.split("_")[1])
+    if kind == "concat":
+        n = draw(st.integers(2, 3))
+        outs = [draw(st.integers(1, options["max_channels"])) for _ in range(n)]
+        return Branches(*(body(out=c, budget=budget) for c in outs), merge="cat")
+    if kind in ("rejoin_add", "rejoin_mul"):
+        out = draw(st.integers(1, options["max_channels"]))
+        return Branches(
+            body(out=out, budget=budget), body(out=out, budget=budget), merge=kind.split("_")[1]
+        )
+    if kind == "shared":
+        conv = _size_preserving_conv(
+            draw,
+            ndim=ndim,
+            channels=channels,
+            out=channels,
+            budget=[b // 2 for b in budget],
+            max_kernel=options["max_kernel"],
+            max_dilation=options["max_dilation"],
+            padding_modes=options["padding_modes"],
+        )
+        return SharedTwice(conv, draw(st.sampled_from(options["activations"]))())
+    assert kind == "mix", kind
+    if draw(st.booleans()):
+        return ChannelMix(
+            nn.Linear(channels, draw(st.integers(1, options["max_channels"]))), ndim=ndim
+        )
+    return _pointwise(draw, ndim=ndim, channels=channels, activations=options["activations"])
+
+
+@st.composite
+def dag_networks(
+    draw: st.DrawFn,
+    /,
+    *,
+    ndim: int = 2,
+    in_channels: int | None = None,
+    min_blocks: int = 1,
+    max_blocks: int = 3,
+    blocks: Sequence[str] = BLOCKS,
+    max_channels: int = 4,
+    max_kernel: int = 5,
+    max_dilation: int = 2,
+    max_receptive_field_px: int = 24,
+    pools: Sequence[str] = ("max", "avg"),
+    activations: Sequence[Callable[[], nn.Module]] = ACTIVATIONS,
+    padding_modes: Sequence[str] = ("zeros", "reflect", "replicate"),
+) -> nn.Sequential:
+    """Networks with joins: ``conv_stacks`` segments (strides, pools, any padding) and blocks.
+
+    ``blocks`` picks among ``BLOCKS``: residual add or multiply (``Residual``), concatenation
+    along channels and two branches that rejoin by add or multiply (``Branches``), one conv used
+    twice (``SharedTwice``), and ``"mix"``: a Linear, LayerNorm or FrozenBatchNorm over channels
+    (``ChannelMix`` permutes channels last and back). Block bodies are drawn size-preserving, so
+    the branches always rejoin; strided layers sit in the segments between blocks. The
+    receptive field stays within ``max_receptive_field_px`` (Rule D4); parameters are float32.
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=5, deadline=None, database=None)
+    ... @given(dag_networks(ndim=1, max_receptive_field_px=9))
+    ... def check(net):
+    ...     assert max(network_geometry(net, ndim=1).receptive_field_px) <= 9
+    >>> check()
+    """
+    options = {
+        "max_channels": max_channels,
+        "max_kernel": max_kernel,
+        "max_dilation": max_dilation,
+        "pools": tuple(pools),
+        "activations": tuple(activations),
+        "padding_modes": tuple(padding_modes),
+    }
+    seed = draw(st.integers(0, 2**32 - 1))
+    channels = in_channels if in_channels is not None else draw(st.integers(1, max_channels))
+    segments: list[nn.Module] = []
+    n_blocks = draw(st.integers(min_blocks, max_blocks))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # Rule D5
+        for i in range(2 * n_blocks + 1):
+            geometry = network_geometry(nn.Sequential(*segments), ndim=ndim)
+            budget = [
+                (max_receptive_field_px - f) // s
+                for f, s in zip(geometry.receptive_field_px, geometry.total_stride, strict=True)
+            ]
+            if i % 2 == 0:  # a chain segment (may be empty)
+                segment: nn.Module = draw(
+                    conv_stacks(
+                        ndim=ndim,
+                        min_layers=0,
+                        max_layers=2,
+                        in_channels=channels,
+                        max_channels=max_channels,
+                        max_kernel=max_kernel,
+                        max_dilation=max_dilation,
+                        max_receptive_field_px=max(1, min(budget) + 1),
+                        pools=pools,
+                        activations=activations,
+                        padding_modes=padding_modes,
+                        nested=False,
+                    )
+                )
+            else:
+                kind = draw(st.sampled_from(blocks))
+                segment = _block(
+                    draw, kind, ndim=ndim, channels=channels, budget=budget, options=options
+                )
+            candidate = nn.Sequential(*segments, segment)
+            fields = network_geometry(candidate, ndim=ndim).receptive_field_px
+            if max(fields) <= max_receptive_field_px:  # Rule D4
+                segments.append(segment)
+                channels = out_channels(segment, channels)
+    return nn.Sequential(*segments)
+
+
+_DEFAULT_SIZES = {1: (64, 32, 16), 2: (40, 20, 16), 3: (16, 8, 8)}  # max_px, max_rf, max_tiles
+
+
+@st.composite
+def dag_cases(
+    draw: st.DrawFn,
+    /,
+    *,
+    ndim: int = 2,
+    max_px: int | None = None,
+    max_receptive_field_px: int | None = None,
+    max_tiles: int | None = None,
+    min_batch: int = 1,
+    max_batch: int = 2,
+    **network_options: Any,
+) -> StreamingCase:
+    """A DAG network, an image shape it accepts and a legal tile (``StreamingCase``).
+
+    ``network_options`` go to ``dag_networks``; the defaults keep one example fast on a CPU core.
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=5, deadline=None, database=None)
+    ... @given(dag_cases(ndim=2))
+    ... def check(case):
+    ...     assert len(case.image_shape) == 4 and max(case.image_shape[2:]) <= 40
+    >>> check()
+    """
+    default_px, default_rf, default_tiles = _DEFAULT_SIZES[ndim]
+    channels = network_options.pop("in_channels", None) or draw(st.integers(1, 3))
+    network = draw(
+        dag_networks(
+            ndim=ndim,
+            in_channels=channels,
+            max_receptive_field_px=default_rf
+            if max_receptive_field_px is None
+            else max_receptive_field_px,
+            **network_options,
+        )
+    )
+    shape = draw(
+        image_shapes(
+            module=network,
+            ndim=ndim,
+            channels=channels,
+            min_batch=min_batch,
+            max_batch=max_batch,
+            max_px=default_px if max_px is None else max_px,
+        )
+    )
+    tiles = default_tiles if max_tiles is None else max_tiles
+    tile = draw(tile_sizes(module=network, image_shape=shape, max_tiles=tiles))
+    return StreamingCase(network, shape, tile, seed=draw(st.integers(0, 2**32 - 1)))
