@@ -17,7 +17,7 @@ import torch
 from .record import REPO, main_command, make_record, write_record
 
 DEFAULT_EXAMPLES = 1000
-DEFAULT_DAG_EXAMPLES = 200
+DEFAULT_DAG_EXAMPLES = 800
 QUICK_EXAMPLES = 6
 QUICK_DAG_EXAMPLES = 3
 
