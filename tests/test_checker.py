@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import streamcheck
 from streamcheck.testing.checker import (
     EquivalenceReport,
     assert_streaming_equivalent,
+    check_streamed,
     check_streaming_equivalence,
     default_tolerances,
 )
@@ -361,3 +364,54 @@ def test_cuda_float32_without_tf32() -> None:
     )
     assert report.passed
     assert torch.backends.cudnn.allow_tf32  # restored
+
+
+# --------------------------------------------------------------------- check_streamed, imports
+def test_check_streamed_sees_changes_after_wrapping() -> None:
+    """The wrapper itself is checked, as it is after a change; its gradients are left alone."""
+    trunk = small_trunk().double()
+    streamed = streamcheck.Streamed(trunk, tile=32)
+    assert check_streamed(streamed, small_input()).passed
+    trunk[1] = nn.Tanh()
+    trunk[0].weight.grad = torch.ones_like(trunk[0].weight)
+    report = check_streamed(streamed, small_input())
+    assert report.passed and report.n_tiles > 1 and report.dtype == torch.float64
+    assert torch.equal(trunk[0].weight.grad, torch.ones_like(trunk[0].weight))
+
+
+def test_check_streamed_fails_a_wrapper_that_computes_something_else() -> None:
+    class Doubled(streamcheck.Streamed):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    report = check_streamed(Doubled(small_trunk().double(), tile=32), small_input())
+    assert not report.passed and report.rows[0].name == "output" and not report.rows[0].passed
+
+
+def test_checker_imports_without_hypothesis() -> None:
+    """The checker needs torch only; strategies and the state machine load on first use."""
+    code = (
+        "import sys; sys.modules['hypothesis'] = None\n"  # `import hypothesis` now fails
+        "import streamcheck.testing as t\n"
+        "from streamcheck.testing import assert_streaming_equivalent, check_streamed\n"
+        "assert 'streamcheck.testing.strategies' not in sys.modules\n"
+        "for name in ('conv_stacks', 'dag_cases', 'streaming_machine'):\n"
+        "    try:\n"
+        "        getattr(t, name)\n"
+        "    except ImportError as error:\n"
+        "        assert 'hypothesis' in str(error), error\n"
+        "    else:\n"
+        "        raise AssertionError(name + ' imported without hypothesis')\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_every_public_testing_name_resolves() -> None:
+    import streamcheck.testing as testing
+
+    for name in testing.__all__:
+        assert getattr(testing, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        testing.nothing  # noqa: B018
