@@ -2,7 +2,9 @@
 
 NOTE [ Graph ]
 Rule G1. The module is traced with torch.fx. Known torch.nn layers (`layers.KNOWN_MODULES`, when
-         their ``forward`` is not overridden) stay whole; everything else is traced through.
+         their ``forward`` is not overridden) stay whole; everything else is traced through, so a
+         subclass with its own ``forward`` (timm's BatchNormAct2d, ScaledStdConv2d) is understood
+         from the functions it calls (``F.batch_norm``, ``F.conv2d``, an activation).
 Rule G2. fx freezes ``self.training`` and other plain attributes of traced-through modules into the
          graph, so a graph holds only for the module state it was traced from: ``Streamed`` keys
          its plans on that state (NOTE [ Plan cache ] in ``state.py``).
@@ -20,13 +22,31 @@ Rule G5. A layer that works in place may only overwrite a feature map that nothi
          Hooks on streamed modules are refused: they would see tiles (or meta tensors) instead of
          the image.
 Rule G6. Every violation is collected first, then all are raised together in one StreamcheckError
-         naming each layer by its module path: before any computation happens.
+         naming each layer by its module path: before any computation happens. What every node
+         computes for the whole image is known first, from one run on the meta device; if the
+         module fails there, the violations found before the failing node are raised, else the
+         failure.
+Rule G7. Shape reads (``x.shape``, ``x.size(d)``, ``x.ndim``, ``x.dim()``) take their value from the
+         meta run. The rank and the sizes of non-spatial dimensions are the same on every tile:
+         they, and plain values computed from them, are *fixed* constants. A spatial size differs
+         per tile, so it may only reach a reshape (Rule G8) or the amounts of an ``F.pad`` (a
+         window built for the whole image, layers Rule L2); any other use is an error naming the
+         source line (found by tracing again with stack traces, only then).
+Rule G8. A reshape (view, reshape, flatten, unflatten, squeeze, unsqueeze, nn.Flatten) is understood
+         from its whole-image shapes in and out (`layers.reshaped_layout`): it is local when every
+         spatial axis stays a dimension of its own, of the same size (channel shuffle splits and
+         merges channel dimensions only). On a tile it runs as the whole-image target shape with
+         the tile's spatial sizes put in, whatever its arguments say.
+Rule G9. Indexing (``x[:, a:b]``, ``x[:, None, 0]``) may select, slice or add non-spatial dimensions
+         and must take spatial ones whole (`layers.indexed_layout`); ``split``, ``chunk`` and
+         ``unbind`` cut one non-spatial dimension into pieces that share the source's layout.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +64,8 @@ from .layers import (
     classify_function,
     classify_method,
     classify_module,
+    indexed_layout,
+    reshaped_layout,
 )
 
 __all__ = ["Graph", "Node", "build_graph"]
@@ -64,6 +86,10 @@ class Node:
     layout: tuple[int, ...] = ()  # tensor dim of each spatial axis (Rule G3)
     shape: tuple[int, ...] = ()  # tensor shape for the whole image
     inplace: bool = False
+    splits: bool = False  # the value is a tuple of pieces (split, chunk)
+    fixed: bool = False  # a shape read fixed when the graph is built: ``value`` (Rule G7)
+    value: Any = None
+    entries: frozenset[int] = frozenset()  # which entries of a shape read are spatial sizes
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -119,41 +145,69 @@ def _trace(module: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(module, graph)
 
 
-def _meta_shapes(
+def _meta_values(
     gm: fx.GraphModule, input_shape: Sequence[int], dtype: torch.dtype
-) -> dict[str, Any]:
-    """Tensor shapes of every node for the whole image, without computing anything (meta device)."""
+) -> tuple[dict[str, Any], StreamcheckError | None]:
+    """What every node computes for the whole image, without computing anything (meta device):
+    meta tensors (for shapes), tuples of them, and plain values such as shape reads; and the
+    error if the module fails on the way (values up to there are kept)."""
     memo: dict[int, Any] = {}
     for t in itertools.chain(gm.parameters(), gm.buffers()):
         meta = t.detach().to("meta")
         memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
     meta_gm = copy.deepcopy(gm, memo)
-    shapes: dict[str, Any] = {}
+    values: dict[str, Any] = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             result = super().run_node(n)
-            shapes[n.name] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
+            values[n.name] = result
             return result
 
     try:
         Recorder(meta_gm).run(torch.empty(tuple(input_shape), device="meta", dtype=dtype))
     except Exception as error:
-        raise StreamcheckError(
+        failure = StreamcheckError(
             f"streamcheck: the module fails on an input of shape {tuple(input_shape)}: {error}"
-        ) from error
-    return shapes
+        )
+        failure.__cause__ = error
+        return values, failure
+    return values, None
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    """The shape of a tensor, or of the first piece of a split (all pieces share spatial sizes)."""
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        value = value[0]
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
 
 
 def _classify(
-    fxn: fx.Node, gm: fx.GraphModule
+    fxn: fx.Node,
+    gm: fx.GraphModule,
+    fixed: dict[str, Any],
+    metas: dict[str, Any],
+    spatial_axes: int,
 ) -> tuple[Window | Pointwise | Rejected, nn.Module | None]:
     if fxn.op == "call_module":
         module = gm.get_submodule(str(fxn.target))
         return classify_module(module), module
+    # Shape reads fixed at build time fill in the arguments (Rule G7).
+    args = fx.node.map_arg(fxn.args, lambda n: fixed.get(n.name, n))
+    kwargs = dict(fx.node.map_arg(fxn.kwargs, lambda n: fixed.get(n.name, n)))
     if fxn.op == "call_function":
-        return classify_function(fxn.target, fxn.args, dict(fxn.kwargs)), None
-    return classify_method(str(fxn.target), fxn.args, dict(fxn.kwargs)), None
+
+        def shape_of(arg: Any) -> tuple[int, ...] | None:
+            meta = metas.get(arg.name) if isinstance(arg, fx.Node) else None
+            return tuple(meta.shape) if isinstance(meta, torch.Tensor) else None
+
+        return (
+            classify_function(
+                fxn.target, args, kwargs, shape_of=shape_of, spatial_axes=spatial_axes
+            ),
+            None,
+        )
+    return classify_method(str(fxn.target), args, kwargs), None
 
 
 def _is_inplace(fxn: fx.Node, module: nn.Module | None) -> bool:
@@ -164,6 +218,35 @@ def _is_inplace(fxn: fx.Node, module: nn.Module | None) -> bool:
     return bool(fxn.kwargs.get("inplace", False))
 
 
+_SHAPE_ATTRIBUTES = {"shape", "ndim"}
+_SHAPE_METHODS = {"size", "dim", "ndimension"}
+
+
+def _is_shape_read(fxn: fx.Node) -> bool:
+    if fxn.op == "call_function" and fxn.target is getattr:
+        return fxn.args[1] in _SHAPE_ATTRIBUTES
+    return fxn.op == "call_method" and fxn.target in _SHAPE_METHODS
+
+
+def _spatial_entries(value: Any, source: Node, fxn: fx.Node) -> frozenset[int]:
+    """Which entries of a shape read are spatial sizes (Rule G7): indices into a torch.Size, or
+    {0} for a single size."""
+    if fxn.op == "call_function" or fxn.target in ("dim", "ndimension"):
+        return frozenset(source.layout) if isinstance(value, tuple) else frozenset()
+    dim = fxn.args[1] if len(fxn.args) > 1 else fxn.kwargs.get("dim")
+    if dim is None:
+        return frozenset(source.layout)
+    return frozenset({0}) if int(dim) % len(source.shape) in source.layout else frozenset()  # type: ignore[arg-type]
+
+
+def _indexed_entries(entries: frozenset[int], value: Any, index: Any) -> frozenset[int]:
+    """The spatial entries of ``shape[index]``."""
+    positions = range(len(value))
+    if isinstance(index, slice):
+        return frozenset(i for i, p in enumerate(positions[index]) if p in entries)
+    return frozenset({0}) if positions[index] in entries else frozenset()
+
+
 def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.dtype) -> Graph:
     """Trace ``module``, check that it is local, and attach shapes and layouts for ``input_shape``."""
     if len(input_shape) not in (3, 4, 5):
@@ -171,77 +254,190 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
             f"streamcheck: input of shape {tuple(input_shape)} is not (N, C, *spatial) with 1 to 3 "
             "spatial axes"
         )
-    gm = _trace(nn.Sequential(module) if isinstance(module, KNOWN_MODULES) else module)
+    root = nn.Sequential(module) if isinstance(module, KNOWN_MODULES) else module
+    gm = _trace(root)
+    _check_rank(gm, input_shape)
+    metas, failure = _meta_values(gm, input_shape, dtype)
+    spatial_axes = len(input_shape) - 2
     problems: list[str] = []
     nodes: list[Node] = []
     index: dict[str, int] = {}
-    constants: set[str] = set()
+    fixed: dict[str, Any] = {}  # values fixed at build time (Rule G7), by node name
+    known: dict[str, Any] = {}  # those and the whole image's spatial sizes
+    lines = _Lines(root)
     output: int | None = None
+
+    def add(node: Node) -> None:
+        index[node.name] = len(nodes)
+        nodes.append(node)
+
     for fxn in gm.graph.nodes:
+        if failure is not None and fxn.name not in metas:
+            break  # the module fails here: report what was found before, else the failure
         if fxn.op == "placeholder":
             if nodes:
                 problems.append(f"  - the module takes several inputs ({fxn.name}); pass one image")
                 continue
-            index[fxn.name] = len(nodes)
-            nodes.append(Node(fxn.name, "input", fxn, "input"))
+            add(Node(fxn.name, "input", fxn, "input", shape=tuple(input_shape)))
+            nodes[0].layout = tuple(range(2, 2 + spatial_axes))
             continue
         if fxn.op == "output":
             result = fxn.args[0]
-            if not isinstance(result, fx.Node) or result.name not in index:
+            if (
+                not isinstance(result, fx.Node)
+                or result.name not in index
+                or nodes[index[result.name]].kind == "constant"
+            ):
                 problems.append("  - the module must return one tensor computed from its input")
             else:
                 output = index[result.name]
             continue
-        inputs = [a for a in fxn.all_input_nodes]
-        spatial = [index[a.name] for a in inputs if a.name in index and a.name not in constants]
-        if fxn.op == "get_attr" or not spatial:
-            constants.add(fxn.name)
-            index[fxn.name] = len(nodes)
-            nodes.append(Node(fxn.name, _path(fxn), fxn, "constant"))
-            continue
-        layer, submodule = _classify(fxn, gm)
+        inputs = [nodes[index[a.name]] for a in fxn.all_input_nodes if a.name in index]
+        streamed = [n for n in inputs if n.kind != "constant"]
+        sizes = [n for n in inputs if n.entries]
         path = _path(fxn)
+        meta = metas.get(fxn.name)
+        if fxn.op == "get_attr" or (not streamed and not sizes):
+            if fxn.op != "get_attr" and _is_plain(meta):  # shapes, ranks: fixed (Rule G7)
+                _add_size(
+                    add, known, fixed, Node(fxn.name, path, fxn, "constant"), meta, frozenset()
+                )
+                continue
+            add(Node(fxn.name, path, fxn, "constant", shape=_shape(meta)))
+            continue
+        if not streamed:  # arithmetic on spatial sizes: still a spatial size (Rule G7)
+            if isinstance(meta, torch.Tensor):
+                problems.append(_spatial_size_problem(fxn, path, sizes[0], lines))
+                add(Node(fxn.name, path, fxn, "constant"))
+                continue
+            entries = (
+                _indexed_entries(sizes[0].entries, metas[sizes[0].name], fxn.args[1])
+                if fxn.target is operator.getitem and fxn.args[0] is sizes[0].fx_node
+                else frozenset({0})
+            )
+            _add_size(add, known, fixed, Node(fxn.name, path, fxn, "constant"), meta, entries)
+            continue
+        if _is_shape_read(fxn):
+            entries = _spatial_entries(meta, streamed[0], fxn)
+            _add_size(add, known, fixed, Node(fxn.name, path, fxn, "constant"), meta, entries)
+            continue
+        if fxn.op == "call_function" and fxn.target is operator.getitem:
+            layer: Window | Pointwise | Rejected = Pointwise()  # Rule G9 in _attach_layout
+            submodule = None
+        else:
+            layer, submodule = _classify(fxn, gm, known, metas, spatial_axes)
         if isinstance(layer, Rejected):
             problems.append(f"  - '{path}': {layer.reason}. Fix: {layer.fix}.")
-            index[fxn.name] = len(nodes)  # keep going, so that later layers are checked too
-            nodes.append(Node(fxn.name, path, fxn, "rejected"))
-            continue
-        index[fxn.name] = len(nodes)
-        nodes.append(
-            Node(
-                fxn.name,
-                path,
-                fxn,
-                "window" if isinstance(layer, Window) else "pointwise",
-                layer,
-                submodule,
-                sources=[i for i in spatial if nodes[i].kind != "constant"],
-                inplace=_is_inplace(fxn, submodule),
-            )
+            kind = "rejected"  # kept with a layout: later layers are checked too
+        else:
+            kind = "window" if isinstance(layer, Window) else "pointwise"
+        node = Node(
+            fxn.name,
+            path,
+            fxn,
+            kind,
+            None if isinstance(layer, Rejected) else layer,
+            submodule,
+            sources=[index[n.name] for n in streamed],
+            shape=_shape(meta),
+            inplace=_is_inplace(fxn, submodule),
+            splits=isinstance(layer, Pointwise) and layer.splits,
         )
-    _check_rank(nodes, input_shape)
+        if sizes and not _reads_sizes_as_geometry(node):
+            problems.append(_spatial_size_problem(fxn, path, sizes[0], lines))
+        else:
+            _attach_layout(node, nodes, spatial_axes, fixed, problems)
+        add(node)
     _raise(problems)
+    if failure is not None:
+        raise failure
     if output is None:
         raise StreamcheckError("streamcheck: the module returns nothing streamable")
-    nodes = nodes[: output + 1] if all(n.kind == "constant" for n in nodes[output + 1 :]) else nodes
-    shapes = _meta_shapes(gm, input_shape, dtype)
+    if all(n.kind == "constant" for n in nodes[output + 1 :]):
+        nodes = nodes[: output + 1]
     for i, node in enumerate(nodes):
-        node.shape = tuple(shapes[node.name]) if shapes.get(node.name) is not None else ()
         for s in node.sources:
             nodes[s].consumers.append(i)
     _check_inplace_and_hooks(module, nodes, problems)
-    _attach_layouts(nodes, len(input_shape) - 2, problems)
     _raise(problems)
     return Graph(module, gm, nodes, output)
+
+
+def _is_plain(value: Any) -> bool:
+    """A value without tensors: meta runs compute shapes and ranks, never tensor contents."""
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain(v) for v in value)
+    return isinstance(value, (int, float, bool, str, type(None), slice, torch.dtype))
+
+
+def _add_size(
+    add: Any,
+    known: dict[str, Any],
+    fixed: dict[str, Any],
+    node: Node,
+    value: Any,
+    entries: frozenset[int],
+) -> None:
+    """A shape read (Rule G7): a constant fixed now, or a spatial size that only geometry may read."""
+    node.value, node.entries, node.fixed = value, entries, not entries
+    known[node.name] = value
+    if node.fixed:
+        fixed[node.name] = value
+    add(node)
+
+
+def _reads_sizes_as_geometry(node: Node) -> bool:
+    """Reshapes and F.pad read spatial sizes as whole-image geometry (Rule G7)."""
+    layer = node.layer
+    return (isinstance(layer, Pointwise) and layer.reshape) or (
+        isinstance(layer, Window) and layer.kind == "pad"
+    )
+
+
+def _spatial_size_problem(fxn: fx.Node, path: str, size: Node, lines: _Lines) -> str:
+    line = lines(fxn.name) or lines(size.name)
+    return (
+        f"  - '{path}': computes with the spatial size read at '{size.path}'{line}, which differs "
+        "per tile. Fix: use only the channel and batch sizes (x.shape[1], x.size(0), x.ndim) in "
+        "the streamed part, or move this layer into the head."
+    )
+
+
+class _Lines:
+    """Source lines of traced nodes, for messages: the module is traced again with stack traces
+    only when a message needs one (recording them on every trace would slow plan building)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.traces: dict[str, str] | None = None
+
+    def __call__(self, name: str) -> str:
+        if self.traces is None:
+            tracer = _Tracer()
+            tracer.record_stack_traces = True
+            try:
+                graph = tracer.trace(self.module)
+            except Exception:  # the first trace succeeded; this one is only for the message
+                graph = fx.Graph()
+            self.traces = {n.name: n.meta.get("stack_trace") or "" for n in graph.nodes}
+        lines = [t.strip() for t in self.traces.get(name, "").splitlines() if t.strip()]
+        frames = [(a, b) for a, b in zip(lines, lines[1:], strict=False) if a.startswith("File ")]
+        user = [(a, b) for a, b in frames if "/torch/fx/" not in a]
+        return f" ({user[0][0]}: {user[0][1]})" if user else ""
 
 
 _AXES = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
 
 
-def _check_rank(nodes: list[Node], input_shape: Sequence[int]) -> None:
+def _check_rank(gm: fx.GraphModule, input_shape: Sequence[int]) -> None:
     """An input whose rank does not fit the module's window layers (say, no batch axis)."""
-    windows = [n for n in nodes if n.kind == "window" and isinstance(n.layer, Window)]
-    ranks = {n.layer.ndim for n in windows if isinstance(n.layer, Window)}
+    windows = []
+    for fxn in gm.graph.nodes:
+        if fxn.op == "call_module":
+            layer = classify_module(gm.get_submodule(str(fxn.target)))
+            if isinstance(layer, Window):
+                windows.append((str(fxn.target), layer.ndim))
+    ranks = {rank for _, rank in windows}
     spatial = len(input_shape) - 2
     if len(ranks) != 1 or spatial in ranks:
         return
@@ -253,7 +449,7 @@ def _check_rank(nodes: list[Node], input_shape: Sequence[int]) -> None:
         else f"pass a tensor of shape {_AXES[rank]}"
     )
     raise StreamcheckError(
-        f"streamcheck: the module's window layers ('{windows[0].path}', ...) are {rank}-D, so the "
+        f"streamcheck: the module's window layers ('{windows[0][0]}', ...) are {rank}-D, so the "
         f"input must be {_AXES[rank]}; got shape {tuple(input_shape)} ({len(input_shape)} "
         f"dimensions). Fix: {fix}"
     )
@@ -278,58 +474,104 @@ def _check_inplace_and_hooks(module: nn.Module, nodes: list[Node], problems: lis
             )
 
 
-def _attach_layouts(nodes: list[Node], spatial_axes: int, problems: list[str]) -> None:
-    nodes[0].layout = tuple(range(2, 2 + spatial_axes))
-    for node in nodes[1:]:
-        if node.kind == "constant":
-            continue
-        first = nodes[node.sources[0]]
-        ndim = len(node.shape)
-        if node.kind == "window":
-            assert isinstance(node.layer, Window)
-            expected = tuple(range(len(first.shape) - spatial_axes, len(first.shape)))
-            if first.layout != expected or node.layer.ndim != spatial_axes:
-                problems.append(
-                    f"  - '{node.path}': a {node.layer.ndim}-D window layer applied to tensor "
-                    f"dimensions {first.layout} that hold the {spatial_axes} spatial axes. Fix: "
-                    "keep spatial axes last (undo permutes) before conv and pooling layers."
-                )
-                continue
-            node.layout = first.layout
-            continue
-        assert isinstance(node.layer, Pointwise)
-        node.layout = first.layout
-        if node.layer.permutation is not None:
-            fxn = node.fx_node
-            dims = [d % ndim for d in node.layer.permutation(fxn.args, dict(fxn.kwargs))]
-            node.layout = tuple(dims.index(d) for d in first.layout)
-        mixed = {d % max(len(first.shape), 1) for d in node.layer.mixed_dims(len(first.shape))}
-        clash = sorted(mixed & set(first.layout))
-        if clash:
+def _attach_layout(
+    node: Node, nodes: list[Node], spatial_axes: int, fixed: dict[str, Any], problems: list[str]
+) -> None:
+    """Which tensor dimension holds each spatial axis after ``node`` (Rule G3), and whether the
+    node keeps them apart (Rules G4, G8, G9, locality Rule L3)."""
+    first = nodes[node.sources[0]]
+    node.layout = first.layout
+    fxn = node.fx_node
+    ndim = len(first.shape)
+    if node.kind == "rejected":
+        return
+    if node.kind == "window":
+        assert isinstance(node.layer, Window)
+        expected = tuple(range(ndim - spatial_axes, ndim))
+        if first.layout != expected or node.layer.ndim != spatial_axes:
             problems.append(
-                f"  - '{node.path}': mixes or indexes parameters by tensor dimension(s) {clash}, "
-                "which hold spatial axes here. Fix: apply it over channels only (permute spatial "
-                "axes out of those dimensions)."
+                f"  - '{node.path}': a {node.layer.ndim}-D window layer applied to tensor "
+                f"dimensions {first.layout} that hold the {spatial_axes} spatial axes. Fix: "
+                "keep spatial axes last (undo permutes) before conv and pooling layers."
             )
+        if len(node.sources) > 1:
+            problems.append(
+                f"  - '{node.path}': a convolution whose weight is computed from the image. Fix: "
+                "compute weights from parameters and buffers only."
+            )
+        return
+    assert isinstance(node.layer, Pointwise)
+    if node.layer.reshape:  # Rule G8
+        moved = reshaped_layout(first.shape, node.shape, first.layout)
+        if moved is None:
+            what = type(node.module).__name__ if node.module is not None else _op_name(fxn)
+            problems.append(
+                f"  - '{node.path}': {what} reshapes spatial axes (shape {first.shape} to {node.shape}, "
+                f"spatial axes in dimensions {first.layout}): merges or splits them with other "
+                "dimensions. Fix: only split or merge channel dimensions, or move it into the head."
+            )
+            return
+        node.layout = moved
+        return
+    if fxn.target is operator.getitem and not first.splits:  # Rule G9
+        position = fx.node.map_arg(fxn.args[1], lambda n: fixed.get(n.name, n))
+        moved_or_why = indexed_layout(position, ndim, first.layout)
+        if isinstance(moved_or_why, str):
+            problems.append(
+                f"  - '{node.path}': {moved_or_why}, which holds a spatial axis. Fix: index "
+                "channels only, or move it into the head."
+            )
+            return
+        node.layout = moved_or_why
+        return
+    if node.layer.permutation is not None:
+        dims = [d % ndim for d in node.layer.permutation(fxn.args, dict(fxn.kwargs), ndim)]
+        node.layout = tuple(dims.index(d) for d in first.layout)
+    mixed = {d % max(ndim, 1) for d in node.layer.mixed_dims(ndim)}
+    clash = sorted(mixed & set(first.layout))
+    if clash and node.layer.reduction:
+        problems.append(
+            f"  - '{node.path}': {_op_name(fxn)} reduces over tensor dimension(s) {clash}, which "
+            "hold spatial axes here: a global pooling, which needs the whole image. Fix: move it "
+            "into the head, or reduce over channels only."
+        )
+        return
+    if clash:
+        problems.append(
+            f"  - '{node.path}': mixes or indexes parameters by tensor dimension(s) {clash}, "
+            "which hold spatial axes here. Fix: apply it over channels only (permute spatial "
+            "axes out of those dimensions)."
+        )
+        return
+    if node.layer.reduces:
+        node.layout = tuple(d - sum(m < d for m in mixed) for d in node.layout)
+    for s in node.sources[1:]:
+        other = nodes[s]
+        if other.layout != first.layout or other.sizes != first.sizes:
+            problems.append(
+                f"  - '{node.path}': combines feature maps of different spatial layout or size "
+                f"({first.sizes} and {other.sizes}). Fix: only combine maps of equal size."
+            )
+    if not node.layer.broadcast:
+        return
+    out_ndim = len(node.shape)
+    for arg in fxn.all_input_nodes:
+        const = next((n for n in nodes if n.name == arg.name and n.kind == "constant"), None)
+        if const is None or not const.shape:
             continue
-        for s in node.sources[1:]:
-            other = nodes[s]
-            if other.layout != first.layout or other.sizes != first.sizes:
-                problems.append(
-                    f"  - '{node.path}': combines feature maps of different spatial layout or size "
-                    f"({first.sizes} and {other.sizes}). Fix: only combine maps of equal size."
-                )
-        for arg in node.fx_node.all_input_nodes:
-            const = next((n for n in nodes if n.name == arg.name and n.kind == "constant"), None)
-            if const is None or not const.shape:
-                continue
-            offset = ndim - len(const.shape)
-            if any(d - offset >= 0 and const.shape[d - offset] != 1 for d in node.layout):
-                problems.append(
-                    f"  - '{node.path}': combines the feature map with the constant "
-                    f"'{const.path}' of shape {const.shape}, which varies along a spatial axis. "
-                    "Fix: only use per-channel constants in the streamed part."
-                )
+        offset = out_ndim - len(const.shape)
+        if any(d - offset >= 0 and const.shape[d - offset] != 1 for d in node.layout):
+            problems.append(
+                f"  - '{node.path}': combines the feature map with the constant "
+                f"'{const.path}' of shape {const.shape}, which varies along a spatial axis. "
+                "Fix: only use per-channel constants in the streamed part."
+            )
+
+
+def _op_name(fxn: fx.Node) -> str:
+    if fxn.op == "call_method":
+        return f".{fxn.target}()"
+    return f"{getattr(fxn.target, '__name__', fxn.target)}()"
 
 
 def _raise(problems: list[str]) -> None:

@@ -21,7 +21,7 @@ import torch.fx as fx
 from .errors import internal_error
 from .geometry import Box, Interval, clip, hull, mirror
 from .graph import Graph, Node
-from .layers import Window
+from .layers import Pointwise, Window
 
 __all__ = ["Edge", "Schedule", "needed_interval", "run_tile", "schedule_tile"]
 
@@ -134,9 +134,9 @@ def needed_interval(graph: Graph, node_index: int, axis: int, interval: Interval
     return hull(requests[0])
 
 
-def _crop(
-    tensor: torch.Tensor, layout: tuple[int, ...], crop: tuple[Interval, ...]
-) -> torch.Tensor:
+def _crop(tensor: Any, layout: tuple[int, ...], crop: tuple[Interval, ...]) -> Any:
+    if isinstance(tensor, (tuple, list)):  # the pieces of a split
+        return tuple(_crop(piece, layout, crop) for piece in tensor)
     index: list[Any] = [slice(None)] * tensor.dim()
     for dim, (start, stop) in zip(layout, crop, strict=True):
         index[dim] = slice(start, stop)
@@ -169,6 +169,24 @@ def _evaluate(graph: Graph, fxn: fx.Node, values: dict[str, Any]) -> Any:
     return getattr(self_arg, str(fxn.target))(*rest, **kwargs)
 
 
+def _weights(node: Node, values: dict[str, Any]) -> tuple[Any, Any, int] | None:
+    """A convolution's weight, bias and groups, read live: from its module, or from the call."""
+    layer = node.layer
+    assert isinstance(layer, Window)
+    if layer.kind == "conv":
+        m = node.module
+        assert m is not None
+        return m.weight, m.bias, m.groups  # type: ignore[return-value]
+    if layer.kind != "conv_function":
+        return None
+    fxn = node.fx_node
+    args = fx.node.map_arg(fxn.args, lambda n: values[n.name])
+    kwargs = fx.node.map_arg(fxn.kwargs, lambda n: values[n.name])
+    weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
+    bias = kwargs.get("bias", args[2] if len(args) > 2 else None)
+    return weight, bias, layer.groups
+
+
 def run_tile(
     graph: Graph, schedule: Schedule, x: torch.Tensor, *, stop_at_output_input: bool = False
 ) -> torch.Tensor:
@@ -184,7 +202,10 @@ def run_tile(
     for i in range(1, graph.output + 1):
         node = nodes[i]
         if node.kind == "constant":
-            constants[node.name] = _evaluate(graph, node.fx_node, constants)
+            if node.fixed:  # graph Rule G7
+                constants[node.name] = node.value
+            elif not node.entries:  # spatial sizes are read only as geometry (Rule G7)
+                constants[node.name] = _evaluate(graph, node.fx_node, constants)
             continue
         box = schedule.boxes[i]
         if box is None:
@@ -203,10 +224,16 @@ def run_tile(
             tensor, edge = inputs[0]
             return node.layer.pad(tensor, edge.pads, edge.gathers)
         if node.kind == "window":
-            assert isinstance(node.layer, Window) and node.module is not None
+            assert isinstance(node.layer, Window)
             tensor, edge = inputs[0]
             sizes = nodes[node.sources[0]].sizes
-            env[i] = node.layer.run(node.module, tensor, edge.pads, edge.gathers, box, sizes)
+            weights = _weights(node, values)
+            env[i] = node.layer.run(tensor, edge.pads, edge.gathers, box, sizes, weights)
+        elif isinstance(node.layer, Pointwise) and node.layer.reshape:  # graph Rule G8
+            target = list(node.shape)
+            for dim, (start, stop) in zip(node.layout, box, strict=True):
+                target[dim] = stop - start
+            env[i] = inputs[0][0].reshape(target)
         else:
             env[i] = _evaluate(graph, node.fx_node, values)
         for s in node.sources:
