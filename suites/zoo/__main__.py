@@ -1,0 +1,65 @@
+"""``python -m suites.zoo``: stream every zoo trunk in float64 and write ``reports/zoo/``.
+
+Rule Z7. One JSONL row per model (``results.jsonl``), each with the shared environment record
+         (``suites.environment.environment``) and the command; a rerun skips models already
+         recorded at the same git commit (resumable, finished models are never lost), ``--redo``
+         runs them again. ``SUMMARY.md`` is written from the rows alone (``summary.py``).
+
+    python -m suites.zoo                      # every model (Rule Z6 sizes), then the summary
+    python -m suites.zoo --only resnet mobilenet   # models whose name contains one of these
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from suites.environment import environment
+
+from .models import zoo
+from .run import check_model
+from .summary import write_summary
+
+OUT = Path(__file__).resolve().parents[2] / "reports" / "zoo"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m suites.zoo", description=__doc__)
+    parser.add_argument("--only", nargs="*", default=None, help="name fragments to run")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--redo", action="store_true", help="run models already recorded")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    env = environment("cpu")
+    done = set()
+    if results.exists() and not args.redo:
+        for line in results.read_text().splitlines():
+            row = json.loads(line)
+            if row["environment"]["git_commit"] == env["git_commit"]:
+                done.add(row["name"])
+    models = [m for m in zoo() if args.only is None or any(part in m.name for part in args.only)]
+    command = "python -m suites.zoo " + " ".join(sys.argv[1:] if argv is None else argv)
+    for i, model in enumerate(models, 1):
+        if model.name in done:
+            continue
+        print(f"[{i}/{len(models)}] {model.name} ...", end=" ", flush=True)
+        record = check_model(model)
+        record["environment"] = environment("cpu")
+        record["command"] = command.strip()
+        with results.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(record["status"], record.get("refusal", ""), f"{record['seconds']} s", flush=True)
+    write_summary(results, args.out / "SUMMARY.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""The zoo: real torchvision and timm trunks (stem and early stages to total stride 8), built with
+random weights (no download), for ``python -m suites.zoo``.
+
+Rule Z1. A timm trunk is the model's own feature extractor cut at its deepest feature of reduction
+         <= 8 (``timm.models.FeatureListNet`` with that one ``out_index``): the modules the model
+         runs up to there, as the model runs them. A torchvision trunk is the prefix of the model's
+         own modules named in ``TORCHVISION`` (the stages to stride 8).
+Rule Z2. Every model is built with ``pretrained=False`` / ``weights=None`` and seed 0; BatchNorm and
+         LayerNorm get random statistics and affine parameters (``randomize_norms``: a fresh norm
+         is almost the identity, which would test little).
+Rule Z3. ``expect`` is what a reader of the model's code expects: ``"exact"`` when every layer in
+         the trunk is local, or the name of the genuinely non-local layer type the trunk contains
+         (squeeze-excite's global pool, GroupNorm, attention). The run checks it (run.py Rule Z5).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One trunk of the zoo: its name, library, family, and what a reader expects (Rule Z3)."""
+
+    name: str
+    library: str  # "timm" or "torchvision"
+    family: str
+    expect: str  # "exact", or the non-local layer the trunk contains
+    build: Callable[[], nn.Module]
+    spatial_axes: int = 2
+
+
+class Feature(nn.Module):
+    """The single feature map a timm feature extractor with one ``out_index`` returns."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[0]
+
+
+def timm_trunk(name: str, *, stride: int = 8) -> nn.Module:
+    """Rule Z1 for timm: the model's features cut at the deepest reduction <= ``stride``."""
+    import timm
+
+    torch.manual_seed(0)
+    info = timm.create_model(name, pretrained=False, features_only=True).feature_info
+    index = max(i for i, r in enumerate(info.reduction()) if r <= stride)
+    torch.manual_seed(0)
+    net = timm.create_model(name, pretrained=False, features_only=True, out_indices=(index,))
+    return Feature(net)
+
+
+def prefix(model: nn.Module, names: list[str]) -> nn.Module:
+    """Rule Z1 for torchvision: the model's own top-level modules ``names``, in order."""
+    return nn.Sequential(OrderedDict((n, model.get_submodule(n)) for n in names))
+
+
+def torchvision_trunk(arch: str, names: list[str], **kwargs: object) -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return prefix(getattr(torchvision.models, arch)(weights=None, **kwargs), names)
+
+
+def tv_features(arch: str, stop: int) -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return getattr(torchvision.models, arch)(weights=None).features[:stop]
+
+
+_RESNET = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"]
+_VIDEO = ["stem", "layer1", "layer2"]
+
+# torchvision: (name, family, expect, builder)
+TORCHVISION: list[tuple[str, str, str, Callable[[], nn.Module]]] = [
+    ("resnet18", "resnet", "exact", lambda: torchvision_trunk("resnet18", _RESNET)),
+    ("resnet50", "resnet", "exact", lambda: torchvision_trunk("resnet50", _RESNET)),
+    ("resnext50_32x4d", "resnet", "exact", lambda: torchvision_trunk("resnext50_32x4d", _RESNET)),
+    ("wide_resnet50_2", "resnet", "exact", lambda: torchvision_trunk("wide_resnet50_2", _RESNET)),
+    ("vgg11_bn", "vgg", "exact", lambda: tv_features("vgg11_bn", 15)),
+    ("alexnet", "alexnet", "exact", lambda: tv_features("alexnet", 6)),
+    ("mobilenet_v2", "mobilenet", "exact", lambda: tv_features("mobilenet_v2", 7)),
+    ("mobilenet_v3_large", "mobilenet", "squeeze-excite", lambda: tv_features("mobilenet_v3_large", 7)),
+    ("efficientnet_b0", "efficientnet", "squeeze-excite", lambda: tv_features("efficientnet_b0", 4)),
+    ("densenet121", "densenet", "exact", lambda: tv_features("densenet121", 8)),
+    ("squeezenet1_1", "squeezenet", "exact", lambda: tv_features("squeezenet1_1", 8)),
+    ("convnext_tiny", "convnext", "exact", lambda: tv_features("convnext_tiny", 4)),
+    ("regnet_x_400mf", "regnet", "exact", lambda: torchvision_trunk("regnet_x_400mf", ["stem", "trunk_output.block1", "trunk_output.block2"])),
+    ("regnet_y_400mf", "regnet", "squeeze-excite", lambda: torchvision_trunk("regnet_y_400mf", ["stem", "trunk_output.block1", "trunk_output.block2"])),
+    ("shufflenet_v2_x1_0", "shufflenet", "exact", lambda: torchvision_trunk("shufflenet_v2_x1_0", ["conv1", "maxpool", "stage2"])),
+    ("mnasnet1_0", "mnasnet", "exact", lambda: torchvision_trunk("mnasnet1_0", ["layers"])),
+    ("googlenet", "inception", "exact", lambda: torchvision_trunk("googlenet", ["conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b"], aux_logits=False, init_weights=False)),
+    ("inception_v3", "inception", "exact", lambda: torchvision_trunk("inception_v3", ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2", "Mixed_5b"], aux_logits=False, init_weights=False)),
+    ("swin_t", "swin", "attention", lambda: tv_features("swin_t", 4)),
+    ("r3d_18", "video", "exact", lambda: torchvision_trunk("r3d_18", _VIDEO)),
+    ("mc3_18", "video", "exact", lambda: torchvision_trunk("mc3_18", _VIDEO)),
+    ("r2plus1d_18", "video", "exact", lambda: torchvision_trunk("r2plus1d_18", _VIDEO)),
+]  # fmt: skip
+_THREE_D = {"r3d_18", "mc3_18", "r2plus1d_18"}
+
+# timm: (name, family, expect)
+TIMM: list[tuple[str, str, str]] = [
+    ("resnet18", "resnet", "exact"),
+    ("resnet26d", "resnet", "exact"),
+    ("resnet10t", "resnet", "exact"),
+    ("resnetblur18", "resnet", "exact"),
+    ("seresnet18", "resnet", "squeeze-excite"),
+    ("ecaresnet26t", "resnet", "squeeze-excite"),
+    ("skresnet18", "resnet", "squeeze-excite"),
+    ("resnest14d", "resnet", "split attention"),
+    ("res2net50_14w_8s", "res2net", "exact"),
+    ("res2next50", "res2net", "exact"),
+    ("cspresnet50", "csp", "exact"),
+    ("cspdarknet53", "csp", "exact"),
+    ("cs3darknet_s", "csp", "exact"),
+    ("darknet53", "darknet", "exact"),
+    ("dla34", "dla", "exact"),
+    ("dpn68", "dpn", "exact"),
+    ("densenet121", "densenet", "exact"),
+    ("vgg11", "vgg", "exact"),
+    ("mobilenetv2_100", "mobilenet", "exact"),
+    ("mobilenetv3_small_100", "mobilenet", "squeeze-excite"),
+    ("mobilenetv4_conv_small", "mobilenet", "exact"),
+    ("lcnet_050", "mobilenet", "squeeze-excite"),
+    ("efficientnet_b0", "efficientnet", "squeeze-excite"),
+    ("tf_efficientnet_b0", "efficientnet", "squeeze-excite"),
+    ("mixnet_s", "efficientnet", "squeeze-excite"),
+    ("mnasnet_100", "mnasnet", "exact"),
+    ("spnasnet_100", "mnasnet", "exact"),
+    ("fbnetc_100", "mnasnet", "exact"),
+    ("tinynet_e", "efficientnet", "squeeze-excite"),
+    ("rexnet_100", "rexnet", "squeeze-excite"),
+    ("ghostnet_100", "ghostnet", "squeeze-excite"),
+    ("regnetx_002", "regnet", "exact"),
+    ("regnety_002", "regnet", "squeeze-excite"),
+    ("repvgg_a0", "repvgg", "exact"),
+    ("mobileone_s0", "mobileone", "exact"),
+    ("gernet_s", "byobnet", "exact"),
+    ("xception41", "xception", "exact"),
+    ("inception_v3", "inception", "exact"),
+    ("inception_next_atto", "inception_next", "exact"),
+    ("hgnetv2_b0", "hgnet", "exact"),
+    ("fastvit_t8", "fastvit", "exact"),
+    ("convnext_atto", "convnext", "exact"),
+    ("convnextv2_atto", "convnext", "global response norm"),
+    ("nf_resnet26", "nfnet", "exact"),
+    ("nf_regnet_b0", "nfnet", "squeeze-excite"),
+    ("dm_nfnet_f0", "nfnet", "squeeze-excite"),
+    ("tresnet_m", "tresnet", "squeeze-excite"),
+    ("selecsls42b", "selecsls", "exact"),
+    ("ese_vovnet19b_dw", "vovnet", "squeeze-excite"),
+    ("poolformer_s12", "metaformer", "group norm"),
+    ("edgenext_xx_small", "edgenext", "attention"),
+    ("efficientformer_l1", "efficientformer", "exact"),
+]
+
+
+def zoo() -> list[ZooModel]:
+    """Every model of the zoo, torchvision first (Rules Z1-Z3)."""
+    models = [
+        ZooModel(f"torchvision.{n}", "torchvision", f, e, b, 3 if n in _THREE_D else 2)
+        for n, f, e, b in TORCHVISION
+    ]
+    models += [
+        ZooModel(f"timm.{n}", "timm", f, e, lambda n=n: timm_trunk(n))  # type: ignore[misc]
+        for n, f, e in TIMM
+    ]
+    return models

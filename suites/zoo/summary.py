@@ -1,0 +1,83 @@
+"""``reports/zoo/SUMMARY.md`` from ``results.jsonl`` alone (the latest row per model).
+
+>>> rows = [{"name": "a", "status": "exact", "worst_rel_error": 1e-15},
+...         {"name": "b", "status": "refused", "refusal": "non-local"}]
+>>> counts(rows)
+{'models': 2, 'exact': 1, 'refused (non-local)': 1, 'refused (gap)': 0, 'wrong': 0, 'crash': 0}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def latest(results: Path) -> list[dict[str, Any]]:
+    """The last row of every model, in first-seen order."""
+    rows: dict[str, dict[str, Any]] = {}
+    for line in results.read_text().splitlines():
+        row = json.loads(line)
+        rows[row["name"]] = row
+    return list(rows.values())
+
+
+def counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    def n(status: str, refusal: str | None = None) -> int:
+        return sum(
+            r["status"] == status and (refusal is None or r.get("refusal") == refusal) for r in rows
+        )
+
+    return {
+        "models": len(rows),
+        "exact": n("exact"),
+        "refused (non-local)": n("refused", "non-local"),
+        "refused (gap)": n("refused", "gap"),
+        "wrong": n("wrong"),
+        "crash": n("crash"),
+    }
+
+
+def verdict(row: dict[str, Any]) -> str:
+    """One cell: the worst error, the first refused layer with its reason, or the error."""
+    if row["status"] in ("exact", "wrong"):
+        return f"worst relative error {row['worst_rel_error']:.1e} over {row['n_tiles']} tiles"
+    if row["status"] == "refused":
+        first = next(
+            (layer for layer in row["layers"] if layer["kind"] != "after non-local"),
+            row["layers"][0],
+        )
+        more = len(row["layers"]) - 1
+        return f"`{first['path']}`: {first['reason']}" + (f" (+{more} more)" if more else "")
+    return row.get("error", "")
+
+
+def write_summary(results: Path, out: Path) -> None:
+    rows = latest(results)
+    env = rows[-1]["environment"] if rows else {}
+    c = counts(rows)
+    lines = [
+        "# Zoo: real torchvision and timm trunks, streamed in float64",
+        "",
+        f"Command: `{rows[-1]['command'] if rows else 'python -m suites.zoo'}`; "
+        f"commit {env.get('git_commit')}, torch {env.get('torch')}, torchvision "
+        f"{env.get('torchvision')}, device {env.get('device')} ({env.get('cpu')}). Every trunk is "
+        "the stem and early stages to total stride 8 with random weights in eval mode "
+        "(suites/zoo/models.py Rules Z1-Z3), checked against the plain module at rtol 1e-10 "
+        "(output, input gradient, every parameter gradient; suites/zoo/run.py Rules Z4-Z6).",
+        "",
+        " | ".join(f"{k}: **{v}**" for k, v in c.items()),
+        "",
+        "A *non-local* refusal names a genuinely non-local layer (global pooling, statistics over "
+        "space, attention); a *gap* is a local operation the engine does not understand yet.",
+        "",
+        "| model | family | expected | result | detail |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        result = r["status"] + (f" ({r['refusal']})" if r["status"] == "refused" else "")
+        lines.append(
+            f"| {r['name']} | {r.get('family', '')} | {r.get('expect', '')} | {result} | "
+            f"{verdict(r).replace('|', '/')} |"
+        )
+    out.write_text("\n".join(lines) + "\n")
