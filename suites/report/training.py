@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .format import err, figure, missing_note, relpath, table
-from .sources import Source, finite, get
+from .sources import Source, finite, get, read_csv
 
 PAPER_LR = 1e-3  # Section 5.2
 CHANCE = 1 / 10  # ten classes
@@ -105,7 +105,7 @@ def training_section(imn: Source, out_dir: Path) -> str:
             "",
             "Other runs of the same suite (in subfolders):",
             "",
-            _other_runs_table(others),
+            _other_runs_table(others, imn.folder),
         ]
     parts += [""]
     command = run.get("command")
@@ -154,10 +154,20 @@ def _int(value: Any) -> str:
     return str(int(value)) if finite(value) else "n/a"
 
 
-def _other_runs_table(runs: list[dict[str, Any]]) -> str:
+def _other_runs_table(runs: list[dict[str, Any]], folder: Path) -> str:
     rows = []
     for r in runs:
         run, steps = r["run"], r["steps"]
+        missing: list[str] = []
+        epochs = read_csv(folder / r["folder"] / f"{r['label']}_epochs.csv", missing)
+        accuracy = (
+            f"{epochs[-1]['val_acc_conventional']:.3f} / {epochs[-1]['val_acc_streaming']:.3f}"
+            if epochs
+            and all(
+                finite(epochs[-1].get(k)) for k in ("val_acc_conventional", "val_acc_streaming")
+            )
+            else "n/a"
+        )
 
         def worst(key: str, steps: list[dict[str, Any]] = steps) -> str:
             values = [s[key] for s in steps if finite(s.get(key))]
@@ -175,6 +185,8 @@ def _other_runs_table(runs: list[dict[str, Any]]) -> str:
                 worst("loss_rel_diff_reordered"),
                 last("trunk_weight_rel_diff"),
                 last("trunk_weight_rel_diff_reordered"),
+                get(run, "config", "lr", default="n/a"),
+                accuracy,
                 f"`{run.get('command', 'n/a')}`",
             ]
         )
@@ -187,8 +199,10 @@ def _other_runs_table(runs: list[dict[str, Any]]) -> str:
             "same, control",
             "trunk weight rel. difference at the end, streaming",
             "same, control",
+            "lr",
+            "tuning accuracy at the end, conventional / streaming",
             "command",
         ],
         rows,
-        align="llrrrrrl",
+        align="llrrrrrrrl",
     )
