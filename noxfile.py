@@ -101,3 +101,14 @@ def report(session: nox.Session) -> None:
     # The package too: the report may read streamcheck's version or plans.
     install(session, "report")
     session.run("python", "-m", "suites.report", *session.posargs)
+
+
+@nox.session(default=False)
+def slides(session: nox.Session) -> None:
+    """Whole-slide evidence (a >= 4 GB generated slide): nice -n 10 python -m suites.slides {posargs}."""
+    bench = dict.fromkeys(nox.project.dependency_groups(PYPROJECT, "bench"))
+    session.install("-e", ".[slides]", *bench)  # one resolver call, as `install`
+    # The cores are shared: the run is niced, and every row records its niceness.
+    session.run(
+        "nice", "-n", "10", "python", "-m", "suites.slides", *session.posargs, external=True
+    )

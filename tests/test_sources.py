@@ -3,7 +3,10 @@ streaming the same pixels from a tensor; regions only; pickling without reading;
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -267,18 +270,24 @@ def test_a_memmap_view_pickles_as_its_bytes_in_the_file(tmp_path: Path) -> None:
     assert torch.equal(copy.read_all(), as_tensor(image))
 
 
-def test_a_worker_process_streams_a_pickled_tiff_source(tmp_path: Path) -> None:
+def test_a_fresh_process_reads_a_pickled_tiff_source(tmp_path: Path) -> None:
     """What a DataLoader worker does: receive the source pickled, open the file itself."""
     write_pyramid(tmp_path / "slide.tif", pixels(96, 64))
     source = open_image(tmp_path / "slide.tif", level=1)
-    ctx = torch.multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        region = pool.apply(_read_region, (source,))
-    assert torch.equal(region, source[:, :, 3:30, 4:20])
-
-
-def _read_region(source: ImageSource) -> torch.Tensor:
-    return source[:, :, 3:30, 4:20]
+    (tmp_path / "source.pkl").write_bytes(pickle.dumps(source))
+    code = (
+        "import pickle, sys, torch; "
+        "source = pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "torch.save(source[:, :, 3:30, 4:20], sys.argv[2])"
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "source.pkl"), str(tmp_path / "region.pt")],
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=300,
+    )
+    assert torch.equal(torch.load(tmp_path / "region.pt"), source[:, :, 3:30, 4:20])
 
 
 # ------------------------------------------------------------------------------------ bad input

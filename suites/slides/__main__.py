@@ -1,0 +1,171 @@
+"""Whole-slide evidence: ``python -m suites.slides [--quick] [--out DIR] [--workdir DIR] [--redo]``.
+
+Rules (slides suite):
+
+V1. The points are data (``grid``): peak RSS against file size (slides up to >= 4 GB, streamed from
+    the file), time per megapixel from the file against from a uint8 tensor in memory (one size
+    that fits), and background skipping at 25/50/75 % tissue (masked against unmasked, same
+    slide). Each runs in a fresh process (``point.py``).
+V2. Slides are generated in the run, in ``--workdir`` (a temporary folder by default), after a
+    free-space check, and deleted when their points are done; none is ever committed.
+V3. Rows are appended to ``results.jsonl`` as each point finishes, keyed by their settings; a rerun
+    skips finished points (``--redo`` measures them again), so an interrupted run loses nothing.
+    Every row carries ``suites.environment.environment("cpu")`` and the command that made it.
+V4. ``SUMMARY.md`` and ``slides.png`` are written from the rows alone (``summary.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from suites.environment import environment
+from suites.slides.generate import write_slide
+from suites.slides.summary import write_summary
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Point:
+    experiment: str  # "rss", "disk_vs_memory", "skipping"
+    kind: str  # "disk", "memory", "masked"
+    side: int  # slide edge, px
+    fraction: float  # tissue in the generated slide
+    tile: int
+    reps: int
+    mode: str  # "train" (forward + backward) or "infer" (forward only)
+
+    @property
+    def key(self) -> str:
+        return f"{self.experiment}/{self.mode}/{self.kind}/{self.side}/{self.fraction}/{self.tile}"
+
+
+def grid(*, quick: bool) -> list[Point]:
+    """Rule V1. Full: slides of 0.2, 1.1 and 4.5 GB streamed forward (inference; a training step
+    on the 4.4 GB slide takes over 20 min on the shared 2 cores), and training steps on 4096² px
+    (50 MB) for the comparisons; quick: tiny slides, one tissue fraction."""
+    if quick:
+        sides, side, tile, small_tile, reps, fractions = (1024, 2048), 1024, 256, 128, 1, (0.5,)
+    else:
+        sides, side, tile, small_tile, reps = (8192, 19456, 38912), 4096, 2048, 1024, 3
+        fractions = (0.25, 0.5, 0.75)
+    points = [Point("rss", "disk", s, 0.5, tile, 1, "infer") for s in sides]
+    points += [
+        Point("disk_vs_memory", k, side, 0.5, tile, reps, "train") for k in ("disk", "memory")
+    ]
+    for fraction in fractions:
+        points += [
+            Point("skipping", k, side, fraction, small_tile, reps, "train")
+            for k in ("disk", "masked")
+        ]
+    return points
+
+
+def finished(results: Path) -> set[str]:
+    if not results.exists():
+        return set()
+    return {json.loads(line)["key"] for line in results.read_text().splitlines() if line.strip()}
+
+
+def run_point(point: Point, path: Path) -> dict[str, Any]:
+    """One fresh process (Rule V1)."""
+    args = json.dumps(
+        {
+            "path": str(path),
+            "kind": point.kind,
+            "tile": point.tile,
+            "reps": point.reps,
+            "mode": point.mode,
+        }
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "suites.slides.point", args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"point {point.key} failed:\n{done.stderr[-3000:]}")
+    metrics: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m suites.slides", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny slides (a test runs this)")
+    parser.add_argument("--out", type=Path, default=REPO / "reports" / "slides")
+    parser.add_argument("--workdir", type=Path, default=None, help="where slides are generated")
+    parser.add_argument("--redo", action="store_true", help="measure finished points again")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    if args.redo and results.exists():
+        results.unlink()
+    done = finished(results)
+    points = [p for p in grid(quick=args.quick) if p.key not in done]
+    command = "python -m suites.slides" + (" --quick" if args.quick else "")
+    workdir = Path(tempfile.mkdtemp(prefix="streamcheck-slides-", dir=args.workdir))
+    try:
+        slides = sorted({(p.side, p.fraction) for p in points})
+        for number, (side, fraction) in enumerate(slides, 1):
+            need = side * side * 3 * 1.1
+            free = shutil.disk_usage(workdir).free
+            if free < 2 * need:  # Rule V2
+                raise SystemExit(
+                    f"slides: {side}² px needs {need / 1e9:.1f} GB; {workdir} has {free / 1e9:.1f} GB free"
+                )
+            start = time.perf_counter()
+            slide = write_slide(
+                workdir / f"slide-{side}-{fraction}.tif", side=side, fraction=fraction
+            )
+            print(
+                f"[{number}/{len(slides)}] wrote {side}² px, {slide.file_bytes / 1e9:.2f} GB, "
+                f"tissue {slide.tissue_fraction:.2f} in {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+            for point in [p for p in points if (p.side, p.fraction) == (side, fraction)]:
+                start = time.perf_counter()
+                metrics = run_point(point, slide.path)
+                row = {
+                    "key": point.key,
+                    "params": {
+                        **asdict(point),
+                        "file_bytes": slide.file_bytes,
+                        "tissue_fraction": slide.tissue_fraction,
+                    },
+                    "metrics": metrics,
+                    "environment": environment("cpu"),
+                    "run": {"command": command, "nice": metrics["nice"], "quick": args.quick},
+                }
+                with results.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(
+                    f"    {point.key}: {metrics['median_step_s']:.1f} s/step, peak RSS "
+                    f"{metrics['peak_rss_bytes'] / 2**20:.0f} MiB ({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
+            slide.path.unlink()  # Rule V2
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    write_summary(results, args.out)
+    print(f"wrote {args.out / 'SUMMARY.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

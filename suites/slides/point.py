@@ -1,0 +1,114 @@
+"""One measurement in a fresh process: stream a slide, record peak RSS and time per step.
+
+``python -m suites.slides.point '{"path": ..., "kind": "disk", "tile": 2048, "reps": 3}'`` prints
+one JSON object. Kinds: ``disk`` (an image source on the TIFF, read tile by tile), ``memory`` (the
+level read whole into a uint8 tensor during setup, then streamed), ``masked`` (the source with the
+tissue mask of the thumbnail level). A step is forward, head, loss and backward (mode ``train``)
+or forward and head without gradients (mode ``infer``).
+Peak RSS is taken with ``streamcheck.memory.RssMeter`` around the measured steps, after setup and
+a warm-up step (NOTE [ Memory meters ] Rule 3): the raw peak and the delta over that baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def network() -> tuple[nn.Module, nn.Module]:
+    """A small trunk (total stride 32, 8 channels out) and a classification head."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 8, 4, stride=4),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    return trunk, head
+
+
+def normalise(t: torch.Tensor) -> torch.Tensor:
+    return (t.float() / 255 - 0.5) / 0.25
+
+
+def measure(path: str, kind: str, tile: int, reps: int, mode: str) -> dict[str, Any]:
+    import tifffile
+
+    import streamcheck
+    from streamcheck.memory import RssMeter
+
+    trunk, head = network()
+    streamed = streamcheck.Streamed(trunk, tile=tile, tile_transform=normalise)
+    source = streamcheck.open_image(path)
+    mask = None
+    if kind == "memory":
+        image: Any = torch.from_numpy(tifffile.imread(path, level=0)).permute(2, 0, 1)[None]
+        image = image.contiguous()
+    elif kind in ("disk", "masked"):
+        image = source
+        if kind == "masked":
+            mask = streamcheck.tissue_mask(streamcheck.open_image(path, level=-1))
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+
+    def step(x: Any, m: Any) -> None:
+        if mode == "infer":  # forward only, as when scoring a slide
+            with torch.no_grad():
+                head(streamed(x, mask=m))
+            return
+        features = streamed(x, mask=m)
+        loss = nn.functional.cross_entropy(head(features), torch.tensor([1]))
+        loss.backward()
+
+    source[:, :, 0:1, 0:1]  # the first read imports tifffile and zarr: part of setup
+    warm = torch.randint(0, 256, (1, 3, 2 * tile, 2 * tile), dtype=torch.uint8)
+    step(warm, None)  # warm-up: kernels, allocator, threads
+    plan = streamed.plan(source.shape)  # planned here, not in the first measured step
+    computed = plan.n_tiles
+    if mask is not None:
+        region = streamed.computed_region(source, mask=mask)
+        computed = sum(
+            bool(region[0, 0][tuple(slice(a, b) for a, b in t.output_box)].any())
+            for t in plan.tiles
+        )
+    times = []
+    with RssMeter() as meter:
+        for _ in range(reps):
+            start = time.perf_counter()
+            step(image, mask)
+            times.append(time.perf_counter() - start)
+    reading = meter.reading
+    assert reading is not None
+    megapixels = source.height * source.width / 1e6
+    median = statistics.median(times)
+    return {
+        "peak_rss_bytes": reading.peak_rss_bytes,
+        "baseline_rss_bytes": reading.baseline_rss_bytes,
+        "delta_rss_bytes": reading.delta_bytes,
+        "rss_reset": reading.reset,
+        "step_s": times,
+        "median_step_s": median,
+        "s_per_megapixel": median / megapixels,
+        "megapixels": megapixels,
+        "tiles": plan.n_tiles,
+        "tiles_computed": computed,
+        "tissue_in_mask": None if mask is None else float(mask.mean()),
+        "nice": os.nice(0),
+    }
+
+
+if __name__ == "__main__":
+    args = json.loads(sys.argv[1])
+    print(json.dumps(measure(args["path"], args["kind"], args["tile"], args["reps"], args["mode"])))

@@ -1,0 +1,69 @@
+"""The slides suite (suites/slides): generated slides, the --quick run, and peak RSS while
+streaming a modest slide from its file (asserted loosely; the benchmark has the figures)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tifffile")
+pytest.importorskip("zarr")
+pytest.importorskip("skimage")
+
+from streamcheck import open_image  # noqa: E402
+from suites.slides.__main__ import Point, main, run_point  # noqa: E402
+from suites.slides.generate import THUMB, write_slide  # noqa: E402
+
+
+def test_a_generated_slide_has_its_tissue_fraction_levels_and_size(tmp_path: Path) -> None:
+    slide = write_slide(tmp_path / "s.tif", side=1024, fraction=0.3, seed=5)
+    assert abs(slide.tissue_fraction - 0.3) < 0.01
+    assert slide.file_bytes >= 1024 * 1024 * 3  # uncompressed (Rule W2)
+    level0, thumb = open_image(slide.path), open_image(slide.path, level=-1)
+    assert level0.shape == (1, 3, 1024, 1024) and thumb.shape == (
+        1,
+        3,
+        1024 // THUMB,
+        1024 // THUMB,
+    )
+    # Each slide pixel takes its thumbnail pixel's class: stain (green low) or glass (Rule W1).
+    assert open_image(slide.path, level=1).shape == (1, 3, 256, 256)
+    pixels = level0[:, :, 0:256, 0:256][0].numpy()
+    classes = thumb[:, :, 0:16, 0:16][0].numpy()[1] < 200
+    assert np.array_equal(pixels[1] < 200, np.repeat(np.repeat(classes, THUMB, 0), THUMB, 1))
+
+
+@pytest.mark.slow
+def test_the_quick_suite_writes_rows_a_summary_and_a_figure_and_deletes_its_slides(
+    tmp_path: Path,
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    assert main(["--quick", "--out", str(tmp_path / "out"), "--workdir", str(work)]) == 0
+    rows = [
+        json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    ]
+    assert {r["params"]["experiment"] for r in rows} == {"rss", "disk_vs_memory", "skipping"}
+    assert all(r["environment"]["torch"] and r["run"]["quick"] for r in rows)
+    masked = next(r for r in rows if r["params"]["kind"] == "masked")
+    assert 0 < masked["metrics"]["tiles_computed"] <= masked["metrics"]["tiles"]
+    summary = (tmp_path / "out" / "SUMMARY.md").read_text()
+    assert "--quick: tiny slides, not evidence" in summary and "speed-up" in summary
+    assert (tmp_path / "out" / "slides.png").stat().st_size > 0
+    assert not list(work.rglob("*.tif"))  # Rule V2
+    assert main(["--quick", "--out", str(tmp_path / "out"), "--workdir", str(work)]) == 0
+    assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == len(rows)  # V3
+
+
+@pytest.mark.slow
+def test_peak_rss_streaming_a_slide_from_its_file_is_a_small_fraction_of_the_file(
+    tmp_path: Path,
+) -> None:
+    slide = write_slide(tmp_path / "s.tif", side=6144, fraction=0.5)  # 113 MB
+    metrics = run_point(Point("rss", "disk", 6144, 0.5, 1024, 1, "infer"), slide.path)
+    # A tensor of the level would add the whole file (113 MB) to RSS; streaming adds about one
+    # tile's buffers. Loose bound: 40 % of the file.
+    assert metrics["delta_rss_bytes"] < 0.4 * slide.file_bytes, metrics
