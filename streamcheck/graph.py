@@ -347,6 +347,8 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
             problems.append(_spatial_size_problem(fxn, path, sizes[0], lines))
         else:
             _attach_layout(node, nodes, spatial_axes, fixed, problems)
+        if any(d >= len(node.shape) for d in node.layout):  # after a refusal: keep checking on
+            node.layout = tuple(range(len(node.shape) - spatial_axes, len(node.shape)))
         add(node)
     _raise(problems)
     if failure is not None:

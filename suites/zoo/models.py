@@ -60,14 +60,15 @@ def timm_trunk(name: str, *, stride: int = 8) -> nn.Module:
 
 def prefix(model: nn.Module, names: list[str]) -> nn.Module:
     """Rule Z1 for torchvision: the model's own top-level modules ``names``, in order."""
-    return nn.Sequential(OrderedDict((n, model.get_submodule(n)) for n in names))
+    return nn.Sequential(OrderedDict((n.replace(".", "_"), model.get_submodule(n)) for n in names))
 
 
 def torchvision_trunk(arch: str, names: list[str], **kwargs: object) -> nn.Module:
     import torchvision
 
     torch.manual_seed(0)
-    return prefix(getattr(torchvision.models, arch)(weights=None, **kwargs), names)
+    where = torchvision.models.video if arch in _THREE_D else torchvision.models
+    return prefix(getattr(where, arch)(weights=None, **kwargs), names)
 
 
 def tv_features(arch: str, stop: int) -> nn.Module:
@@ -77,6 +78,14 @@ def tv_features(arch: str, stop: int) -> nn.Module:
     return getattr(torchvision.models, arch)(weights=None).features[:stop]
 
 
+def tv_layers(arch: str, stop: int) -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return getattr(torchvision.models, arch)(weights=None).layers[:stop]
+
+
+_THREE_D = {"r3d_18", "mc3_18", "r2plus1d_18"}
 _RESNET = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"]
 _VIDEO = ["stem", "layer1", "layer2"]
 
@@ -97,7 +106,7 @@ TORCHVISION: list[tuple[str, str, str, Callable[[], nn.Module]]] = [
     ("regnet_x_400mf", "regnet", "exact", lambda: torchvision_trunk("regnet_x_400mf", ["stem", "trunk_output.block1", "trunk_output.block2"])),
     ("regnet_y_400mf", "regnet", "squeeze-excite", lambda: torchvision_trunk("regnet_y_400mf", ["stem", "trunk_output.block1", "trunk_output.block2"])),
     ("shufflenet_v2_x1_0", "shufflenet", "exact", lambda: torchvision_trunk("shufflenet_v2_x1_0", ["conv1", "maxpool", "stage2"])),
-    ("mnasnet1_0", "mnasnet", "exact", lambda: torchvision_trunk("mnasnet1_0", ["layers"])),
+    ("mnasnet1_0", "mnasnet", "exact", lambda: tv_layers("mnasnet1_0", 10)),
     ("googlenet", "inception", "exact", lambda: torchvision_trunk("googlenet", ["conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b"], aux_logits=False, init_weights=False)),
     ("inception_v3", "inception", "exact", lambda: torchvision_trunk("inception_v3", ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2", "Mixed_5b"], aux_logits=False, init_weights=False)),
     ("swin_t", "swin", "attention", lambda: tv_features("swin_t", 4)),
@@ -105,7 +114,6 @@ TORCHVISION: list[tuple[str, str, str, Callable[[], nn.Module]]] = [
     ("mc3_18", "video", "exact", lambda: torchvision_trunk("mc3_18", _VIDEO)),
     ("r2plus1d_18", "video", "exact", lambda: torchvision_trunk("r2plus1d_18", _VIDEO)),
 ]  # fmt: skip
-_THREE_D = {"r3d_18", "mc3_18", "r2plus1d_18"}
 
 # timm: (name, family, expect)
 TIMM: list[tuple[str, str, str]] = [

@@ -39,6 +39,7 @@ NON_LOCAL = (
     "statistics over space",
     "statistics over the whole batch",
     "attention mixes every position",
+    "attention() is not",  # a function named attention (torchvision's shifted_window_attention)
     "resamples space",
     "mean() ",
     "averages over",
