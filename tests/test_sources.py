@@ -450,3 +450,20 @@ def test_a_tensor_image_keeps_its_own_grad() -> None:
         Streamed(trunk(), tile=32)(
             torch.zeros(1, 3, 40, 40, dtype=torch.float64), input_grad=np.zeros((40, 40, 3))
         )
+
+
+@pytest.mark.gpu
+def test_a_source_streams_onto_a_cuda_module_like_a_host_tensor(tmp_path: Path) -> None:
+    """Read on the prefetch thread, then copied on the side stream (feed Rules F2, F5)."""
+    source, hwc = sources(tmp_path)["tiff level 1"]
+    module = trunk().cuda()
+    streamed = Streamed(module, tile=32, tile_transform=to_float)
+    got = streamed(source)
+    (got * 1.5).sum().backward()
+    got_grads = [p.grad.cpu() for p in module.parameters()]
+    module.zero_grad()
+    want = streamed(as_tensor(hwc))  # a host tensor of the same pixels
+    (want * 1.5).sum().backward()
+    assert torch.equal(got, want)
+    for g, p in zip(got_grads, module.parameters(), strict=True):
+        assert torch.equal(g, p.grad.cpu())

@@ -57,7 +57,7 @@ def grid(*, quick: bool) -> list[Point]:
     if quick:
         sides, side, tile, small_tile, reps, fractions = (1024, 2048), 1024, 256, 128, 1, (0.5,)
     else:
-        sides, side, tile, small_tile, reps = (8192, 19456, 38912), 4096, 2048, 1024, 3
+        sides, side, tile, small_tile, reps = (8192, 19456, 38912), 4096, 2048, 512, 3
         fractions = (0.25, 0.5, 0.75)
     points = [Point("rss", "disk", s, 0.5, tile, 1, "infer") for s in sides]
     points += [

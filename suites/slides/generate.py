@@ -39,7 +39,7 @@ def tissue_field(height: int, width: int, fraction: float, seed: int) -> np.ndar
     from skimage.filters import gaussian
 
     rng = np.random.default_rng(seed)
-    field = gaussian(rng.standard_normal((height, width)), sigma=max(2.0, min(height, width) / 24))
+    field = gaussian(rng.standard_normal((height, width)), sigma=max(2.0, min(height, width) / 8))
     return np.asarray(field > np.quantile(field, 1 - fraction))
 
 
