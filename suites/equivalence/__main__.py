@@ -1,6 +1,6 @@
 """python -m suites.equivalence: draw networks, check streamed == plain, write record.json.
 
-python -m suites.equivalence                 # the committed record (~20 min on 2 shared CPU cores)
+python -m suites.equivalence                 # the committed record (~22 min on 2 shared CPU cores)
 python -m suites.equivalence --quick         # 1-2 min: few networks, no torchvision trunks
 python -m suites.equivalence --examples 200 --dag-examples 50  # other counts per dtype
 """
