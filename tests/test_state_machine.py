@@ -103,7 +103,7 @@ MODELS = {
     "chain_2d": (chain_2d, (1, 3, 24, 20), 12),
     "dag_2d": (dag_2d, (1, 2, 24, 22), 16),
     "torchvision_frozen_2d": (torchvision_frozen_2d, (1, 3, 20, 20), 10),
-    "chain_1d": (chain_1d, (2, 2, 40), 16),
+    "chain_1d": (chain_1d, (1, 2, 32), 16),
     "dag_3d": (dag_3d, (1, 1, 10, 10, 8), 8),
 }
 
