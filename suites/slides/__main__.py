@@ -111,14 +111,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "slides")
     parser.add_argument("--workdir", type=Path, default=None, help="where slides are generated")
     parser.add_argument("--redo", action="store_true", help="measure finished points again")
+    parser.add_argument(
+        "--only",
+        choices=("rss", "disk_vs_memory", "skipping"),
+        action="append",
+        help="run only these experiments (repeatable); rows from several runs merge by key",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     if args.redo and results.exists():
         results.unlink()
     done = finished(results)
-    points = [p for p in grid(quick=args.quick) if p.key not in done]
+    points = [
+        p
+        for p in grid(quick=args.quick)
+        if p.key not in done and (not args.only or p.experiment in args.only)
+    ]
     command = "python -m suites.slides" + (" --quick" if args.quick else "")
+    command += "".join(f" --only {e}" for e in args.only or ())
     workdir = Path(tempfile.mkdtemp(prefix="streamcheck-slides-", dir=args.workdir))
     try:
         slides = sorted({(p.side, p.fraction) for p in points})
