@@ -224,7 +224,7 @@ def test_plots_and_summary_build_from_a_results_file(tmp_path: Path) -> None:
     defaults = "streamcheck (PyTorch defaults) / conventional (PyTorch defaults)"
     assert f"| time {defaults}, 2048², tile 512 | 1.20 | <= 1.3 | met |" in text
     tuned = "streamcheck_tuned (channels-last + keep_freed_host_memory()) / conventional_tuned"
-    assert f"| {tuned} (channels-last + keep_freed_host_memory()) | 0.80 | 0.04 |" in text
+    assert f"| {tuned} (channels-last + keep_freed_host_memory()) | 0.80 | – | 0.04 |" in text
     assert "| 0.012 | <= 0.05 | met | conventional estimated (linear fit in pixels) |" in text
     assert (
         "time streamcheck / lightstream (both PyTorch defaults), 2048², tile 512 | 0.75 |" in text

@@ -201,6 +201,7 @@ class Ratio:
     tile_px: int
     value: float | None
     estimated: bool  # Rule B3: the conventional side comes from its trend
+    apart_s: float | None = None  # between the two sides' starts (a shared machine's load drifts)
 
     @property
     def label(self) -> str:
@@ -231,7 +232,24 @@ def pair_ratio(
         bottom, estimated = conventional_at(df, input_px, metric, conventional)
     else:
         bottom, estimated = value_at(df, conventional, input_px, None, metric), False
-    return Ratio(streaming, conventional, metric, input_px, tile_px, ratio(top, bottom), estimated)
+    starts = [
+        _started(df, streaming, input_px, tile_px),
+        None if estimated else _started(df, conventional, input_px, None),
+    ]
+    apart = abs((starts[0] - starts[1]).total_seconds()) if None not in starts else None
+    value = ratio(top, bottom)
+    return Ratio(streaming, conventional, metric, input_px, tile_px, value, estimated, apart)
+
+
+def _started(df: pd.DataFrame, name: str, input_px: int, tile_px: int | None) -> Any:
+    rows = ok(df, name, input_px=input_px, tile_px=tile_px)
+    if (
+        not len(rows)
+        or "run_started_utc" not in rows
+        or not isinstance(rows["run_started_utc"].iloc[0], str)
+    ):
+        return None
+    return pd.Timestamp(rows["run_started_utc"].iloc[0])
 
 
 def pair_ratios(

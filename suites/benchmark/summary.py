@@ -25,7 +25,7 @@ from .analysis import (
     settings,
     value_at,
 )
-from .grid import MAX_TILES, SPEED_CASES
+from .grid import MAX_TILES, ORDER, SPEED_CASES
 
 
 @dataclass(frozen=True)
@@ -132,14 +132,7 @@ def _streaming_methods(df: pd.DataFrame) -> list[str]:
     return ["streamcheck"] + (["streamcheck_tuned"] if len(ok(df, "streamcheck_tuned")) else [])
 
 
-POINTS_ORDER = (
-    "conventional",
-    "conventional_tuned",
-    "conventional_compiled",
-    "streamcheck",
-    "streamcheck_tuned",
-    "lightstream",
-)
+POINTS_ORDER = ORDER
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -152,6 +145,14 @@ def _load(r: pd.Series) -> str:
     return f"{_fmt(r.get('env_load_1min'), '.1f')} / {_fmt(r.get('other_processes_cores_busy'), '.2f')}"
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"**{seconds / 3600:.0f} h**"
+    return f"**{seconds / 86400:.0f} days**"
+
+
 def like_with_like(df: pd.DataFrame) -> list[str]:
     """Rule B2/B4 of analysis.py: every pair at the paper's size, then by input size."""
     n, t = FIG2_INPUT_PX, FIG3_TILE_PX
@@ -159,7 +160,7 @@ def like_with_like(df: pd.DataFrame) -> list[str]:
     for streaming, conventional in PAIRS:
         ratios = [
             pair_ratio(df, streaming, conventional, m, input_px=n, tile_px=t)
-            for m in ("time_s_median", "peak_alloc_bytes", "rss_delta_bytes")
+            for m in ("time_s_median", "cpu_s_median", "peak_alloc_bytes", "rss_delta_bytes")
         ]
         if all(r.value is None for r in ratios):
             continue
@@ -167,7 +168,15 @@ def like_with_like(df: pd.DataFrame) -> list[str]:
         for name, tile in ((streaming, t), (conventional, None)):
             found = ok(df, name, input_px=n, tile_px=tile)
             loads.append(_load(found.iloc[0]) if len(found) else "–")
-        rows.append([ratios[0].label, *(_fmt(r.value, ".2f") for r in ratios), *loads])
+        apart = ratios[0].apart_s
+        rows.append(
+            [
+                ratios[0].label,
+                *(_fmt(r.value, ".2f") for r in ratios),
+                *loads,
+                "–" if apart is None else _duration(apart),
+            ]
+        )
     inputs = sorted({int(p) for p in ok(df, "conventional_tuned")["input_px"]}) if len(df) else []
     by_size = []
     for px in inputs:
@@ -178,20 +187,41 @@ def like_with_like(df: pd.DataFrame) -> list[str]:
         by_size.append(cells)
     if not rows:
         return ["No pair measured on both sides at the paper's size."]
+    ok_all = df[df["status"] == "ok"]
+    busy = ok_all[ok_all["other_processes_cores_busy"] > 0.5]
+    if len(busy):
+        quiet = len(ok_all) - len(busy)
+        by_date = sorted({str(d)[:10] for d in busy["run_started_utc"].dropna()})
+        rows_note = [
+            "",
+            f"**Load warning**: {len(busy)} timed points (measured {', '.join(by_date)}) ran while "
+            "other processes kept more than half a core of this 2-core machine busy (column *load*, "
+            f"up to {busy['other_processes_cores_busy'].max():.2f} cores): their wall times are "
+            f"inflated. The other {quiet} points were measured at other times (most before the "
+            "load was recorded), so time ratios and time fits that combine the two groups (the "
+            "peer ratio, time linearity, the tables by input size beyond the sizes above) do not "
+            "compare like with like; the memory meters are not affected.",
+        ]
+    else:
+        rows_note = []
     lines = [
         f"Streaming / conventional at {n}², tile {t}, each side named with its settings (below 1:",
-        "streaming uses less). *load*: the 1-minute load average at the point's start / cores other",
+        "streaming uses less). *CPU time*: of the process, all threads (less disturbed by other",
+        "processes than the wall time). *load*: the 1-minute load average at the point's start / cores other",
         "processes kept busy during its timed steps, on this 2-core machine shared with other jobs;",
-        "the two sides of a pair were measured one after the other.",
+        "*sides measured apart*: between the two points' starts (in bold when over an hour: the",
+        "machine's load may differ between them, so the time ratio may not compare like with like).",
         "",
         *_table(
             [
                 "streaming / conventional",
                 "time",
+                "CPU time",
                 "allocator peak",
                 "RSS delta",
                 "load, streaming",
                 "load, conventional",
+                "sides measured apart",
             ],
             rows,
         ),
@@ -203,7 +233,7 @@ def like_with_like(df: pd.DataFrame) -> list[str]:
             "",
             *_table(["input", *(f"{s} / {c}" for s, c in PAIRS)], by_size),
         ]
-    return lines
+    return lines + rows_note
 
 
 def speed_table(df: pd.DataFrame) -> list[str]:
