@@ -59,6 +59,7 @@ NUMERIC = (
     "minor_page_faults_per_step",
     "env_load_1min",
     "load_1min_after",
+    "other_processes_cores_busy",
 )
 
 

@@ -191,7 +191,7 @@ def like_with_like(df: pd.DataFrame) -> list[str]:
     busy = ok_all[ok_all["other_processes_cores_busy"] > 0.5]
     if len(busy):
         quiet = len(ok_all) - len(busy)
-        by_date = sorted({str(d)[:10] for d in busy["run_started_utc"].dropna()})
+        by_date = sorted({str(d)[:10] for d in busy.get("run_started_utc", pd.Series()).dropna()})
         rows_note = [
             "",
             f"**Load warning**: {len(busy)} timed points (measured {', '.join(by_date)}) ran while "
