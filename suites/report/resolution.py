@@ -29,13 +29,26 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
     rows = sorted(summary["resolutions"], key=lambda r: r["input_px"])
     lo, hi = rows[0], rows[-1]
     aucs = [r["auc"] for r in rows]
-    rises = all(b >= a for a, b in zip(aucs, aucs[1:], strict=False))
+    steps = list(zip(aucs, aucs[1:], strict=False))
+    if all(b > a for a, b in steps):
+        trend = "rises at every step up in"
+    elif all(b >= a for a, b in steps):
+        trend = "never falls (but does not always rise) with"
+    else:
+        trend = "does not rise monotonically with"
     tests = {(t["higher_px"], t["lower_px"]): t for t in summary["permutation_tests"]}
     top = tests.get((hi["input_px"], lo["input_px"]))
+    significant = [t for t in summary["permutation_tests"] if t["p_one_sided"] < 0.05]
+    prior = summary.get("saliency_baseline_border_distance_auc")
     listed = ", ".join(f"{r['input_px']}² {r['auc']:.3f}" for r in rows)
     out = [
-        f"Test AUC {'rises monotonically' if rises else 'does not rise monotonically'} with "
-        f"resolution: {listed}.",
+        f"Test AUC {trend} resolution: {listed}; "
+        + (
+            f"{len(significant)} of {len(tests)} higher-vs-lower comparisons significant at 0.05"
+            if significant
+            else f"none of the {len(tests)} higher-vs-lower differences is significant at 0.05"
+        )
+        + ".",
         f"Highest against lowest resolution ({hi['input_px']}² vs {lo['input_px']}²): AUC "
         f"{hi['auc']:.3f} (95 % CI {_ci(hi['auc_ci'])}) vs {lo['auc']:.3f} "
         f"({_ci(lo['auc_ci'])})"
@@ -52,11 +65,16 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
         + " chance (0.5).",
         f"Saliency of the highest resolution as a lesion-pixel detector: AUC "
         f"{hi['saliency_lesion_auc']:.3f} (95 % CI {_ci(hi['saliency_lesion_auc_ci'])}), "
+        + ("better" if hi["saliency_lesion_auc_ci"][0] > 0.5 else "not measurably better")
+        + " than chance (0.5)"
         + (
-            "better than chance."
-            if hi["saliency_lesion_auc_ci"][0] > 0.5
-            else "not measurably better than chance."
-        ),
+            ""
+            if prior is None
+            else f" and {'better' if hi['saliency_lesion_auc_ci'][0] > prior else 'not measurably better'}"
+            f" than a map that only knows the distance from the border ({prior:.3f}; lesions "
+            "are never placed near the border, Rule SA4)"
+        )
+        + ".",
     ]
     return out
 
@@ -154,9 +172,13 @@ def summary_markdown(summary: dict[str, Any], *, figures: Path, out_dir: Path | 
     estimates = ", ".join(
         f"{name} ~{s / 60:.0f} min" for name, s in timing.get("estimated_train_s", {}).items()
     )
+    loads = ", ".join(f"{px}² {v}" for px, v in summary.get("runs_load_1min", {}).items())
     parts += [
-        f"Run: {code(command or COMMAND)}, {summary['started_utc']} to {summary['finished_utc']} "
-        f"({summary['wall_s'] / 60:.1f} min wall), commit {commit(env.get('git_commit'))}, torch "
+        f"Run: {code(command or COMMAND)}; training and evaluation took "
+        f"{summary.get('train_and_eval_s', float('nan')) / 60:.1f} min over all resolutions "
+        f"(1-min load at the end of each: {loads or 'n/a'}); this summary was "
+        f"written {summary['finished_utc']} ({summary['wall_s'] / 60:.1f} min wall, finished "
+        f"resolutions reused), commit {commit(env.get('git_commit'))}, torch "
         f"{env.get('torch', 'n/a')}, {env.get('device', 'n/a')} ({env.get('cpu', 'n/a')}), "
         f"{env.get('threads', 'n/a')} threads, 1-min load {env.get('load_1min', 'n/a')} at the end. "
         f"Training time from this run's {timing.get('s_per_megapixel_slide_step', float('nan')):.2f} "

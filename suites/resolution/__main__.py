@@ -21,11 +21,13 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import streamcheck
 
 from . import experiment as X
+from . import saliency as SA
 from . import slides as S
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,8 +43,9 @@ CONFIGS = {
             factors=(1, 2, 4, 8),
             epochs=8,
             tile=256,
-            description="512² slides at 512/256/128/64 px: about an hour on 2 free CPU cores "
-            "(estimated from the shared-cpu run's measured step times)",
+            description="512² slides at 512/256/128/64 px, the default of nox -s resolution; its "
+            "training time is estimated from the committed run's measured step times "
+            "(timing.estimated_train_s), not measured",
         ),
         X.Config(
             name="shared-cpu",
@@ -52,7 +55,7 @@ CONFIGS = {
             accumulate=2,
             tile=192,
             description="256² slides at 256/128/64/32 px: sized for <= 30 min on 2 CPU cores "
-            "shared with other work (load ~7)",
+            "shared with other work",
         ),
         X.Config(
             name="quick",
@@ -126,6 +129,12 @@ def run(
         for f in sorted(config.factors)  # highest resolution first: the slowest, and the test
     ]
     summary = X.summarize(config, records, visibility)
+    positives = [s.name for s in S.read_table(root) if s.split == "test" and s.label]
+    prior = [
+        SA.saliency_lesion_auc(SA.border_distance(m.shape), m)
+        for m in (S.read_slide(root, name)[1] for name in positives)
+    ]
+    runs = [r["lsuv_s"] + r["train_s"] + r["eval_s"] for r in records]
     from ..environment import environment
 
     slowest = max(records, key=lambda r: r["input_px"])
@@ -138,7 +147,12 @@ def run(
         "started_utc": started.isoformat(timespec="seconds"),
         "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - t0,
+        # Rule X2: a rerun reuses finished resolutions; their own times are kept in runs/
+        "train_and_eval_s": sum(runs),
+        "runs_load_1min": {r["input_px"]: r["environment"]["load_1min"] for r in records},
         **summary,
+        # Rule SA4: the lesion AUC of a map that only knows distance from the border
+        "saliency_baseline_border_distance_auc": float(np.mean(prior)),
         "timing": {
             "s_per_megapixel_slide_step": s_per_mp,
             "measured_at_px": slowest["input_px"],

@@ -28,6 +28,9 @@ def auc_vs_resolution(summary: dict[str, Any], path: Path, *, label: str) -> Pat
         ci = np.array([r[f"{key}_ci"] for r in rows])
         ax.errorbar(px, y, yerr=[y - ci[:, 0], ci[:, 1] - y], marker="o", capsize=4)
         ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
+        prior = summary.get("saliency_baseline_border_distance_auc")
+        if key == "saliency_lesion_auc" and prior is not None:
+            ax.axhline(prior, color="tab:orange", ls=":", lw=1.5, label="distance-from-border map")
         ax.set_xscale("log", base=2)
         ax.set_xticks(px, [f"{p}²\n(1/{r['downsample']})" for p, r in zip(px, rows, strict=True)])
         ax.set_ylim(0.3, 1.02)
@@ -83,6 +86,10 @@ def saliency_grid(
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
+    from PIL import Image
+
+    # a committed figure: a 256-colour palette keeps it a few hundred kB
+    Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
     return path

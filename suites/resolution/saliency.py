@@ -12,6 +12,10 @@ Rule SA3. ``saliency_lesion_auc`` treats the processed map (Rule SA2, what a per
           lesion-pixel detector: every full-resolution pixel of the slide takes the value of the
           map pixel that covers it, and the ROC AUC against the lesion mask is computed over all
           pixels. 0.5 is chance; a map that does not vary (all ties) scores 0.5.
+Rule SA4. Lesions are never placed near the slide's border (``slides.py``), and a network's
+          input gradient is weaker near the border (fewer output pixels see it), so a map that
+          only knows "centre" beats 0.5. ``border_distance`` is that map, scored the same way:
+          the chance level a saliency map must beat to show it has found the lesions.
 """
 
 from __future__ import annotations
@@ -67,6 +71,17 @@ def saliency_lesion_auc(saliency: np.ndarray, mask: np.ndarray) -> float:
         raise ValueError("the mask needs lesion and non-lesion pixels")
     full = np.repeat(np.repeat(saliency, fy, axis=0), fx, axis=1)
     return auc(mask.ravel(), full.ravel())
+
+
+def border_distance(shape: tuple[int, int]) -> np.ndarray:
+    """Each pixel's distance to the nearest image border: the centre-only map of Rule SA4.
+
+    >>> border_distance((3, 4)).tolist()
+    [[0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    """
+    y = np.minimum(np.arange(shape[0]), np.arange(shape[0])[::-1])
+    x = np.minimum(np.arange(shape[1]), np.arange(shape[1])[::-1])
+    return np.minimum(y[:, None], x[None, :]).astype(np.float64)
 
 
 def overlay_alpha(saliency: np.ndarray) -> np.ndarray:
