@@ -5,7 +5,7 @@ Rule H1. Streaming allocates buffers of the same sizes for every tile (a 64-chan
          activation is 64 MiB). glibc serves allocations of 32 MiB and more by mapping fresh pages
          and unmaps them when they are freed, so by default every tile faults its buffers in again,
          4 KiB at a time: 3.7 million page faults in one 2048² training step at tile 512, most of
-         its time (``python -m suites.speed``, reports/speed/SUMMARY.md).
+         its time (the benchmark's speed cases: reports/benchmark/SUMMARY.md, "Speed settings").
 Rule H2. ``keep_freed_host_memory`` asks glibc (``mallopt``) to serve allocations below
          ``max_bytes`` from its heap and not to hand freed heap memory back to the system below
          ``max_bytes``, so later tiles reuse the pages earlier tiles faulted in. Resident memory
