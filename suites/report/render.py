@@ -28,6 +28,7 @@ from .format import PAPER, commit, err, plural, table
 from .sources import Source, finite, get
 from .resolution import resolution_section
 from .training import training_section
+from .zoo import zoo_section
 
 
 # ------------------------------------------------------------------------------ 1. environment
@@ -252,6 +253,8 @@ def markdown_report(
         training_section(imn, out_dir),
         "",
         resolution_section(imn.folder.parent, out_dir),  # reports/resolution/summary.json
+        "",
+        zoo_section(imn.folder.parent),  # reports/zoo/results.jsonl
         "",
         limits_section(verdicts),
         "",

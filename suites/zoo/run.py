@@ -64,12 +64,17 @@ def refused_layers(message: str) -> list[dict[str, str]]:
             layers.append({"path": match["path"], "reason": reason, "kind": kind})
     if not layers:
         layers.append({"path": "", "reason": message.splitlines()[0], "kind": "gap"})
-    owners = [layer["path"].split(" (")[0] for layer in layers if layer["kind"] == "non-local"]
+    owners = [_owner(layer["path"]) for layer in layers if layer["kind"] == "non-local"]
     for layer in layers:
         inside = any(layer["path"].startswith(owner) for owner in owners if owner)
         if layer["kind"] == "gap" and inside:
             layer["kind"] = "after non-local"
     return layers
+
+
+def _owner(path: str) -> str:
+    """The module a refused layer belongs to: ``se`` for ``'se (mean)'`` and for ``'se.pool'``."""
+    return path.split(" (")[0] if " (" in path else path.rpartition(".")[0]
 
 
 def input_and_tile(

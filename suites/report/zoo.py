@@ -1,0 +1,47 @@
+"""The report's zoo section: real trunks streamed in float64, read from ``reports/zoo/``
+(written by ``python -m suites.zoo``; render.py Rules P1-P2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from suites.zoo.summary import counts, latest, verdict
+
+
+def zoo_section(reports: Path) -> str:
+    """Counts per result, then every refusal that is a gap and every wrong or crashed model.
+
+    >>> zoo_section(Path("/nonexistent")).splitlines()[-1]
+    'Not measured: reports/zoo/results.jsonl is missing (run `python -m suites.zoo`).'
+    """
+    results = reports / "zoo" / "results.jsonl"
+    lines = ["## Real trunks (the zoo)", ""]
+    if not results.exists():
+        lines.append(
+            "Not measured: reports/zoo/results.jsonl is missing (run `python -m suites.zoo`)."
+        )
+        return "\n".join(lines)
+    rows = latest(results)
+    env = rows[-1]["environment"] if rows else {}
+    c = counts(rows)
+    lines += [
+        f"{c['models']} torchvision and timm trunks (stem and early stages to stride 8, random "
+        f"weights, eval mode), streamed in float64 and compared with the plain module at rtol "
+        f"1e-10 (commit {env.get('git_commit')}, `{rows[-1]['command'] if rows else ''}`; the "
+        "per-model table is reports/zoo/SUMMARY.md).",
+        "",
+        "| exact | refused: non-local layer | refused: engine gap | wrong | crash |",
+        "|---|---|---|---|---|",
+        f"| {c['exact']} | {c['refused (non-local)']} | {c['refused (gap)']} | {c['wrong']} | "
+        f"{c['crash']} |",
+        "",
+    ]
+    worst = max((r["worst_rel_error"] for r in rows if r["status"] == "exact"), default=None)
+    if worst is not None:
+        lines += [f"Worst relative error over the exact trunks: {worst:.1e}.", ""]
+    flagged = [r for r in rows if r["status"] in ("wrong", "crash") or r.get("refusal") == "gap"]
+    if flagged:
+        lines += ["| model | result | detail |", "|---|---|---|"]
+        for r in flagged:
+            lines.append(f"| {r['name']} | {r['status']} | {verdict(r).replace('|', '/')} |")
+    return "\n".join(lines)
