@@ -60,7 +60,7 @@ def write_summary(results: Path, out: Path) -> None:
         "# Zoo: real torchvision and timm trunks, streamed in float64",
         "",
         f"Command: `{rows[-1]['command'] if rows else 'python -m suites.zoo'}`; "
-        f"commit {env.get('git_commit')}, torch {env.get('torch')}, torchvision "
+        f"commit(s) {', '.join(sorted({r['environment'].get('git_commit', '?') for r in rows}))}, torch {env.get('torch')}, torchvision "
         f"{env.get('torchvision')}, device {env.get('device')} ({env.get('cpu')}). Every trunk is "
         "the stem and early stages to total stride 8 with random weights in eval mode "
         "(suites/zoo/models.py Rules Z1-Z3), checked against the plain module at rtol 1e-10 "
