@@ -69,8 +69,12 @@ class Streamed(nn.Module):
 
     ``tile_transform`` runs on each tile after it reaches the module's device: keep the image in
     host memory as uint8 and convert per tile (docs/SCALING.md). ``channels_last=True`` lays tiles
-    out as NHWC (NDHWC for 3-D), which makes CPU convolutions faster (reports/speed/SUMMARY.md)
+    out as NHWC (NDHWC for 3-D), which makes CPU convolutions faster (reports/benchmark/SUMMARY.md)
     and leaves every result unchanged.
+
+    The image may also be an image source (``streamcheck.open_image``: a TIFF level, a memmap, a
+    zarr array), read tile by tile from where it lies; ``mask=`` skips background tiles and
+    ``input_grad=`` collects a source's input gradient (docs/SLIDES.md).
 
     >>> import torch, torch.nn as nn
     >>> trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))

@@ -59,11 +59,17 @@ def test_the_quick_suite_writes_rows_a_summary_and_a_figure_and_deletes_its_slid
 
 
 @pytest.mark.slow
-def test_peak_rss_streaming_a_slide_from_its_file_is_a_small_fraction_of_the_file(
-    tmp_path: Path,
-) -> None:
-    slide = write_slide(tmp_path / "s.tif", side=6144, fraction=0.5)  # 113 MB
-    metrics = run_point(Point("rss", "disk", 6144, 0.5, 1024, 1, "infer"), slide.path)
-    # A tensor of the level would add the whole file (113 MB) to RSS; streaming adds about one
-    # tile's buffers. Loose bound: 40 % of the file.
-    assert metrics["delta_rss_bytes"] < 0.4 * slide.file_bytes, metrics
+def test_peak_rss_streaming_a_slide_from_its_file_does_not_follow_the_file(tmp_path: Path) -> None:
+    """A 9x larger file adds about nothing to the peak RSS; a tensor of it would add the file.
+
+    Loose bounds: what the RSS delta holds (tile buffers, allocator arenas of the reading thread)
+    varies by tens of MB from run to run."""
+    deltas, files = [], []
+    for side in (2048, 6144):  # 12 MB and 113 MB
+        slide = write_slide(tmp_path / f"s{side}.tif", side=side, fraction=0.5)
+        metrics = run_point(Point("rss", "disk", side, 0.5, 512, 1, "infer"), slide.path)
+        deltas.append(metrics["delta_rss_bytes"])
+        files.append(slide.file_bytes)
+        slide.path.unlink()
+    assert deltas[1] < files[1], (deltas, files)
+    assert deltas[1] - deltas[0] < 0.5 * (files[1] - files[0]), (deltas, files)
