@@ -11,10 +11,11 @@ Rule F2. From host memory to a CUDA device, the next tile's copy is issued befor
          early. Pinned staging makes the copy asynchronous for unpinned images too; the staging
          buffers come from PyTorch's caching host allocator, which holds them until their copy ends.
 Rule F3. On the device, ``transform`` (per pixel: conversion, normalisation) and then the memory
-         format are applied (``prepare``); a transform that changes the batch or spatial sizes,
-         or returns another dtype than the module's, is refused on the first tile, before the
-         module runs. Both are ordinary autograd ops, so in backward the input
-         gradient flows back through them to the arrived tile, the leaf of the recomputation.
+         format are applied (``prepare``); a transform that changes the tile's shape (channels
+         included: tiles are planned for the image's shape) or returns another dtype than the
+         module's is refused on the first tile, before the module runs. Both are ordinary
+         autograd ops, so in backward the input gradient flows back through them to the arrived
+         tile, the leaf of the recomputation.
 Rule F4. ``channels_last`` lays 4-D tiles out as NHWC and 5-D tiles as NDHWC. It changes the
          convolution kernels PyTorch picks, not the arithmetic of any output element: streamed
          results stay equal to the module's in float64 (tests/test_streaming.py).
@@ -136,14 +137,13 @@ class TileFeed:
 
     def _checked(self, tile: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Rule F3: a transform is per pixel and yields what the module computes in."""
-        same_pixels = result.dim() == tile.dim() and (
-            result.shape[0] == tile.shape[0] and result.shape[2:] == tile.shape[2:]
-        )
-        if not same_pixels:
+        if result.shape != tile.shape:  # the plan was made for the image's shape
             raise StreamcheckError(
                 f"streamcheck: tile_transform turned a tile of shape {tuple(tile.shape)} into "
-                f"{tuple(result.shape)}; it must work per pixel (keep the batch and spatial sizes; "
-                "channels may change). Fix: crop or resize the image before streaming"
+                f"{tuple(result.shape)}; it must work per pixel and keep the shape (the tiles were "
+                "planned for the image's shape). Fix: select channels with "
+                "open_image(..., channels=N) or on the image, and crop or resize the image "
+                "before streaming"
             )
         if self.dtype is not None and result.dtype != self.dtype:
             raise StreamcheckError(

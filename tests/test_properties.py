@@ -98,7 +98,7 @@ def run(
     if not backward or not y.requires_grad:  # a parameter-free stack on an image without grad
         return Run(y.detach(), y.requires_grad, {}, None)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float32)
-    g = g.abs() if absolute else g  # the magnitude network's upstream gradient (Rule F3)
+    g = g.abs() if absolute else g  # the magnitude network's upstream gradient (Rule Q3)
     (y * g.to(y.dtype)).sum().backward()
     grads = {
         name: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
@@ -350,15 +350,15 @@ def test_unsupported_options_refuse_or_stream_exactly(case: StreamingCase) -> No
 
 # ------------------------------------------------------------------ property 6: float32 bound
 # NOTE [ float32 tolerance ]
-# Rule F1. What differs. Both runs see the same float32 numbers (weights, image, upstream gradient
+# Rule Q1. What differs. Both runs see the same float32 numbers (weights, image, upstream gradient
 #          g); the float64 plain run is exact to ~1e-16, so ``a - b`` is the rounding error of the
 #          streamed float32 run alone: a different summation order from ordinary float32, not a
 #          larger error.
-# Rule F2. One reduction. A float32 sum of n terms t_i has error <= lambda * sqrt(n) * u * sum|t_i|
+# Rule Q2. One reduction. A float32 sum of n terms t_i has error <= lambda * sqrt(n) * u * sum|t_i|
 #          + O(u^2) with probability >= 1 - 2n exp(-lambda^2 (1-u)^2 / 2), u = eps32 / 2 (Higham &
 #          Mary, "A new approach to probabilistic rounding error analysis", SISC 2019). The
 #          deterministic bound would be n * u * sum|t_i|; rounding errors are not adversarial.
-# Rule F3. The scale is sum|t_i|, not |sum t_i|: with a random g the terms have random signs and
+# Rule Q3. The scale is sum|t_i|, not |sum t_i|: with a random g the terms have random signs and
 #          a gradient entry may cancel to almost nothing (a one-channel bias gradient summed over
 #          10 pixels did, in calibration, at ~10 eps*sqrt(n) relative to max|b|). Normalising by
 #          max|b| would fail on such benign cancellation, or need a tolerance loose enough to hide
@@ -370,17 +370,17 @@ def test_unsupported_options_refuse_or_stream_exactly(case: StreamingCase) -> No
 #          parameter gradients are exactly sum|t_i| of the last reduction of each tensor, with the
 #          magnitudes of all earlier reductions propagated through (first-order error analysis of
 #          a product of matrices: |error| <= sum_l gamma_{n_l} |A_D|...|A_1| |x|).
-# Rule F4. The chain. Errors of successive reductions add, so n is the accumulation length L of
+# Rule Q4. The chain. Errors of successive reductions add, so n is the accumulation length L of
 #          the whole chain behind any tensor, bounded by summing over the window layers: forward
 #          fan-in (C_in/groups * kernel volume), backward fan-out (C_out/groups * kernel volume),
 #          and the N * (output pixels) products summed into one weight-gradient entry (also for
 #          an eval BatchNorm's weight and bias); plus 4 per activation: its value and derivative
 #          are composites of up to ~4 rounded operations (Mish is x * tanh(softplus(x))).
-# Rule F5. The bound: max|a - b| <= 8 * eps32 * sqrt(L) * max(scale) per tensor. 8 * eps32 is
+# Rule Q5. The bound: max|a - b| <= 8 * eps32 * sqrt(L) * max(scale) per tensor. 8 * eps32 is
 #          lambda = 16 in units of u: lambda = 8 already leaves a failure probability below 1e-9
-#          per reduction for L < 1e5 (Rule F2); the other factor 2 covers the second-order terms
+#          per reduction for L < 1e5 (Rule Q2); the other factor 2 covers the second-order terms
 #          and the rounding of each stored intermediate (one more u per layer, L >= layers).
-# Rule F6. Only smooth stacks (no max-pool, no ReLU-like kinks): at a kink the gradient jumps, so a
+# Rule Q6. Only smooth stacks (no max-pool, no ReLU-like kinks): at a kink the gradient jumps, so a
 #          rounding error that moves a pre-activation across 0 (or flips a max-pool argmax) changes
 #          the gradient by O(1) however small it is. No accumulation bound holds there; the
 #          float64 properties cover kinked stacks exactly.
@@ -388,8 +388,8 @@ def test_unsupported_options_refuse_or_stream_exactly(case: StreamingCase) -> No
 # max|a - b| / (eps32 * sqrt(L) * max(scale)) had median 0.04 and maximum 1.5, so the bound of 8
 # sits ~5x above the worst case seen, while a lost or doubled tile contribution is O(1).
 FLOAT32_EPS = torch.finfo(torch.float32).eps
-FLOAT32_SAFETY = 8.0  # Rule F5
-POINTWISE_OPS = 4  # Rule F4
+FLOAT32_SAFETY = 8.0  # Rule Q5
+POINTWISE_OPS = 4  # Rule Q4
 
 
 class _Affine(nn.Module):
@@ -404,7 +404,7 @@ class _Affine(nn.Module):
 
 
 def accumulation_length(case: StreamingCase) -> int:
-    """L of Rule F4: an upper bound on the terms behind any output or gradient entry."""
+    """L of Rule Q4: an upper bound on the terms behind any output or gradient entry."""
     spatial = list(case.image_shape[2:])
     total = 0
     for layer in _leaves(case.module):
@@ -424,7 +424,7 @@ def accumulation_length(case: StreamingCase) -> int:
 
 
 def magnitude_scales(case: StreamingCase, x: torch.Tensor, g_seed: int) -> Run:
-    """Output, parameter gradients and input gradient of the magnitude network (Rule F3)."""
+    """Output, parameter gradients and input gradient of the magnitude network (Rule Q3)."""
     z = x.double()  # the true activations, layer by layer
     layers: list[tuple[str, nn.Module]] = []
     with torch.no_grad():
@@ -444,7 +444,7 @@ def magnitude_scales(case: StreamingCase, x: torch.Tensor, g_seed: int) -> Run:
                 layers.append((name, absolute_layer))
                 z = layer(z)
             else:
-                assert not isinstance(layer, nn.modules.pooling._MaxPoolNd), "Rule F6"
+                assert not isinstance(layer, nn.modules.pooling._MaxPoolNd), "Rule Q6"
                 with torch.enable_grad():
                     zz = z.detach().requires_grad_()
                     out = layer(zz)
@@ -479,7 +479,7 @@ def check_float32(case: StreamingCase) -> None:
     generator = torch.Generator().manual_seed(case.seed)
     x = torch.randn(case.image_shape, generator=generator, dtype=torch.float32)
     scale = magnitude_scales(case, x, case.seed)
-    rtol = FLOAT32_SAFETY * FLOAT32_EPS * math.sqrt(accumulation_length(case))  # Rule F5
+    rtol = FLOAT32_SAFETY * FLOAT32_EPS * math.sqrt(accumulation_length(case))  # Rule Q5
     pairs = [("output", streamed.output, plain.output, scale.output)]
     pairs.append(("input gradient", streamed.input_grad, plain.input_grad, scale.input_grad))
     for name, grad in plain.param_grads.items():
@@ -499,7 +499,7 @@ def check_float32(case: StreamingCase) -> None:
 
 @given(streaming_cases(ndim=2, activations=SMOOTH_ACTIVATIONS, pools=("avg",), **STACKS))
 def test_float32_within_accumulation_bound_2d(case: StreamingCase) -> None:
-    """Property 6: float32 streaming agrees with float64 plain within the bound of Rule F5."""
+    """Property 6: float32 streaming agrees with float64 plain within the bound of Rule Q5."""
     check_float32(case)
 
 

@@ -230,6 +230,12 @@ def test_a_tile_transform_returning_the_wrong_dtype_is_refused_before_the_module
         s(torch.zeros(1, 3, 48, 48, dtype=torch.uint8))
 
 
+def test_a_tile_transform_that_changes_the_shape_is_refused_before_the_module_runs() -> None:
+    s = Streamed(trunk(), tile=20, tile_transform=lambda t: t[:, :, 1:].double())
+    with pytest.raises(StreamcheckError, match=r"keep the shape"):
+        s(torch.zeros(1, 3, 48, 48, dtype=torch.uint8))
+
+
 def test_an_unbatched_image_asks_for_the_batch_axis() -> None:
     s = Streamed(trunk(), tile=20)
     with pytest.raises(StreamcheckError, match=r"\(N, C, H, W\).*\(3, 48, 48\)") as info:

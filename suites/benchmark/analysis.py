@@ -5,7 +5,7 @@
 
 Rules (benchmark analysis):
 
-B1. The latest row per key is the point's value (results.py Rule R2); rows are flattened to one
+B1. The latest row per key is the point's value (results.py Rule J2); rows are flattened to one
     column per parameter and metric (``results.flat``).
 B2. A ratio names the case and settings of both sides (``Ratio.label``), and compares only cases
     of the same kind of settings: defaults with defaults, tuned with tuned (``PAIRS``).

@@ -1,4 +1,4 @@
-"""Convert result rows of the older shapes to the current one (results.py Rule R1), in place.
+"""Convert result rows of the older shapes to the current one (results.py Rule J1), in place.
 
     python -m suites.benchmark.migrate reports/benchmark/results.jsonl \\
         --speed reports/speed/results.jsonl

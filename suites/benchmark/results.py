@@ -2,13 +2,13 @@
 
 Rules (results file):
 
-R1. ``<out>/results.jsonl`` is append-only; a row is ``{name, key, status, reason, params,
+J1. ``<out>/results.jsonl`` is append-only; a row is ``{name, key, status, reason, params,
     environment, metrics, run}``: the case's name, the point's key, ``ok``/``oom``/``error``/
     ``skipped`` and why, the point's parameters (``grid.Point``), the environment record
     (``suites/environment.py``), what was measured, and how the row was made (command, start,
     wall time). A row of an older shape is an error naming the migration (``migrate.py``), never
     read by guessing.
-R2. When a key appears more than once (a point re-run), the last row wins. A rerun skips the points
+J2. When a key appears more than once (a point re-run), the last row wins. A rerun skips the points
     whose last row is final (``ok``, ``oom``, or ``skipped`` for a reason that still holds);
     ``--fresh`` moves the old file aside first. A torn last line (a killed run) is ignored.
 """
@@ -40,7 +40,7 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 
 
 def check_row(row: dict[str, Any], *, where: str) -> None:
-    """Rule R1: the row has the current shape."""
+    """Rule J1: the row has the current shape."""
     missing = [k for k in ROW_KEYS if k not in row]
     if missing:
         raise ValueError(
@@ -50,7 +50,7 @@ def check_row(row: dict[str, Any], *, where: str) -> None:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """All rows of a results file, in file order (Rule R2: a torn line is ignored)."""
+    """All rows of a results file, in file order (Rule J2: a torn line is ignored)."""
     if not path.exists():
         return []
     rows = []
