@@ -346,9 +346,19 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
         if sizes and not _reads_sizes_as_geometry(node):
             problems.append(_spatial_size_problem(fxn, path, sizes[0], lines))
         else:
+            found = len(problems)
             _attach_layout(node, nodes, spatial_axes, fixed, problems)
-        if any(d >= len(node.shape) for d in node.layout):  # after a refusal: keep checking on
-            node.layout = tuple(range(len(node.shape) - spatial_axes, len(node.shape)))
+            if len(problems) > found:
+                node.kind = "rejected"
+        if node.kind in ("pointwise", "rejected") and not _keeps_sizes(node, nodes):
+            if node.kind == "pointwise":  # a safety net: pointwise layers keep spatial sizes
+                problems.append(
+                    f"  - '{path}': changes the spatial sizes {nodes[node.sources[0]].sizes} "
+                    f"(shape {node.shape}, spatial axes in dimensions {node.layout}), which a "
+                    "layer applied per position cannot. Fix: move it into the head."
+                )
+            rank = len(node.shape)
+            node.layout = tuple(range(rank - spatial_axes, rank)) if rank >= spatial_axes else ()
         add(node)
     _raise(problems)
     if failure is not None:
@@ -363,6 +373,14 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
     _check_inplace_and_hooks(module, nodes, problems)
     _raise(problems)
     return Graph(module, gm, nodes, output)
+
+
+def _keeps_sizes(node: Node, nodes: list[Node]) -> bool:
+    """Whether the node's layout fits its shape and gives its first source's spatial sizes."""
+    first = nodes[node.sources[0]] if node.sources else node
+    if any(not 0 <= d < len(n.shape) for n in (node, first) for d in n.layout):
+        return False
+    return node.splits or node.sizes == first.sizes
 
 
 def _is_plain(value: Any) -> bool:
@@ -526,7 +544,11 @@ def _attach_layout(
             return
         node.layout = moved_or_why
         return
-    if node.layer.permutation is not None:
+    if node.layer.stacks:
+        assert node.layer.permutation is not None
+        moved = node.layer.permutation(fxn.args, dict(fxn.kwargs), ndim)
+        node.layout = tuple(moved[d] for d in first.layout)
+    elif node.layer.permutation is not None:
         dims = [d % ndim for d in node.layer.permutation(fxn.args, dict(fxn.kwargs), ndim)]
         node.layout = tuple(dims.index(d) for d in first.layout)
     mixed = {d % max(ndim, 1) for d in node.layer.mixed_dims(ndim)}

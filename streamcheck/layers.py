@@ -72,6 +72,7 @@ class Pointwise:
     broadcast: bool = True
     reshape: bool = False
     splits: bool = False
+    stacks: bool = False  # torch.stack: ``permutation`` gives where each input dim goes
     reduction: bool = False  # sums, means, maxima over the dimensions it mixes
     reduces: bool = False  # and removes them (no keepdim)
 
@@ -561,10 +562,17 @@ _MOVEDIM = Pointwise(permutation=_movedim_dims)
 
 
 def _dim_arg(
-    position: int, *, default: int = 0, splits: bool = False
+    position: int, *, default: int = 0, splits: bool = False, stacks: bool = False
 ) -> Callable[[tuple[Any, ...], dict[str, Any]], Pointwise]:
     def pointwise(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Pointwise:
         dim = int(_arg(args, kwargs, position, "dim", default))
+        if stacks:  # a new dimension at ``dim`` of the result: the inputs' dims from there move
+            return Pointwise(
+                permutation=lambda a, k, ndim: tuple(
+                    d for d in range(ndim + 1) if d != dim % (ndim + 1)
+                ),
+                stacks=True,
+            )
         return Pointwise(mixed_dims=lambda ndim: (dim % ndim,), splits=splits)
 
     return pointwise
@@ -644,7 +652,7 @@ _FUNCTIONS_WITH_ARGS: dict[
 ] = {
     torch.cat: _dim_arg(1),
     torch.concat: _dim_arg(1),
-    torch.stack: _dim_arg(1),
+    torch.stack: _dim_arg(1, stacks=True),
     F.softmax: _dim_arg(1),
     F.log_softmax: _dim_arg(1),
     F.normalize: _dim_arg(2, default=1),

@@ -335,3 +335,28 @@ def test_a_reshape_that_merges_spatial_axes_is_refused() -> None:
             return x.view(n, c, h * w).view(n, c, h, w)
 
     refused(Merge(), (1, 3, 8, 8), ".view() reshapes spatial axes")
+
+
+class Stacked(nn.Module):
+    """torch.stack inserts a dimension: the spatial axes move one dimension on (Rule G3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 5, padding=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        paths = torch.stack([self.a(x), self.b(x)], dim=1)  # (N, 2, C, H, W)
+        return paths.softmax(dim=1).sum(1) + paths.amax(2).sum(1, keepdim=True)
+
+
+def test_stack_moves_the_spatial_axes_and_is_exact() -> None:
+    exact(Stacked(), (2, 3, 30, 30), 14)
+
+
+def test_an_op_over_a_spatial_axis_after_a_stack_is_refused() -> None:
+    class LastAxis(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([x, x], dim=1).softmax(dim=-1)[:, 0]
+
+    refused(LastAxis(), (1, 3, 32, 32), "mixes or indexes", "[4]")
