@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         with results.open("a") as f:
             f.write(json.dumps(record) + "\n")
         print(record["status"], record.get("refusal", ""), f"{record['seconds']} s", flush=True)
-    write_summary(results, args.out / "SUMMARY.md")
+    write_summary(results, args.out / "SUMMARY.md", total=len(zoo()))
     return 0
 
 

@@ -52,7 +52,7 @@ def verdict(row: dict[str, Any]) -> str:
     return row.get("error", "")
 
 
-def write_summary(results: Path, out: Path) -> None:
+def write_summary(results: Path, out: Path, *, total: int | None = None) -> None:
     rows = latest(results)
     env = rows[-1]["environment"] if rows else {}
     c = counts(rows)
@@ -68,6 +68,15 @@ def write_summary(results: Path, out: Path) -> None:
         "",
         " | ".join(f"{k}: **{v}**" for k, v in c.items()),
         "",
+        *(
+            [
+                f"{len(rows)} of the zoo's {total} models are recorded; the other "
+                f"{total - len(rows)} are not run yet (`python -m suites.zoo` resumes).",
+                "",
+            ]
+            if total is not None and total > len(rows)
+            else []
+        ),
         "A *non-local* refusal names a genuinely non-local layer (global pooling, statistics over "
         "space, attention); a *gap* is a local operation the engine does not understand yet.",
         "",
