@@ -340,9 +340,13 @@ def test_dag_bounds_are_respected(data: st.DataObject) -> None:
     for block in top_blocks:
         drawn = [k for k, is_kind in kinds.items() if is_kind(block)] or ["mix"]
         assert set(drawn) <= set(bounds["blocks"])
+    convs = [m for m in network.modules() if isinstance(m, CONV)]
+    # A conv draws at most max_channels, or restores a width the network already has (the end of
+    # a residual body whose input was a concatenation of several branches).
+    widths = {bounds["max_channels"], *(c.in_channels for c in convs)}
     for m in network.modules():
         if isinstance(m, CONV):
-            assert m.out_channels <= max(bounds["max_channels"], m.in_channels)
+            assert m.out_channels <= bounds["max_channels"] or m.out_channels in widths
             assert max(m.kernel_size) <= bounds["max_kernel"]
             assert max(m.dilation) <= bounds["max_dilation"]
 
