@@ -25,8 +25,8 @@ from ..environment import environment
 from .benchmark import headline_cost, memory_section, row_values
 from .equivalence import equivalence_section
 from .format import PAPER, commit, err, plural, table
-from .sources import Source, finite, get
 from .resolution import resolution_section
+from .sources import Source, finite, get
 from .training import training_section
 from .zoo import zoo_section
 
