@@ -273,7 +273,14 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
 
     for fxn in gm.graph.nodes:
         if failure is not None and fxn.name not in metas:
-            break  # the module fails here: report what was found before, else the failure
+            # The module fails here: report what was found before and whether this layer is
+            # itself non-local (train-mode BatchNorm fails on meta for a 1-pixel map), else the
+            # failure.
+            if fxn.op == "call_module":
+                verdict = classify_module(gm.get_submodule(str(fxn.target)))
+                if isinstance(verdict, Rejected):
+                    problems.append(f"  - '{_path(fxn)}': {verdict.reason}. Fix: {verdict.fix}.")
+            break
         if fxn.op == "placeholder":
             if nodes:
                 problems.append(f"  - the module takes several inputs ({fxn.name}); pass one image")
