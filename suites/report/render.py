@@ -26,6 +26,7 @@ from .benchmark import headline_cost, memory_section, row_values
 from .equivalence import equivalence_section
 from .format import PAPER, commit, err, plural, table
 from .resolution import resolution_section
+from .slides import slides_section
 from .sources import Source, finite, get
 from .training import training_section
 from .zoo import zoo_section
@@ -255,6 +256,8 @@ def markdown_report(
         resolution_section(imn.folder.parent, out_dir),  # reports/resolution/summary.json
         "",
         zoo_section(imn.folder.parent),  # reports/zoo/results.jsonl
+        "",
+        slides_section(imn.folder.parent, out_dir),  # reports/slides/results.jsonl
         "",
         limits_section(verdicts),
         "",
