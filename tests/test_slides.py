@@ -48,7 +48,7 @@ def test_the_quick_suite_writes_rows_a_summary_and_a_figure_and_deletes_its_slid
     ]
     assert {r["params"]["experiment"] for r in rows} == {"rss", "disk_vs_memory", "skipping"}
     assert all(r["environment"]["torch"] and r["run"]["quick"] for r in rows)
-    masked = next(r for r in rows if r["params"]["kind"] == "masked")
+    masked = next(r for r in rows if r["params"]["kind"] == "paired")
     assert 0 < masked["metrics"]["tiles_computed"] <= masked["metrics"]["tiles"]
     summary = (tmp_path / "out" / "SUMMARY.md").read_text()
     assert "--quick: tiny slides, not evidence" in summary and "speed-up" in summary

@@ -2,9 +2,10 @@
 
 ``python -m suites.slides.point '{"path": ..., "kind": "disk", "tile": 2048, "reps": 3}'`` prints
 one JSON object. Kinds: ``disk`` (an image source on the TIFF, read tile by tile), ``memory`` (the
-level read whole into a uint8 tensor during setup, then streamed), ``masked`` (the source with the
-tissue mask of the thumbnail level). A step is forward, head, loss and backward (mode ``train``)
-or forward and head without gradients (mode ``infer``).
+level read whole into a uint8 tensor during setup, then streamed), ``paired`` (the source
+unmasked and with the tissue mask of the thumbnail level, in the same process, interleaved A B B A ..., so that a change of the shared machine's load falls on both
+sides alike). A step is forward, head, loss and backward (mode ``train``) or forward and head
+without gradients (mode ``infer``). Times are wall-clock and process CPU seconds (all threads).
 Peak RSS is taken with ``streamcheck.memory.RssMeter`` around the measured steps, after setup and
 a warm-up step (NOTE [ Memory meters ] Rule 3): the raw peak and the delta over that baseline.
 """
@@ -56,9 +57,9 @@ def measure(path: str, kind: str, tile: int, reps: int, mode: str) -> dict[str, 
     if kind == "memory":
         image: Any = torch.from_numpy(tifffile.imread(path, level=0)).permute(2, 0, 1)[None]
         image = image.contiguous()
-    elif kind in ("disk", "masked"):
+    elif kind in ("disk", "paired"):
         image = source
-        if kind == "masked":
+        if kind == "paired":
             mask = streamcheck.tissue_mask(streamcheck.open_image(path, level=-1))
     else:
         raise ValueError(f"unknown kind {kind!r}")
@@ -76,18 +77,13 @@ def measure(path: str, kind: str, tile: int, reps: int, mode: str) -> dict[str, 
     warm = torch.randint(0, 256, (1, 3, 2 * tile, 2 * tile), dtype=torch.uint8)
     step(warm, None)  # warm-up: kernels, allocator, threads
     plan = streamed.plan(source.shape)  # planned here, not in the first measured step
-    computed = plan.n_tiles
-    if mask is not None:
-        region = streamed.computed_region(source, mask=mask)
-        computed = sum(
-            bool(region[0, 0][tuple(slice(a, b) for a, b in t.output_box)].any())
-            for t in plan.tiles
-        )
+    if kind == "paired":
+        return _paired(step, image, mask, reps) | _tiles(streamed, source, plan, mask)
     times = []
     with RssMeter() as meter:
         for _ in range(reps):
             start = time.perf_counter()
-            step(image, mask)
+            step(image, None)
             times.append(time.perf_counter() - start)
     reading = meter.reading
     assert reading is not None
@@ -103,9 +99,42 @@ def measure(path: str, kind: str, tile: int, reps: int, mode: str) -> dict[str, 
         "s_per_megapixel": median / megapixels,
         "megapixels": megapixels,
         "tiles": plan.n_tiles,
-        "tiles_computed": computed,
-        "tissue_in_mask": None if mask is None else float(mask.mean()),
         "nice": os.nice(0),
+    }
+
+
+def _tiles(streamed: Any, source: Any, plan: Any, mask: Any) -> dict[str, Any]:
+    region = streamed.computed_region(source, mask=mask)
+    computed = sum(
+        bool(region[0, 0][tuple(slice(a, b) for a, b in t.output_box)].any()) for t in plan.tiles
+    )
+    return {
+        "tiles": plan.n_tiles,
+        "tiles_computed": computed,
+        "tissue_in_mask": float(mask.mean()),
+        "nice": os.nice(0),
+    }
+
+
+def _paired(step: Any, image: Any, mask: Any, reps: int) -> dict[str, Any]:
+    """Unmasked and masked steps interleaved A B B A A B ... (each side ``reps`` times, after one
+    warm-up step each); the speed-up is the median of the per-pair ratios, in wall and CPU time."""
+    step(image, None)  # warm-up of both paths on the slide
+    step(image, mask)
+    times: dict[str, list[float]] = {"unmasked": [], "masked": []}
+    cpu: dict[str, list[float]] = {"unmasked": [], "masked": []}
+    for rep in range(reps):
+        for side in ("unmasked", "masked")[:: 1 if rep % 2 == 0 else -1]:
+            wall, proc = time.perf_counter(), time.process_time()
+            step(image, mask if side == "masked" else None)
+            times[side].append(time.perf_counter() - wall)
+            cpu[side].append(time.process_time() - proc)
+    return {
+        "step_s": times,
+        "cpu_s": cpu,
+        "median_step_s": {k: statistics.median(v) for k, v in times.items()},
+        "speedup_wall": statistics.median(a / b for a, b in zip(*times.values(), strict=True)),
+        "speedup_cpu": statistics.median(a / b for a, b in zip(*cpu.values(), strict=True)),
     }
 
 

@@ -15,6 +15,12 @@ def _by(rows: list[dict[str, Any]], experiment: str) -> list[dict[str, Any]]:
     return [r for r in rows if r["params"]["experiment"] == experiment]
 
 
+def _paired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Skipping rows measured as interleaved pairs (older rows, one process per side, are not
+    comparable under a shared machine's load and are left out)."""
+    return [r for r in _by(rows, "skipping") if r["params"]["kind"] == "paired"]
+
+
 def _table(header: list[str], body: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in body]
@@ -30,13 +36,26 @@ def write_summary(results: Path, out: Path) -> None:
     if not rows:
         (out / "SUMMARY.md").write_text("\n".join([*lines, "No results yet.", ""]))
         return
+    lines += body(rows, results_name=results.name, figure="![figure](slides.png)", level="##")
+    (out / "SUMMARY.md").write_text("\n".join(lines))
+    _figure(
+        sorted(_by(rows, "rss"), key=lambda r: r["params"]["file_bytes"]),
+        {r["params"]["kind"]: r for r in _by(rows, "disk_vs_memory")},
+        sorted(_paired(rows), key=lambda r: r["params"]["fraction"]),
+        out / "slides.png",
+    )
+
+
+def body(rows: list[dict[str, Any]], *, results_name: str, figure: str, level: str) -> list[str]:
+    """The summary's text and tables (also the report's slides section), headings at ``level``."""
+    lines: list[str] = []
     env = rows[-1]["environment"]
     commands = " and ".join(sorted({"`" + r["run"]["command"] + "`" for r in rows}))
     commits = ", ".join(sorted({"`" + r["environment"]["git_commit"] + "`" for r in rows}))
     loads = [r["environment"]["load_1min"] for r in rows if r["environment"]["load_1min"]]
     quick = any(r["run"]["quick"] for r in rows)
     lines += [
-        f"Made by {commands} from `{results.name}` ({len(rows)} points"
+        f"Made by {commands} from `{results_name}` ({len(rows)} points"
         + (", **--quick: tiny slides, not evidence**" if quick else "")
         + f"), each a fresh process at niceness {rows[-1]['run']['nice']} (the machine's cores are "
         "shared). A step streams a small trunk (4 convs, total stride 32) and its head over a "
@@ -50,9 +69,9 @@ def write_summary(results: Path, out: Path) -> None:
         f"{min(loads, default=0):.1f} to {max(loads, default=0):.1f} during the points (other "
         "sessions share the machine: times are comparable only within a pair measured together).",
         "",
-        "![figure](slides.png)",
+        figure,
         "",
-        "## Peak RSS against file size (streamed from the file)",
+        f"{level} Peak RSS against file size (streamed from the file)",
         "",
     ]
     rss = sorted(_by(rows, "rss"), key=lambda r: r["params"]["file_bytes"])
@@ -83,7 +102,7 @@ def write_summary(results: Path, out: Path) -> None:
     )
     lines += [
         "",
-        "## From the file against from memory (same slide, tile and network; train steps)",
+        f"{level} From the file against from memory (same slide, tile and network; train steps)",
         "",
     ]
     pair = {r["params"]["kind"]: r for r in _by(rows, "disk_vs_memory")}
@@ -110,27 +129,14 @@ def write_summary(results: Path, out: Path) -> None:
             "",
             f"From the file / from memory: {ratio:.2f}x the time per step (medians). Both run the "
             "same tiles and kernels, the file adds the reads (on the prefetch thread); a ratio "
-            "that moves below 1 is the shared machine's load, which swung as much within the "
-            "pairs below.",
+            "that moves below 1 is the shared machine's load.",
         ]
-    lines += ["", "## Background skipping (masked against unmasked, same slide; train steps)", ""]
-    skip = _by(rows, "skipping")
-    body = []
-    for fraction in sorted({r["params"]["fraction"] for r in skip}):
-        both = {r["params"]["kind"]: r for r in skip if r["params"]["fraction"] == fraction}
-        if {"disk", "masked"} <= set(both):
-            full, masked = both["disk"]["metrics"], both["masked"]["metrics"]
-            body.append(
-                [
-                    f"{fraction:.0%}",
-                    f"{masked['tissue_in_mask']:.2f}",
-                    f"{masked['tiles_computed']}/{masked['tiles']}",
-                    f"{full['median_step_s']:.2f} (load {both['disk']['environment']['load_1min']})",
-                    f"{masked['median_step_s']:.2f} (load {both['masked']['environment']['load_1min']})",
-                    f"{full['median_step_s'] / masked['median_step_s']:.2f}x",
-                    f"{masked['tiles'] / masked['tiles_computed']:.2f}x",
-                ]
-            )
+    lines += [
+        "",
+        f"{level} Background skipping (masked against unmasked, same slide; train steps)",
+        "",
+    ]
+    skip = sorted(_paired(rows), key=lambda r: r["params"]["fraction"])
     lines += _table(
         [
             "tissue",
@@ -138,23 +144,44 @@ def write_summary(results: Path, out: Path) -> None:
             "tiles computed",
             "unmasked s",
             "masked s",
-            "measured speed-up",
+            "speed-up (wall)",
+            "speed-up (CPU)",
             "tiles ratio",
+            "load",
         ],
-        body,
+        [
+            [
+                f"{r['params']['fraction']:.0%}",
+                f"{m['tissue_in_mask']:.2f}",
+                f"{m['tiles_computed']}/{m['tiles']}",
+                f"{m['median_step_s']['unmasked']:.2f}",
+                f"{m['median_step_s']['masked']:.2f}",
+                f"{m['speedup_wall']:.2f}x",
+                f"{m['speedup_cpu']:.2f}x",
+                f"{m['tiles'] / m['tiles_computed']:.2f}x",
+                str(r["environment"]["load_1min"]),
+            ]
+            for r in skip
+            for m in [r["metrics"]]
+        ],
     )
+    each = len(skip[0]["metrics"]["step_s"]["masked"]) if skip else 0
     lines += [
         "",
-        "A tile is computed when its input box touches the mask, so blobs spread over many tiles "
-        "keep more tiles than their area (the `tiles computed` column); the work saved follows the "
-        "tiles skipped (`tiles ratio`: all tiles / computed tiles), not the tissue fraction. The two "
-        "steps of a pair run in consecutive processes; where the machine's load (1-minute average, "
-        "in brackets) changed between them, the measured speed-up mixes the mask's effect with the "
-        "load's, and the tiles ratio is the load-free figure.",
+        "Each row is one process that runs the unmasked and the masked step alternately (A B B A "
+        f"..., {each} of each, after a warm-up step of each), so that a change of the shared "
+        "machine's load falls on both sides alike; the speed-ups are medians of the per-pair "
+        "ratios, in wall-clock and in process CPU time (all threads; the steadier figure when "
+        "other work shares the cores). A tile is computed when its input box touches the mask, "
+        "so blobs spread over many tiles keep more tiles than their area (`tiles computed`); the "
+        "work saved follows the tiles skipped (`tiles ratio`: all tiles / computed tiles), not "
+        "the tissue fraction. A skipped tile is neither read from the file nor converted nor "
+        "computed (forward or backward), so the measured speed-up can exceed the tiles ratio by "
+        "the share of reading in a step; the head, the loss and the mask's own work are not "
+        "skipped.",
         "",
     ]
-    (out / "SUMMARY.md").write_text("\n".join(lines))
-    _figure(rss, pair, skip, out / "slides.png")
+    return lines
 
 
 def _figure(
@@ -181,20 +208,15 @@ def _figure(
     )
     ax.set(ylabel="s per megapixel (train step)", title="From the file vs from memory")
     ax = axes[2]
-    pairs = []
-    for f in sorted({r["params"]["fraction"] for r in skip}):
-        both = {r["params"]["kind"]: r["metrics"] for r in skip if r["params"]["fraction"] == f}
-        if {"disk", "masked"} <= set(both):
-            pairs.append((100 * f, both["disk"], both["masked"]))
+    tissue = [100 * r["params"]["fraction"] for r in skip]
+    for key, style, label in (
+        ("speedup_wall", "o-", "measured, wall-clock"),
+        ("speedup_cpu", "^-", "measured, CPU time"),
+    ):
+        ax.plot(tissue, [r["metrics"][key] for r in skip], style, label=label)
     ax.plot(
-        [p[0] for p in pairs],
-        [p[1]["median_step_s"] / p[2]["median_step_s"] for p in pairs],
-        "o-",
-        label="measured (shared machine)",
-    )
-    ax.plot(
-        [p[0] for p in pairs],
-        [p[2]["tiles"] / p[2]["tiles_computed"] for p in pairs],
+        tissue,
+        [r["metrics"]["tiles"] / r["metrics"]["tiles_computed"] for r in skip],
         "s--",
         label="all tiles / computed tiles",
     )
