@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -267,6 +268,29 @@ def markdown_report(
     return "\n".join(sections)
 
 
+def _suite_commands(reports: Path) -> list[list[str]]:
+    """The commands recorded by the resolution, zoo and slides suites (none where not run)."""
+    from suites.slides.summary import load as load_slides
+    from suites.zoo.summary import latest
+
+    found: list[tuple[str, Any]] = []
+    summary = reports / "resolution" / "summary.json"
+    if summary.is_file():
+        found.append(("resolution experiment", json.loads(summary.read_text()).get("command")))
+    if (reports / "zoo" / "results.jsonl").is_file():
+        found += [("zoo", r.get("command")) for r in latest(reports / "zoo" / "results.jsonl")]
+    if (reports / "slides" / "results.jsonl").is_file():
+        found += [
+            ("slides", r["run"]["command"])
+            for r in load_slides(reports / "slides" / "results.jsonl")
+        ]
+    rows: list[list[str]] = []
+    for name, command in found:
+        if command and [name, f"`{command}`"] not in rows:
+            rows.append([name, f"`{command}`"])
+    return rows
+
+
 def commands_section(eq: Source, bench: Source, imn: Source, this: str) -> str:
     """The command lines recorded in the result files, in the order a reader would rerun them."""
     rows = []
@@ -283,6 +307,7 @@ def commands_section(eq: Source, bench: Source, imn: Source, this: str) -> str:
             ["training", f"`{r['run'].get('command', 'n/a')}`"]
             for r in imn.data.get("other_runs", [])
         ]
+    rows += _suite_commands(imn.folder.parent)
     rows.append(["this report", f"`{this}`"])
     return "\n".join(
         [
