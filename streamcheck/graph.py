@@ -40,6 +40,19 @@ Rule G8. A reshape (view, reshape, flatten, unflatten, squeeze, unsqueeze, nn.Fl
 Rule G9. Indexing (``x[:, a:b]``, ``x[:, None, 0]``) may select, slice or add non-spatial dimensions
          and must take spatial ones whole (`layers.indexed_layout`); ``split``, ``chunk`` and
          ``unbind`` cut one non-spatial dimension into pieces that share the source's layout.
+Rule G10. Layers that change scale (``resampling.Rescale``: transposed convolutions, upsampling,
+          shuffles) need their spatial axes last, like window layers, and are fitted to the whole
+          image's sizes in and out (resampling Rule RS1); ``F.interpolate(size=...)`` may read
+          spatial sizes (Rule G7), since its sizes are the whole image's. Every spatial node gets
+          its scale (geometry Rule MS1); merging maps of different scale is refused.
+Rule G11. The module may return one tensor, or a tuple, list or dict (nested) of them: the outputs
+          are the leaves of that structure (``torch.utils._pytree``), each a spatial node, and
+          ``Streamed`` returns the same structure (geometry Rules MS5-MS7).
+Rule G12. Code of other libraries that fx cannot trace but that is local: timm's ``pad_same``
+          (TF 'SAME' padding, whose amounts depend on the input size through Python arithmetic) is
+          kept as one call and becomes a fixed pad computed from the whole image (geometry Rule
+          MS8); timm's SpaceToDepth and DepthToSpace stay whole (Rule MS4). Nothing is imported
+          for this: only what the model's own code already imported is recognised.
 """
 
 from __future__ import annotations
@@ -49,11 +62,13 @@ import itertools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .errors import StreamcheckError
 from .layers import (
@@ -64,11 +79,14 @@ from .layers import (
     classify_function,
     classify_method,
     classify_module,
+    foreign_functions,
+    foreign_leaves,
     indexed_layout,
     reshaped_layout,
 )
+from .resampling import Rescale
 
-__all__ = ["Graph", "Node", "build_graph"]
+__all__ = ["Graph", "Node", "build_graph", "unflatten"]
 
 
 @dataclass
@@ -78,8 +96,8 @@ class Node:
     name: str
     path: str  # module path, for messages
     fx_node: fx.Node
-    kind: str  # "input", "window", "pointwise", "constant" (or "rejected" while checking)
-    layer: Window | Pointwise | None = None
+    kind: str  # "input", "window", "rescale", "pointwise", "constant" (or "rejected")
+    layer: Window | Pointwise | Rescale | None = None
     module: nn.Module | None = None
     sources: list[int] = field(default_factory=list)  # spatial tensor inputs, as node indices
     consumers: list[int] = field(default_factory=list)
@@ -90,6 +108,7 @@ class Node:
     fixed: bool = False  # a shape read fixed when the graph is built: ``value`` (Rule G7)
     value: Any = None
     entries: frozenset[int] = frozenset()  # which entries of a shape read are spatial sizes
+    scale: tuple[Fraction, ...] = ()  # per spatial axis, relative to the input (Rule G10)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -99,12 +118,15 @@ class Node:
 
 @dataclass
 class Graph:
-    """Nodes in execution order; the last spatial node is the module's output."""
+    """Nodes in execution order; ``output`` is the last output node (the only one unless the module
+    returns a structure, Rule G11)."""
 
     root: nn.Module
     gm: fx.GraphModule  # shares parameters and submodules with ``root``
     nodes: list[Node]
     output: int
+    outputs: tuple[int, ...] = ()  # every output, in the order of the returned structure
+    spec: Any = None  # the returned structure, outputs by position (`unflatten`); None: one tensor
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -114,12 +136,24 @@ class Graph:
     def output_node(self) -> Node:
         return self.nodes[self.output]
 
+    @property
+    def multiscale(self) -> bool:
+        """Whether the plan needs geometry Rules MS5-MS6: several outputs or a change of scale
+        upwards; plain downsampling chains and DAGs keep geometry Rule 6."""
+        return self.spec is not None or any(n.kind == "rescale" for n in self.nodes)
+
 
 class _Tracer(fx.Tracer):
     proxy_buffer_attributes = True  # Rule G4
 
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=foreign_functions())  # Rule G12
+        self.foreign = foreign_leaves()
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # A subclass that overrides forward is not the layer we know (Rule G1).
+        if self.foreign and type(m) in self.foreign:
+            return True
         return isinstance(m, KNOWN_MODULES) and type(m).forward.__module__.startswith("torch.nn")
 
 
@@ -188,10 +222,10 @@ def _classify(
     fixed: dict[str, Any],
     metas: dict[str, Any],
     spatial_axes: int,
-) -> tuple[Window | Pointwise | Rejected, nn.Module | None]:
+) -> tuple[Window | Pointwise | Rescale | Rejected, nn.Module | None]:
     if fxn.op == "call_module":
         module = gm.get_submodule(str(fxn.target))
-        return classify_module(module), module
+        return classify_module(module, spatial_axes), module
     # Shape reads fixed at build time fill in the arguments (Rule G7).
     args = fx.node.map_arg(fxn.args, lambda n: fixed.get(n.name, n))
     kwargs = dict(fx.node.map_arg(fxn.kwargs, lambda n: fixed.get(n.name, n)))
@@ -266,6 +300,8 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
     known: dict[str, Any] = {}  # those and the whole image's spatial sizes
     lines = _Lines(root)
     output: int | None = None
+    outputs: tuple[int, ...] = ()
+    output_spec: Any = None
 
     def add(node: Node) -> None:
         index[node.name] = len(nodes)
@@ -287,17 +323,30 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
                 continue
             add(Node(fxn.name, "input", fxn, "input", shape=tuple(input_shape)))
             nodes[0].layout = tuple(range(2, 2 + spatial_axes))
+            nodes[0].scale = (Fraction(1),) * spatial_axes
             continue
-        if fxn.op == "output":
+        if fxn.op == "output":  # Rule G11
             result = fxn.args[0]
-            if (
-                not isinstance(result, fx.Node)
-                or result.name not in index
-                or nodes[index[result.name]].kind == "constant"
+            leaves = pytree.tree_leaves(result)
+            spec = (
+                None
+                if isinstance(result, fx.Node)
+                else _structure(result, iter(range(len(leaves))))
+            )
+            if not leaves or not all(
+                isinstance(leaf, fx.Node)
+                and leaf.name in index
+                and nodes[index[leaf.name]].kind != "constant"
+                and (spec is None or index[leaf.name] != 0)
+                for leaf in leaves
             ):
-                problems.append("  - the module must return one tensor computed from its input")
+                problems.append(
+                    "  - the module must return one tensor computed from its input, or a tuple, "
+                    "list or dict of them"
+                )
             else:
-                output = index[result.name]
+                outputs = tuple(index[leaf.name] for leaf in leaves)
+                output, output_spec = max(outputs), spec
             continue
         inputs = [nodes[index[a.name]] for a in fxn.all_input_nodes if a.name in index]
         streamed = [n for n in inputs if n.kind != "constant"]
@@ -329,7 +378,9 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
             _add_size(add, known, fixed, Node(fxn.name, path, fxn, "constant"), meta, entries)
             continue
         if fxn.op == "call_function" and fxn.target is operator.getitem:
-            layer: Window | Pointwise | Rejected = Pointwise()  # Rule G9 in _attach_layout
+            layer: Window | Pointwise | Rescale | Rejected = (
+                Pointwise()
+            )  # Rule G9 in _attach_layout
             submodule = None
         else:
             layer, submodule = _classify(fxn, gm, known, metas, spatial_axes)
@@ -337,7 +388,7 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
             problems.append(f"  - '{path}': {layer.reason}. Fix: {layer.fix}.")
             kind = "rejected"  # kept with a layout: later layers are checked too
         else:
-            kind = "window" if isinstance(layer, Window) else "pointwise"
+            kind = {Window: "window", Rescale: "rescale"}.get(type(layer), "pointwise")
         node = Node(
             fxn.name,
             path,
@@ -366,6 +417,8 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
                 )
             rank = len(node.shape)
             node.layout = tuple(range(rank - spatial_axes, rank)) if rank >= spatial_axes else ()
+        if not _attach_scale(node, nodes, problems):
+            node.kind = "rejected"
         add(node)
     _raise(problems)
     if failure is not None:
@@ -379,7 +432,37 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
             nodes[s].consumers.append(i)
     _check_inplace_and_hooks(module, nodes, problems)
     _raise(problems)
-    return Graph(module, gm, nodes, output)
+    return Graph(module, gm, nodes, output, outputs, output_spec)
+
+
+def _structure(result: Any, positions: Any) -> Any:
+    """The returned structure with each output replaced by its position (Rule G11); fx turns dicts
+    and lists into immutable ones, which this undoes."""
+    if isinstance(result, fx.Node):
+        return next(positions)
+    if isinstance(result, dict):
+        return {k: _structure(v, positions) for k, v in result.items()}
+    if isinstance(result, tuple) and hasattr(result, "_fields"):  # a named tuple
+        return type(result)(*(_structure(v, positions) for v in result))
+    if isinstance(result, (tuple, list)):
+        kind = tuple if isinstance(result, tuple) else list
+        return kind(_structure(v, positions) for v in result)
+    return next(positions)  # not a node: refused with the other leaves
+
+
+def unflatten(structure: Any, values: Sequence[Any]) -> Any:
+    """``structure`` (from `_structure`) with position i replaced by ``values[i]``.
+
+    >>> unflatten({"a": 0, "b": [1, (2,)]}, ["x", "y", "z"])
+    {'a': 'x', 'b': ['y', ('z',)]}
+    """
+    if isinstance(structure, int):
+        return values[structure]
+    if isinstance(structure, dict):
+        return {k: unflatten(v, values) for k, v in structure.items()}
+    if isinstance(structure, tuple) and hasattr(structure, "_fields"):
+        return type(structure)(*(unflatten(v, values) for v in structure))
+    return type(structure)(unflatten(v, values) for v in structure)
 
 
 def _keeps_sizes(node: Node, nodes: list[Node]) -> bool:
@@ -414,11 +497,46 @@ def _add_size(
 
 
 def _reads_sizes_as_geometry(node: Node) -> bool:
-    """Reshapes and F.pad read spatial sizes as whole-image geometry (Rule G7)."""
+    """Reshapes, F.pad and F.interpolate read spatial sizes as whole-image geometry (Rules G7,
+    G10)."""
     layer = node.layer
-    return (isinstance(layer, Pointwise) and layer.reshape) or (
-        isinstance(layer, Window) and layer.kind == "pad"
+    return (
+        (isinstance(layer, Pointwise) and layer.reshape)
+        or (isinstance(layer, Window) and layer.kind == "pad")
+        or isinstance(layer, Rescale)
     )
+
+
+def _attach_scale(node: Node, nodes: list[Node], problems: list[str]) -> bool:
+    """The node's scale from its sources' (geometry Rule MS1); False, with a problem, when it
+    merges maps of different scale."""
+    first = nodes[node.sources[0]]
+    layer = node.layer
+    if node.kind == "rejected" or len(first.scale) != len(first.layout):
+        node.scale = first.scale  # after a rejected layer: its problem is reported already
+        return True
+    if isinstance(layer, Window):
+        node.scale = tuple(s / k for s, k in zip(first.scale, layer.stride, strict=True))
+        return True
+    if isinstance(layer, Rescale):
+        node.scale = tuple(s * f for s, f in zip(first.scale, layer.factor, strict=True))
+        return True
+    node.scale = first.scale
+    for s in node.sources[1:]:
+        other = nodes[s]
+        if other.scale != first.scale and other.sizes == first.sizes:
+            problems.append(
+                f"  - '{node.path}': merges feature maps at different scales "
+                f"({_scales(first.scale)} of the input from '{first.path}', "
+                f"{_scales(other.scale)} from '{other.path}'), whose pixels are not at the same "
+                "places. Fix: only merge maps reached by the same total stride and upsampling."
+            )
+            return False
+    return True
+
+
+def _scales(scale: tuple[Fraction, ...]) -> str:
+    return " x ".join(str(s) for s in scale)
 
 
 def _spatial_size_problem(fxn: fx.Node, path: str, size: Node, lines: _Lines) -> str:
@@ -512,8 +630,8 @@ def _attach_layout(
     ndim = len(first.shape)
     if node.kind == "rejected":
         return
-    if node.kind == "window":
-        assert isinstance(node.layer, Window)
+    if node.kind in ("window", "rescale"):
+        assert isinstance(node.layer, (Window, Rescale))
         expected = tuple(range(ndim - spatial_axes, ndim))
         if first.layout != expected or node.layer.ndim != spatial_axes:
             problems.append(
@@ -521,6 +639,13 @@ def _attach_layout(
                 f"dimensions {first.layout} that hold the {spatial_axes} spatial axes. Fix: "
                 "keep spatial axes last (undo permutes) before conv and pooling layers."
             )
+            return
+        if isinstance(node.layer, Rescale):  # Rule G10
+            fitted = node.layer.fitted(first.sizes, node.sizes)
+            if isinstance(fitted, str):
+                problems.append(f"  - '{node.path}': {fitted}. Fix: {_RESAMPLE_FIX}.")
+                return
+            node.layer = fitted
         if len(node.sources) > 1:
             problems.append(
                 f"  - '{node.path}': a convolution whose weight is computed from the image. Fix: "
@@ -597,6 +722,12 @@ def _attach_layout(
                 f"'{const.path}' of shape {const.shape}, which varies along a spatial axis. "
                 "Fix: only use per-channel constants in the streamed part."
             )
+
+
+_RESAMPLE_FIX = (
+    "upsample by an integer factor (scale_factor=2, or size= an integer multiple of the input's "
+    "size), or move it into the head"
+)
 
 
 def _op_name(fxn: fx.Node) -> str:

@@ -26,6 +26,7 @@ Rule L4. Anything else is rejected before any work, by module path, with the rea
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from torch import nn
 
 from .errors import internal_error
 from .geometry import Interval, avg_pool_divisors, window_input
+from .resampling import Rescale
 
 __all__ = [
     "Pointwise",
@@ -44,6 +46,8 @@ __all__ = [
     "classify_function",
     "classify_method",
     "classify_module",
+    "foreign_functions",
+    "foreign_leaves",
 ]
 
 
@@ -200,11 +204,9 @@ def _tuple(value: Any, ndim: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * ndim
 
 
-def _conv_window(m: nn.modules.conv._ConvNd) -> Window | Rejected:
+def _conv_window(m: nn.modules.conv._ConvNd) -> Window | Rescale | Rejected:
     if m.transposed:
-        return Rejected(
-            "transposed convolutions are not supported yet", "stream the layers before it"
-        )
+        return _transposed(m)
     if m.padding_mode == "circular":
         return Rejected(
             "circular padding wraps the image around, so border pixels depend on the far side",
@@ -228,6 +230,144 @@ def _conv_window(m: nn.modules.conv._ConvNd) -> Window | Rejected:
         pad_right=tuple(p[1] for p in pads),
         pad_mode="constant" if m.padding_mode == "zeros" else m.padding_mode,
     )
+
+
+def _transposed(m: nn.modules.conv._ConvNd) -> Rescale | Rejected:
+    """ConvTranspose{1,2,3}d (geometry Rule MS2): zero padding is the only mode PyTorch allows."""
+    ndim = len(m.kernel_size)
+    if not isinstance(m.padding, tuple):
+        return Rejected(f"transposed convolution with padding {m.padding!r}", "use int padding")
+    return Rescale(
+        kind="transposed",
+        ndim=ndim,
+        kernel=tuple(m.kernel_size),
+        stride=tuple(m.stride),
+        dilation=tuple(m.dilation),
+        pad_left=tuple(int(p) for p in m.padding),
+        groups=m.groups,
+    )
+
+
+def _conv_transpose_function(
+    ndim: int, args: tuple[Any, ...], kwargs: dict[str, Any], shape_of: ShapeOf
+) -> Rescale | Rejected:
+    """``F.conv_transpose*d(input, weight, bias, stride, padding, output_padding, groups,
+    dilation)`` (geometry Rule MS2)."""
+    weight = shape_of(_arg(args, kwargs, 1, "weight", None))
+    if weight is None or len(weight) != ndim + 2:
+        return Rejected(
+            f"conv_transpose{ndim}d() with a weight that is not a constant of the module",
+            "compute the weight from parameters and buffers only",
+        )
+    return Rescale(
+        kind="transposed",
+        ndim=ndim,
+        kernel=tuple(weight[2:]),
+        stride=_tuple(_arg(args, kwargs, 3, "stride", 1), ndim),
+        dilation=_tuple(_arg(args, kwargs, 7, "dilation", 1), ndim),
+        pad_left=_tuple(_arg(args, kwargs, 4, "padding", 0), ndim),
+        groups=int(_arg(args, kwargs, 6, "groups", 1)),
+    )
+
+
+_RESAMPLE_FIX = (
+    "upsample by an integer factor with mode 'nearest', 'nearest-exact', 'linear', 'bilinear' or "
+    "'trilinear' and antialias=False, or move it into the head"
+)
+
+
+def _resample(
+    ndim: int,
+    *,
+    size: Any = None,
+    scale_factor: Any = None,
+    mode: str = "nearest",
+    align_corners: Any = None,
+    recompute_scale_factor: Any = None,
+    antialias: bool = False,
+) -> Rescale | Rejected:
+    """nn.Upsample and ``F.interpolate`` (geometry Rule MS3; sizes are checked in `fitted`)."""
+    if mode not in _RESAMPLE_MODES:
+        return Rejected(f"interpolation mode {mode!r} is not supported", _RESAMPLE_FIX)
+    if antialias:
+        return Rejected("antialias=True filters with a size-dependent kernel", _RESAMPLE_FIX)
+    return Rescale(
+        kind="resample",
+        ndim=ndim,
+        mode=mode,
+        align_corners=bool(align_corners),
+        scale_factor=None if size is not None else scale_factor,
+        recompute_scale_factor=recompute_scale_factor,
+    )
+
+
+_RESAMPLE_MODES = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear"}
+_INTERPOLATE_ARGS = (
+    "size",
+    "scale_factor",
+    "mode",
+    "align_corners",
+    "recompute_scale_factor",
+    "antialias",
+)
+
+
+def _interpolate(
+    args: tuple[Any, ...], kwargs: dict[str, Any], spatial_axes: int
+) -> Rescale | Rejected:
+    named = dict(zip(_INTERPOLATE_ARGS, args[1:], strict=False))
+    named.update({k: v for k, v in kwargs.items() if k in _INTERPOLATE_ARGS})
+    return _resample(spatial_axes, **named)
+
+
+def _shuffle(kind: str, block: int, ndim: int, function: Callable[..., Any]) -> Rescale:
+    """Depth-to-space and space-to-depth by ``block`` (geometry Rule MS4)."""
+    return Rescale(kind=kind, ndim=ndim, block=int(block), function=function)
+
+
+def _pad_same(
+    args: tuple[Any, ...], kwargs: dict[str, Any], shape_of: ShapeOf, padding: Any
+) -> Window | Rejected:
+    """timm's ``pad_same(x, kernel_size, stride, dilation, value)``: TF 'SAME' padding computed
+    from the whole image's size with timm's formula, then a fixed pad (geometry Rule MS8)."""
+    shape = shape_of(args[0] if args else kwargs.get("x"))
+    if shape is None or len(shape) < 4:
+        return Rejected("pad_same() on an input of unknown size", "report this model")
+    kernel = _tuple(_arg(args, kwargs, 1, "kernel_size", 1), 2)
+    stride = _tuple(_arg(args, kwargs, 2, "stride", 1), 2)
+    dilation = _tuple(_arg(args, kwargs, 3, "dilation", 1), 2)
+    value = float(_arg(args, kwargs, 4, "value", 0))
+    pads = [
+        int(padding.get_same_padding(int(shape[-2 + a]), kernel[a], stride[a], dilation[a]))
+        for a in range(2)
+    ]
+    return Window(
+        kind="pad",
+        kernel=(1, 1),
+        stride=(1, 1),
+        dilation=(1, 1),
+        pad_left=tuple(p // 2 for p in pads),
+        pad_right=tuple(p - p // 2 for p in pads),
+        pad_mode="constant",
+        value=value,
+    )
+
+
+def foreign_leaves() -> tuple[type[nn.Module], ...]:
+    """Modules of other libraries the engine understands whole: timm's SpaceToDepth and
+    DepthToSpace (geometry Rule MS4), if timm is imported (it is never imported here)."""
+    found = sys.modules.get("timm.layers.space_to_depth")
+    return tuple(
+        getattr(found, name)
+        for name in ("SpaceToDepth", "DepthToSpace")
+        if found is not None and hasattr(found, name)
+    )
+
+
+def foreign_functions() -> tuple[Callable[..., Any], ...]:
+    """Functions of other libraries fx keeps as one call: timm's ``pad_same`` (Rule MS8)."""
+    found = sys.modules.get("timm.layers.padding")
+    return (found.pad_same,) if found is not None and hasattr(found, "pad_same") else ()
 
 
 def _conv_function_window(
@@ -426,6 +566,7 @@ KNOWN_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd, *_MAX_POOLS, *_AVG_POOLS, *ELEMENTWISE_MODULES, *_BATCH_NORMS,
     *_INSTANCE_NORMS, *_DROPOUTS, *_SOFTMAXES, *_ADAPTIVE, nn.PReLU, nn.LayerNorm, nn.GroupNorm,
     nn.Linear, nn.Flatten, nn.Unflatten, nn.LocalResponseNorm, nn.MultiheadAttention, nn.Upsample,
+    nn.PixelShuffle, nn.PixelUnshuffle,
 )  # fmt: skip
 
 _STATS_FIX = (
@@ -434,11 +575,29 @@ _STATS_FIX = (
 _AFTER = "move it after the streamed part (into the head)"
 
 
-def classify_module(m: nn.Module) -> Window | Pointwise | Rejected:
-    """How a leaf module acts on space."""
+def classify_module(m: nn.Module, ndim: int = 2) -> Window | Pointwise | Rescale | Rejected:
+    """How a leaf module acts on space (``ndim``: spatial axes of the input, for Upsample)."""
     kind = type(m).__name__
     if isinstance(m, nn.modules.conv._ConvNd):
         return _conv_window(m)
+    if isinstance(m, nn.Upsample):
+        if m.size is None and m.scale_factor is None:
+            return Rejected("Upsample without size or scale_factor", _RESAMPLE_FIX)
+        return _resample(
+            ndim,
+            size=m.size,
+            scale_factor=m.scale_factor,
+            mode=m.mode,
+            align_corners=m.align_corners,
+            recompute_scale_factor=m.recompute_scale_factor,
+        )
+    if isinstance(m, nn.PixelShuffle):
+        return _shuffle("shuffle", m.upscale_factor, 2, m)
+    if isinstance(m, nn.PixelUnshuffle):
+        return _shuffle("unshuffle", m.downscale_factor, 2, m)
+    if isinstance(m, foreign_leaves()):
+        kind = "unshuffle" if type(m).__name__ == "SpaceToDepth" else "shuffle"
+        return _shuffle(kind, getattr(m, "bs", 1), 2, m)
     if isinstance(m, _MAX_POOLS + _AVG_POOLS):
         return _pool_window(m, _POOL_NDIM.get(type(m), 2))
     if isinstance(m, ELEMENTWISE_MODULES):
@@ -686,6 +845,7 @@ _METHODS_WITH_ARGS: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], Pointw
     **{name: _reduction for name in _REDUCTIONS},
 }
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONV_TRANSPOSE_FUNCTIONS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
 _POOL_FUNCTIONS = {
     F.max_pool1d: ("max", 1), F.max_pool2d: ("max", 2), F.max_pool3d: ("max", 3),
     F.avg_pool1d: ("avg", 1), F.avg_pool2d: ("avg", 2), F.avg_pool3d: ("avg", 3),
@@ -698,7 +858,6 @@ _REJECTED_FUNCTIONS = {
     "adaptive_avg_pool2d": "pools over the whole image",
     "adaptive_max_pool2d": "pools over the whole image",
     "group_norm": "normalises with statistics over space",
-    "interpolate": "resamples space with image-size-dependent coordinates",
     "linear": "is not known to act over channels only",
 }
 
@@ -710,7 +869,7 @@ def classify_function(
     *,
     shape_of: ShapeOf = lambda arg: None,
     spatial_axes: int = 2,
-) -> Window | Pointwise | Rejected:
+) -> Window | Pointwise | Rescale | Rejected:
     """How a called function (an fx ``call_function`` node) acts on space.
 
     ``args`` hold the call's arguments, with values fixed when the graph is built (shape reads)
@@ -728,6 +887,18 @@ def classify_function(
         return _pool_function_window(*_POOL_FUNCTIONS[target], args, kwargs)
     if target is F.pad:
         return _pad_window(args, kwargs, spatial_axes)
+    if target is F.interpolate:
+        return _interpolate(args, kwargs, spatial_axes)
+    if target in _CONV_TRANSPOSE_FUNCTIONS:
+        return _conv_transpose_function(_CONV_TRANSPOSE_FUNCTIONS[target], args, kwargs, shape_of)
+    if target is F.pixel_shuffle or target is F.pixel_unshuffle:
+        block = int(
+            _arg(args, kwargs, 1, "upscale_factor", _arg(args, kwargs, 1, "downscale_factor", 1))
+        )
+        kind = "shuffle" if target is F.pixel_shuffle else "unshuffle"
+        return _shuffle(kind, block, 2, lambda x: target(x, block))
+    if target in foreign_functions():
+        return _pad_same(args, kwargs, shape_of, sys.modules["timm.layers.padding"])
     name = getattr(target, "__name__", repr(target))
     if name == "stochastic_depth" and getattr(target, "__module__", "").startswith("torchvision"):
         return _random(3)(args, kwargs)

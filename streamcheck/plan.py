@@ -1,21 +1,33 @@
 """The tile plan: how an input of a given shape is cut into tiles, and what that costs.
 
-The arithmetic follows NOTE [ Streaming geometry ] in ``geometry.py``.
+The arithmetic follows NOTE [ Streaming geometry ] in ``geometry.py`` (Rule 6), and NOTE [ Several
+scales ] (Rules MS5-MS6) for modules with several outputs or layers that upsample.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from math import prod
 
 import torch
 from torch import nn
 
 from .errors import StreamcheckError
-from .geometry import Box, input_tile_for, output_tile_for, split, volume
+from .geometry import (
+    Box,
+    Interval,
+    input_tile_for,
+    output_pieces,
+    output_tile_for,
+    period,
+    split,
+    volume,
+)
 from .graph import Graph, build_graph
-from .program import Schedule, needed_interval, schedule_tile
+from .program import Schedule, axis_walk, needed_interval, schedule_tile
 
 __all__ = ["StreamPlan", "Tile", "normalize_tile", "plan", "make_plan"]
 
@@ -26,7 +38,8 @@ class Tile:
 
     index: int
     input_box: Box
-    output_box: Box
+    output_box: Box  # in the (reference) output
+    output_boxes: tuple[Box | None, ...] = ()  # per output, with several (None: owns nothing)
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,9 @@ class StreamPlan:
     dtype: torch.dtype
     schedules: tuple[Schedule, ...] = field(repr=False, compare=False, default=())
     graph: Graph | None = field(repr=False, compare=False, default=None)
+    output_shapes: tuple[tuple[int, ...], ...] = ()  # every output's, in the returned order
+    output_bytes: int = 0  # the stitched outputs and their gradients (a full-resolution map's)
+    period_px: tuple[int, ...] = ()  # output tiles are multiples of it (geometry Rule MS5)
 
     @property
     def n_tiles(self) -> int:
@@ -69,17 +85,23 @@ class StreamPlan:
             if self.tile_px == self.tile_px_used
             else f" (rounded down from {axes(self.tile_px)})"
         )
+        outputs = [("output", axes(self.output_shape))]
+        if len(self.output_shapes) > 1:
+            outputs = [(f"output {i}", axes(s)) for i, s in enumerate(self.output_shapes)]
         rows = [
             ("input", axes(self.input_shape)),
-            ("output", axes(self.output_shape)),
+            *outputs,
             ("input tile", f"{axes(self.tile_px_used)} px{rounded}"),
             ("output tile", f"{axes(self.output_tile_px)} px"),
             ("tiles", f"{self.n_tiles} ({axes(self.grid)})"),
             ("receptive field", f"{axes(self.receptive_field_px)} px"),
             ("total stride", axes(self.total_stride)),
             ("overlap (before, after)", axes(f"{a}/{b}" for a, b in self.overlap_px)),
+            ("outputs and their gradients", f"{self.output_bytes / 2**20:.1f} MiB"),
             ("peak memory estimate", f"{self.peak_bytes_estimate / 2**20:.1f} MiB ({self.dtype})"),
         ]
+        if self.period_px:
+            rows.insert(5, ("period", f"{axes(self.period_px)} output px"))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -121,6 +143,8 @@ def _where_field_exceeds(graph: Graph, axis: int, tile: int) -> str:
 
 def make_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
     """Plan the tiles of ``graph``'s input for a requested input tile edge per axis."""
+    if graph.multiscale:
+        return _multiscale_plan(graph, tile)
     out = graph.output_node
     fields, strides, lefts, out_tiles, used = [], [], [], [], []
     for axis, (edge, out_size) in enumerate(zip(tile, out.sizes, strict=True)):
@@ -158,7 +182,141 @@ def make_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
         dtype=dtype,
         schedules=schedules,
         graph=graph,
+        output_shapes=(out.shape,),
+        output_bytes=_output_bytes(graph, dtype),
     )
+
+
+def _output_bytes(graph: Graph, dtype: torch.dtype) -> int:
+    """The stitched outputs and their gradients (geometry Rule MS7 keeps both whole)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    outputs = graph.outputs or (graph.output,)
+    return 2 * itemsize * sum(prod(graph.nodes[o].shape) for o in outputs)
+
+
+def _multiscale_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
+    """Geometry Rules MS5-MS6: tiles cut in the finest output, multiples of the period."""
+    nodes = graph.nodes
+    outputs = graph.outputs or (graph.output,)
+    ref = max(outputs, key=lambda o: (nodes[o].scale, -o))
+    reference = nodes[ref]
+    pieces_per_axis: list[list[tuple[Interval | None, ...]]] = []
+    fields, strides, lefts, out_tiles, used, periods = [], [], [], [], [], []
+    for axis, edge in enumerate(tile):
+        quotients = []
+        for o in outputs:
+            q = reference.scale[axis] / nodes[o].scale[axis]
+            if q.denominator != 1:
+                raise StreamcheckError(
+                    f"streamcheck: output '{nodes[o].path}' is at scale {nodes[o].scale[axis]} "
+                    f"along spatial axis {axis}, not an integer factor coarser than the finest "
+                    f"output '{reference.path}' ({reference.scale[axis]}); every output must be "
+                    "coarser than the finest by an integer factor"
+                )
+            quotients.append(int(q))
+        stride = 1 / reference.scale[axis]
+        if stride.denominator != 1:
+            raise StreamcheckError(
+                f"streamcheck: output '{reference.path}' is finer than the input along spatial "
+                f"axis {axis} (scale {reference.scale[axis]}); outputs at most at the input's "
+                "resolution are supported"
+            )
+        relative = [n.scale[axis] / reference.scale[axis] for n in nodes if n.scale]
+        p = period([*relative, *(Fraction(1, q) for q in quotients)])
+        cut = _AxisCut(
+            graph, axis, tuple(nodes[o].sizes[axis] for o in outputs), tuple(quotients), p
+        )
+        if cut.reads(1) > edge:
+            raise StreamcheckError(
+                f"streamcheck: tile {edge} px (spatial axis {axis}) is smaller than what one "
+                f"period of {p} output px of '{reference.path}' reads, {cut.reads(1)} px; use "
+                f"tile >= {cut.reads(1)} or stream fewer layers"
+            )
+        low, high = 1, cut.most  # the largest m whose tiles fit (geometry Rule MS6)
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if cut.reads(middle) <= edge else (low, middle - 1)
+        pieces_per_axis.append(cut.grid(low))
+        centre = reference.sizes[axis] // 2
+        one = axis_walk(graph, axis, _owning(outputs, ref, (centre, centre + 1)))
+        fields.append(_length(one))
+        strides.append(int(stride))
+        lefts.append(centre * int(stride) - one[0])
+        out_tiles.append(low * p)
+        used.append(cut.reads(low))
+        periods.append(p)
+    schedules = []
+    for combination in itertools.product(*pieces_per_axis):
+        boxes = tuple(
+            None
+            if any(piece[j] is None for piece in combination)
+            else tuple(piece[j] for piece in combination)
+            for j in range(len(outputs))
+        )
+        reference_box = boxes[outputs.index(ref)]
+        schedules.append(
+            schedule_tile(graph, reference_box or (), output_boxes=boxes)  # type: ignore[arg-type]
+        )
+    dtype = _dtype_of(graph)
+    return StreamPlan(
+        input_shape=graph.input_shape,
+        output_shape=reference.shape,
+        tile_px=tile,
+        tile_px_used=tuple(used),
+        output_tile_px=tuple(out_tiles),
+        receptive_field_px=tuple(fields),
+        total_stride=tuple(strides),
+        overlap_px=tuple(
+            (left, f - s - left) for left, f, s in zip(lefts, fields, strides, strict=True)
+        ),
+        tiles=tuple(
+            Tile(i, s.input_box, s.output_box, s.output_boxes) for i, s in enumerate(schedules)
+        ),
+        peak_bytes_estimate=_peak_bytes(graph, schedules, dtype),
+        dtype=dtype,
+        schedules=tuple(schedules),
+        graph=graph,
+        output_shapes=tuple(nodes[o].shape for o in outputs),
+        output_bytes=_output_bytes(graph, dtype),
+        period_px=tuple(periods),
+    )
+
+
+@dataclass(frozen=True)
+class _AxisCut:
+    """The tiles along one axis for output tiles of m periods (geometry Rules MS5-MS6)."""
+
+    graph: Graph
+    axis: int
+    sizes: tuple[int, ...]  # of every output along the axis
+    quotients: tuple[int, ...]  # how much coarser than the reference each output is
+    period: int
+
+    @property
+    def most(self) -> int:
+        """Periods beyond which one tile covers every output."""
+        return max(
+            -(-n // (self.period // q)) for n, q in zip(self.sizes, self.quotients, strict=True)
+        )
+
+    def grid(self, m: int) -> list[tuple[Interval | None, ...]]:
+        """Per tile, the piece of every output it owns."""
+        t = m * self.period
+        pairs = list(zip(self.sizes, self.quotients, strict=True))
+        count = max(-(-n // (t // q)) for n, q in pairs)
+        return list(zip(*(output_pieces(n, t // q, count) for n, q in pairs), strict=True))
+
+    def reads(self, m: int) -> int:
+        """The most input pixels a tile reads."""
+        return max(_length(axis_walk(self.graph, self.axis, owned)) for owned in self.grid(m))
+
+
+def _owning(outputs: Sequence[int], ref: int, interval: Interval) -> list[Interval | None]:
+    return [interval if o == ref else None for o in outputs]
+
+
+def _length(interval: Interval) -> int:
+    return interval[1] - interval[0]
 
 
 def _dtype_of(graph: Graph) -> torch.dtype:
@@ -173,8 +331,11 @@ def _peak_bytes(graph: Graph, schedules: Sequence[Schedule], dtype: torch.dtype)
     def features(shape: tuple[int, ...], layout: tuple[int, ...]) -> int:
         return prod(size for d, size in enumerate(shape) if d not in layout)
 
-    out = graph.output_node
-    stitched = volume([(0, n) for n in out.sizes]) * features(out.shape, out.layout)
+    stitched = sum(
+        volume([(0, n) for n in graph.nodes[o].sizes])
+        * features(graph.nodes[o].shape, graph.nodes[o].layout)
+        for o in graph.outputs or (graph.output,)
+    )
     tile = max(
         sum(
             volume(box) * features(node.shape, node.layout)

@@ -8,10 +8,17 @@ Rule P2. Executing a tile walks the graph forwards and frees each feature map as
          consumer has read it, so only the live frontier of one tile is held in memory.
 Rule P3. A layer that works in place gets a private copy when the tensor it would overwrite is the
          caller's image (graph Rule G5 refuses in-place writes to maps that others read).
+Rule P4. With several outputs (graph Rule G11) the walk of Rule P1 starts from every output's box
+         (geometry Rule MS6); the tile returns, per output, the crop of that node's box it owns, or
+         None where it owns nothing. Output nodes are kept until the tile ends.
+Rule P5. A rescaling layer (``resampling.Rescale``) reads the clipped box of Rule P1 and is told
+         which absolute box it holds and which it must produce (resampling Rule RS2): it never
+         recreates padding.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +29,9 @@ from .errors import internal_error
 from .geometry import Box, Interval, clip, hull, mirror
 from .graph import Graph, Node
 from .layers import Pointwise, Window
+from .resampling import Rescale
 
-__all__ = ["Edge", "Schedule", "needed_interval", "run_tile", "schedule_tile"]
+__all__ = ["Edge", "Schedule", "axis_walk", "needed_interval", "run_tile", "schedule_tile"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,8 @@ class Schedule:
     output_box: Box
     boxes: tuple[Box | None, ...]  # clipped, per node; None when the tile does not need the node
     edges: dict[tuple[int, int], Edge]  # (consumer, source) -> edge
+    output_boxes: tuple[Box | None, ...] = ()  # per output (Rule P4); () for one output
+    output_crops: tuple[tuple[Interval, ...] | None, ...] = ()  # relative to the node's box
 
     @property
     def input_box(self) -> Box:
@@ -53,8 +63,8 @@ class Schedule:
 
 def _required(node: Node, box: Box) -> Box:
     """The unclipped box a node needs from its sources to produce ``box`` (Rule 2)."""
-    if node.kind == "window":
-        assert isinstance(node.layer, Window)
+    if node.kind in ("window", "rescale"):
+        assert isinstance(node.layer, (Window, Rescale))
         return tuple(node.layer.input_interval(a, interval) for a, interval in enumerate(box))
     return box
 
@@ -76,18 +86,26 @@ def _available(node: Node, wanted: Box, sizes: tuple[int, ...]) -> tuple[Box, tu
     return tuple(boxes), tuple(gathers)
 
 
-def schedule_tile(graph: Graph, output_box: Box) -> Schedule:
-    """Walk the graph backwards from one output box (Rule P1)."""
+def schedule_tile(
+    graph: Graph, output_box: Box, *, output_boxes: tuple[Box | None, ...] = ()
+) -> Schedule:
+    """Walk the graph backwards from one output box (Rule P1), or from every output's box
+    (``output_boxes``, one per output, None where the tile owns nothing: Rule P4)."""
     nodes = graph.nodes
     boxes: list[Box | None] = [None] * len(nodes)
     requests: list[list[Box]] = [[] for _ in nodes]
     unclipped: dict[tuple[int, int], tuple[Box, Box, tuple[Any, ...]]] = {}
-    boxes[graph.output] = output_box
+    if output_boxes:
+        for o, owned in zip(graph.outputs, output_boxes, strict=True):
+            if owned is not None:
+                requests[o].append(owned)
+    else:
+        boxes[graph.output] = output_box
     for i in range(graph.output, -1, -1):
         node = nodes[i]
         if node.kind == "constant":
             continue
-        if i != graph.output:
+        if i != graph.output or output_boxes:
             if not requests[i]:
                 continue
             boxes[i] = tuple(hull(axis) for axis in zip(*requests[i], strict=True))
@@ -112,7 +130,40 @@ def schedule_tile(graph: Graph, output_box: Box) -> Schedule:
             ),
             gathers=gathers,
         )
-    return Schedule(output_box, tuple(boxes), edges)
+    crops: list[tuple[Interval, ...] | None] = []
+    for o, owned in zip(graph.outputs if output_boxes else (), output_boxes, strict=True):
+        computed = boxes[o]
+        crops.append(
+            None
+            if owned is None or computed is None
+            else tuple((a - c, b - c) for (a, b), (c, _) in zip(owned, computed, strict=True))
+        )
+    return Schedule(output_box, tuple(boxes), edges, tuple(output_boxes), tuple(crops))
+
+
+def axis_walk(graph: Graph, axis: int, owned: Sequence[Interval | None]) -> Interval:
+    """The clipped input interval that tiles owning ``owned`` of every output read along ``axis``
+    (Rule P1 along one axis, for planning: geometry Rule MS6)."""
+    nodes = graph.nodes
+    requests: list[list[Interval]] = [[] for _ in nodes]
+    for o, interval in zip(graph.outputs, owned, strict=True):
+        if interval is not None:
+            requests[o].append(interval)
+    for i in range(graph.output, 0, -1):
+        node = nodes[i]
+        if node.kind == "constant" or not requests[i]:
+            continue
+        own = hull(requests[i])
+        for s in node.sources:
+            wanted = own
+            if node.kind in ("window", "rescale"):
+                assert isinstance(node.layer, (Window, Rescale))
+                wanted = node.layer.input_interval(axis, own)
+            single = _available(node, (wanted,), (nodes[s].sizes[axis],))[0][0]
+            requests[s].append(single)
+    if not requests[0]:
+        raise internal_error("a tile that reads no input")
+    return hull(requests[0])
 
 
 def needed_interval(graph: Graph, node_index: int, axis: int, interval: Interval) -> Interval:
@@ -172,12 +223,11 @@ def _evaluate(graph: Graph, fxn: fx.Node, values: dict[str, Any]) -> Any:
 def _weights(node: Node, values: dict[str, Any]) -> tuple[Any, Any, int] | None:
     """A convolution's weight, bias and groups, read live: from its module, or from the call."""
     layer = node.layer
-    assert isinstance(layer, Window)
-    if layer.kind == "conv":
+    assert isinstance(layer, (Window, Rescale))
+    if node.module is not None and layer.kind in ("conv", "transposed"):
         m = node.module
-        assert m is not None
         return m.weight, m.bias, m.groups  # type: ignore[return-value]
-    if layer.kind != "conv_function":
+    if layer.kind not in ("conv_function", "transposed"):
         return None
     fxn = node.fx_node
     args = fx.node.map_arg(fxn.args, lambda n: values[n.name])
@@ -189,8 +239,9 @@ def _weights(node: Node, values: dict[str, Any]) -> tuple[Any, Any, int] | None:
 
 def run_tile(
     graph: Graph, schedule: Schedule, x: torch.Tensor, *, stop_at_output_input: bool = False
-) -> torch.Tensor:
-    """Compute the output tile from input tile ``x`` (Rule P2).
+) -> Any:
+    """Compute the output tile from input tile ``x`` (Rule P2): a tensor, or with several
+    outputs a tuple with one crop (or None) per output (Rule P4).
 
     With ``stop_at_output_input`` the last layer is not run; the padded tile it would read is
     returned instead (the backward pass uses this for a trailing conv).
@@ -199,6 +250,8 @@ def run_tile(
     env: dict[int, torch.Tensor] = {0: x}
     constants: dict[str, Any] = {}
     unread = [len(n.consumers) for n in nodes]
+    for o in graph.outputs if schedule.output_boxes else ():
+        unread[o] += 1  # Rule P4
     for i in range(1, graph.output + 1):
         node = nodes[i]
         if node.kind == "constant":
@@ -229,6 +282,13 @@ def run_tile(
             sizes = nodes[node.sources[0]].sizes
             weights = _weights(node, values)
             env[i] = node.layer.run(tensor, edge.pads, edge.gathers, box, sizes, weights)
+        elif node.kind == "rescale":  # Rule P5
+            assert isinstance(node.layer, Rescale)
+            tensor, edge = inputs[0]
+            held = schedule.boxes[node.sources[0]]
+            assert held is not None
+            in_box = tuple((h[0] + c[0], h[0] + c[1]) for h, c in zip(held, edge.crop, strict=True))
+            env[i] = node.layer.run(tensor, in_box, box, _weights(node, values))
         elif isinstance(node.layer, Pointwise) and node.layer.reshape:  # graph Rule G8
             target = list(node.shape)
             for dim, (start, stop) in zip(node.layout, box, strict=True):
@@ -240,4 +300,9 @@ def run_tile(
             unread[s] -= 1
             if unread[s] == 0:
                 del env[s]
-    return env[graph.output]
+    if not schedule.output_boxes:
+        return env[graph.output]
+    return tuple(
+        None if crop is None else _crop(env[o], nodes[o].layout, crop)
+        for o, crop in zip(graph.outputs, schedule.output_crops, strict=True)
+    )

@@ -35,6 +35,11 @@ Rule S9. Tiles not computed: with ``mask=`` the tiles whose input holds no tissu
          finite. A NaN or inf in the output gradient is not zero, so such a tile is recomputed.
          Which tiles have a non-zero gradient is read in one pass before the first tile (one
          device synchronisation per backward, not one per tile).
+Rule S10. Several outputs (graph Rule G11; geometry Rules MS5-MS7): forward stitches every output
+          from the crops the tiles own and returns them in the module's own structure (tuple,
+          list, dict); backward gets one gradient per output (zeros for an output the loss does
+          not use) and backpropagates each tile's slices of all of them at once; a tile is skipped
+          only when all its slices are zero. The plain single-output path is unchanged.
 """
 
 from __future__ import annotations
@@ -46,9 +51,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import StreamcheckError
+from .errors import StreamcheckError, internal_error
 from .feed import TileFeed, laid_out_like
-from .graph import build_graph
+from .graph import build_graph, unflatten
 from .layers import Window
 from .masks import ScaledMask
 from .plan import StreamPlan, make_plan, normalize_tile
@@ -167,6 +172,18 @@ class Streamed(nn.Module):
             dtype=None if autocast else dtype,
         )
         call = _Call(plan, state, tensor_versions(self.module), params, tiles, sink)
+        graph = plan.graph
+        assert graph is not None
+        if graph.multiscale:  # Rule S10
+            if mask is not None:
+                raise StreamcheckError(
+                    "streamcheck: mask= is not supported for modules that upsample or return "
+                    "several outputs. Fix: stream without a mask"
+                )
+            outputs = _MultiStreamFunction.apply(call, feed, x, *params)
+            if graph.spec is None:
+                return outputs[0]
+            return unflatten(graph.spec, outputs)
         output: torch.Tensor = _StreamFunction.apply(call, feed, x, *params)
         return output
 
@@ -189,6 +206,10 @@ class Streamed(nn.Module):
         plan = self._plan_for(x, state, dtype, device or x.device)
         graph = plan.graph
         assert graph is not None
+        if graph.multiscale:
+            raise StreamcheckError(
+                "streamcheck: computed_region is for modules with one output that do not upsample"
+            )
         layout = graph.output_node.layout
         ndim = len(plan.output_shape)
         shape = [plan.output_shape[d] if d in layout else 1 for d in range(ndim)]
@@ -469,6 +490,142 @@ class _StreamFunction(torch.autograd.Function):
             if grad_tile_x is not None and sink is not None:
                 sink.add(schedule.input_box, grad_tile_x)  # saliency Rule A3
         return (None, None, grad_x, *grad_params)
+
+
+class _MultiStreamFunction(torch.autograd.Function):
+    """Rule S10: several outputs, or layers that upsample (run_tile returns one crop per output)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        call: _Call,
+        feed: TileFeed,
+        x: torch.Tensor | ImageSource,
+        *params: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        plan = call.plan
+        graph = plan.graph
+        assert graph is not None
+        device_type = feed.device.type
+        ctx.call, ctx.feed = call, feed
+        ctx.autocast = (
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+        )
+        if isinstance(x, torch.Tensor):
+            ctx.save_for_backward(x)
+        else:
+            ctx.source = x  # Rule S8
+        indices = [_slices(s.input_box, graph.nodes[0].layout, x.dim()) for s in plan.schedules]
+        ctx.indices = indices
+        nodes = [graph.nodes[o] for o in graph.outputs]
+        outputs: list[torch.Tensor | None] = [None] * len(nodes)
+        with torch.no_grad():  # Rule S1
+            for schedule, arrived in zip(plan.schedules, feed.arrivals(x, indices), strict=True):
+                results = run_tile(graph, schedule, feed.prepare(arrived))
+                for j, (result, box) in enumerate(zip(results, schedule.output_boxes, strict=True)):
+                    if result is None or box is None:
+                        continue
+                    if outputs[j] is None:
+                        outputs[j] = laid_out_like(result, nodes[j].shape)
+                    target = outputs[j]
+                    assert target is not None
+                    target[_slices(box, nodes[j].layout, target.dim())] = result
+        if any(o is None for o in outputs):
+            raise internal_error("an output that no tile owns")
+        return tuple(o for o in outputs if o is not None)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise StreamcheckError(
+                "streamcheck: double backward through a Streamed module is not supported. Fix: "
+                "call backward without create_graph"
+            )
+        call: _Call = ctx.call
+        call.check_unchanged()
+        plan = call.plan
+        graph = plan.graph
+        assert graph is not None
+        x = ctx.saved_tensors[0] if ctx.saved_tensors else ctx.source
+        params = call.params
+        feed: TileFeed = ctx.feed
+        sink = call.sink
+        want_input = ctx.needs_input_grad[2] or sink is not None
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
+        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        layouts = [graph.nodes[o].layout for o in graph.outputs]
+        slices = [
+            [
+                None if box is None else _slices(box, layout, grad.dim())
+                for box, layout, grad in zip(s.output_boxes, layouts, grad_outputs, strict=True)
+            ]
+            for s in plan.schedules
+        ]
+        flat = [
+            (g, index)
+            for row in slices
+            for g, index in zip(grad_outputs, row, strict=True)
+            if index
+        ]
+        flags = iter(_nonzero_slices_of(flat))  # Rule S9, one sync
+        nonzero = [any([next(flags) for index in row if index]) for row in slices]
+        work = [
+            (schedule, index, row)
+            for schedule, index, row, keep in zip(
+                plan.schedules, ctx.indices, slices, nonzero, strict=True
+            )
+            if keep
+        ]
+        arrivals = feed.arrivals(
+            x.detach() if isinstance(x, torch.Tensor) else x, [index for _, index, _ in work]
+        )
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        for (schedule, index, row), arrived in zip(work, arrivals, strict=True):
+            if want_input and not arrived.is_floating_point():  # saliency Rule A4
+                arrived = arrived.to(feed.dtype or torch.float32)
+            leaf = arrived.detach().requires_grad_(want_input)
+            with (
+                torch.enable_grad(),
+                torch.autocast(device_type, autocast_dtype, enabled=autocast_on),
+            ):
+                results = run_tile(graph, schedule, feed.prepare(leaf))
+            targets, grads = [], []
+            for result, grad, piece in zip(results, grad_outputs, row, strict=True):
+                if result is not None and piece is not None and result.requires_grad:
+                    targets.append(result)
+                    grads.append(grad[piece])
+            inputs = [leaf, *params] if want_input else list(params)
+            wanted = [t for t in inputs if t.requires_grad]
+            found = dict(
+                zip(
+                    map(id, wanted),
+                    torch.autograd.grad(targets, wanted, grads, allow_unused=True)
+                    if wanted and targets
+                    else [None] * len(wanted),
+                    strict=True,
+                )
+            )
+            for i, p in enumerate(params):
+                g = found.get(id(p))
+                if g is not None:
+                    previous = grad_params[i]
+                    grad_params[i] = g if previous is None else previous + g
+            grad_tile_x = found.get(id(leaf))
+            if grad_tile_x is not None and grad_x is not None:
+                grad_x[index] += grad_tile_x.to(grad_x.device)
+            if grad_tile_x is not None and sink is not None:
+                sink.add(schedule.input_box, grad_tile_x)
+        return (None, None, grad_x, *grad_params)
+
+
+def _nonzero_slices_of(pieces: Sequence[tuple[torch.Tensor, tuple[Any, ...]]]) -> list[bool]:
+    """Whether each ``grad[index]`` holds a non-zero, in one sync (Rule S9)."""
+    if not pieces:
+        return []
+    flags = torch.stack([grad[index].ne(0).any() for grad, index in pieces])
+    return [bool(f) for f in flags.tolist()]
 
 
 def _nonzero_slices(grad: torch.Tensor, slices: Sequence[tuple[Any, ...]]) -> list[bool]:
