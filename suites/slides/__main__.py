@@ -5,8 +5,10 @@ Rules (slides suite):
 V1. The points are data (``grid``): peak RSS against file size (slides up to >= 4 GB, streamed from
     the file), time per megapixel from the file against from a uint8 tensor in memory (one size
     that fits), and background skipping at 10/25/50/75 % tissue (masked against unmasked, same
-    slide, interleaved in one process so that both sides see the same machine load). Each point
-    runs in a fresh process (``point.py``).
+    slide, interleaved in one process so that both sides see the same machine load, on one
+    intra-op thread so that process CPU time measures the work: with several threads, waiting
+    threads spin and CPU time grows with the load of the shared machine). Each point runs in a
+    fresh process (``point.py``).
 V2. Slides are generated in the run, in ``--workdir`` (a temporary folder by default), after a
     free-space check, and deleted when their points are done; none is ever committed.
 V3. Rows are appended to ``results.jsonl`` as each point finishes, keyed by their settings; a rerun
@@ -39,16 +41,18 @@ REPO = Path(__file__).resolve().parents[2]
 @dataclass(frozen=True)
 class Point:
     experiment: str  # "rss", "disk_vs_memory", "skipping"
-    kind: str  # "disk", "memory", "paired" (unmasked and masked, interleaved)
+    kind: str  # "disk", "memory"; interleaved pairs: "file_memory", "paired" (unmasked/masked)
     side: int  # slide edge, px
     fraction: float  # tissue in the generated slide
     tile: int
     reps: int
     mode: str  # "train" (forward + backward) or "infer" (forward only)
+    threads: int = 0  # torch intra-op threads; 0: torch's default
 
     @property
     def key(self) -> str:
-        return f"{self.experiment}/{self.mode}/{self.kind}/{self.side}/{self.fraction}/{self.tile}"
+        key = f"{self.experiment}/{self.mode}/{self.kind}/{self.side}/{self.fraction}/{self.tile}"
+        return key + (f"/threads{self.threads}" if self.threads else "")
 
 
 def grid(*, quick: bool) -> list[Point]:
@@ -60,13 +64,14 @@ def grid(*, quick: bool) -> list[Point]:
         pairs = 2
     else:
         sides, side, tile, small_tile, reps = (8192, 19456, 38912), 4096, 2048, 512, 3
-        fractions, pairs = (0.1, 0.25, 0.5, 0.75), 4
+        fractions, pairs = (0.1, 0.25, 0.5, 0.75), 6
     points = [Point("rss", "disk", s, 0.5, tile, 1, "infer") for s in sides]
     points += [
         Point("disk_vs_memory", k, side, 0.5, tile, reps, "train") for k in ("disk", "memory")
     ]
+    points.append(Point("disk_vs_memory", "file_memory", side, 0.5, small_tile, pairs, "train", 1))
     for fraction in fractions:
-        points.append(Point("skipping", "paired", side, fraction, small_tile, pairs, "train"))
+        points.append(Point("skipping", "paired", side, fraction, small_tile, pairs, "train", 1))
     return points
 
 
@@ -85,6 +90,7 @@ def run_point(point: Point, path: Path) -> dict[str, Any]:
             "tile": point.tile,
             "reps": point.reps,
             "mode": point.mode,
+            "threads": point.threads,
         }
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 with results.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 took = f"({time.perf_counter() - start:.0f} s)"
-                if point.kind == "paired":
+                if point.kind in ("paired", "file_memory"):
                     done_text = f"speed-up {metrics['speedup_wall']:.2f}x wall, {metrics['speedup_cpu']:.2f}x CPU"
                 else:
                     done_text = f"{metrics['median_step_s']:.1f} s/step, peak RSS {metrics['peak_rss_bytes'] / 2**20:.0f} MiB"

@@ -2,9 +2,10 @@
 
 ``python -m suites.slides.point '{"path": ..., "kind": "disk", "tile": 2048, "reps": 3}'`` prints
 one JSON object. Kinds: ``disk`` (an image source on the TIFF, read tile by tile), ``memory`` (the
-level read whole into a uint8 tensor during setup, then streamed), ``paired`` (the source
-unmasked and with the tissue mask of the thumbnail level, in the same process, interleaved A B B A ..., so that a change of the shared machine's load falls on both
-sides alike). A step is forward, head, loss and backward (mode ``train``) or forward and head
+level read whole into a uint8 tensor during setup, then streamed), ``file_memory`` (both, in the
+same process, interleaved as below), ``paired`` (the source unmasked and with the tissue mask of
+the thumbnail level, in the same process, interleaved A B B A ..., so that a change of the shared
+machine's load falls on both sides alike). A step is forward, head, loss and backward (mode ``train``) or forward and head
 without gradients (mode ``infer``). Times are wall-clock and process CPU seconds (all threads).
 Peak RSS is taken with ``streamcheck.memory.RssMeter`` around the measured steps, after setup and
 a warm-up step (NOTE [ Memory meters ] Rule 3): the raw peak and the delta over that baseline.
@@ -17,6 +18,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,27 +46,21 @@ def normalise(t: torch.Tensor) -> torch.Tensor:
     return (t.float() / 255 - 0.5) / 0.25
 
 
-def measure(path: str, kind: str, tile: int, reps: int, mode: str) -> dict[str, Any]:
+def measure(
+    path: str, kind: str, tile: int, reps: int, mode: str, threads: int = 0
+) -> dict[str, Any]:
     import tifffile
 
+    if threads:
+        torch.set_num_threads(threads)
     import streamcheck
     from streamcheck.memory import RssMeter
 
     trunk, head = network()
     streamed = streamcheck.Streamed(trunk, tile=tile, tile_transform=normalise)
     source = streamcheck.open_image(path)
-    mask = None
-    if kind == "memory":
-        image: Any = torch.from_numpy(tifffile.imread(path, level=0)).permute(2, 0, 1)[None]
-        image = image.contiguous()
-    elif kind in ("disk", "paired"):
-        image = source
-        if kind == "paired":
-            mask = streamcheck.tissue_mask(streamcheck.open_image(path, level=-1))
-    else:
-        raise ValueError(f"unknown kind {kind!r}")
 
-    def step(x: Any, m: Any) -> None:
+    def step(x: Any, m: Any = None) -> None:
         if mode == "infer":  # forward only, as when scoring a slide
             with torch.no_grad():
                 head(streamed(x, mask=m))
@@ -73,17 +69,30 @@ def measure(path: str, kind: str, tile: int, reps: int, mode: str) -> dict[str, 
         loss = nn.functional.cross_entropy(head(features), torch.tensor([1]))
         loss.backward()
 
+    def read_whole() -> torch.Tensor:
+        pixels = torch.from_numpy(tifffile.imread(path, level=0))
+        return pixels.permute(2, 0, 1)[None].contiguous()
+
     source[:, :, 0:1, 0:1]  # the first read imports tifffile and zarr: part of setup
     warm = torch.randint(0, 256, (1, 3, 2 * tile, 2 * tile), dtype=torch.uint8)
-    step(warm, None)  # warm-up: kernels, allocator, threads
+    step(warm)  # warm-up: kernels, allocator, threads
     plan = streamed.plan(source.shape)  # planned here, not in the first measured step
-    if kind == "paired":
-        return _paired(step, image, mask, reps) | _tiles(streamed, source, plan, mask)
+    if kind == "paired":  # background skipping
+        mask = streamcheck.tissue_mask(streamcheck.open_image(path, level=-1))
+        sides = {"unmasked": lambda: step(source), "masked": lambda: step(source, mask)}
+        return _paired(sides, reps) | _tiles(streamed, source, plan, mask)
+    if kind == "file_memory":  # the same pixels from the file and from a tensor
+        image = read_whole()
+        sides = {"file": lambda: step(source), "memory": lambda: step(image)}
+        return _paired(sides, reps) | {"tiles": plan.n_tiles, "nice": os.nice(0)}
+    if kind not in ("disk", "memory"):
+        raise ValueError(f"unknown kind {kind!r}")
+    image = read_whole() if kind == "memory" else source
     times = []
     with RssMeter() as meter:
         for _ in range(reps):
             start = time.perf_counter()
-            step(image, None)
+            step(image)
             times.append(time.perf_counter() - start)
     reading = meter.reading
     assert reading is not None
@@ -116,28 +125,34 @@ def _tiles(streamed: Any, source: Any, plan: Any, mask: Any) -> dict[str, Any]:
     }
 
 
-def _paired(step: Any, image: Any, mask: Any, reps: int) -> dict[str, Any]:
-    """Unmasked and masked steps interleaved A B B A A B ... (each side ``reps`` times, after one
-    warm-up step each); the speed-up is the median of the per-pair ratios, in wall and CPU time."""
-    step(image, None)  # warm-up of both paths on the slide
-    step(image, mask)
-    times: dict[str, list[float]] = {"unmasked": [], "masked": []}
-    cpu: dict[str, list[float]] = {"unmasked": [], "masked": []}
+def _paired(sides: dict[str, Callable[[], None]], reps: int) -> dict[str, Any]:
+    """Two kinds of step interleaved A B B A A B ... (each ``reps`` times, after one warm-up step
+    each); the ratio first / second is the median of the per-pair ratios, in wall and CPU time,
+    and the ratio of the least CPU times (load only ever adds to a time)."""
+    names = list(sides)
+    for run in sides.values():
+        run()  # warm-up of both paths on the slide
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(reps):
-        for side in ("unmasked", "masked")[:: 1 if rep % 2 == 0 else -1]:
+        for name in names[:: 1 if rep % 2 == 0 else -1]:
             wall, proc = time.perf_counter(), time.process_time()
-            step(image, mask if side == "masked" else None)
-            times[side].append(time.perf_counter() - wall)
-            cpu[side].append(time.process_time() - proc)
+            sides[name]()
+            times[name].append(time.perf_counter() - wall)
+            cpu[name].append(time.process_time() - proc)
+    first, second = names
     return {
         "step_s": times,
         "cpu_s": cpu,
         "median_step_s": {k: statistics.median(v) for k, v in times.items()},
         "speedup_wall": statistics.median(a / b for a, b in zip(*times.values(), strict=True)),
         "speedup_cpu": statistics.median(a / b for a, b in zip(*cpu.values(), strict=True)),
+        "speedup_cpu_min": min(cpu[first]) / min(cpu[second]),
+        "threads": torch.get_num_threads(),
     }
 
 
 if __name__ == "__main__":
     args = json.loads(sys.argv[1])
-    print(json.dumps(measure(args["path"], args["kind"], args["tile"], args["reps"], args["mode"])))
+    options = ("path", "kind", "tile", "reps", "mode")
+    print(json.dumps(measure(*(args[k] for k in options), threads=args.get("threads", 0))))
