@@ -164,6 +164,12 @@ def test_quick_run_writes_the_summary_the_issue_asks_for(tmp_path) -> None:
     for r in rows:
         assert 0 <= r["auc"] <= 1 and len(r["auc_ci"]) == 2 and r["auc_ci"][0] <= r["auc_ci"][1]
         assert 0 <= r["saliency_lesion_auc"] <= 1 and r["lesion_visibility"] > 0
+        # paired against the border map: the mean difference is the difference of the means
+        want = r["saliency_lesion_auc"] - summary["saliency_baseline_border_distance_auc"]
+        assert r["saliency_minus_border_auc"] == pytest.approx(want, rel=1e-12, abs=1e-12)
+        lo, hi = r["saliency_minus_border_auc_ci"]
+        assert lo <= r["saliency_minus_border_auc"] <= hi or lo == hi
+        assert 0 <= r["saliency_beats_border_slides"] <= r["positive_test_slides"] == 4
     assert len(summary["permutation_tests"]) == 3  # every higher-lower pair
     assert summary["environment"]["torch"] == torch.__version__
     assert summary["config"]["name"] == "quick" and summary["label"] == "STAND-IN"

@@ -67,16 +67,31 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
         f"{hi['saliency_lesion_auc']:.3f} (95 % CI {_ci(hi['saliency_lesion_auc_ci'])}), "
         + ("better" if hi["saliency_lesion_auc_ci"][0] > 0.5 else "not measurably better")
         + " than chance (0.5)"
-        + (
-            ""
-            if prior is None
-            else f" and {'better' if hi['saliency_lesion_auc_ci'][0] > prior else 'not measurably better'}"
-            f" than a map that only knows the distance from the border ({prior:.3f}; lesions "
-            "are never placed near the border, Rule SA4)"
-        )
+        + _against_border(hi, prior)
         + ".",
     ]
     return out
+
+
+def _against_border(row: dict[str, Any], prior: float | None) -> str:
+    """The saliency against the border-distance map (Rule SA4), paired per slide where recorded."""
+    if prior is None:
+        return ""
+    about = (
+        f"a map that only knows the distance from the border ({prior:.3f}; lesions are never "
+        "placed near the border, Rule SA4)"
+    )
+    ci = row.get("saliency_minus_border_auc_ci")
+    if ci is None:  # summaries written before the paired difference was recorded
+        better = row["saliency_lesion_auc_ci"][0] > prior
+        return f" and {'better' if better else 'not measurably better'} than {about}"
+    verdict = "better" if ci[0] > 0 else "worse" if ci[1] < 0 else "not measurably better"
+    return (
+        f" and {verdict} than {about}: paired per slide, saliency minus border "
+        f"{row['saliency_minus_border_auc']:+.3f} (95 % CI {ci[0]:+.3f} to {ci[1]:+.3f}), "
+        f"higher on {row['saliency_beats_border_slides']} of "
+        f"{row['positive_test_slides']} positive test slides"
+    )
 
 
 def summary_markdown(summary: dict[str, Any], *, figures: Path, out_dir: Path | None = None) -> str:

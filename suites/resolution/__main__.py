@@ -138,12 +138,12 @@ def run(
         X.train_one(config, f, root, out, cache, progress=progress, log=log)
         for f in sorted(config.factors)  # highest resolution first: the slowest, and the test
     ]
-    summary = X.summarize(config, records, visibility)
     positives = [s.name for s in S.read_table(root) if s.split == "test" and s.label]
-    prior = [
-        SA.saliency_lesion_auc(SA.border_distance(m.shape), m)
-        for m in (S.read_slide(root, name)[1] for name in positives)
-    ]
+    prior = {
+        name: SA.saliency_lesion_auc(SA.border_distance(mask.shape), mask)
+        for name, mask in ((name, S.read_slide(root, name)[1]) for name in positives)
+    }
+    summary = X.summarize(config, records, visibility, border=prior)
     runs = [r["lsuv_s"] + r["train_s"] + r["eval_s"] for r in records]
     from ..environment import environment
 
@@ -163,7 +163,7 @@ def run(
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # Rule X4
         **summary,
         # Rule SA4: the lesion AUC of a map that only knows distance from the border
-        "saliency_baseline_border_distance_auc": float(np.mean(prior)),
+        "saliency_baseline_border_distance_auc": float(np.mean(list(prior.values()))),
         "timing": {
             "s_per_megapixel_slide_step": s_per_mp,
             "measured_at_px": slowest["input_px"],

@@ -185,13 +185,26 @@ def _environment() -> dict[str, Any]:
     return environment("cpu")
 
 
-def summarize(config: Config, records: list[dict[str, Any]], visibility: dict[int, float]) -> dict:
-    """The summary from the per-resolution records (Rule X3; Rules C1, C2)."""
+def summarize(
+    config: Config,
+    records: list[dict[str, Any]],
+    visibility: dict[int, float],
+    *,
+    border: dict[str, float] | None = None,
+) -> dict:
+    """The summary from the per-resolution records (Rule X3; Rules C1, C2).
+
+    ``border`` maps each positive test slide to the lesion AUC of the border-distance map (Rule
+    SA4); with it, each resolution also gets the paired difference saliency - border per slide,
+    its mean and a bootstrap CI over the same resamples of the positive slides.
+    """
     records = sorted(records, key=lambda r: r["input_px"])
     labels = np.array(records[0]["test_labels"])
     for r in records:
         if r["test_slides"] != records[0]["test_slides"]:
             raise ValueError("resolutions were tested on different slides")
+        if border is not None and list(border) != r["positive_slides"]:
+            raise ValueError("the border baseline was scored on other slides than the saliency")
     resamples = ST.bootstrap_indices(labels, n=config.bootstrap, seed=config.seed)
     pos_rng = np.random.default_rng(config.seed + 1)
     n_pos = len(records[0]["saliency_lesion_auc_per_slide"])
@@ -201,6 +214,18 @@ def summarize(config: Config, records: list[dict[str, Any]], visibility: dict[in
         scores = np.array(r["test_logits"])
         per_slide = np.array(r["saliency_lesion_auc_per_slide"])
         means = per_slide[pos_resamples].mean(axis=1)
+        paired: dict[str, Any] = {}
+        if border is not None:
+            diff = per_slide - np.array(list(border.values()))
+            diff_means = diff[pos_resamples].mean(axis=1)
+            paired = {
+                "saliency_minus_border_auc": float(diff.mean()),
+                "saliency_minus_border_auc_ci": [
+                    float(v) for v in np.percentile(diff_means, [2.5, 97.5])
+                ],
+                "saliency_beats_border_slides": int((diff > 0).sum()),
+                "positive_test_slides": len(diff),
+            }
         rows.append(
             {
                 "input_px": r["input_px"],
@@ -209,6 +234,7 @@ def summarize(config: Config, records: list[dict[str, Any]], visibility: dict[in
                 "auc_ci": list(ST.bootstrap_ci(labels, scores, resamples)),
                 "saliency_lesion_auc": float(per_slide.mean()),
                 "saliency_lesion_auc_ci": [float(v) for v in np.percentile(means, [2.5, 97.5])],
+                **paired,
                 "lesion_visibility": visibility.get(r["downsample"]),
                 "final_epoch_train_loss": r["final_epoch_train_loss"],
                 "optimizer_steps": r["optimizer_steps"],
