@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .defaults import channels_last_for, keep_host_memory_for
 from .errors import StreamcheckError, internal_error
 from .feed import TileFeed, laid_out_like
 from .graph import build_graph, unflatten
@@ -73,9 +74,10 @@ class Streamed(nn.Module):
     module may be changed between calls: plans are keyed on both (NOTE [ Plan cache ]).
 
     ``tile_transform`` runs on each tile after it reaches the module's device: keep the image in
-    host memory as uint8 and convert per tile (docs/SCALING.md). ``channels_last=True`` lays tiles
-    out as NHWC (NDHWC for 3-D), which makes CPU convolutions faster (reports/benchmark/SUMMARY.md)
-    and leaves every result unchanged.
+    host memory as uint8 and convert per tile (docs/SCALING.md). On a CPU the fast settings are
+    the defaults (NOTE [ Fast defaults ]): float32/bfloat16 tiles are laid out NHWC (NDHWC for 3-D)
+    unless ``channels_last=False``, and freed tile buffers are kept for reuse (a process-wide glibc
+    setting, ``keep_freed_host_memory``) unless ``keep_host_memory=False``; results are unchanged.
 
     The image may also be an image source (``streamcheck.open_image``: a TIFF level, a memmap, a
     zarr array), read tile by tile from where it lies; ``mask=`` skips background tiles and
@@ -101,13 +103,15 @@ class Streamed(nn.Module):
         *,
         tile: int | Sequence[int],
         tile_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
+        keep_host_memory: bool | None = None,
     ) -> None:
         super().__init__()
         self.module = module
         self.tile = tile
         self.tile_transform = tile_transform
-        self.channels_last = channels_last
+        self.channels_last = channels_last  # Rule FD1; None: by device and dtype
+        self.keep_host_memory = keep_host_memory  # Rule FD2
         self._plans: PlanCache[StreamPlan] = PlanCache()
         self._register_state_dict_hook(_hide_module_prefix)
         self._register_load_state_dict_pre_hook(_restore_module_prefix)
@@ -165,10 +169,13 @@ class Streamed(nn.Module):
                 )
             sink = GradientSink(input_grad, x)
         params = tuple(p for p in self.module.parameters() if p.requires_grad)
+        keep_host_memory_for(self.keep_host_memory, device=device)  # Rule FD2
         feed = TileFeed(
             device,
             transform=self.tile_transform,
-            channels_last=self.channels_last,
+            channels_last=channels_last_for(
+                self.channels_last, device=device, dtype=None if autocast else dtype
+            ),
             dtype=None if autocast else dtype,
         )
         call = _Call(plan, state, tensor_versions(self.module), params, tiles, sink)
@@ -236,7 +243,16 @@ class Streamed(nn.Module):
             ) from e
 
     def extra_repr(self) -> str:
-        return f"tile={self.tile}" + (", channels_last=True" if self.channels_last else "")
+        options = [f"tile={self.tile}"]
+        options += [
+            f"{name}={value}"
+            for name, value in (
+                ("channels_last", self.channels_last),
+                ("keep_host_memory", self.keep_host_memory),
+            )
+            if value is not None
+        ]
+        return ", ".join(options)
 
 
 def _hide_module_prefix(module: nn.Module, state: dict[str, Any], prefix: str, local: Any) -> None:

@@ -135,6 +135,7 @@ def test_grid_modes_are_deduplicated_and_pairs_run_back_to_back() -> None:
         ("conventional", 2048, None),
         ("streamcheck", 2048, 256),
         ("streamcheck", 2048, 512),
+        ("streamcheck_defaults", 2048, 512),
         ("conventional_tuned", 2048, None),
         ("streamcheck_tuned", 2048, 512),
     ]

@@ -43,6 +43,7 @@ FIG3_TILE_PX = PAPER_TILE_PX
 # against conventional's best (compiled).
 PAIRS = (
     ("streamcheck", "conventional"),
+    ("streamcheck_defaults", "conventional"),
     ("streamcheck_tuned", "conventional_tuned"),
     ("streamcheck_tuned", "conventional_compiled"),
 )

@@ -132,7 +132,12 @@ SUITES: dict[str, Suite] = {
                     # Past the paper's sizes conventional is predicted out of memory
                     # (analysis.predicted_oom) and recorded so, not run.
                     Grid(
-                        ["conventional", "streamcheck", "streamcheck_tuned"],
+                        [
+                            "conventional",
+                            "streamcheck",
+                            "streamcheck_defaults",
+                            "streamcheck_tuned",
+                        ],
                         INPUT_CPU,
                         [512],
                         "cpu",
@@ -155,6 +160,7 @@ SUITES: dict[str, Suite] = {
                 ],
                 "quick": [
                     Grid(["conventional", "streamcheck"], [1024, 2048], [512]),
+                    Grid(["streamcheck_defaults"], [2048], [512]),
                     Grid(["conventional_tuned", "streamcheck_tuned"], [2048], [512]),
                 ],
                 "tiny": [
@@ -232,6 +238,7 @@ TIMING = {"full": (1, 5, 90.0), "quick": (1, 3, 60.0), "gate": (1, 3, 60.0), "ti
 ORDER = (
     "conventional",
     "streamcheck",
+    "streamcheck_defaults",
     "conventional_tuned",
     "streamcheck_tuned",
     "conventional_compiled",

@@ -26,14 +26,18 @@ class Case:
     name: str
     kind: str  # one of KINDS
     network: str = "paper"  # one of NETWORKS
-    channels_last: bool = False  # conventional: network and image; streamcheck: the engine option
-    keep_freed: bool = False  # streamcheck.keep_freed_host_memory() first (CPU)
+    # conventional: network and image; streamcheck: the engine option (None: its own default)
+    channels_last: bool | None = False
+    # streamcheck.keep_freed_host_memory() first (CPU); None: the engine's default (Rule FD2)
+    keep_freed: bool | None = False
     huge_pages: bool = False  # THP_MEM_ALLOC_ENABLE=1 (PyTorch asks for transparent huge pages)
     compile: bool = False  # torch.compile(network) (conventional only: the engine refuses it)
 
     @property
     def settings(self) -> str:
         """The settings in words: what a ratio's side ran with."""
+        if self.channels_last is None and self.keep_freed is None:
+            return "streamcheck defaults: on a CPU channels-last float32 tiles + kept freed memory"
         parts = [
             ("channels-last", self.channels_last),
             ("keep_freed_host_memory()", self.keep_freed),
@@ -72,6 +76,7 @@ CASES: dict[str, Case] = {
         _case("conventional_huge_pages", "conventional", huge_pages=True),
         _case("conventional_compiled_defaults", "conventional", compile=True),
         _case("streamcheck", "streamcheck"),
+        _case("streamcheck_defaults", "streamcheck", channels_last=None, keep_freed=None),
         _case("streamcheck_tuned", "streamcheck", **TUNED),
         _case("streamcheck_channels_last", "streamcheck", channels_last=True),
         _case("streamcheck_keep_freed", "streamcheck", keep_freed=True),
@@ -215,7 +220,14 @@ def build(
         trunk, head = (
             (network[0], network[1]) if c.network == "table2" else (network, nn.Identity())
         )
-        streamed = streamcheck.Streamed(trunk, tile=tile_px, channels_last=c.channels_last)
+        # None: the engine decides (NOTE [ Fast defaults ]); otherwise the case's setting, with
+        # kept freed memory only where the case took it above.
+        options: dict[str, Any] = {}
+        if c.channels_last is not None:
+            options["channels_last"] = c.channels_last
+        if c.keep_freed is not None:
+            options["keep_host_memory"] = c.keep_freed
+        streamed = streamcheck.Streamed(trunk, tile=tile_px, **options)
         plan = streamed.plan(image.shape, dtype=image.dtype)
 
         def step() -> None:

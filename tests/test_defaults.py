@@ -1,0 +1,97 @@
+"""The settings ``Streamed`` takes when not told (NOTE [ Fast defaults ], Rules FD1-FD2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import streamcheck
+from streamcheck import defaults
+from streamcheck.feed import TileFeed
+
+
+def _layouts(
+    streamed: streamcheck.Streamed, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> set[bool]:
+    """Whether each tile handed to the module is channels-last."""
+    seen: list[bool] = []
+    prepare = TileFeed.prepare
+
+    def spy(self: TileFeed, tile: torch.Tensor) -> torch.Tensor:
+        out = prepare(self, tile)
+        seen.append(out.is_contiguous(memory_format=torch.channels_last))
+        return out
+
+    monkeypatch.setattr(TileFeed, "prepare", spy)
+    with torch.no_grad():
+        streamed(x)
+    return set(seen)
+
+
+@pytest.fixture
+def fresh_process_setting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rule FD2's once-per-process flag reset, and ``keep_freed_host_memory`` counted."""
+    calls: list[int] = []
+    monkeypatch.setattr(defaults, "_kept", False)
+    monkeypatch.setattr(defaults, "keep_freed_host_memory", lambda: calls.append(1) or True)
+    monkeypatch.delenv(defaults.ENV_KEEP_FREED, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("dtype", "setting", "expected"),
+    [
+        (torch.float32, None, True),  # Rule FD1: the CPU default for float32
+        (torch.float64, None, False),  # no oneDNN kernels in float64
+        (torch.float32, False, False),  # an explicit setting is obeyed
+        (torch.float64, True, True),
+    ],
+)
+def test_cpu_tiles_are_channels_last_by_default_in_float32_only(
+    dtype: torch.dtype, setting: bool | None, expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = nn.Conv2d(3, 4, 3, padding=1).to(dtype)
+    streamed = streamcheck.Streamed(module, tile=16, channels_last=setting)
+    assert _layouts(streamed, torch.randn(1, 3, 40, 40, dtype=dtype), monkeypatch) == {expected}
+
+
+def test_the_default_layout_gives_the_plain_modules_result() -> None:
+    """float32 channels-last tiles against the plain NCHW module: the same sums in another order,
+    so equal to float32 rounding over the conv's 27-term accumulation (feed Rule F4)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    x = torch.randn(1, 3, 50, 50)
+    streamed = streamcheck.Streamed(net, tile=24)
+    assert streamed.extra_repr() == "tile=24"
+    torch.testing.assert_close(streamed(x), net(x), rtol=27 * 2**-24, atol=1e-6)
+
+
+def test_freed_host_memory_is_kept_once_on_the_first_cpu_call(
+    fresh_process_setting: list[int],
+) -> None:
+    streamed = streamcheck.Streamed(nn.Conv2d(1, 1, 3), tile=8)
+    streamcheck.Streamed(nn.Conv2d(1, 1, 3), tile=8)  # constructing changes nothing
+    assert fresh_process_setting == []
+    for _ in range(3):
+        streamed(torch.randn(1, 1, 20, 20))
+    assert fresh_process_setting == [1]
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_keeping_freed_host_memory_can_be_declined(
+    fresh_process_setting: list[int], monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    options: dict[str, Any] = {}
+    if how == "argument":
+        options["keep_host_memory"] = False
+    else:
+        monkeypatch.setenv(defaults.ENV_KEEP_FREED, "0")
+    streamcheck.Streamed(nn.Conv2d(1, 1, 3), tile=8, **options)(torch.randn(1, 1, 20, 20))
+    assert fresh_process_setting == []
+    streamcheck.Streamed(nn.Conv2d(1, 1, 3), tile=8, keep_host_memory=True)(
+        torch.randn(1, 1, 20, 20)
+    )
+    assert fresh_process_setting == [1]  # asked for explicitly: taken even against the variable
