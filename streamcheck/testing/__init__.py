@@ -1,8 +1,8 @@
 """Testing helpers for streamcheck: the equivalence checker, hypothesis strategies and a state machine.
 
-The checker needs only torch. The strategies (``strategies``, ``graphs``) and the state machine
-(``machine``) need hypothesis (``pip install streamcheck[testing]``) and are imported on first use,
-so ``from streamcheck.testing import assert_streaming_equivalent`` works without it.
+The checker needs only torch. The strategies (``strategies``, ``graphs``, ``unets``) and the state
+machine (``machine``) need hypothesis (``pip install streamcheck[testing]``) and are imported on
+first use, so ``from streamcheck.testing import assert_streaming_equivalent`` works without it.
 """
 
 from __future__ import annotations
@@ -45,6 +45,16 @@ if TYPE_CHECKING:
         streaming_cases,
         tile_sizes,
     )
+    from streamcheck.testing.unets import (
+        MultiScaleCase,
+        Pyramid,
+        UNet,
+        multiscale_geometry,
+        pyramid_cases,
+        pyramid_networks,
+        unet_cases,
+        unet_networks,
+    )
 
 # Names that need hypothesis, by the module that defines them (imported on first access).
 _LAZY = {
@@ -78,6 +88,19 @@ _LAZY = {
         "streamcheck.testing.graphs",
     ),
     "streaming_machine": "streamcheck.testing.machine",
+    **dict.fromkeys(
+        (
+            "MultiScaleCase",
+            "Pyramid",
+            "UNet",
+            "multiscale_geometry",
+            "pyramid_cases",
+            "pyramid_networks",
+            "unet_cases",
+            "unet_networks",
+        ),
+        "streamcheck.testing.unets",
+    ),
 }
 
 
@@ -115,4 +138,12 @@ __all__ = [  # the checker's names, then the lazy ones (ruff reads this list sta
     "dag_networks",
     "network_geometry",
     "streaming_machine",
+    "MultiScaleCase",
+    "Pyramid",
+    "UNet",
+    "multiscale_geometry",
+    "pyramid_cases",
+    "pyramid_networks",
+    "unet_cases",
+    "unet_networks",
 ]

@@ -12,6 +12,9 @@ NOTE [ How the check works ]
           fixed standard-normal tensor drawn from ``seed`` (``head=None`` means ``head(y) = y``, a
           random projection of the output). A random ``g`` makes every output element matter; an
           all-ones gradient would hide errors that cancel.
+  Rule 2b. A module with several outputs (a tuple, list or dict of tensors, e.g. a feature
+          pyramid) is compared output by output (rows ``output[0]``, ``output['p2']``); without a
+          head its outputs are flattened and concatenated (dicts in key order) before Rule 2.
   Rule 3. Errors are per tensor: ``max_abs_error = max|a - b|`` and
           ``max_rel_error = max|a - b| / max|b|`` with ``b`` the plain (reference) run. A tensor
           passes when ``max|a - b| <= tolerance``, with
@@ -330,7 +333,7 @@ def _check(
     with tf32_disabled(device):
         y_streamed, x_grad_streamed = _forward_backward(streamed, streamed_head, x_ref, seed=seed)
         y_plain, x_grad_plain = _forward_backward(plain, plain_head, x_ref, seed=seed)
-        y_exact: torch.Tensor | None = None
+        y_exact: dict[str, torch.Tensor] | None = None
         x_grad_exact: torch.Tensor | None = None
         if exact is not None:
             y_exact, x_grad_exact = _forward_backward(*exact, x_ref.double(), seed=seed)
@@ -356,7 +359,16 @@ def _check(
     # Every compared tensor as (name, kind, streamed, plain, plain in float64 or None).
     exact_module, exact_head = exact if exact is not None else (None, None)
     tensors = [
-        ("output", "output", y_streamed, y_plain, y_exact),
+        *(
+            (
+                name,
+                "output",
+                y_streamed[name],
+                y_plain[name],
+                None if y_exact is None else y_exact[name],
+            )
+            for name in y_plain
+        ),
         ("input.grad", "input_grad", x_grad_streamed, x_grad_plain, x_grad_exact),
         *_parameter_gradients(streamed_module, plain, exact_module, prefix=""),
     ]
@@ -506,11 +518,11 @@ def _forward_backward(
     x_ref: torch.Tensor,
     *,
     seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rule 2: run, backpropagate the loss, return ``(output, input gradient)``."""
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Rules 2-2b: run, backpropagate the loss, return ``(outputs by row name, input gradient)``."""
     x = x_ref.clone().requires_grad_(True)
     y = module(x)
-    z = y if head is None else head(y)
+    z = _flattened(y) if head is None else head(y)
     if z.dim() == 0:
         loss = z
     else:
@@ -519,7 +531,23 @@ def _forward_backward(
         loss = (z * g).sum()
     loss.backward()
     x_grad = torch.zeros_like(x) if x.grad is None else x.grad  # Rule 4
-    return y.detach(), x_grad.detach()
+    return _outputs(y), x_grad.detach()
+
+
+def _outputs(y: Any) -> dict[str, torch.Tensor]:
+    """Rule 2b: the module's outputs by row name."""
+    if isinstance(y, torch.Tensor):
+        return {"output": y.detach()}
+    named = y.items() if isinstance(y, dict) else enumerate(y)
+    return {f"output[{key!r}]": value.detach() for key, value in named}
+
+
+def _flattened(y: Any) -> torch.Tensor:
+    """Rule 2b: one tensor of all outputs, ``(N, total)``, for the loss of a head-less check."""
+    if isinstance(y, torch.Tensor):
+        return y
+    leaves = y.values() if isinstance(y, dict) else y
+    return torch.cat([leaf.flatten(1) for leaf in leaves], dim=1)
 
 
 Compared = tuple[str, str, torch.Tensor, torch.Tensor, torch.Tensor | None]

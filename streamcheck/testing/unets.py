@@ -1,0 +1,1158 @@
+"""Hypothesis strategies for networks at several resolutions: U-Nets and feature pyramids.
+
+``unet_cases`` draws encoder-decoder networks (``UNet``): a stem, 1-3 levels down (strided conv,
+max or average pool), a bottom, as many levels up (ConvTranspose with any stride-matching kernel,
+padding, output_padding, dilation and groups; ``nn.Upsample`` or ``F.interpolate`` by an integer
+factor, nearest or (bi/tri)linear with ``align_corners`` False or True), each merged with the
+encoder's map of the same scale by concatenation or addition, and a 1x1 head: full-resolution
+logits. ``pyramid_cases`` draws FPN-like networks (``Pyramid``): backbone stages, lateral 1x1
+convs, a top-down path of upsampling and addition, one output per level, returned as a tuple, a
+list or a dict. Every draw comes with an image shape (odd, non-square sizes) and a tile valid for
+it. The geometry they need is computed here from PyTorch's shape formulas, independently of the
+engine.
+
+NOTE [ Multi-scale strategy geometry ]
+Rule U1. A network is described by its nodes (``network_nodes``): chains of leaf layers and merges
+         (add or concatenate) of nodes; outputs are nodes. Axes are independent.
+Rule U2. Sizes follow PyTorch per layer: windows as strategies Rule 3; ``ConvTransposeNd``
+         ``(n - 1)*s - 2p + d*(k - 1) + output_padding + 1``; upsampling by ``f`` gives ``n*f``.
+         A merge is valid only when its inputs have the same size.
+Rule U3. What a layer reads for output ``[a, b)`` (unclipped, as geometry Rule 2): a window
+         ``[a*s - p, (b - 1)*s - p + d*(k - 1) + 1)``; a ConvTranspose (output ``o = i*s - p +
+         j*d``) ``[ceil((a + p - d*(k - 1)) / s), floor((b - 1 + p) / s) + 1)``; nearest ``[floor(a
+         / f), floor((b - 1) / f) + 1)``; linear at source position ``x(o)`` (``(o + 0.5)/f - 0.5``,
+         or ``o*(n - 1)/(n*f - 1)`` with align_corners) ``[ceil(x(a)) - 1, floor(x(b - 1)) + 2)``
+         (where ``x`` is whole, PyTorch's float arithmetic may land just below it). A
+         merge reads the hull of what its inputs read; a node read by several consumers is needed
+         on the hull of their needs.
+Rule U4. A node's scale is input pixels per node pixel: the product of the window strides over
+         the upsampling factors on its path (every path to a merge has the same scale). The
+         network's period ``L`` is the product of all sampling factors: shifting the input by ``L``
+         shifts every node by a whole number of pixels, so what a tile reads depends on its start
+         modulo ``L`` only (and, with align_corners, slightly on the image size).
+Rule U5. Tiles follow the engine's documented rule (geometry Rules MS5-MS6): they are cut in the
+         finest output, in multiples of the tile period ``P`` (finest-output pixels after which
+         every node is at the same phase again); tile ``k`` owns ``[k*P/q, (k+1)*P/q)`` of an
+         output ``q`` times coarser, the last tile to its end. The smallest legal tile
+         (``min_tile_px``) is the widest input, clipped to the image, that any such tile of one
+         period reads (the hull over the outputs), computed here with Rule U3.
+Rule U6. The sizes of the merged maps depend on the image size only modulo ``L`` (strategies Rule
+         3 is affine in ``n`` with slope ``1/s``). A network is drawn for an image size, then the
+         image may grow by multiples of ``L``: every merge stays valid (checked again).
+Rule U7. Upsampled maps that miss their skip's size by a few pixels (odd sizes) get a size-fixing
+         conv after the upsampling (kernel ``k``, padding ``p`` with ``u + 2p - k + 1 = m``), as
+         real U-Nets crop or pad.
+Rule U8. Parameters and buffers are initialised under a drawn seed (strategies Rule 5).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import nn
+
+from streamcheck.testing.strategies import ACTIVATIONS, _eval_layer, _leaves, _windows
+
+__all__ = [
+    "DOWNSAMPLINGS",
+    "MERGES",
+    "OUTPUT_STRUCTURES",
+    "UPSAMPLINGS",
+    "Interpolate",
+    "MultiScaleCase",
+    "MultiScaleGeometry",
+    "Pyramid",
+    "UNet",
+    "multiscale_geometry",
+    "network_nodes",
+    "pyramid_cases",
+    "pyramid_networks",
+    "unet_cases",
+    "unet_networks",
+]
+
+DOWNSAMPLINGS = ("conv", "max_pool", "avg_pool")
+UPSAMPLINGS = ("transpose", "nearest", "linear", "linear_corners")
+MERGES = ("cat", "add")
+OUTPUT_STRUCTURES = ("tuple", "list", "dict")
+
+_CONV: dict[int, Any] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_T: dict[int, Any] = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_MAX_POOL: dict[int, Any] = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_AVG_POOL: dict[int, Any] = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+_LINEAR_MODE = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+# ------------------------------------------------------------------------------------- modules
+class Interpolate(nn.Module):
+    """``F.interpolate(x, scale_factor=...)`` as a module: the functional spelling of
+    ``nn.Upsample``, so both reach the engine.
+
+    >>> Interpolate(2, mode="nearest")(torch.ones(1, 1, 3)).shape  # 6 = 3 * 2
+    torch.Size([1, 1, 6])
+    """
+
+    def __init__(self, scale_factor: int, *, mode: str, align_corners: bool | None = None) -> None:
+        super().__init__()
+        self.scale_factor = scale_factor
+        self.mode = mode
+        self.align_corners = align_corners
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(
+            x, scale_factor=self.scale_factor, mode=self.mode, align_corners=self.align_corners
+        )
+
+    def extra_repr(self) -> str:
+        return f"scale_factor={self.scale_factor}, mode={self.mode!r}, align_corners={self.align_corners}"
+
+
+class UNet(nn.Module):
+    """An encoder-decoder with skip connections: ``stem``; per level, the map is kept as a skip and
+    ``downs[i]`` takes it down; ``bottom``; per level from the deepest, ``ups[j]`` takes the map up
+    to its skip's scale and size, merges it with the skip (``"cat"``: ``torch.cat([skip, x])``,
+    ``"add"``: ``skip + x``) and ``decoders[j]`` follows; ``head`` gives the logits.
+
+    >>> net = UNet(stem=nn.Conv2d(1, 2, 3, padding=1), downs=[nn.MaxPool2d(2)],
+    ...            bottom=nn.Conv2d(2, 2, 1), ups=[nn.Upsample(scale_factor=2)], merges=["cat"],
+    ...            decoders=[nn.Conv2d(4, 2, 3, padding=1)], head=nn.Conv2d(2, 3, 1))
+    >>> net(torch.ones(1, 1, 10, 6)).shape  # full-resolution logits, 3 classes
+    torch.Size([1, 3, 10, 6])
+    """
+
+    def __init__(
+        self,
+        *,
+        stem: nn.Module,
+        downs: Sequence[nn.Module],
+        bottom: nn.Module,
+        ups: Sequence[nn.Module],
+        merges: Sequence[str],
+        decoders: Sequence[nn.Module],
+        head: nn.Module,
+    ) -> None:
+        super().__init__()
+        if not len(downs) == len(ups) == len(merges) == len(decoders):
+            raise ValueError("a UNet needs as many ups, merges and decoders as downs")
+        self.stem = stem
+        self.downs = nn.ModuleList(downs)
+        self.bottom = bottom
+        self.ups = nn.ModuleList(ups)
+        self.merges = tuple(merges)
+        self.decoders = nn.ModuleList(decoders)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        skips = []
+        for down in self.downs:
+            skips.append(x)
+            x = down(x)
+        x = self.bottom(x)
+        for up, merge, decode, skip in zip(
+            self.ups, self.merges, self.decoders, reversed(skips), strict=True
+        ):
+            x = up(x)
+            x = torch.cat([skip, x], dim=1) if merge == "cat" else skip + x
+            x = decode(x)
+        return self.head(x)
+
+    def extra_repr(self) -> str:
+        return f"merges={self.merges}"
+
+
+class Pyramid(nn.Module):
+    """A feature pyramid (FPN): ``stem`` and backbone ``stages`` (each one scale down); a lateral
+    1x1 conv per stage; top-down, each level is its lateral plus ``ups[i]`` of the level above;
+    ``smooths[i]`` gives output ``i``. Returned as a ``"tuple"``, ``"list"`` or ``"dict"`` (keys
+    ``names``), finest first.
+
+    >>> net = Pyramid(stem=nn.Identity(), stages=[nn.MaxPool2d(2), nn.MaxPool2d(2)],
+    ...               laterals=[nn.Conv2d(1, 2, 1), nn.Conv2d(1, 2, 1)],
+    ...               ups=[nn.Upsample(scale_factor=2)], smooths=[nn.Identity(), nn.Identity()],
+    ...               returns="dict", names=["p1", "p2"])
+    >>> {k: tuple(v.shape) for k, v in net(torch.ones(1, 1, 8, 12)).items()}  # scales 1/2, 1/4
+    {'p1': (1, 2, 4, 6), 'p2': (1, 2, 2, 3)}
+    """
+
+    def __init__(
+        self,
+        *,
+        stem: nn.Module,
+        stages: Sequence[nn.Module],
+        laterals: Sequence[nn.Module],
+        ups: Sequence[nn.Module],
+        smooths: Sequence[nn.Module],
+        returns: str,
+        names: Sequence[str],
+    ) -> None:
+        super().__init__()
+        if not len(stages) == len(laterals) == len(smooths) == len(ups) + 1 == len(names):
+            raise ValueError("a Pyramid needs one lateral, smooth and name per stage, one up less")
+        if returns not in OUTPUT_STRUCTURES:
+            raise ValueError(f"returns must be one of {OUTPUT_STRUCTURES}, got {returns!r}")
+        self.stem = stem
+        self.stages = nn.ModuleList(stages)
+        self.laterals = nn.ModuleList(laterals)
+        self.ups = nn.ModuleList(ups)
+        self.smooths = nn.ModuleList(smooths)
+        self.returns = returns
+        self.names = tuple(names)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        x = self.stem(x)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        top = self.laterals[-1](features[-1])
+        outputs = [self.smooths[-1](top)]
+        for i in range(len(features) - 2, -1, -1):
+            top = self.laterals[i](features[i]) + self.ups[i](top)
+            outputs.insert(0, self.smooths[i](top))
+        if self.returns == "tuple":
+            return tuple(outputs)
+        if self.returns == "list":
+            return outputs
+        return dict(zip(self.names, outputs, strict=True))
+
+    def extra_repr(self) -> str:
+        return f"returns={self.returns!r}, names={self.names}"
+
+
+# ------------------------------------------------------------------------------------ geometry
+@dataclass(frozen=True)
+class Node:
+    """Rule U1: a node of the network description; ``merge`` is None for a chain of ``layers``."""
+
+    name: str
+    inputs: tuple[str, ...]
+    layers: tuple[nn.Module, ...] = ()
+    merge: str | None = None  # "add" | "cat"
+
+
+def network_nodes(module: nn.Module) -> tuple[list[Node], Any]:
+    """The nodes of a ``UNet``, a ``Pyramid`` or a chain (Rule U1), in execution order, and the
+    output: a node name, or a tuple / list / dict of node names (the module's return structure)."""
+    if isinstance(module, UNet):
+        nodes = [Node("stem", ("input",), tuple(_leaves(module.stem)))]
+        skips = []
+        for i, down in enumerate(module.downs):
+            skips.append(nodes[-1].name)
+            nodes.append(Node(f"down{i}", (nodes[-1].name,), tuple(_leaves(down))))
+        nodes.append(Node("bottom", (nodes[-1].name,), tuple(_leaves(module.bottom))))
+        for j, (up, merge, decode) in enumerate(
+            zip(module.ups, module.merges, module.decoders, strict=True)
+        ):
+            level = len(skips) - 1 - j
+            nodes.append(Node(f"up{level}", (nodes[-1].name,), tuple(_leaves(up))))
+            nodes.append(Node(f"merge{level}", (skips[level], f"up{level}"), merge=merge))
+            nodes.append(Node(f"decode{level}", (f"merge{level}",), tuple(_leaves(decode))))
+        nodes.append(Node("head", (nodes[-1].name,), tuple(_leaves(module.head))))
+        return nodes, "head"
+    if isinstance(module, Pyramid):
+        nodes = [Node("stem", ("input",), tuple(_leaves(module.stem)))]
+        for i, stage in enumerate(module.stages):
+            nodes.append(Node(f"stage{i}", (nodes[-1].name,), tuple(_leaves(stage))))
+        top = len(module.stages) - 1
+        for i, lateral in enumerate(module.laterals):
+            nodes.append(Node(f"lateral{i}", (f"stage{i}",), tuple(_leaves(lateral))))
+        above = f"lateral{top}"
+        for i in range(top - 1, -1, -1):
+            nodes.append(Node(f"up{i}", (above,), tuple(_leaves(module.ups[i]))))
+            nodes.append(Node(f"sum{i}", (f"lateral{i}", f"up{i}"), merge="add"))
+            above = f"sum{i}"
+        for i, smooth in enumerate(module.smooths):
+            source = f"lateral{top}" if i == top else f"sum{i}"
+            nodes.append(Node(f"out{i}", (source,), tuple(_leaves(smooth))))
+        names = [f"out{i}" for i in range(len(module.stages))]
+        output: Any = (
+            tuple(names)
+            if module.returns == "tuple"
+            else names
+            if module.returns == "list"
+            else dict(zip(module.names, names, strict=True))
+        )
+        return nodes, output
+    return [Node("chain", ("input",), tuple(_leaves(module)))], "chain"
+
+
+def output_names(output: Any) -> list[str]:
+    """The node names of an output structure, in the order the module returns them."""
+    if isinstance(output, str):
+        return [output]
+    return list(output.values() if isinstance(output, dict) else output)
+
+
+@dataclass(frozen=True)
+class _Resample:
+    """One axis of a ConvTranspose or an upsampling (Rules U2, U3)."""
+
+    kind: str  # "transpose" | "nearest" | "linear" | "linear_corners"
+    factor: int
+    kernel: int = 1
+    dilation: int = 1
+    padding: int = 0
+    output_padding: int = 0
+
+    def output_px(self, n: int) -> int:
+        if self.kind != "transpose":
+            return n * self.factor
+        s, k, d, p = self.factor, self.kernel, self.dilation, self.padding
+        return (n - 1) * s - 2 * p + d * (k - 1) + self.output_padding + 1
+
+    def needs(self, out: tuple[int, int], n: int) -> tuple[int, int]:
+        a, b = out
+        f = self.factor
+        if self.kind == "transpose":
+            reach = self.dilation * (self.kernel - 1)
+            return (-((reach - a - self.padding) // f), (b - 1 + self.padding) // f + 1)
+        if self.kind == "nearest":
+            return (a // f, (b - 1) // f + 1)
+        # linear: source position x(o); x(a) may round below a whole number in PyTorch's float
+        # arithmetic, so the pixel before is read too (with a tiny weight): ceil(x) - 1
+        if self.kind == "linear":
+
+            def x(o: int) -> Fraction:
+                return Fraction(2 * o + 1, 2 * f) - Fraction(1, 2)
+        else:
+            out_n = n * f  # align_corners: x(o) = o (n - 1) / (n f - 1)
+            scale = Fraction(n - 1, out_n - 1) if out_n > 1 else Fraction(0)
+
+            def x(o: int) -> Fraction:
+                return o * scale
+
+        return (math.ceil(x(a)) - 1, math.floor(x(b - 1)) + 2)
+
+
+def _resample(layer: nn.Module, ndim: int) -> tuple[_Resample, ...] | None:
+    """Per-axis description of a ConvTranspose or an upsampling layer; None otherwise."""
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        padding: Any = layer.padding  # typed loosely by torch (a tuple of ints here)
+        return tuple(
+            _Resample("transpose", s, k, d, p, op)
+            for s, k, d, p, op in zip(
+                layer.stride,
+                layer.kernel_size,
+                layer.dilation,
+                padding,
+                layer.output_padding,
+                strict=True,
+            )
+        )
+    if isinstance(layer, nn.Upsample | Interpolate):
+        factor = layer.scale_factor  # nn.Upsample keeps it as a float
+        if not isinstance(factor, int | float) or factor != int(factor) or factor < 1:
+            raise ValueError(f"the strategies draw integer scale factors only, got {factor!r}")
+        factor = int(factor)
+        mode = str(layer.mode)
+        kind = "nearest" if mode == "nearest" else "linear"
+        kind += "_corners" if kind == "linear" and layer.align_corners else ""
+        return (_Resample(kind, factor),) * ndim
+    return None
+
+
+def _layer_scale(layer: nn.Module, ndim: int) -> tuple[Fraction, ...]:
+    """Input pixels per output pixel of one layer, per axis (Rule U4)."""
+    resample = _resample(layer, ndim)
+    if resample is not None:
+        return tuple(Fraction(1, r.factor) for r in resample)
+    windows = _windows(layer, ndim)
+    return tuple(Fraction(w.stride) for w in windows) if windows else (Fraction(1),) * ndim
+
+
+def _layer_size(layer: nn.Module, ndim: int, axis: int, n: int) -> int:
+    if n < 1:
+        return 0
+    resample = _resample(layer, ndim)
+    if resample is not None:
+        return resample[axis].output_px(n)
+    windows = _windows(layer, ndim)
+    return n if windows is None else windows[axis].output_px(n)
+
+
+def _layer_needs(
+    layer: nn.Module, ndim: int, axis: int, out: tuple[int, int], n: int
+) -> tuple[int, int]:
+    """Rule U3: the unclipped input interval ``layer`` (input size ``n``) reads for ``out``."""
+    resample = _resample(layer, ndim)
+    if resample is not None:
+        return resample[axis].needs(out, n)
+    windows = _windows(layer, ndim)
+    if windows is None:
+        return out
+    w = windows[axis]
+    a, b = out
+    return (
+        a * w.stride - w.pad_left,
+        (b - 1) * w.stride - w.pad_left + w.dilation * (w.kernel - 1) + 1,
+    )
+
+
+@dataclass(frozen=True)
+class MultiScaleGeometry:
+    """Per output (in the order the module returns them): spatial size, scale and what a tile must read
+    (Rules U2-U5); independent of the engine."""
+
+    output_names: tuple[str, ...]
+    output_px: tuple[tuple[int, ...], ...]
+    output_scale: tuple[tuple[Fraction, ...], ...]  # input px per output px (Rule U4)
+    period_px: tuple[int, ...]  # L per axis, input px (Rule U4)
+    tile_period_px: tuple[int, ...]  # finest-output px after which every node's phase repeats
+    min_tile_px: tuple[int, ...]  # Rule U5
+    node_px: dict[str, tuple[int, ...]]  # every node's spatial size (0: invalid)
+
+    @property
+    def receptive_field_px(self) -> tuple[int, ...]:
+        """The widest input one output pixel reads, over outputs and starts (per axis)."""
+        return self._receptive_field
+
+    _receptive_field: tuple[int, ...] = ()
+
+    @property
+    def valid(self) -> bool:
+        return all(min(px) >= 1 for px in self.node_px.values())
+
+
+def _node_sizes(nodes: list[Node], ndim: int, spatial: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """Rule U2: spatial size of every node (an axis of 0: invalid)."""
+    sizes: dict[str, tuple[int, ...]] = {"input": tuple(spatial)}
+    for node in nodes:
+        ins = [sizes[i] for i in node.inputs]
+        if node.merge is not None:
+            sizes[node.name] = ins[0] if all(s == ins[0] for s in ins) else (0,) * ndim
+            continue
+        size = list(ins[0])
+        for layer in node.layers:
+            size = [_layer_size(layer, ndim, axis, n) for axis, n in enumerate(size)]
+        sizes[node.name] = tuple(size)
+    return sizes
+
+
+def _node_scales(nodes: list[Node], ndim: int) -> dict[str, tuple[Fraction, ...]]:
+    """Rule U4: every node's scale (input px per node px); merged inputs must agree."""
+    scales: dict[str, tuple[Fraction, ...]] = {"input": (Fraction(1),) * ndim}
+    for node in nodes:
+        scale = scales[node.inputs[0]]
+        if node.merge is not None and any(scales[i] != scale for i in node.inputs):
+            raise ValueError(f"the inputs of {node.name} have different scales")
+        for layer in node.layers:
+            scale = tuple(s * f for s, f in zip(scale, _layer_scale(layer, ndim), strict=True))
+        scales[node.name] = scale
+    return scales
+
+
+def _all_scales(nodes: list[Node], ndim: int) -> Iterator[tuple[Fraction, ...]]:
+    """The scale after every layer of every node (Rule U4)."""
+    scales = _node_scales(nodes, ndim)
+    yield scales["input"]
+    for node in nodes:
+        scale = scales[node.inputs[0]]
+        for layer in node.layers:
+            scale = tuple(s * f for s, f in zip(scale, _layer_scale(layer, ndim), strict=True))
+            yield scale
+
+
+def _needs(
+    nodes: list[Node],
+    sizes: dict[str, tuple[int, ...]],
+    ndim: int,
+    axis: int,
+    output: str,
+    out: tuple[int, int],
+) -> tuple[int, int]:
+    """Rule U3: the unclipped input interval that output ``output``'s pixels ``out`` read."""
+    need: dict[str, tuple[int, int]] = {output: out}
+    for node in reversed(nodes):
+        if node.name not in need:
+            continue
+        interval = need.pop(node.name)
+        if node.merge is None:
+            inputs_size = [sizes[node.inputs[0]][axis]]
+            size_per_layer = []
+            n = inputs_size[0]
+            for layer in node.layers:
+                size_per_layer.append(n)
+                n = _layer_size(layer, ndim, axis, n)
+            for layer, n_in in zip(reversed(node.layers), reversed(size_per_layer), strict=True):
+                interval = _layer_needs(layer, ndim, axis, interval, n_in)
+        for source in node.inputs:
+            old = need.get(source)
+            need[source] = (
+                interval if old is None else (min(old[0], interval[0]), max(old[1], interval[1]))
+            )
+    return need["input"]
+
+
+def multiscale_geometry(module: nn.Module, *, spatial_shape: Sequence[int]) -> MultiScaleGeometry:
+    """Sizes, scales, period and smallest tile of ``module`` on an image of ``spatial_shape``.
+
+    >>> net = UNet(stem=nn.Identity(), downs=[nn.MaxPool1d(2)], bottom=nn.Conv1d(1, 1, 3, padding=1),
+    ...            ups=[nn.Upsample(scale_factor=2)], merges=["add"], decoders=[nn.Identity()],
+    ...            head=nn.Identity())
+    >>> g = multiscale_geometry(net, spatial_shape=(20,))
+    >>> g.output_px, g.period_px, g.receptive_field_px  # 6 = 2 * 3: the bottom conv at scale 2
+    (((20,),), (2,), (6,))
+    >>> g.tile_period_px, g.min_tile_px  # tiles of 2 px start at even pixels: 6 = 2 * 3
+    ((2,), (6,))
+    """
+    ndim = len(spatial_shape)
+    nodes, output = network_nodes(module)
+    names = output_names(output)
+    sizes = _node_sizes(nodes, ndim, spatial_shape)
+    scales = _node_scales(nodes, ndim)
+    period = [  # Rule U4: L shifts every node (and every layer's output) by whole pixels
+        math.lcm(*(scale[axis].numerator for scale in _all_scales(nodes, ndim)))
+        for axis in range(ndim)
+    ]
+    fields, tiles, tile_periods = [], [], []
+    for axis in range(ndim):
+        n_in = spatial_shape[axis]
+        widest_pixel = 1
+        for name in names:
+            for start in range(min(sizes[name][axis], 2 * period[axis] + 1)):
+                a, b = _needs(nodes, sizes, ndim, axis, name, (start, start + 1))
+                widest_pixel = max(widest_pixel, b - a)
+        fields.append(widest_pixel)
+        # Rule U5: tiles of one period of the finest output, each output's piece of them
+        ref = min(scales[name][axis] for name in names)
+        tile_period = math.lcm(
+            *(int((ref / s[axis]).denominator) for s in _all_scales(nodes, ndim))
+        )
+        tile_periods.append(tile_period)
+        n_ref = min(sizes[name][axis] for name in names if scales[name][axis] == ref)
+        count = max(1, -(-n_ref // tile_period))
+        widest = 1
+        for k in range(count):
+            reads = []
+            for name in names:
+                q = scales[name][axis] / ref
+                if q.denominator != 1 or tile_period % q.numerator:
+                    raise ValueError(
+                        f"output {name} is not coarser than the finest by a whole factor"
+                    )
+                piece = tile_period // q.numerator
+                n_out = sizes[name][axis]
+                start, stop = k * piece, n_out if k == count - 1 else min((k + 1) * piece, n_out)
+                if start < stop:
+                    a, b = _needs(nodes, sizes, ndim, axis, name, (start, stop))
+                    reads.append((max(a, 0), min(b, n_in)))
+            if reads:
+                widest = max(widest, max(b for _, b in reads) - min(a for a, _ in reads))
+        tiles.append(widest)
+    return MultiScaleGeometry(
+        output_names=tuple(names),
+        output_px=tuple(sizes[name] for name in names),
+        output_scale=tuple(scales[name] for name in names),
+        period_px=tuple(period),
+        tile_period_px=tuple(tile_periods),
+        min_tile_px=tuple(tiles),
+        node_px={k: v for k, v in sizes.items() if k != "input"},
+        _receptive_field=tuple(fields),
+    )
+
+
+# ---------------------------------------------------------------------------------- strategies
+@dataclass(frozen=True)
+class MultiScaleCase:
+    """A ``UNet`` or ``Pyramid``, an image shape it accepts, a legal tile and a seed for the data
+    (the fields of ``StreamingCase``, so the equivalence record runs both alike)."""
+
+    module: nn.Module
+    image_shape: tuple[int, ...]
+    tile: int | tuple[int, ...]
+    seed: int
+
+    @property
+    def ndim(self) -> int:
+        return len(self.image_shape) - 2
+
+    @property
+    def geometry(self) -> MultiScaleGeometry:
+        return multiscale_geometry(self.module, spatial_shape=self.image_shape[2:])
+
+
+@dataclass
+class _Drawing:
+    """What the network drawing needs at hand: the options and every axis' current size."""
+
+    draw: st.DrawFn
+    ndim: int
+    max_channels: int
+    max_kernel: int
+    max_fix_kernel: int
+    activations: tuple[Callable[[], nn.Module], ...]
+    padding_modes: tuple[str, ...]
+    eval_layers: bool
+
+    def channels(self) -> int:
+        return self.draw(st.integers(1, self.max_channels))
+
+    def groups(self, c_in: int, c_out: int) -> int:
+        common = math.gcd(c_in, c_out)
+        return self.draw(st.sampled_from([g for g in range(1, common + 1) if common % g == 0]))
+
+    def pointwise(self, channels: int) -> list[nn.Module]:
+        """Nothing, an activation, or (``eval_layers``) an eval-mode BatchNorm or Dropout."""
+        kind = self.draw(st.sampled_from(["none", "activation", "activation", "eval"]))
+        if kind == "activation" or (kind == "eval" and not self.eval_layers):
+            return [self.draw(st.sampled_from(self.activations))()]
+        if kind == "eval":
+            return [_eval_layer(self.draw, ndim=self.ndim, channels=channels)]
+        return []
+
+    def block(self, c_in: int, c_out: int, size: Sequence[int]) -> list[nn.Module]:
+        """A size-preserving conv (Rule U6: sizes change in sampling layers only) and a
+        pointwise layer."""
+        kernel = [self.draw(st.integers(1, self.max_kernel)) for _ in range(self.ndim)]
+        padding: str | tuple[int, ...] = "same"
+        if all(k % 2 for k in kernel) and self.draw(st.booleans()):
+            padding = tuple((k - 1) // 2 for k in kernel)
+        reach = max((k - 1) // 2 + 1 for k in kernel)
+        conv = _CONV[self.ndim](
+            c_in,
+            c_out,
+            tuple(kernel),
+            padding=padding,
+            groups=self.groups(c_in, c_out),
+            bias=self.draw(st.booleans()),
+            padding_mode=self.padding_mode(reach, size),
+        )
+        return [conv, *self.pointwise(c_out)]
+
+    def padding_mode(self, padding: int, size: Sequence[int]) -> str:
+        """A drawn padding mode; reflect only where the map is larger than the padding."""
+        modes = [m for m in self.padding_modes if m != "reflect" or padding < min(size)]
+        return self.draw(st.sampled_from(modes or ["zeros"]))
+
+    def down(self, kind: str, factor: int, c_in: int, c_out: int) -> list[nn.Module]:
+        """One sampling layer down by ``factor`` (kernel ``factor`` or one more, any legal
+        padding) and, after a pool, a conv to ``c_out`` channels."""
+        kernel = [self.draw(st.integers(factor, factor + 1)) for _ in range(self.ndim)]
+        padding = tuple(self.draw(st.integers(0, k // 2)) for k in kernel)
+        if kind == "conv":
+            return [
+                _CONV[self.ndim](
+                    c_in,
+                    c_out,
+                    tuple(kernel),
+                    stride=factor,
+                    padding=padding,
+                    groups=self.groups(c_in, c_out),
+                    bias=self.draw(st.booleans()),
+                ),
+                *self.pointwise(c_out),
+            ]
+        ceil_mode = self.draw(st.booleans())
+        if kind == "max_pool":
+            pool = _MAX_POOL[self.ndim](tuple(kernel), factor, padding, ceil_mode=ceil_mode)
+        else:
+            pool = _AVG_POOL[self.ndim](
+                tuple(kernel),
+                factor,
+                padding,
+                ceil_mode=ceil_mode,
+                count_include_pad=self.draw(st.booleans()),
+            )
+        conv = _CONV[self.ndim](c_in, c_out, 1, groups=self.groups(c_in, c_out))
+        return [pool, conv, *self.pointwise(c_out)]
+
+    def up(
+        self,
+        kind: str,
+        factor: int,
+        c_in: int,
+        c_out: int | None,
+        low: Sequence[int],
+        target: Sequence[int],
+    ) -> tuple[list[nn.Module], int]:
+        """Layers from a map of size ``low`` (``c_in`` channels) up by ``factor`` to exactly
+        ``target`` (Rule U7) with ``c_out`` channels (None: any); returns them and the channels."""
+        layers: list[nn.Module] = []
+        channels = c_in
+        if kind == "transpose":
+            options = [
+                self._transpose_options(factor, n, m) for n, m in zip(low, target, strict=True)
+            ]
+            per_axis = [self.draw(st.sampled_from(o)) for o in options]
+            out = c_out if c_out is not None and self.draw(st.booleans()) else self.channels()
+            k, d, p, op = (tuple(a) for a in zip(*per_axis, strict=True))
+            layers.append(
+                _CONV_T[self.ndim](
+                    c_in,
+                    out,
+                    k,
+                    stride=factor,
+                    padding=p,
+                    output_padding=op,
+                    dilation=d,
+                    groups=self.groups(c_in, out),
+                    bias=self.draw(st.booleans()),
+                )
+            )
+            channels = out
+        else:
+            mode = "nearest" if kind == "nearest" else _LINEAR_MODE[self.ndim]
+            corners = None if kind == "nearest" else kind == "linear_corners"
+            if self.draw(st.booleans()):
+                layers.append(nn.Upsample(scale_factor=factor, mode=mode, align_corners=corners))
+            else:
+                layers.append(Interpolate(factor, mode=mode, align_corners=corners))
+        size = [_layer_size(layers[0], self.ndim, axis, n) for axis, n in enumerate(low)]
+        if (
+            list(size) != list(target)
+            or (c_out is not None and c_out != channels)
+            or (self.draw(st.integers(0, 3)) == 0)
+        ):
+            out = c_out if c_out is not None else self.channels()
+            fixes = [self._fix_options(u, m) for u, m in zip(size, target, strict=True)]
+            kernel, padding = zip(*(self.draw(st.sampled_from(f)) for f in fixes), strict=True)
+            layers.append(
+                _CONV[self.ndim](
+                    channels,
+                    out,
+                    kernel,
+                    padding=padding,
+                    groups=self.groups(channels, out),
+                    bias=self.draw(st.booleans()),
+                    padding_mode=self.padding_mode(max(padding), size),
+                )
+            )
+            channels = out
+        return layers, channels
+
+    def _fix_options(self, u: int, m: int) -> list[tuple[int, int]]:
+        """Rule U7: (kernel, padding) with ``u + 2p - k + 1 = m``."""
+        return [
+            (k, p)
+            for k in range(1, self.max_fix_kernel + 1)
+            for p in range(k)
+            if u + 2 * p - k + 1 == m
+        ]
+
+    def _transpose_options(self, factor: int, n: int, m: int) -> list[tuple[int, int, int, int]]:
+        """(kernel, dilation, padding, output_padding) of a ConvTranspose by ``factor`` from
+        ``n`` px whose output a fix conv can bring to ``m`` px (Rules U2, U7)."""
+        options = []
+        for k, d in itertools.product(range(1, factor + 3), (1, 2)):
+            if k == 1 and d > 1:
+                continue
+            for p in range(d * (k - 1) + 1):
+                for op in range(max(factor, d)):
+                    u = _Resample("transpose", factor, k, d, p, op).output_px(n)
+                    if u >= 1 and self._fix_options(u, m):
+                        options.append((k, d, p, op))
+        return options
+
+
+def _factors(
+    draw: st.DrawFn, *, depth: int, min_depth: int, factors: Sequence[int], max_period: int
+) -> list[int]:
+    """Per level sampling factors whose product (the period, Rule U4) is at most ``max_period``;
+    fewer levels than ``depth`` where no factor fits any more, never fewer than ``min_depth``
+    while the smallest factor fits."""
+    out: list[int] = []
+    for level in range(depth):
+        room = min(factors) ** max(0, min_depth - level - 1)  # for the levels still required
+        allowed = [f for f in factors if math.prod(out) * f * room <= max_period]
+        if not allowed:
+            break
+        out.append(draw(st.sampled_from(allowed)))
+    return out or [min(factors)]
+
+
+def _sizes_after(layers: Sequence[nn.Module], ndim: int, size: Sequence[int]) -> list[int]:
+    size = list(size)
+    for layer in layers:
+        size = [_layer_size(layer, ndim, axis, n) for axis, n in enumerate(size)]
+    return size
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Rule U8: parameters drawn under ``seed``, the global generator left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+_DEFAULTS = {  # ndim: (max_depth, max_kernel, max_period, max_channels)
+    1: (3, 3, 8, 4),
+    2: (3, 3, 8, 4),
+    3: (2, 2, 4, 3),
+}
+
+
+@st.composite
+def unet_networks(
+    draw: st.DrawFn,
+    /,
+    *,
+    spatial_shape: Sequence[int],
+    in_channels: int = 1,
+    min_depth: int = 1,
+    max_depth: int | None = None,
+    factors: Sequence[int] = (2, 2, 3),
+    max_period: int | None = None,
+    max_channels: int | None = None,
+    max_kernel: int | None = None,
+    max_fix_kernel: int = 5,
+    max_classes: int = 3,
+    downsamplings: Sequence[str] = DOWNSAMPLINGS,
+    upsamplings: Sequence[str] = UPSAMPLINGS,
+    merges: Sequence[str] = MERGES,
+    activations: Sequence[Callable[[], nn.Module]] = ACTIVATIONS,
+    padding_modes: Sequence[str] = ("zeros", "replicate", "reflect"),
+    eval_layers: bool = True,
+) -> UNet:
+    """Random U-Nets for an image of ``spatial_shape`` (the merges need its sizes, Rule U7).
+
+    Depth ``min_depth``..``max_depth`` (less where the period bound leaves no room); per level a
+    sampling factor from ``factors`` (the period, their product, at most ``max_period``), a down kind from ``downsamplings`` (strided conv,
+    "max_pool", "avg_pool": kernel factor or factor + 1, any legal padding, ceil_mode), an up kind
+    from ``upsamplings`` ("transpose": any kernel, dilation, padding and output_padding a
+    size-fixing conv can bring to the skip's size; "nearest"; "linear" and "linear_corners":
+    (bi/tri)linear with align_corners False and True, as ``nn.Upsample`` or ``F.interpolate``)
+    and a skip merge from ``merges`` (``"cat"``, ``"add"``); size-preserving convs up to
+    ``max_kernel`` in between; a head to 1..``max_classes`` channels at full resolution.
+    Parameters are float32.
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=5, deadline=None, database=None)
+    ... @given(unet_networks(spatial_shape=(37, 20)))
+    ... def check(net):
+    ...     assert net(torch.zeros(1, 1, 37, 20)).shape[2:] == (37, 20)
+    >>> check()
+    """
+    ndim = len(spatial_shape)
+    default_depth, default_kernel, default_period, default_channels = _DEFAULTS[ndim]
+    depth = draw(st.integers(min_depth, max_depth or default_depth))
+    levels = _factors(
+        draw,
+        depth=depth,
+        min_depth=min_depth,
+        factors=factors,
+        max_period=max_period or default_period,
+    )
+    d = _Drawing(
+        draw,
+        ndim,
+        max_channels or default_channels,
+        max_kernel or default_kernel,
+        max_fix_kernel,
+        tuple(activations),
+        tuple(padding_modes),
+        eval_layers,
+    )
+    with _seeded(draw(st.integers(0, 2**32 - 1))):  # Rule U8
+        c = d.channels()
+        stem = d.block(in_channels, c, spatial_shape)  # full resolution throughout
+        size = list(spatial_shape)
+        skips: list[tuple[list[int], int]] = []
+        downs: list[nn.Module] = []
+        for factor in levels:
+            skips.append((size, c))
+            c_next = d.channels()
+            layers = d.down(draw(st.sampled_from(downsamplings)), factor, c, c_next)
+            size = _sizes_after(layers, ndim, size)
+            if draw(st.booleans()):
+                layers += d.block(c_next, c_next, size)
+            downs.append(nn.Sequential(*layers))
+            c = c_next
+        bottom = nn.Sequential(*d.block(c, c, size)) if draw(st.booleans()) else nn.Identity()
+        ups: list[nn.Module] = []
+        decoders: list[nn.Module] = []
+        merge_kinds = []
+        for factor, (skip_size, skip_c) in zip(reversed(levels), reversed(skips), strict=True):
+            merge = draw(st.sampled_from(merges))
+            layers, c_up = d.up(
+                draw(st.sampled_from(upsamplings)),
+                factor,
+                c,
+                skip_c if merge == "add" else None,
+                size,
+                skip_size,
+            )
+            ups.append(layers[0] if len(layers) == 1 else nn.Sequential(*layers))
+            merge_kinds.append(merge)
+            c_merged = skip_c + c_up if merge == "cat" else skip_c
+            c = d.channels()
+            decoders.append(nn.Sequential(*d.block(c_merged, c, skip_size)))
+            size = skip_size
+        head = _CONV[ndim](c, draw(st.integers(1, max_classes)), 1)
+    return UNet(
+        stem=nn.Sequential(*stem),
+        downs=downs,
+        bottom=bottom,
+        ups=ups,
+        merges=merge_kinds,
+        decoders=decoders,
+        head=head,
+    )
+
+
+@st.composite
+def pyramid_networks(
+    draw: st.DrawFn,
+    /,
+    *,
+    spatial_shape: Sequence[int],
+    in_channels: int = 1,
+    min_levels: int = 2,
+    max_levels: int = 3,
+    factors: Sequence[int] = (2, 2, 3),
+    max_period: int | None = None,
+    max_channels: int | None = None,
+    max_kernel: int | None = None,
+    max_fix_kernel: int = 5,
+    downsamplings: Sequence[str] = DOWNSAMPLINGS,
+    upsamplings: Sequence[str] = UPSAMPLINGS,
+    structures: Sequence[str] = OUTPUT_STRUCTURES,
+    activations: Sequence[Callable[[], nn.Module]] = ACTIVATIONS,
+    padding_modes: Sequence[str] = ("zeros", "replicate", "reflect"),
+    eval_layers: bool = True,
+) -> Pyramid:
+    """Random FPN-like pyramids for an image of ``spatial_shape``: ``min_levels``..``max_levels``
+    backbone stages (each down by a factor from ``factors``, kinds as ``unet_networks``), lateral
+    1x1 convs to a common width, a top-down path (up kinds from ``upsamplings``, a size-fixing
+    conv where the sizes differ, Rule U7) added to each lateral, an optional smoothing conv per
+    level; one output per level, returned as one of ``structures`` ("tuple", "list", "dict").
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=5, deadline=None, database=None)
+    ... @given(pyramid_networks(spatial_shape=(29, 40), structures=["dict"]))
+    ... def check(net):
+    ...     assert len(net(torch.zeros(1, 1, 29, 40))) >= 2
+    >>> check()
+    """
+    ndim = len(spatial_shape)
+    _, default_kernel, default_period, default_channels = _DEFAULTS[ndim]
+    n_levels = draw(st.integers(min_levels, max_levels))
+    levels = _factors(
+        draw,
+        depth=n_levels,
+        min_depth=min_levels,
+        factors=factors,
+        max_period=max_period or default_period,
+    )
+    n_levels = len(levels)
+    d = _Drawing(
+        draw,
+        ndim,
+        max_channels or default_channels,
+        max_kernel or default_kernel,
+        max_fix_kernel,
+        tuple(activations),
+        tuple(padding_modes),
+        eval_layers,
+    )
+    returns = draw(st.sampled_from(structures))
+    names = draw(st.permutations(["p1", "p2", "p3", "p4", "p5", "fine", "coarse"]))[:n_levels]
+    with _seeded(draw(st.integers(0, 2**32 - 1))):  # Rule U8
+        c = d.channels()
+        stem: list[nn.Module] = []
+        if draw(st.booleans()):
+            k = draw(st.integers(1, d.max_kernel))
+            stem = [_CONV[ndim](in_channels, c, k, padding=draw(st.integers(0, k - 1)))]
+            stem += d.pointwise(c)
+        else:
+            c = in_channels
+        size = _sizes_after(stem, ndim, spatial_shape)
+        stages: list[nn.Module] = []
+        level_sizes: list[list[int]] = []
+        level_channels: list[int] = []
+        for factor in levels:
+            c_next = d.channels()
+            layers = d.down(draw(st.sampled_from(downsamplings)), factor, c, c_next)
+            size = _sizes_after(layers, ndim, size)
+            if draw(st.booleans()):
+                layers += d.block(c_next, c_next, size)
+            stages.append(nn.Sequential(*layers))
+            level_sizes.append(size)
+            level_channels.append(c_next)
+            c = c_next
+        width = d.channels()
+        laterals = [_CONV[ndim](ci, width, 1) for ci in level_channels]
+        ups: list[nn.Module] = []
+        for i in range(n_levels - 1):
+            layers, _ = d.up(
+                draw(st.sampled_from(upsamplings)),
+                levels[i + 1],
+                width,
+                width,
+                level_sizes[i + 1],
+                level_sizes[i],
+            )
+            ups.append(layers[0] if len(layers) == 1 else nn.Sequential(*layers))
+        smooths = [
+            nn.Sequential(*d.block(width, width, s)) if draw(st.booleans()) else nn.Identity()
+            for s in level_sizes
+        ]
+    return Pyramid(
+        stem=nn.Sequential(*stem),
+        stages=stages,
+        laterals=laterals,
+        ups=ups,
+        smooths=smooths,
+        returns=returns,
+        names=names,
+    )
+
+
+_CASE_SIZES = {  # ndim: (smallest drawn image px, tiles per streamed axis at most)
+    1: (20, 4),
+    2: (20, 3),
+    3: (12, 2),
+}
+
+
+def _tile_period_input_px(geometry: MultiScaleGeometry, axis: int) -> int:
+    """The tile period in input pixels: ``P`` finest-output pixels times their scale."""
+    finest = min(scale[axis] for scale in geometry.output_scale)
+    return math.ceil(geometry.tile_period_px[axis] * finest)
+
+
+def _room(geometry: MultiScaleGeometry, axis: int) -> int:
+    """The smallest input tile that leaves room for two tiles along ``axis`` or more: the
+    smallest legal tile, and the overlap plus two periods."""
+    low = geometry.min_tile_px[axis]
+    period = _tile_period_input_px(geometry, axis)
+    return max(low + period, 2 * max(0, low - period) + 2 * period + 1)
+
+
+@st.composite
+def _multiscale_case(
+    draw: st.DrawFn,
+    networks: Callable[..., st.SearchStrategy[nn.Module]],
+    *,
+    ndim: int,
+    max_tiles_per_axis: int | None,
+    min_batch: int,
+    max_batch: int,
+    max_extra_periods: int,
+    network_options: dict[str, Any],
+) -> MultiScaleCase:
+    """Rule U6: a network drawn for a small image, the image grown by whole periods until every
+    streamed axis has room for two tiles or more, and a tile (Rule U5)."""
+    smallest, default_tiles = _CASE_SIZES[ndim]
+    per_axis = max_tiles_per_axis or default_tiles
+    channels = network_options.pop("in_channels", None) or draw(st.integers(1, 3))
+    period_bound = network_options.get("max_period") or _DEFAULTS[ndim][2]
+    small = [draw(st.integers(smallest, smallest + 2 * period_bound)) for _ in range(ndim)]
+    module = draw(networks(spatial_shape=small, in_channels=channels, **network_options))
+    streamed_axis = draw(st.integers(0, ndim - 1))
+    streamed = [axis == streamed_axis or draw(st.booleans()) for axis in range(ndim)]
+    extra = [draw(st.integers(0, max_extra_periods)) for _ in range(ndim)]
+    spatial = list(small)
+    for _ in range(100):  # grow streamed axes by whole periods until two tiles fit (Rule U6)
+        geometry = multiscale_geometry(module, spatial_shape=spatial)
+        short = [
+            axis
+            for axis in range(ndim)
+            if streamed[axis] and spatial[axis] - 1 < _room(geometry, axis)
+        ]
+        if not short:
+            break
+        for axis in short:
+            spatial[axis] += geometry.period_px[axis]
+    else:
+        raise AssertionError(f"no image size streams {module}: this is a strategy bug")
+    spatial = [n + geometry.period_px[axis] * extra[axis] for axis, n in enumerate(spatial)]
+    geometry = multiscale_geometry(module, spatial_shape=spatial)
+    if not geometry.valid:
+        raise AssertionError(f"grown image {spatial} breaks a merge: this is a strategy bug")
+    tile = []
+    for axis, n in enumerate(spatial):
+        low = geometry.min_tile_px[axis]
+        if not streamed[axis] or n - 1 < _room(geometry, axis):  # one tile along this axis
+            tile.append(max(low, n))
+            continue
+        overlap = max(0, low - _tile_period_input_px(geometry, axis))
+        low = max(low, min(n - 1, overlap + math.ceil(n / per_axis)))  # at most per_axis tiles
+        tile.append(draw(st.integers(low, n - 1)))
+    batch = draw(st.integers(min_batch, max_batch))
+    return MultiScaleCase(
+        module,
+        (batch, channels, *spatial),
+        tile[0] if len(set(tile)) == 1 and draw(st.booleans()) else tuple(tile),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+@st.composite
+def unet_cases(
+    draw: st.DrawFn,
+    /,
+    *,
+    ndim: int = 2,
+    max_tiles_per_axis: int | None = None,
+    min_batch: int = 1,
+    max_batch: int = 2,
+    max_extra_periods: int = 2,
+    **network_options: Any,
+) -> MultiScaleCase:
+    """A U-Net (``unet_networks``, with ``network_options``), an image shape it accepts and a
+    legal tile: every streamed axis has 2..``max_tiles_per_axis`` tiles (one axis always is).
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=5, deadline=None, database=None)
+    ... @given(unet_cases(ndim=2))
+    ... def check(case):
+    ...     assert case.module(torch.zeros(case.image_shape)).shape[2:] == case.image_shape[2:]
+    >>> check()
+    """
+    return draw(
+        _multiscale_case(
+            unet_networks,
+            ndim=ndim,
+            max_tiles_per_axis=max_tiles_per_axis,
+            min_batch=min_batch,
+            max_batch=max_batch,
+            max_extra_periods=max_extra_periods,
+            network_options=network_options,
+        )
+    )
+
+
+@st.composite
+def pyramid_cases(
+    draw: st.DrawFn,
+    /,
+    *,
+    ndim: int = 2,
+    max_tiles_per_axis: int | None = None,
+    min_batch: int = 1,
+    max_batch: int = 2,
+    max_extra_periods: int = 2,
+    **network_options: Any,
+) -> MultiScaleCase:
+    """A pyramid (``pyramid_networks``, with ``network_options``), an image shape it accepts and
+    a legal tile, as ``unet_cases``.
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=5, deadline=None, database=None)
+    ... @given(pyramid_cases(ndim=2, structures=["tuple"]))
+    ... def check(case):
+    ...     assert isinstance(case.module(torch.zeros(case.image_shape)), tuple)
+    >>> check()
+    """
+    return draw(
+        _multiscale_case(
+            pyramid_networks,
+            ndim=ndim,
+            max_tiles_per_axis=max_tiles_per_axis,
+            min_batch=min_batch,
+            max_batch=max_batch,
+            max_extra_periods=max_extra_periods,
+            network_options=network_options,
+        )
+    )
