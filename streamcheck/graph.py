@@ -127,6 +127,12 @@ class Graph:
     output: int
     outputs: tuple[int, ...] = ()  # every output, in the order of the returned structure
     spec: Any = None  # the returned structure, outputs by position (`unflatten`); None: one tensor
+    #: Whether the plan needs geometry Rules MS5-MS6: several outputs or a layer that rescales;
+    #: plain downsampling chains and DAGs keep geometry Rule 6.
+    multiscale: bool = False
+
+    def __post_init__(self) -> None:
+        self.multiscale = self.spec is not None or any(n.kind == "rescale" for n in self.nodes)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -135,12 +141,6 @@ class Graph:
     @property
     def output_node(self) -> Node:
         return self.nodes[self.output]
-
-    @property
-    def multiscale(self) -> bool:
-        """Whether the plan needs geometry Rules MS5-MS6: several outputs or a change of scale
-        upwards; plain downsampling chains and DAGs keep geometry Rule 6."""
-        return self.spec is not None or any(n.kind == "rescale" for n in self.nodes)
 
 
 class _Tracer(fx.Tracer):

@@ -52,9 +52,9 @@ class StreamPlan:
     tile_px_used: tuple[int, ...]  # after rounding down to the stride (geometry Rule 6)
     output_tile_px: tuple[int, ...]
     receptive_field_px: tuple[int, ...]
-    total_stride: tuple[int, ...]
+    total_stride: tuple[int | Fraction, ...]  # input px per output px (a fraction if finer)
     overlap_px: tuple[
-        tuple[int, int], ...
+        tuple[int | Fraction, int | Fraction], ...
     ]  # per axis: pixels read beyond the owned region, each side
     tiles: tuple[Tile, ...]
     peak_bytes_estimate: int
@@ -64,6 +64,7 @@ class StreamPlan:
     output_shapes: tuple[tuple[int, ...], ...] = ()  # every output's, in the returned order
     output_bytes: int = 0  # the stitched outputs and their gradients (a full-resolution map's)
     period_px: tuple[int, ...] = ()  # output tiles are multiples of it (geometry Rule MS5)
+    min_tile_px: tuple[int, ...] = ()  # the smallest tile that plans (what one period reads)
 
     @property
     def n_tiles(self) -> int:
@@ -96,7 +97,7 @@ class StreamPlan:
             ("tiles", f"{self.n_tiles} ({axes(self.grid)})"),
             ("receptive field", f"{axes(self.receptive_field_px)} px"),
             ("total stride", axes(self.total_stride)),
-            ("overlap (before, after)", axes(f"{a}/{b}" for a, b in self.overlap_px)),
+            ("overlap (before, after)", axes(f"{_px(a)}/{_px(b)}" for a, b in self.overlap_px)),
             ("outputs and their gradients", f"{self.output_bytes / 2**20:.1f} MiB"),
             ("peak memory estimate", f"{self.peak_bytes_estimate / 2**20:.1f} MiB ({self.dtype})"),
         ]
@@ -201,7 +202,7 @@ def _multiscale_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
     ref = max(outputs, key=lambda o: (nodes[o].scale, -o))
     reference = nodes[ref]
     pieces_per_axis: list[list[tuple[Interval | None, ...]]] = []
-    fields, strides, lefts, out_tiles, used, periods = [], [], [], [], [], []
+    fields, strides, lefts, out_tiles, used, periods, smallest = [], [], [], [], [], [], []
     for axis, edge in enumerate(tile):
         quotients = []
         for o in outputs:
@@ -214,13 +215,7 @@ def _multiscale_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
                     "coarser than the finest by an integer factor"
                 )
             quotients.append(int(q))
-        stride = 1 / reference.scale[axis]
-        if stride.denominator != 1:
-            raise StreamcheckError(
-                f"streamcheck: output '{reference.path}' is finer than the input along spatial "
-                f"axis {axis} (scale {reference.scale[axis]}); outputs at most at the input's "
-                "resolution are supported"
-            )
+        stride = _plain(1 / reference.scale[axis])  # a fraction for outputs finer than the input
         relative = [n.scale[axis] / reference.scale[axis] for n in nodes if n.scale]
         p = period([*relative, *(Fraction(1, q) for q in quotients)])
         cut = _AxisCut(
@@ -240,11 +235,12 @@ def _multiscale_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
         centre = reference.sizes[axis] // 2
         one = axis_walk(graph, axis, _owning(outputs, ref, (centre, centre + 1)))
         fields.append(_length(one))
-        strides.append(int(stride))
-        lefts.append(centre * int(stride) - one[0])
+        strides.append(stride)
+        lefts.append(_plain(centre * stride - one[0]))
         out_tiles.append(low * p)
         used.append(cut.reads(low))
         periods.append(p)
+        smallest.append(cut.reads(1))
     schedules = []
     for combination in itertools.product(*pieces_per_axis):
         boxes = tuple(
@@ -279,6 +275,7 @@ def _multiscale_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
         output_shapes=tuple(nodes[o].shape for o in outputs),
         output_bytes=_output_bytes(graph, dtype),
         period_px=tuple(periods),
+        min_tile_px=tuple(smallest),
     )
 
 
@@ -309,6 +306,16 @@ class _AxisCut:
     def reads(self, m: int) -> int:
         """The most input pixels a tile reads."""
         return max(_length(axis_walk(self.graph, self.axis, owned)) for owned in self.grid(m))
+
+
+def _px(value: int | Fraction) -> str:
+    """Pixels for ``str(plan)``: a fraction in parentheses."""
+    return str(value) if isinstance(value, int) else f"({value})"
+
+
+def _plain(value: Fraction) -> int | Fraction:
+    """An int where the fraction is whole."""
+    return int(value) if value.denominator == 1 else value
 
 
 def _owning(outputs: Sequence[int], ref: int, interval: Interval) -> list[Interval | None]:

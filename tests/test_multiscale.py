@@ -10,6 +10,7 @@ multiples of nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import streamcheck
+from streamcheck import StreamcheckError
 
 RTOL = 1e-10
 
@@ -212,3 +214,172 @@ def test_fpn_loss_over_some_outputs_only() -> None:
 def test_hrnet_style_fusion() -> None:
     plan = exact(HRFusion(), (1, 3, 45, 53), (37, 33))
     boxes_partition(plan)
+
+
+def test_output_tiles_start_at_a_phase_of_the_period() -> None:
+    plan = streamcheck.plan(UNet().double(), (1, 3, 71, 57), tile=(45, 41))
+    assert plan.period_px == (4, 4)
+    assert all(t % 4 == 0 for t in plan.output_tile_px)
+    for tile in plan.tiles:
+        assert all(start % 4 == 0 for start, _ in tile.output_box)
+
+
+# --------------------------------------------------------------- layers, one by one (Rules MS2-MS4)
+
+
+def around(ndim: int, middle: nn.Module, channels: tuple[int, int] = (2, 2)) -> nn.Module:
+    """A conv before (so the input gradient passes a window) and after the layer under test."""
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[ndim]
+    return nn.Sequential(
+        conv(2, channels[0], 3, padding=1), middle, conv(channels[1], 2, 3, padding=1)
+    )
+
+
+def check_layer(
+    ndim: int, middle: nn.Module, size: int, channels: tuple[int, int] = (2, 2)
+) -> None:
+    module = around(ndim, middle, channels).double()
+    shape = (1, 2, *([size] * ndim))
+    smallest = streamcheck.plan(module, shape, tile=size).min_tile_px
+    tile = tuple(max(m + 1, size // 2 + 3) for m in smallest)  # a few tiles per axis, at least 2
+    exact(module, shape, tile, min_tiles=2**ndim)
+
+
+TRANSPOSED = {
+    "k3 s2 p1 op1": (2, nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), 23, (2, 3)),
+    "k4 s3 p2 op2": (2, nn.ConvTranspose2d(2, 2, 4, stride=3, padding=2, output_padding=2), 19, (2, 2)),
+    "stride beyond the kernel": (2, nn.ConvTranspose2d(2, 2, 2, stride=3, output_padding=1), 17, (2, 2)),
+    "dilated, grouped": (
+        2, nn.ConvTranspose2d(4, 6, 3, stride=2, padding=3, dilation=2, groups=2, output_padding=1), 21, (4, 6)
+    ),
+    "1-D": (1, nn.ConvTranspose1d(2, 3, 5, stride=3, padding=2, output_padding=1), 41, (2, 3)),
+    "3-D, per-axis": (
+        3, nn.ConvTranspose3d(2, 2, (3, 2, 3), stride=(2, 1, 3), padding=(1, 0, 1), output_padding=(1, 0, 2)), 11, (2, 2)
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(TRANSPOSED))
+def test_transposed_convolutions_are_exact(name: str) -> None:
+    ndim, layer, size, channels = TRANSPOSED[name]
+    check_layer(ndim, layer, size, channels)
+
+
+class Functional(nn.Module):
+    """F.conv_transpose2d with a parameter, F.interpolate with size= from shape reads (an integer
+    multiple of the whole image's size) and F.pixel_shuffle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 4, 3, 2))
+        self.bias = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv_transpose2d(x, self.weight, self.bias, stride=(2, 1), padding=(1, 0))
+        y = F.interpolate(
+            y, size=(y.shape[2] * 2, y.shape[3] * 3), mode="bilinear", align_corners=True
+        )
+        return F.pixel_shuffle(y, 2)
+
+
+RESAMPLE = {
+    "nearest x3, 1-D": (1, nn.Upsample(scale_factor=3), 31, (2, 2)),
+    "nearest-exact x3": (2, nn.Upsample(scale_factor=3, mode="nearest-exact"), 17, (2, 2)),
+    "linear x2 align_corners": (1, nn.Upsample(scale_factor=2, mode="linear", align_corners=True), 33, (2, 2)),
+    "bilinear x3 align_corners": (2, nn.UpsamplingBilinear2d(scale_factor=3), 15, (2, 2)),
+    "bilinear (2, 3)": (2, nn.Upsample(scale_factor=(2, 3), mode="bilinear"), 15, (2, 2)),
+    "trilinear x2": (3, nn.Upsample(scale_factor=2, mode="trilinear"), 9, (2, 2)),
+    "nearest 3-D (1, 2, 3)": (3, nn.Upsample(scale_factor=(1, 2, 3)), 9, (2, 2)),
+    "pixel shuffle": (2, nn.PixelShuffle(2), 13, (8, 2)),
+    "pixel unshuffle": (2, nn.PixelUnshuffle(2), 18, (2, 8)),
+    "functional": (2, Functional(), 11, (2, 1)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(RESAMPLE))
+def test_upsampling_and_shuffles_are_exact(name: str) -> None:
+    ndim, layer, size, channels = RESAMPLE[name]
+    check_layer(ndim, layer, size, channels)
+
+
+# ------------------------------------------------------------------------------ refusals (RS1)
+
+
+class InterpolateTo(nn.Module):
+    """Upsample the coarse map to the skip's size (torchvision's FPN does this)."""
+
+    def __init__(self, **call: Any) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(2, 2, 3, stride=2, padding=1)
+        self.call = call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.interpolate(self.down(x), size=x.shape[-2:], **self.call)
+
+
+class Merge(nn.Module):
+    """Adds a stride-2 map to a map of the same size at scale 1 (a valid 9-tap conv on 16 px)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.valid = nn.Conv2d(2, 2, 9)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.valid(x) + self.pool(x)
+
+
+REFUSED = {
+    "non-integer scale factor": (
+        nn.Upsample(scale_factor=1.5), (1, 2, 16, 16), ["'1'", "not by an integer factor"]
+    ),
+    "downsampling by interpolation": (
+        nn.Upsample(scale_factor=0.5, mode="bilinear"), (1, 2, 16, 16), ["'1'", "integer factor"]
+    ),
+    "size= that is no integer multiple": (
+        InterpolateTo(mode="nearest"), (1, 2, 17, 17), ["interpolate", "9 px to 17 px"]
+    ),
+    "antialias": (
+        InterpolateTo(mode="bilinear", antialias=True), (1, 2, 16, 16), ["interpolate", "antialias"]
+    ),
+    "bicubic": (nn.Upsample(scale_factor=2, mode="bicubic"), (1, 2, 16, 16), ["'1'", "'bicubic'"]),
+    "area": (InterpolateTo(mode="area"), (1, 2, 16, 16), ["interpolate", "'area'"]),
+    "different scales merged": (Merge(), (1, 2, 16, 16), ["add", "different scales", "1/2"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_unsupported_rescaling_is_refused_by_path_before_any_work(name: str) -> None:
+    layer, shape, fragments = REFUSED[name]
+    module = layer if isinstance(layer, (InterpolateTo, Merge)) else around(2, layer)
+    with pytest.raises(StreamcheckError) as error:
+        streamcheck.plan(module.double(), shape, tile=12)
+    for fragment in fragments:
+        assert fragment in str(error.value), str(error.value)
+
+
+def test_an_output_finer_than_the_input_streams() -> None:
+    plan = exact(nn.Upsample(scale_factor=2, mode="bilinear"), (1, 2, 15, 13), 6)
+    assert plan.total_stride == (Fraction(1, 2), Fraction(1, 2))
+
+
+def test_outputs_coarser_by_no_integer_factor_are_refused() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 2, 2, stride=2), nn.Conv2d(2, 2, 3, stride=3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.a(x), self.b(x)
+
+    with pytest.raises(StreamcheckError, match="integer factor coarser"):
+        streamcheck.plan(Two(), (1, 2, 18, 18), tile=12)
+
+
+def test_mask_and_computed_region_say_they_are_single_output_only() -> None:
+    streamed = streamcheck.Streamed(FPN().double(), tile=40)
+    x = torch.zeros(1, 3, 79, 63, dtype=torch.float64)
+    with pytest.raises(StreamcheckError, match="mask"):
+        streamed(x, mask=torch.ones(4, 4, dtype=torch.bool))
+    with pytest.raises(StreamcheckError, match="computed_region"):
+        streamed.computed_region(x, mask=torch.ones(4, 4, dtype=torch.bool))
