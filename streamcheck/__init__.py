@@ -13,6 +13,7 @@ from .lsuv import lsuv_init
 from .masks import tissue_mask
 from .plan import StreamPlan, Tile, plan
 from .sources import ImageSource, open_image
+from .split import Split, split
 from .streaming import Streamed
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ImageSource",
     "StreamPlan",
+    "Split",
     "StreamcheckError",
     "Streamed",
     "Tile",
@@ -28,5 +30,6 @@ __all__ = [
     "lsuv_init",
     "open_image",
     "plan",
+    "split",
     "tissue_mask",
 ]

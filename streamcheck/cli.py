@@ -1,8 +1,14 @@
 """The ``streamcheck`` command: show a tiling plan, or verify that streaming a model is exact.
 
-    streamcheck plan   PKG.MODULE:FACTORY --input 1x3x2048x2048 --tile 512
+    streamcheck plan   PKG.MODULE:FACTORY --input 1x3x2048x2048 --tile 512 \
+        [--split | --until MODULE | --stride S]
     streamcheck verify PKG.MODULE:FACTORY --input 1x3x2048x2048 --tile 512 \
         [--head PKG.MODULE:FACTORY] [--dtype float64|float32] [--json] [--device cpu|cuda]
+
+``plan --until layer3`` (or ``--stride 8``, or ``--split`` for the longest streamable prefix) plans
+the trunk ``streamcheck.split`` cuts from a whole classifier, in eval mode (streamed BatchNorm
+uses its running statistics), and says what the head holds:
+``streamcheck plan torchvision.models:resnet50 --until layer3 --input 1x3x8192x8192 --tile 4096``.
 
 ``FACTORY`` is called with no arguments and must return an ``nn.Module``; the current directory is
 put on ``sys.path`` first, so a local ``my_models.py`` imports as ``my_models:factory``. A target
@@ -22,6 +28,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="print the tiling plan")
     add_common(plan)
+    cut = plan.add_mutually_exclusive_group()
+    cut.add_argument(
+        "--split", action="store_true", help="plan the longest streamable prefix of a classifier"
+    )
+    cut.add_argument("--until", metavar="MODULE", help="plan the prefix up to this module")
+    cut.add_argument(
+        "--stride", type=int, metavar="S", help="plan the deepest prefix of total stride <= S"
+    )
     verify = commands.add_parser(
         "verify", help="check that streamed outputs and gradients equal plain ones"
     )
@@ -109,8 +124,37 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args: argparse.Namespace) -> int:
     module = _build(args.target)
+    if args.split or args.until is not None or args.stride is not None:
+        module.eval()  # streamed BatchNorm uses running statistics (train-mode BN is non-local)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # stopped_by is printed below
+            cut = streamcheck.split(
+                module, until=args.until, stride=args.stride, input_shape=args.input, tile=args.tile
+            )
+        print(_describe(cut))
+        if cut.stopped_by is not None:
+            print(f"stopped: {cut.stopped_by}", file=sys.stderr)
+        module = cut.trunk
     print(streamcheck.plan(module, args.input, tile=args.tile))
     return EXIT_OK
+
+
+def _describe(cut: streamcheck.Split) -> str:
+    """What trunk and head hold, for ``plan --until``."""
+
+    def part(name: str, module: torch.nn.Module) -> str:
+        n = sum(p.numel() for p in module.parameters())
+        return f"{name}  {', '.join(cut.modules(module))} ({n / 1e6:.2f} M parameters)"
+
+    stride = " x ".join(str(s) for s in cut.total_stride)
+    return "\n".join(
+        [
+            f"split after '{cut.cut}' (total stride {stride}; planned in eval mode)",
+            part("trunk", cut.trunk),
+            part("head ", cut.head),
+            "",
+        ]
+    )
 
 
 def _verify(args: argparse.Namespace) -> int:

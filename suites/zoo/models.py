@@ -172,6 +172,26 @@ TIMM: list[tuple[str, str, str]] = [
 ]
 
 
+_CLASSIFIER_KWARGS: dict[str, dict[str, object]] = {
+    "googlenet": {"aux_logits": False, "init_weights": False},
+    "inception_v3": {"aux_logits": False, "init_weights": False},
+}
+
+
+def classifier(model: ZooModel) -> nn.Module:
+    """The whole classifier a zoo trunk comes from (Rule Z2: random weights, seed 0), for split."""
+    library, _, arch = model.name.partition(".")
+    torch.manual_seed(0)
+    if library == "timm":
+        import timm
+
+        return timm.create_model(arch, pretrained=False)
+    import torchvision
+
+    where = torchvision.models.video if arch in _THREE_D else torchvision.models
+    return getattr(where, arch)(weights=None, **_CLASSIFIER_KWARGS.get(arch, {}))
+
+
 def zoo() -> list[ZooModel]:
     """Every model of the zoo, torchvision first (Rules Z1-Z3)."""
     models = [
