@@ -3,6 +3,7 @@
 python -m suites.equivalence                 # the committed record (~22 min on 2 shared CPU cores)
 python -m suites.equivalence --quick         # 1-2 min: few networks, no torchvision trunks
 python -m suites.equivalence --examples 200 --dag-examples 50  # other counts per dtype
+python -m suites.equivalence --only unet --only pyramid  # re-run those families, keep the rest
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .record import REPO, main_command, make_record, write_record
+from .draws import FAMILIES
+from .record import REPO, main_command, make_record, merge_records, read_record, write_record
 
 DEFAULT_EXAMPLES = 1000
 DEFAULT_DAG_EXAMPLES = 800
 QUICK_EXAMPLES = 6
 QUICK_DAG_EXAMPLES = 3
+DEFAULT_MULTISCALE_EXAMPLES = 100  # U-Nets and pyramids, each
+QUICK_MULTISCALE_EXAMPLES = 3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +51,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"DAG networks (streamcheck.testing.graphs) per dtype, split like --examples "
         f"(default {DEFAULT_DAG_EXAMPLES}, --quick {QUICK_DAG_EXAMPLES}; 0: none)",
     )
+    for family in ("unet", "pyramid"):
+        p.add_argument(
+            f"--{family}-examples",
+            type=int,
+            metavar="N",
+            help=f"{'U-Nets' if family == 'unet' else 'pyramids'} (streamcheck.testing.unets) per "
+            f"dtype, split like --examples (default {DEFAULT_MULTISCALE_EXAMPLES}, --quick "
+            f"{QUICK_MULTISCALE_EXAMPLES}; 0: none)",
+        )
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=list(FAMILIES),
+        help="re-run only this family (repeatable): the record in --out keeps the other families' "
+        "cases and its trunks (Rule R1c of record.py)",
+    )
     p.add_argument("--no-trunks", action="store_true", help="skip the torchvision trunks")
     p.add_argument("--seed", type=int, default=0, help="hypothesis seed (the draws replay)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -66,22 +86,39 @@ def main(argv: list[str] | None = None) -> int:
         else REPO / "reports" / "equivalence"
     )
     examples = args.examples or (QUICK_EXAMPLES if args.quick else DEFAULT_EXAMPLES)
-    dag_examples = args.dag_examples
-    if dag_examples is None:
-        dag_examples = QUICK_DAG_EXAMPLES if args.quick else DEFAULT_DAG_EXAMPLES
+    counts = {"chain": examples, "dag": args.dag_examples}
+    counts |= {"unet": args.unet_examples, "pyramid": args.pyramid_examples}
+    for family, quick, default in (
+        ("dag", QUICK_DAG_EXAMPLES, DEFAULT_DAG_EXAMPLES),
+        ("unet", QUICK_MULTISCALE_EXAMPLES, DEFAULT_MULTISCALE_EXAMPLES),
+        ("pyramid", QUICK_MULTISCALE_EXAMPLES, DEFAULT_MULTISCALE_EXAMPLES),
+    ):
+        if counts[family] is None:
+            counts[family] = quick if args.quick else default
+    if args.only:  # Rule R1c: the other families come from the record on disk
+        if not (out / "record.json").exists():
+            raise SystemExit(
+                f"--only needs a record to merge into: {out / 'record.json'} is missing"
+            )
+        counts = {f: n if f in args.only else 0 for f, n in counts.items()}
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
         record = make_record(
-            examples=examples,
-            dag_examples=dag_examples,
+            examples=counts["chain"],
+            dag_examples=counts["dag"],
+            unet_examples=counts["unet"],
+            pyramid_examples=counts["pyramid"],
             seed=args.seed,
-            with_trunks=not (args.quick or args.no_trunks),
+            with_trunks=not (args.quick or args.no_trunks or args.only),
             command=main_command(argv),
             log=lambda line: print(line, flush=True),
         )
     finally:
         torch.set_num_threads(threads_before)
+    if args.only:
+        previous, previous_cases = read_record(out)
+        record = merge_records(previous, previous_cases, record, families=args.only)
     path, _ = write_record(record, out)
     summary = record["summary"]
     print(

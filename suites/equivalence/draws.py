@@ -19,10 +19,17 @@ from streamcheck.testing import (
     check_streaming_equivalence,
     graphs,
     streaming_cases,
+    unets,
 )
 
-# Rule R1b: the two families of drawn networks and the strategy that draws each.
-FAMILIES = {"chain": streaming_cases, "dag": graphs.dag_cases}
+# Rule R1b: the families of drawn networks and the strategy that draws each.
+FAMILIES = {
+    "chain": streaming_cases,
+    "dag": graphs.dag_cases,
+    "unet": unets.unet_cases,
+    "pyramid": unets.pyramid_cases,
+}
+MULTISCALE = ("unet", "pyramid")  # streamcheck.testing.unets: they name their pools otherwise
 
 # Rule R4: the options each dtype draws with (passed to streaming_cases).
 PADDING_MODES = ("zeros", "replicate")
@@ -49,6 +56,16 @@ def draw_options(*, reflect: bool) -> dict[str, dict[str, Any]]:
     }
 
 
+def family_options(family: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Rule R4's options in the words of ``family``'s strategy: the multi-scale strategies draw
+    down-sampling kinds, of which float32's average pools are ``avg_pool`` and strided convs."""
+    if family not in MULTISCALE or "pools" not in options:
+        return options
+    kinds = {"avg": "avg_pool", "max": "max_pool"}
+    rest = {k: v for k, v in options.items() if k != "pools"}
+    return rest | {"downsamplings": ("conv", *(kinds[p] for p in options["pools"]))}
+
+
 # Share of the examples per ndim: 1D and 3D exercise the same code paths as 2D.
 NDIM_SHARE = {1: 0.25, 2: 0.5, 3: 0.25}
 
@@ -60,7 +77,7 @@ def examples_per_ndim(total: int) -> dict[int, int]:
     return counts
 
 
-def ill_posed(case: StreamingCase) -> str | None:
+def ill_posed(case: StreamingCase | unets.MultiScaleCase) -> str | None:
     """The first layer whose plain output is non-finite on a finite input (Rule R2b), or None."""
     found: list[str] = []
     named = [(name, m) for name, m in named_leaves(case.module)]
@@ -88,7 +105,8 @@ def draw_cases(
     """``n`` streamed cases (>= 2 tiles) of ``family`` drawn by hypothesis (Rules R1, R1b, R2,
     R2b); and the skips."""
     strategy = FAMILIES[family]
-    cases: list[StreamingCase] = []
+    options = family_options(family, options)
+    cases: list[Any] = []
     skipped = {"single_tile_draws_skipped": 0, "ill_posed_draws_skipped": 0}
 
     @hypothesis_seed(seed)
@@ -100,7 +118,7 @@ def draw_cases(
         suppress_health_check=list(HealthCheck),
     )
     @given(strategy(ndim=ndim, **options))
-    def collect(case: StreamingCase) -> None:
+    def collect(case: Any) -> None:
         try:
             n_tiles = streamcheck.plan(case.module, case.image_shape, tile=case.tile).n_tiles
         except Exception:  # recorded as a failure when checked (Rule R3)
@@ -134,6 +152,14 @@ def _join(block: nn.Module) -> str | None:
         return "join: one conv used twice"
     if isinstance(block, graphs.ChannelMix):
         return f"join: permute + {type(block.inner).__name__} over channels"
+    if isinstance(block, unets.UNet):
+        merges = {"cat": "concatenated", "add": "added"}
+        return ", ".join(
+            [f"join: U-Net {len(block.downs)} levels deep"]
+            + [f"skip {merges[m]}" for m in sorted(set(block.merges))]
+        )
+    if isinstance(block, unets.Pyramid):
+        return f"join: pyramid of {len(block.stages)} outputs as a {block.returns}"
     return None
 
 
@@ -155,6 +181,14 @@ def layer_kinds(module: nn.Module) -> list[str]:
 def _features(layer: nn.Module) -> list[str]:
     """Options of a window layer worth counting (they change tiles and padding)."""
     out: list[str] = []
+    if isinstance(layer, nn.Upsample | unets.Interpolate):
+        out.append(f"mode={layer.mode!r}")
+        if layer.align_corners:
+            out.append("align_corners=True")
+        out.append(f"scale_factor={int(layer.scale_factor)}")  # type: ignore[arg-type]
+        return out
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd) and max(layer.output_padding) > 0:
+        out.append("output_padding > 0")
     if isinstance(layer, nn.modules.conv._ConvNd):
         if max(layer.stride) > 1:
             out.append("stride > 1")

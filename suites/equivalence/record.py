@@ -4,11 +4,17 @@ NOTE [ The equivalence record ]
 Rule R1. Networks come from ``streamcheck.testing.streaming_cases``, drawn by hypothesis itself
          (``@given`` with ``max_examples=N``, ``database=None``, generation only, a fixed seed),
          so the record replays: the same seed and versions draw the same networks.
-Rule R1b. Two families: chains (``streaming_cases``: nested nn.Sequential stacks) and DAGs
+Rule R1b. Four families: chains (``streaming_cases``: nested nn.Sequential stacks), DAGs
          (``streamcheck.testing.graphs.dag_cases``: residual add and multiply, concatenation,
          branches that rejoin, a conv used twice, permute + LayerNorm/Linear over channels,
-         FrozenBatchNorm, between strided segments). Each entry names its ``family``; the summary
-         gives every figure per family too (``by_family``).
+         FrozenBatchNorm, between strided segments), U-Nets and pyramids
+         (``streamcheck.testing.unets``: encoder-decoders with ConvTranspose and upsampling, and
+         FPN-like networks with several outputs, compared output by output). Each entry names its
+         ``family``; the summary gives every figure per family too (``by_family``).
+Rule R1c. Families may be re-run alone (``--only FAMILY``): the other families' cases and the
+         trunks are kept from the record on disk, the re-run family's are replaced. Every run is
+         listed in ``metadata.runs`` (command, times, environment) and every case names its run
+         (``run``), so a merged record says which commit and command each row comes from.
 Rule R2. A case whose tile covers the whole input (one tile) streams nothing; it is skipped while
          drawing (``assume``) and counted as ``single_tile_draws_skipped``.
 Rule R2b. A draw on which PyTorch itself is undefined is skipped too and counted as
@@ -250,23 +256,30 @@ def make_record(
     *,
     examples: int,
     dag_examples: int = 0,
+    unet_examples: int = 0,
+    pyramid_examples: int = 0,
     seed: int,
     with_trunks: bool,
     command: str,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Draw and check ``examples`` chains and ``dag_examples`` DAG networks per dtype (each split
-    over 1D/2D/3D), then the trunks."""
+    """Draw and check ``examples`` chains, ``dag_examples`` DAG networks, ``unet_examples``
+    U-Nets and ``pyramid_examples`` pyramids per dtype (each split over 1D/2D/3D), then the
+    trunks."""
+    counts = {"chain": examples, "dag": dag_examples, "unet": unet_examples}
     with warnings.catch_warnings():
         # PyTorch's note about its own 'same' padding of even kernels (the strategies draw them).
         warnings.filterwarnings("ignore", "Using padding='same' with even kernel")
-        return _make_record(
-            examples={"chain": examples, "dag": dag_examples},
+        record = _make_record(
+            examples=counts | {"pyramid": pyramid_examples},
             seed=seed,
             with_trunks=with_trunks,
             command=command,
             log=log,
         )
+    families = [f for f, n in (counts | {"pyramid": pyramid_examples}).items() if n > 0]
+    record["metadata"]["runs"] = [_run(record["metadata"], families)]  # Rule R1c
+    return record
 
 
 def _make_record(
@@ -302,13 +315,13 @@ def _make_record(
         t0 = time.perf_counter()
         # chains keep the seeds of the records before DAGs were added (Rule R1: they replay)
         group_seed = seed + 10 * ndim + (0 if dtype_name == "float64" else 1)
-        group_seed += 100 if family == "dag" else 0
+        group_seed += 100 * list(FAMILIES).index(family)  # dag: +100 as before, then 200, 300
         drawn, skipped = draw_cases(
             ndim, per_ndim[ndim], seed=group_seed, options=options[dtype_name], family=family
         )
         results = [check_case(case, dtype, family=family) for case in drawn]
         cases.extend(results)
-        group = f"{ndim}d-{dtype_name}" if family == "chain" else f"dag-{ndim}d-{dtype_name}"
+        group = f"{ndim}d-{dtype_name}" if family == "chain" else f"{family}-{ndim}d-{dtype_name}"
         draws[group] = {
             "requested": per_ndim[ndim],
             "drawn": len(drawn),
@@ -343,17 +356,9 @@ def _make_record(
                     f"worst rel err {worst:.2e}, {row.get('time_s', 0):.1f} s"
                 )
     summary = summarize(cases)
-    failures = [
-        {"case": i}
-        | {k: c[k] for k in ("family", "ndim", "dtype", "input_shape", "tile", "layers")}
-        | {"error": c.get("error"), "float64_recheck": c.get("float64_recheck")}
-        for i, c in enumerate(cases)
-        if not c["passed"]
-    ] + [
-        {"trunk": t["name"], "dtype": t["dtype"], "error": t.get("error")}
-        for t in trunk_rows
-        if not t["passed"]
-    ]
+    failures = failures_of(cases, trunk_rows)
+    for case in cases:
+        case["run"] = 0  # Rule R1c
     return {
         "schema": "streamcheck.equivalence/1",
         "metadata": {
@@ -362,7 +367,7 @@ def _make_record(
             "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - started, 1),
             "examples_per_dtype": examples["chain"],
-            "dag_examples_per_dtype": examples.get("dag", 0),
+            **{f"{f}_examples_per_dtype": examples.get(f, 0) for f in FAMILIES if f != "chain"},
             "seed": seed,
             "environment": environment("cpu"),
             "hypothesis": _hypothesis_version(),
@@ -373,6 +378,8 @@ def _make_record(
             "strategies": {
                 "chain": "streamcheck.testing.streaming_cases",
                 "dag": "streamcheck.testing.graphs.dag_cases",
+                "unet": "streamcheck.testing.unets.unet_cases",
+                "pyramid": "streamcheck.testing.unets.pyramid_cases",
             },
             "draw_options": {
                 dtype: {
@@ -403,6 +410,102 @@ def _make_record(
         "trunks": trunk_rows,
         "cases": cases,
     }
+
+
+def failures_of(
+    cases: list[dict[str, Any]],
+    trunk_rows: list[dict[str, Any]],
+    *,
+    earlier: Sequence[dict[str, Any]] = (),
+) -> list[dict[str, Any]]:
+    """The failed cases and trunks; a kept case without its layers (``cases.jsonl`` drops them)
+    takes them from the ``earlier`` record's failure of the same network (Rule R1c)."""
+    keys = ("family", "ndim", "dtype", "input_shape", "tile")
+
+    def layers(c: dict[str, Any]) -> Any:
+        if "layers" in c:
+            return c["layers"]
+        same = [f for f in earlier if all(f.get(k) == c.get(k) for k in keys)]
+        return same[0].get("layers") if same else None
+
+    return [
+        {"case": i}
+        | {k: c.get(k, "chain" if k == "family" else None) for k in keys}
+        | {
+            "layers": layers(c),
+            "error": c.get("error"),
+            "float64_recheck": c.get("float64_recheck"),
+        }
+        for i, c in enumerate(cases)
+        if not c["passed"]
+    ] + [
+        {"trunk": t["name"], "dtype": t["dtype"], "error": t.get("error")}
+        for t in trunk_rows
+        if not t["passed"]
+    ]
+
+
+def _run(metadata: dict[str, Any], families: Sequence[str]) -> dict[str, Any]:
+    keys = ("command", "started_utc", "finished_utc", "wall_s", "environment", "hypothesis")
+    return {k: metadata.get(k) for k in keys} | {"families": list(families)}
+
+
+def merge_records(
+    previous: dict[str, Any],
+    previous_cases: list[dict[str, Any]],
+    new: dict[str, Any],
+    *,
+    families: Sequence[str],
+) -> dict[str, Any]:
+    """Rule R1c: ``previous`` with the cases of ``families`` replaced by ``new``'s."""
+    meta = previous["metadata"]
+    runs = meta.get("runs") or [_run(meta, [f for f in FAMILIES if _has(previous_cases, f)])]
+    kept = [
+        dict(c) | {"run": c.get("run", 0)} for c in previous_cases if _family(c) not in families
+    ]
+    added = [c | {"run": len(runs)} for c in new["cases"]]
+    runs = [*runs, _run(new["metadata"], families)]
+    cases = kept + added
+    trunks = previous.get("trunks", [])
+    method = previous["method"] | {
+        "strategies": new["method"]["strategies"],
+        "draws": previous["method"].get("draws", {}) | new["method"]["draws"],
+    }
+    metadata = meta | {
+        "command": " ; then ".join(str(run["command"]) for run in runs),
+        "finished_utc": new["metadata"]["finished_utc"],
+        "wall_s": round(sum(float(run["wall_s"] or 0) for run in runs), 1),
+        "runs": runs,
+        **{
+            f"{f}_examples_per_dtype": new["metadata"][f"{f}_examples_per_dtype"]
+            for f in families
+            if f != "chain"
+        },
+    }
+    return previous | {
+        "metadata": metadata,
+        "method": method,
+        "summary": summarize(cases),
+        "failures": failures_of(cases, trunks, earlier=previous.get("failures", [])),
+        "trunks": trunks,
+        "cases": cases,
+    }
+
+
+def _family(case: dict[str, Any]) -> str:
+    return str(case.get("family", "chain"))
+
+
+def _has(cases: list[dict[str, Any]], family: str) -> bool:
+    return any(_family(c) == family for c in cases)
+
+
+def read_record(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``record.json`` and the cases of ``cases.jsonl`` (their ``case`` index dropped)."""
+    record = json.loads((out / "record.json").read_text())
+    lines = (out / "cases.jsonl").read_text().splitlines()
+    cases = [{k: v for k, v in json.loads(line).items() if k != "case"} for line in lines]
+    return record, cases
 
 
 def write_record(record: dict[str, Any], out: Path) -> list[Path]:

@@ -65,7 +65,10 @@ _FAMILY_LABELS = {
     "chain": "chains (nested nn.Sequential)",
     "dag": "DAGs (residual add/multiply, concatenation, rejoined branches, a shared conv, "
     "permute + LayerNorm/Linear)",
+    "unet": "U-Nets (ConvTranspose and upsampling, concatenated or added skips)",
+    "pyramid": "pyramids (FPN-like, several outputs)",
 }
+_FAMILY_SHORT = {"chain": "chains", "dag": "DAGs", "unet": "U-Nets", "pyramid": "pyramids"}
 
 
 def _results_table(
@@ -112,7 +115,7 @@ def _result_row(
         if f.get("dtype") == dtype and "trunk" not in f and f.get("family", "chain") == family
     )
     return [
-        "chains" if family == "chain" else "DAGs",
+        _FAMILY_SHORT.get(family, family),
         dtype,
         sum(v for v in counts.values() if finite(v)),
         " / ".join(str(counts.get(k, 0)) for k in ("1d", "2d", "3d")),
