@@ -102,7 +102,8 @@ class StreamPlan:
             ("peak memory estimate", f"{self.peak_bytes_estimate / 2**20:.1f} MiB ({self.dtype})"),
         ]
         if self.period_px:
-            rows.insert(5, ("period", f"{axes(self.period_px)} output px"))
+            at = next(i for i, (name, _) in enumerate(rows) if name == "tiles") + 1
+            rows.insert(at, ("period", f"{axes(self.period_px)} output px"))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -236,7 +237,7 @@ def _multiscale_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
         one = axis_walk(graph, axis, _owning(outputs, ref, (centre, centre + 1)))
         fields.append(_length(one))
         strides.append(stride)
-        lefts.append(_plain(centre * stride - one[0]))
+        lefts.append(_plain(Fraction(centre * stride - one[0])))
         out_tiles.append(low * p)
         used.append(cut.reads(low))
         periods.append(p)

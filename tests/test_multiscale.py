@@ -383,3 +383,58 @@ def test_mask_and_computed_region_say_they_are_single_output_only() -> None:
         streamed(x, mask=torch.ones(4, 4, dtype=torch.bool))
     with pytest.raises(StreamcheckError, match="computed_region"):
         streamed.computed_region(x, mask=torch.ones(4, 4, dtype=torch.bool))
+
+
+# ----------------------------------------------------- timm: TF 'SAME' padding, SpaceToDepth (MS8)
+
+
+def test_timm_same_padding_is_computed_from_the_whole_image() -> None:
+    layers = pytest.importorskip("timm.layers")
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+    from timm.layers.std_conv import ScaledStdConv2dSame
+
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        layers.Conv2dSame(2, 3, 3, stride=2),  # pads 0/1 or 1/1 depending on the image's parity
+        nn.ReLU(),
+        MaxPool2dSame(3, stride=2),
+        AvgPool2dSame(2, stride=1),
+        ScaledStdConv2dSame(3, 4, 3, stride=2),
+        layers.Conv2dSame(4, 2, 4, dilation=2),
+    )
+    for shape in ((1, 2, 97, 90), (1, 2, 100, 91)):
+        probe = streamcheck.plan(module.double(), shape, tile=shape[2:])
+        assert probe.graph is not None
+        pads = [n.layer for n in probe.graph.nodes if getattr(n.layer, "kind", "") == "pad"]
+        assert len(pads) == 5 and any(p.pad_left != p.pad_right for p in pads)
+        exact(
+            module,
+            shape,
+            tuple(
+                f + 2 * s + 1
+                for f, s in zip(probe.receptive_field_px, probe.total_stride, strict=True)
+            ),
+        )
+
+
+def test_timm_space_to_depth_is_a_window_of_its_block() -> None:
+    layers = pytest.importorskip("timm.layers")
+    module = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), layers.SpaceToDepth(4), nn.Conv2d(48, 2, 3)
+    )
+    plan = exact(module, (1, 2, 92, 76), (35, 29))
+    assert plan.total_stride == (4, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tf_efficientnet_b0", "dm_nfnet_f0", "tresnet_m"])
+def test_zoo_gaps_are_now_traced_to_their_non_local_layer(name: str) -> None:
+    """These trunks used to fail tracing (SAME padding, SpaceToDepth); now the engine reaches
+    their squeeze-excite blocks, which are genuinely non-local (a global pool)."""
+    from suites.zoo.models import timm_trunk
+
+    with pytest.raises(StreamcheckError) as error:
+        streamcheck.plan(timm_trunk(name).eval(), (1, 3, 256, 256), tile=256)
+    message = str(error.value)
+    assert "cannot trace" not in message and "pad_same" not in message, message
+    assert "mean" in message or "pool" in message, message
