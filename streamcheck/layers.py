@@ -21,6 +21,11 @@ Rule L4. Anything else is rejected before any work, by module path, with the rea
          a layer with statistics over space (train-mode BatchNorm, GroupNorm, InstanceNorm),
          global or adaptive pooling, Linear/Flatten over space, randomness that a recomputation
          would not repeat (Dropout in training), or anything the engine does not know.
+Rule L5. Layers that change scale are `resampling.Rescale` layers (geometry Rules MS1-MS4):
+         ConvTranspose{1,2,3}d and ``F.conv_transpose*d``, nn.Upsample and ``F.interpolate``,
+         PixelShuffle / PixelUnshuffle (and their functions), timm's SpaceToDepth and
+         DepthToSpace. timm's ``pad_same`` is a window of one pixel whose padding is computed from
+         the whole image's size (geometry Rule MS8).
 """
 
 from __future__ import annotations

@@ -240,8 +240,8 @@ def _weights(node: Node, values: dict[str, Any]) -> tuple[Any, Any, int] | None:
 def run_tile(
     graph: Graph, schedule: Schedule, x: torch.Tensor, *, stop_at_output_input: bool = False
 ) -> Any:
-    """Compute the output tile from input tile ``x`` (Rule P2): a tensor, or with several
-    outputs a tuple with one crop (or None) per output (Rule P4).
+    """Compute the output tile from input tile ``x`` (Rule P2): a tensor, or for a module that
+    returns a structure a tuple with one crop (or None) per output (Rule P4).
 
     With ``stop_at_output_input`` the last layer is not run; the padded tile it would read is
     returned instead (the backward pass uses this for a trailing conv).
@@ -302,7 +302,8 @@ def run_tile(
                 del env[s]
     if not schedule.output_boxes:
         return env[graph.output]
-    return tuple(
+    crops = tuple(
         None if crop is None else _crop(env[o], nodes[o].layout, crop)
         for o, crop in zip(graph.outputs, schedule.output_crops, strict=True)
     )
+    return crops if graph.spec is not None else crops[0]

@@ -540,6 +540,8 @@ class _MultiStreamFunction(torch.autograd.Function):
         with torch.no_grad():  # Rule S1
             for schedule, arrived in zip(plan.schedules, feed.arrivals(x, indices), strict=True):
                 results = run_tile(graph, schedule, feed.prepare(arrived))
+                if graph.spec is None:
+                    results = (results,)
                 for j, (result, box) in enumerate(zip(results, schedule.output_boxes, strict=True)):
                     if result is None or box is None:
                         continue
@@ -607,6 +609,8 @@ class _MultiStreamFunction(torch.autograd.Function):
                 torch.autocast(device_type, autocast_dtype, enabled=autocast_on),
             ):
                 results = run_tile(graph, schedule, feed.prepare(leaf))
+            if graph.spec is None:
+                results = (results,)
             targets, grads = [], []
             for result, grad, piece in zip(results, grad_outputs, row, strict=True):
                 if result is not None and piece is not None and result.requires_grad:

@@ -293,12 +293,15 @@ RESAMPLE = {
     "pixel shuffle": (2, nn.PixelShuffle(2), 13, (8, 2)),
     "pixel unshuffle": (2, nn.PixelUnshuffle(2), 18, (2, 8)),
     "functional": (2, Functional(), 11, (2, 1)),
+    "timm DepthToSpace": (2, "DepthToSpace", 13, (8, 2)),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(RESAMPLE))
 def test_upsampling_and_shuffles_are_exact(name: str) -> None:
     ndim, layer, size, channels = RESAMPLE[name]
+    if isinstance(layer, str):
+        layer = getattr(pytest.importorskip("timm.layers"), layer)(2)
     check_layer(ndim, layer, size, channels)
 
 
