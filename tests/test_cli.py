@@ -125,3 +125,37 @@ def test_verify_on_cuda(capsys: pytest.CaptureFixture[str]) -> None:
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", "--help"]) == 0
     assert "--head" in capsys.readouterr().out
+
+
+def test_plan_until_plans_the_trunk_split_cuts(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torchvision")
+    args = ["torchvision.models:resnet18", "--input", "1x3x256x256", "--tile", "128"]
+    assert main(["plan", *args, "--until", "layer2"]) == 0
+    out = capsys.readouterr().out
+    from torchvision.models import resnet18
+
+    cut = streamcheck.split(resnet18().eval(), until="layer2", input_shape=(1, 3, 256, 256))
+    assert out.startswith("split after 'layer2' (total stride 8 x 8; planned in eval mode)\n")
+    assert "trunk  conv1, bn1, relu, maxpool, layer1, layer2 (0.68 M parameters)" in out
+    assert "head   layer3, layer4, avgpool, flatten(), fc (11.01 M parameters)" in out
+    assert out.endswith(str(streamcheck.plan(cut.trunk, (1, 3, 256, 256), tile=128)) + "\n")
+    assert main(["plan", *args, "--stride", "8"]) == 0
+    assert capsys.readouterr().out == out
+
+
+def test_plan_split_says_what_stopped_the_prefix(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("timm")
+    args = ["timm.models:seresnet18", "--input", "1x3x128x128", "--tile", "64", "--split"]
+    assert main(["plan", *args]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("split after 'maxpool' (total stride 4 x 4")
+    assert "stopped: the prefix up to 'layer1.0' is refused" in captured.err
+    assert "'layer1.0.se (mean)'" in captured.err
+
+
+def test_plan_until_an_unknown_module_lists_the_cuts(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torchvision")
+    args = ["torchvision.models:resnet18", "--input", "1x3x64x64", "--tile", "64"]
+    assert main(["plan", *args, "--until", "layer9"]) == 2
+    assert "no module 'layer9'; it can be cut after: conv1, bn1" in capsys.readouterr().err
+    assert main(["plan", *args, "--until", "layer1", "--stride", "4"]) == 2  # one or the other

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from suites.zoo.models import zoo
-from suites.zoo.run import check_model, refused_layers
-from suites.zoo.summary import counts, write_summary
+from suites.zoo.run import check_model, check_split, reclassify, refusal_class, refused_layers
+from suites.zoo.summary import counts, split_counts, write_summary
 
 pytest.importorskip("timm")
 pytest.importorskip("torchvision")
@@ -56,8 +56,10 @@ def test_a_local_operation_the_engine_refuses_is_a_gap() -> None:
         "  - 'layer1.se (mul)': combines feature maps of different spatial layout or size "
         "((8, 8) and (1, 1)). Fix: only combine maps of equal size."
     )
-    kinds = [layer["kind"] for layer in refused_layers(message)]
-    assert kinds == ["gap", "non-local", "after non-local"]
+    layers = refused_layers(message)
+    assert [layer["kind"] for layer in layers] == ["gap", "non-local", "after non-local"]
+    assert refusal_class(layers) == "gap"  # the first refused layer is local: an engine gap
+    assert refusal_class(layers[1:]) == "non-local"  # gaps after a non-local layer do not count
     module_pool = (
         "cannot:\n  - '4.block.2.avgpool': AdaptiveAvgPool2d pools over the whole image. Fix: x.\n"
         "  - '4.block.2 (mul)': combines feature maps of different spatial layout or size. Fix: y."
@@ -66,3 +68,36 @@ def test_a_local_operation_the_engine_refuses_is_a_gap() -> None:
         "non-local",
         "after non-local",
     ]
+
+
+def test_a_refusal_read_from_the_code_is_classed_by_the_module_it_names() -> None:
+    row = {
+        "name": "timm.edgenext_xx_small",
+        "status": "refused",
+        "refusal": "gap",
+        "layers": [
+            {"path": "net.stages_1.blocks.1 (reshape)", "reason": ".reshape() reshapes spatial "
+             "axes (...): merges or splits them with other dimensions.", "kind": "gap"},
+            {"path": "net.stages_1.blocks.1.xca (matmul)", "reason": "matmul() is not a "
+             "function streamcheck can prove local.", "kind": "gap"},
+        ],
+    }  # fmt: skip
+    again = reclassify(row)
+    assert again["refusal"] == "non-local"
+    assert [layer["kind"] for layer in again["layers"]] == ["non-local", "non-local"]
+    assert "CrossCovarianceAttn" in again["reading"]
+    other = reclassify(row | {"name": "timm.some_other_model"})
+    assert other["refusal"] == "gap" and "reading" not in other
+
+
+def test_split_of_a_zoo_classifier_equals_the_whole_model(tmp_path: Path) -> None:
+    split = check_split(by_name("timm.regnetx_002"))
+    assert split["status"] == "equal" and split["max_abs_difference"] == 0.0, split
+    assert split["cut"] == "final_conv" and split["total_stride"] == [32, 32]
+    assert split["stopped_by"][0]["kind"] == "non-local" and not split["early"]
+    se = check_split(by_name("timm.seresnet18"))
+    assert se["status"] == "equal" and se["cut"] == "maxpool" and se["early"], se
+    assert se["stopped_by"][0]["path"] == "layer1.0.se (mean)"
+    rows = [{"name": "timm.seresnet18", "status": "exact", "split": se}]
+    assert split_counts(rows)["head(trunk(x)) == model(x)"] == 1
+    assert split_counts(rows)["ends early"] == 1

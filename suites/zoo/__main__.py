@@ -7,6 +7,12 @@ Rule Z7. One JSONL row per model (``results.jsonl``), each with the shared envir
 
     python -m suites.zoo                      # every model (Rule Z6 sizes), then the summary
     python -m suites.zoo --only resnet mobilenet   # models whose name contains one of these
+    python -m suites.zoo --split              # add run.py Rule Z8's split check to rows without it
+
+Rule Z9. ``--split`` appends, for every selected model whose latest row has no ``split`` field
+         (all of them with ``--redo``), that row with the field added: the split check's own
+         environment record and command go inside the field, the streaming check's stay where
+         they are.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ import torch
 from suites.environment import environment
 
 from .models import ZooModel, zoo
-from .run import check_model
-from .summary import write_summary
+from .run import check_model, check_split
+from .summary import latest, write_summary
 
 OUT = Path(__file__).resolve().parents[2] / "reports" / "zoo"
 
@@ -41,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cheap-first", action="store_true", help="models expected to be refused first"
     )
+    parser.add_argument(
+        "--split", action="store_true", help="add the split check to recorded rows (Rule Z9)"
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
@@ -57,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cheap_first:
         models.sort(key=cost)
     command = "python -m suites.zoo " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.split:
+        add_split(models, results, command.strip(), redo=args.redo)
+        write_summary(results, args.out / "SUMMARY.md", total=len(zoo()))
+        return 0
     for i, model in enumerate(models, 1):
         if model.name in done:
             continue
@@ -69,6 +82,18 @@ def main(argv: list[str] | None = None) -> int:
         print(record["status"], record.get("refusal", ""), f"{record['seconds']} s", flush=True)
     write_summary(results, args.out / "SUMMARY.md", total=len(zoo()))
     return 0
+
+
+def add_split(models: list[ZooModel], results: Path, command: str, *, redo: bool) -> None:
+    """Rule Z9."""
+    rows = {row["name"]: row for row in latest(results)} if results.exists() else {}
+    todo = [m for m in models if m.name in rows and (redo or "split" not in rows[m.name])]
+    for i, model in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] split {model.name} ...", end=" ", flush=True)
+        split = check_split(model) | {"environment": environment("cpu"), "command": command}
+        with results.open("a") as f:
+            f.write(json.dumps(rows[model.name] | {"split": split}) + "\n")
+        print(split["status"], split.get("cut", ""), f"{split['seconds']} s", flush=True)
 
 
 if __name__ == "__main__":

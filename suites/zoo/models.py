@@ -172,6 +172,38 @@ TIMM: list[tuple[str, str, str]] = [
 ]
 
 
+#: Rule Z3, read from the code: per model, the module (path in the classifier) whose refusal is a
+#: genuinely non-local layer although the engine's first reason is a step of it (a reshape into
+#: tokens), or whose reason string alone would not say why (run.py Rule Z5).
+READ_NON_LOCAL: dict[str, tuple[str, str]] = {
+    "timm.skresnet18": (
+        "layer1.0.conv1.attn",
+        "SelectiveKernelAttn (timm/layers/selective_kernel.py) weights the stacked kernel branches "
+        "by x.sum(1).mean((2, 3)): a mean over the whole image, as in squeeze-excite; the layers "
+        "refused after it use its result",
+    ),
+    "timm.edgenext_xx_small": (
+        "stages.1.blocks.1",
+        "SplitTransposeBlock (timm/models/edgenext.py) flattens space into tokens for "
+        "CrossCovarianceAttn: F.normalize(q, dim=-1) normalises over every token and q @ k^T sums "
+        "over every token (a C x C map from the whole image)",
+    ),
+    "torchvision.swin_t": (
+        "features.1.0.attn",
+        "shifted_window_attention (torchvision/models/swin_transformer.py) rolls the map "
+        "cyclically over the whole image (torch.roll), so windows at one border hold tokens of "
+        "the opposite border; the -100 mask damps their weights to e^-100 but keeps them, so "
+        "each output depends on the far border; its windows are also fixed to the image grid, "
+        "not sliding",
+    ),
+    "timm.efficientformer_l1": (
+        "stages.3.blocks.3",
+        "Flat (timm/models/efficientformer.py) flattens the last stage into tokens for the "
+        "MetaBlock1d attention after it: q @ k^T over every position, with an attention bias "
+        "sized for a fixed 7 x 7 map",
+    ),
+}
+
 _CLASSIFIER_KWARGS: dict[str, dict[str, object]] = {
     "googlenet": {"aux_logits": False, "init_weights": False},
     "inception_v3": {"aux_logits": False, "init_weights": False},

@@ -5,11 +5,22 @@ Rule Z4. Every model gets one record: ``exact`` (output, input gradient and ever
          ``refused`` (the engine's StreamcheckError: every layer it names, with the reason),
          ``wrong`` (streamed but outside 1e-10) or ``crash`` (any other exception, with its type
          and message).
-Rule Z5. A refusal is *legitimate* when every reason it gives is a genuinely non-local operation
-         (``NON_LOCAL``: statistics or pooling over space, attention, resampling), or a layer inside
-         the module of such an operation that uses its result (squeeze-excite's ``x * scale``
-         combines the map with the pooled 1 x 1 one): class ``after non-local``. Any other reason is
-         a *gap* of the engine. The record keeps each refused layer with its class.
+Rule Z5. A refused layer is *non-local* when its reason is a genuinely non-local operation
+         (``NON_LOCAL``: statistics or pooling over space, attention, resampling) or it lies in a
+         module that reading the model's code shows to be one (``models.READ_NON_LOCAL``, with
+         the reason); *after non-local* when it is inside the module of such an operation and
+         uses its result (squeeze-excite's ``x * scale`` combines the map with the pooled 1 x 1
+         one); else a *gap* of the engine. A refusal is *non-local* when its first refused layer
+         is (the engine lists them in execution order): no engine change streams past that
+         layer; gaps after it are kept in the record with their class. A refusal whose first
+         refused layer is a gap is a *gap*. The summary re-derives every class from the recorded
+         paths and reasons (``reclassify``), so a change of these rules needs no rerun.
+Rule Z8. ``check_split`` cuts the model's whole classifier (random weights, eval mode, float64)
+         with ``streamcheck.split`` (its longest streamable prefix) and records where it cut,
+         the total stride, what ended the prefix (the refused layers, classed by Rule Z5) and
+         whether the prefix ends early (Rule SP7); then whether ``head(trunk(x))`` equals
+         ``model(x)`` bit for bit (``torch.equal``), on a 128 px image (3-D: 8 x 64 x 64; timm
+         models of fixed input size: their own).
 Rule Z6. The input is as small as the trunk allows: a plan for a large image gives the receptive
          field F and total stride S per axis; the tile is F + 3 S (4 output pixels per tile) and the
          image F + 5 S, so that every axis has two tiles (4 tiles in 2-D, 8 in 3-D).
@@ -20,6 +31,7 @@ from __future__ import annotations
 import re
 import time
 import traceback
+import warnings
 from typing import Any
 
 import torch
@@ -28,7 +40,7 @@ import streamcheck
 from streamcheck.testing.checker import check_streaming_equivalence
 from suites.equivalence.trunks import randomize_norms
 
-from .models import ZooModel
+from .models import READ_NON_LOCAL, ZooModel, classifier
 
 RTOL = 1e-10
 
@@ -48,8 +60,9 @@ NON_LOCAL = (
 _PROBLEM = re.compile(r"^  - '(?P<path>[^']*)': (?P<reason>.*?)(?: Fix: .*)?$")
 
 
-def refused_layers(message: str) -> list[dict[str, str]]:
-    """Each layer a StreamcheckError names, with its reason and Rule Z5's class.
+def refused_layers(message: str, *, name: str = "") -> list[dict[str, str]]:
+    """Each layer a StreamcheckError names, with its reason and Rule Z5's class (``name``: the
+    zoo model, for ``READ_NON_LOCAL``).
 
     >>> refused_layers("streamcheck: cannot ...:\\n  - 'se.pool': AdaptiveAvgPool2d pools over "
     ...                "the whole image (global or adaptive pooling). Fix: move it.")
@@ -59,17 +72,53 @@ def refused_layers(message: str) -> list[dict[str, str]]:
     for line in message.splitlines():
         match = _PROBLEM.match(line)
         if match:
-            reason = match["reason"]
-            kind = "non-local" if any(k in reason for k in NON_LOCAL) else "gap"
-            layers.append({"path": match["path"], "reason": reason, "kind": kind})
+            layers.append({"path": match["path"], "reason": match["reason"]})
     if not layers:
-        layers.append({"path": "", "reason": message.splitlines()[0], "kind": "gap"})
+        layers.append({"path": "", "reason": message.splitlines()[0]})
+    return _classify(layers, name)
+
+
+def _classify(layers: list[dict[str, str]], name: str) -> list[dict[str, str]]:
+    """Rule Z5's class of every refused layer."""
+    read = READ_NON_LOCAL.get(name)
+    for layer in layers:
+        by_reason = any(k in layer["reason"] for k in NON_LOCAL)
+        by_reading = read is not None and _normal(layer["path"]).startswith(_normal(read[0]))
+        layer["kind"] = "non-local" if by_reason or by_reading else "gap"
     owners = [_owner(layer["path"]) for layer in layers if layer["kind"] == "non-local"]
     for layer in layers:
         inside = any(layer["path"].startswith(owner) for owner in owners if owner)
         if layer["kind"] == "gap" and inside:
             layer["kind"] = "after non-local"
     return layers
+
+
+def refusal_class(layers: list[dict[str, str]]) -> str:
+    """Rule Z5: the class of a refusal, from its first refused layer."""
+    return "non-local" if layers and layers[0]["kind"] == "non-local" else "gap"
+
+
+def reclassify(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with Rule Z5 applied again to its recorded paths and reasons (and its split's)."""
+    row = dict(row)
+    if row.get("status") == "refused" and "layers" in row:
+        row["layers"] = _classify([dict(layer) for layer in row["layers"]], row["name"])
+        row["refusal"] = refusal_class(row["layers"])
+        reading = READ_NON_LOCAL.get(row["name"])
+        if reading is not None:
+            row["reading"] = f"'{reading[0]}': {reading[1]}"
+    split = row.get("split")
+    if isinstance(split, dict) and split.get("stopped_by"):
+        layers = _classify([dict(layer) for layer in split["stopped_by"]], row["name"])
+        row["split"] = split | {"stopped_by": layers, "stopped_class": refusal_class(layers)}
+    return row
+
+
+def _normal(path: str) -> str:
+    """A module path as trunk and classifier both name it: the zoo's ``Feature`` wrapper adds
+    ``net.``, torchvision ``features[:n]`` trunks drop ``features.``, timm's feature extractors
+    write ``stages_1`` for ``stages.1``."""
+    return path.removeprefix("net.").removeprefix("features.").replace("_", ".")
 
 
 def _owner(path: str) -> str:
@@ -116,13 +165,57 @@ def check_model(model: ZooModel) -> dict[str, Any]:
         if not report.passed:
             record["failures"] = [row.name for row in report.failures][:10]
     except streamcheck.StreamcheckError as error:
-        layers = refused_layers(str(error))
-        kinds = {layer["kind"] for layer in layers}
+        layers = refused_layers(str(error), name=model.name)
+        record.update(status="refused", refusal=refusal_class(layers), layers=layers)
+    except Exception as error:  # Rule Z4: a crash is recorded, not raised
         record.update(
-            status="refused",
-            refusal="gap" if "gap" in kinds else "non-local",
-            layers=layers,
+            status="crash",
+            error=f"{type(error).__name__}: {error}"[:500],
+            where=traceback.format_exc().splitlines()[-3:],
         )
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    return record
+
+
+def split_input(model: ZooModel, net: torch.nn.Module) -> tuple[int, ...]:
+    """Rule Z8's input shape."""
+    if model.spatial_axes == 3:
+        return (1, 3, 8, 64, 64)
+    config = getattr(net, "pretrained_cfg", None) or {}
+    if config.get("fixed_input_size"):
+        return (1, *config["input_size"])
+    return (1, 3, 128, 128)
+
+
+def check_split(model: ZooModel) -> dict[str, Any]:
+    """Rule Z8 for one model; never raises."""
+    record: dict[str, Any] = {}
+    start = time.perf_counter()
+    try:
+        net = randomize_norms(classifier(model)).eval().double()
+        shape = split_input(model, net)
+        record["input_shape"] = list(shape)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cut = streamcheck.split(net, input_shape=shape)
+        record.update(
+            cut=cut.cut,
+            total_stride=list(cut.total_stride),
+            early=any("ends early" in str(w.message) for w in caught),
+            trunk_parameters=sum(p.numel() for p in cut.trunk.parameters()),
+            parameters=sum(p.numel() for p in net.parameters()),
+        )
+        if cut.stopped_by is not None:
+            record["stopped_by"] = refused_layers(cut.stopped_by, name=model.name)
+        x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            whole, pair = net(x), cut.head(cut.trunk(x))
+        record.update(
+            status="equal" if torch.equal(whole, pair) else "different",
+            max_abs_difference=float((whole - pair).abs().max()),
+        )
+    except streamcheck.StreamcheckError as error:
+        record.update(status="refused", layers=refused_layers(str(error), name=model.name))
     except Exception as error:  # Rule Z4: a crash is recorded, not raised
         record.update(
             status="crash",

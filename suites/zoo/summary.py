@@ -12,14 +12,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .run import reclassify
+
 
 def latest(results: Path) -> list[dict[str, Any]]:
-    """The last row of every model, in first-seen order."""
+    """The last row of every model, in first-seen order, classed by run.py Rule Z5 again."""
     rows: dict[str, dict[str, Any]] = {}
     for line in results.read_text().splitlines():
         row = json.loads(line)
         rows[row["name"]] = row
-    return list(rows.values())
+    return [reclassify(row) for row in rows.values()]
 
 
 def counts(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -52,6 +54,38 @@ def verdict(row: dict[str, Any]) -> str:
     return row.get("error", "")
 
 
+def split_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Rule Z8's results: how many models were split, and how."""
+    splits = [r["split"] for r in rows if "split" in r]
+    return {
+        "split": len(splits),
+        "head(trunk(x)) == model(x)": sum(s["status"] == "equal" for s in splits),
+        "different": sum(s["status"] == "different" for s in splits),
+        "refused": sum(s["status"] == "refused" for s in splits),
+        "crash": sum(s["status"] == "crash" for s in splits),
+        "ends early": sum(bool(s.get("early")) for s in splits),
+    }
+
+
+def split_cell(row: dict[str, Any]) -> str:
+    """One cell: where split cut the classifier, what stopped it, and whether the pair is equal."""
+    split = row.get("split")
+    if split is None:
+        return "not run"
+    if split["status"] in ("refused", "crash"):
+        first = (split.get("layers") or [{}])[0]
+        return f"{split['status']}: " + (
+            f"`{first.get('path')}` {first.get('reason', '')}" if first else split.get("error", "")
+        )
+    stride = "x".join(str(s) for s in split["total_stride"])
+    cell = f"after `{split['cut']}` (stride {stride})"
+    stopped = split.get("stopped_by") or []
+    if stopped:
+        early = "ends early" if split.get("early") else "stops"
+        cell += f", {early} at `{stopped[0]['path']}` ({split.get('stopped_class', '?')})"
+    return cell + ("; equal" if split["status"] == "equal" else "; **different**")
+
+
 def write_summary(results: Path, out: Path, *, total: int | None = None) -> None:
     rows = latest(results)
     env = rows[-1]["environment"] if rows else {}
@@ -80,13 +114,26 @@ def write_summary(results: Path, out: Path, *, total: int | None = None) -> None
         "A *non-local* refusal names a genuinely non-local layer (global pooling, statistics over "
         "space, attention); a *gap* is a local operation the engine does not understand yet.",
         "",
-        "| model | family | expected | result | detail |",
-        "|---|---|---|---|---|",
+        "The *split* column is `streamcheck.split` on the model's whole classifier (suites/zoo/run.py "
+        "Rule Z8): the longest streamable prefix, what ended it (class by Rule Z5), and whether "
+        "`head(trunk(x))` equals `model(x)` bit for bit in float64. "
+        + " | ".join(f"{k}: **{v}**" for k, v in split_counts(rows).items()),
+        "",
+        "| model | family | expected | result | detail | split |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         result = r["status"] + (f" ({r['refusal']})" if r["status"] == "refused" else "")
         lines.append(
             f"| {r['name']} | {r.get('family', '')} | {r.get('expect', '')} | {result} | "
-            f"{verdict(r).replace('|', '/')} |"
+            f"{verdict(r).replace('|', '/')} | {split_cell(r).replace('|', '/')} |"
         )
+    readings = [r for r in rows if "reading" in r]
+    if readings:
+        lines += [
+            "",
+            "Refusals classed from reading the code (suites/zoo/models.py READ_NON_LOCAL):",
+            "",
+        ]
+        lines += [f"- {r['name']}: {r['reading']}" for r in readings]
     out.write_text("\n".join(lines) + "\n")
