@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from suites.zoo.summary import counts, latest, verdict
+from suites.zoo.summary import counts, latest, split_counts, verdict
 
 
 def zoo_section(reports: Path) -> str:
@@ -36,6 +36,17 @@ def zoo_section(reports: Path) -> str:
         f"{c['crash']} |",
         "",
     ]
+    split = split_counts(rows)
+    if split["split"]:
+        lines += [
+            f"`streamcheck.split` on {split['split']} of these models' whole classifiers (longest "
+            f"streamable prefix, `python -m suites.zoo --split`): head(trunk(x)) equals model(x) "
+            f"bit for bit in float64 for {split['head(trunk(x)) == model(x)']}, differs for "
+            f"{split['different']}, refused {split['refused']}, crashed {split['crash']}; the "
+            f"prefix ends early (a non-local layer before the last feature map) in "
+            f"{split['ends early']}.",
+            "",
+        ]
     worst = max((r["worst_rel_error"] for r in rows if r["status"] == "exact"), default=None)
     if worst is not None:
         lines += [f"Worst relative error over the exact trunks: {worst:.1e}.", ""]
