@@ -168,13 +168,18 @@ def check_model(model: ZooModel) -> dict[str, Any]:
         layers = refused_layers(str(error), name=model.name)
         record.update(status="refused", refusal=refusal_class(layers), layers=layers)
     except Exception as error:  # Rule Z4: a crash is recorded, not raised
-        record.update(
-            status="crash",
-            error=f"{type(error).__name__}: {error}"[:500],
-            where=traceback.format_exc().splitlines()[-3:],
-        )
+        record.update(crashed(error))
     record["seconds"] = round(time.perf_counter() - start, 2)
     return record
+
+
+def crashed(error: Exception) -> dict[str, Any]:
+    """Rule Z4's record of a crash: the error and where it happened."""
+    return {
+        "status": "crash",
+        "error": f"{type(error).__name__}: {error}"[:500],
+        "where": traceback.format_exc().splitlines()[-3:],
+    }
 
 
 def split_input(model: ZooModel, net: torch.nn.Module) -> tuple[int, ...]:
@@ -217,10 +222,6 @@ def check_split(model: ZooModel) -> dict[str, Any]:
     except streamcheck.StreamcheckError as error:
         record.update(status="refused", layers=refused_layers(str(error), name=model.name))
     except Exception as error:  # Rule Z4: a crash is recorded, not raised
-        record.update(
-            status="crash",
-            error=f"{type(error).__name__}: {error}"[:500],
-            where=traceback.format_exc().splitlines()[-3:],
-        )
+        record.update(crashed(error))
     record["seconds"] = round(time.perf_counter() - start, 2)
     return record
