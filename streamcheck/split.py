@@ -3,9 +3,9 @@
 NOTE [ Split ]
 Rule SP1. The model is traced with torch.fx at module granularity: the root and every module whose
           ``forward`` is ``nn.Sequential``'s are *opened* (their calls become nodes), every other
-          module is one node that runs its own ``forward`` at call time. Trunk and head are
-          ``fx.GraphModule``s over the model's own submodules, parameters and buffers (the same
-          objects, not copies), with the model's module paths, so ``head(trunk(x))`` runs exactly
+          module is one node that runs its own ``forward`` at call time. Trunk and head (``Part``)
+          run the traced code over the model's own submodules, parameters and buffers (the same
+          objects, not copies), at the model's module paths, so ``head(trunk(x))`` runs exactly
           the operations ``model(x)`` runs, in the same order: the results are equal bit for bit,
           and training the pair trains the model.
 Rule SP2. The code of opened modules is fixed when ``split`` runs, and may depend on the mode
@@ -128,8 +128,7 @@ def split(
             "axes"
         )
     edges = normalize_tile(tile if tile is not None else _UNLIMITED_TILE, len(shape) - 2)
-    paths = {id(m): p for p, m in reversed(list(model.named_modules()))}
-    if until is not None and until not in {p for p in paths.values() if p}:
+    if until is not None and until not in {p for p, _ in model.named_modules() if p}:
         raise StreamcheckError(
             f"streamcheck.split: {type(model).__name__} has no module {until!r}; it can be cut "
             f"after: {', '.join(_Cuts(model, shape, set()).names())}"
