@@ -304,9 +304,14 @@ class _AxisCut:
         count = max(-(-n // (t // q)) for n, q in pairs)
         return list(zip(*(output_pieces(n, t // q, count) for n, q in pairs), strict=True))
 
+    memo: dict[int, int] = field(default_factory=dict, compare=False)
+
     def reads(self, m: int) -> int:
         """The most input pixels a tile reads."""
-        return max(_length(axis_walk(self.graph, self.axis, owned)) for owned in self.grid(m))
+        if m not in self.memo:
+            walks = (axis_walk(self.graph, self.axis, owned) for owned in self.grid(m))
+            self.memo[m] = max(_length(interval) for interval in walks)
+        return self.memo[m]
 
 
 def _px(value: int | Fraction) -> str:
@@ -373,6 +378,17 @@ def plan(
     ((4, 4), (2, 2))
     >>> p.output_tile_px, p.n_tiles            # 127 = (256 - 4) // 2 + 1; 500 / 127 -> 4 x 4 tiles
     ((127, 127), 16)
+
+    A segmentation network's logits are as large as the image: they are stitched whole, with their
+    gradient, so a per-pixel loss is an ordinary loss on the streamed output
+    (``F.cross_entropy(Streamed(seg, tile=512)(image), labels)``); ``output_bytes`` is what that
+    costs (geometry Rules MS5-MS7):
+
+    >>> seg = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+    ...                     nn.ConvTranspose2d(8, 5, 2, stride=2))   # 5 classes, full resolution
+    >>> p = plan(seg, (1, 3, 4096, 4096), tile=512)
+    >>> p.output_shape, p.output_bytes // 2**20   # 640 MiB = 2 * 5 * 4096 * 4096 * 4 bytes (float32)
+    ((1, 5, 4096, 4096), 640)
     """
     edges = normalize_tile(tile, len(input_shape) - 2)
     return make_plan(build_graph(module, input_shape, dtype=dtype or _param_dtype(module)), edges)

@@ -8,10 +8,10 @@ Rule P2. Executing a tile walks the graph forwards and frees each feature map as
          consumer has read it, so only the live frontier of one tile is held in memory.
 Rule P3. A layer that works in place gets a private copy when the tensor it would overwrite is the
          caller's image (graph Rule G5 refuses in-place writes to maps that others read).
-Rule P4. With several outputs (graph Rule G11) the walk of Rule P1 starts from every output's box
+Rule P6. With several outputs (graph Rule G11) the walk of Rule P1 starts from every output's box
          (geometry Rule MS6); the tile returns, per output, the crop of that node's box it owns, or
          None where it owns nothing. Output nodes are kept until the tile ends.
-Rule P5. A rescaling layer (``resampling.Rescale``) reads the clipped box of Rule P1 and is told
+Rule P7. A rescaling layer (``resampling.Rescale``) reads the clipped box of Rule P1 and is told
          which absolute box it holds and which it must produce (resampling Rule RS2): it never
          recreates padding.
 """
@@ -50,7 +50,7 @@ class Schedule:
     output_box: Box
     boxes: tuple[Box | None, ...]  # clipped, per node; None when the tile does not need the node
     edges: dict[tuple[int, int], Edge]  # (consumer, source) -> edge
-    output_boxes: tuple[Box | None, ...] = ()  # per output (Rule P4); () for one output
+    output_boxes: tuple[Box | None, ...] = ()  # per output (Rule P6); () for one output
     output_crops: tuple[tuple[Interval, ...] | None, ...] = ()  # relative to the node's box
 
     @property
@@ -90,7 +90,7 @@ def schedule_tile(
     graph: Graph, output_box: Box, *, output_boxes: tuple[Box | None, ...] = ()
 ) -> Schedule:
     """Walk the graph backwards from one output box (Rule P1), or from every output's box
-    (``output_boxes``, one per output, None where the tile owns nothing: Rule P4)."""
+    (``output_boxes``, one per output, None where the tile owns nothing: Rule P6)."""
     nodes = graph.nodes
     boxes: list[Box | None] = [None] * len(nodes)
     requests: list[list[Box]] = [[] for _ in nodes]
@@ -241,7 +241,7 @@ def run_tile(
     graph: Graph, schedule: Schedule, x: torch.Tensor, *, stop_at_output_input: bool = False
 ) -> Any:
     """Compute the output tile from input tile ``x`` (Rule P2): a tensor, or for a module that
-    returns a structure a tuple with one crop (or None) per output (Rule P4).
+    returns a structure a tuple with one crop (or None) per output (Rule P6).
 
     With ``stop_at_output_input`` the last layer is not run; the padded tile it would read is
     returned instead (the backward pass uses this for a trailing conv).
@@ -251,7 +251,7 @@ def run_tile(
     constants: dict[str, Any] = {}
     unread = [len(n.consumers) for n in nodes]
     for o in graph.outputs if schedule.output_boxes else ():
-        unread[o] += 1  # Rule P4
+        unread[o] += 1  # Rule P6
     for i in range(1, graph.output + 1):
         node = nodes[i]
         if node.kind == "constant":
@@ -282,7 +282,7 @@ def run_tile(
             sizes = nodes[node.sources[0]].sizes
             weights = _weights(node, values)
             env[i] = node.layer.run(tensor, edge.pads, edge.gathers, box, sizes, weights)
-        elif node.kind == "rescale":  # Rule P5
+        elif node.kind == "rescale":  # Rule P7
             assert isinstance(node.layer, Rescale)
             tensor, edge = inputs[0]
             held = schedule.boxes[node.sources[0]]
