@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compiled import CompileRecord, TilePrograms
 from .defaults import channels_last_for, keep_host_memory_for
 from .errors import StreamcheckError, internal_error
 from .feed import TileFeed, laid_out_like
@@ -58,7 +59,7 @@ from .graph import build_graph, unflatten
 from .layers import Window
 from .masks import ScaledMask
 from .plan import StreamPlan, make_plan, normalize_tile
-from .program import run_tile
+from .program import Schedule, run_tile
 from .saliency import GradientSink
 from .sources import ImageSource
 from .state import PlanCache, module_state, tensor_versions
@@ -78,6 +79,10 @@ class Streamed(nn.Module):
     the defaults (NOTE [ Fast defaults ]): float32/bfloat16 tiles are laid out NHWC (NDHWC for 3-D)
     unless ``channels_last=False``, and freed tile buffers are kept for reuse (a process-wide glibc
     setting, ``keep_freed_host_memory``) unless ``keep_host_memory=False``; results are unchanged.
+
+    ``compile=True`` compiles each tile program with ``torch.compile``, once per class of tiles
+    that run the same arithmetic (interior tiles share one; NOTE [ Compiled tile programs ]);
+    ``compile_report`` says what was compiled and how long it took.
 
     The image may also be an image source (``streamcheck.open_image``: a TIFF level, a memmap, a
     zarr array), read tile by tile from where it lies; ``mask=`` skips background tiles and
@@ -105,6 +110,7 @@ class Streamed(nn.Module):
         tile_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         channels_last: bool | None = None,
         keep_host_memory: bool | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.module = module
@@ -112,6 +118,7 @@ class Streamed(nn.Module):
         self.tile_transform = tile_transform
         self.channels_last = channels_last  # Rule FD1; None: by device and dtype
         self.keep_host_memory = keep_host_memory  # Rule FD2
+        self._programs = TilePrograms() if compile else None  # Rules C1-C4
         self._plans: PlanCache[StreamPlan] = PlanCache()
         self._register_state_dict_hook(_hide_module_prefix)
         self._register_load_state_dict_pre_hook(_restore_module_prefix)
@@ -178,7 +185,8 @@ class Streamed(nn.Module):
             ),
             dtype=None if autocast else dtype,
         )
-        call = _Call(plan, state, tensor_versions(self.module), params, tiles, sink)
+        versions = tensor_versions(self.module)
+        call = _Call(plan, state, versions, params, tiles, sink, self._programs)
         graph = plan.graph
         assert graph is not None
         if graph.multiscale:  # Rule S10
@@ -252,7 +260,25 @@ class Streamed(nn.Module):
             )
             if value is not None
         ]
-        return ", ".join(options)
+        return ", ".join(options + (["compile=True"] if self._programs is not None else []))
+
+    def compile_report(self, input_shape: Sequence[int]) -> list[CompileRecord]:
+        """With ``compile=True``: the tile programs compiled so far for inputs of ``input_shape``,
+        each with its class's tile count and its first call's seconds (Rule C3).
+
+        >>> import torch, torch.nn as nn
+        >>> s = Streamed(nn.Conv2d(1, 1, 3, padding=1), tile=8)   # compile=False: nothing compiled
+        >>> s.compile_report((1, 1, 20, 20))
+        []
+        """
+        if self._programs is None:
+            return []
+        return [
+            record
+            for plan in self._plans
+            if plan.graph is not None and plan.input_shape == tuple(input_shape)
+            for record in self._programs.report(plan.graph)
+        ]
 
 
 def _hide_module_prefix(module: nn.Module, state: dict[str, Any], prefix: str, local: Any) -> None:
@@ -357,6 +383,15 @@ class _Call:
     params: tuple[torch.Tensor, ...]
     tiles: tuple[int, ...] | None = None  # those computed (masks Rule T2); None: all
     sink: GradientSink | None = None  # where a source's input gradient goes (Rule S8)
+    programs: TilePrograms | None = None  # compile=True (NOTE [ Compiled tile programs ])
+
+    def run_tile(self, schedule: Schedule, x: torch.Tensor, **options: Any) -> Any:
+        """One tile's program: compiled per schedule class (Rule C1), or run eagerly."""
+        graph = self.plan.graph
+        assert graph is not None
+        if self.programs is None:
+            return run_tile(graph, schedule, x, **options)
+        return self.programs.run(graph, self.plan.schedules, schedule, x, **options)
 
     def check_unchanged(self) -> None:
         """The module the recomputation will run is the one forward ran (Rule K4)."""
@@ -402,7 +437,7 @@ class _StreamFunction(torch.autograd.Function):
         output: torch.Tensor | None = None
         with torch.no_grad():  # Rule S1
             for schedule, arrived in zip(schedules, feed.arrivals(x, indices), strict=True):
-                result = run_tile(graph, schedule, feed.prepare(arrived))
+                result = call.run_tile(schedule, feed.prepare(arrived))
                 if output is None:
                     output = laid_out_like(result, graph.output_node.shape)
                     if call.tiles is not None:
@@ -465,13 +500,13 @@ class _StreamFunction(torch.autograd.Function):
             ):
                 tile = feed.prepare(leaf)
                 if skip_last:  # Rule S4
-                    padded = run_tile(graph, schedule, tile, stop_at_output_input=True)
+                    padded = call.run_tile(schedule, tile, stop_at_output_input=True)
                     dtype = autocast_dtype if autocast_on else padded.dtype
                     extra, targets, grads = _conv_backward(
                         last.module, last.layer, padded, grad_tile, dtype
                     )
                 else:
-                    result = run_tile(graph, schedule, tile)
+                    result = call.run_tile(schedule, tile)
                     extra, targets, grads = {}, [result], [grad_tile]
             grad_tile_x = _backpropagate(targets, grads, leaf, params, grad_params, extra)
             if grad_tile_x is not None and grad_x is not None:
@@ -502,7 +537,7 @@ class _MultiStreamFunction(torch.autograd.Function):
         outputs: list[torch.Tensor | None] = [None] * len(nodes)
         with torch.no_grad():  # Rule S1
             for schedule, arrived in zip(plan.schedules, feed.arrivals(x, indices), strict=True):
-                results = run_tile(graph, schedule, feed.prepare(arrived))
+                results = call.run_tile(schedule, feed.prepare(arrived))
                 if graph.spec is None:
                     results = (results,)
                 for j, (result, box) in enumerate(zip(results, schedule.output_boxes, strict=True)):
@@ -571,7 +606,7 @@ class _MultiStreamFunction(torch.autograd.Function):
                 torch.enable_grad(),
                 torch.autocast(device_type, autocast_dtype, enabled=autocast_on),
             ):
-                results = run_tile(graph, schedule, feed.prepare(leaf))
+                results = call.run_tile(schedule, feed.prepare(leaf))
             if graph.spec is None:
                 results = (results,)
             targets, grads = [], []
