@@ -15,7 +15,9 @@ intervals contain what PyTorch's autograd says each output pixel depends on.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -346,3 +348,62 @@ def test_the_checker_fails_an_output_the_stream_gets_wrong(
     report = check_streaming_equivalence(_small_pyramid(), (1, 1, 40, 36), tile=24)
     failed = [row.name for row in report.rows if not row.passed]
     assert failed == ["output['coarse']"]
+
+
+# ------------------------------------------------------------------ docs/SEGMENTATION.md runs
+def _doc_blocks() -> tuple[str, str, str]:
+    """The recipe, the plan it prints and the checker snippet of docs/SEGMENTATION.md."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "SEGMENTATION.md").read_text()
+    (recipe,) = re.findall(r"## The recipe\n\n```python\n(.*?)```", text, flags=re.S)
+    (plan,) = re.findall(r"The printed plan of the recipe:\n\n```\n(.*?)```", text, flags=re.S)
+    (check,) = re.findall(
+        r"## Checking it on your own model.*?```python\n(.*?)```", text, flags=re.S
+    )
+    return recipe, plan, check
+
+
+def test_the_segmentation_docs_run_and_show_the_plan_they_print(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    recipe, shown_plan, check = _doc_blocks()
+    # the plan shown is the one the recipe prints (plans cost no compute: the real sizes)
+    steps = recipe.split("image = torch.randn")[0]
+    namespace: dict[str, object] = {}
+    exec(compile(steps, "docs/SEGMENTATION.md", "exec"), namespace)
+    assert capsys.readouterr().out == shown_plan
+    # the training step, on a smaller image (its sizes scaled down, nothing else)
+    small = recipe.replace("1024, 768", "72, 56").replace("tile=128", "tile=40")
+    assert small.count("72, 56") == 4 and "tile=40" in small
+    torch.manual_seed(0)
+    exec(compile(small, "docs/SEGMENTATION.md", "exec"), namespace)
+    model = namespace["model"]
+    assert isinstance(model, nn.Module) and all(p.grad is not None for p in model.parameters())
+    assert namespace["streamed"].plan((1, 3, 72, 56)).n_tiles > 1  # type: ignore[attr-defined]
+    exec(compile(check, "docs/SEGMENTATION.md", "exec"), namespace)
+    report = namespace["report"]
+    assert report.passed and report.n_tiles > 1  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------- the U-Net benchmark grid
+@pytest.mark.parametrize("mode", ["full", "quick"])
+def test_unet_benchmark_points_pair_up_and_stream(mode: str) -> None:
+    """suites/unet: every size has a conventional and a streamed point, and the streamed one
+    really streams (several tiles, plans only: no compute)."""
+    from suites.benchmark.workload import build_inputs
+    from suites.unet.__main__ import points
+
+    chosen = points(mode)
+    keys = {(p.name.rsplit("_", 1)[0], p.input_px) for p in chosen}
+    assert len(chosen) == 2 * len(keys)
+    for p in chosen:
+        if p.tile_px is None:
+            continue
+        network, image = build_inputs(
+            network=p.name.rsplit("_", 1)[0],
+            input_px=p.input_px,
+            device="cpu",
+            dtype=torch.float32,
+            seed=0,
+        )
+        plan = streamcheck.plan(network, tuple(image.shape), tile=p.tile_px)
+        assert plan.n_tiles > 1 and plan.output_shape[2:] == image.shape[2:]
