@@ -30,6 +30,7 @@ from .resolution import resolution_section
 from .slides import slides_section
 from .sources import Source, finite, get
 from .training import training_section
+from .unet import unet_section
 from .zoo import zoo_section
 
 
@@ -259,6 +260,8 @@ def markdown_report(
         zoo_section(imn.folder.parent),  # reports/zoo/results.jsonl
         "",
         slides_section(imn.folder.parent, out_dir),  # reports/slides/results.jsonl
+        "",
+        unet_section(imn.folder.parent, out_dir),  # reports/unet/results.jsonl
         "",
         limits_section(verdicts),
         "",
