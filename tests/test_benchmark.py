@@ -138,6 +138,8 @@ def test_grid_modes_are_deduplicated_and_pairs_run_back_to_back() -> None:
         ("streamcheck_defaults", 2048, 512),
         ("conventional_tuned", 2048, None),
         ("streamcheck_tuned", 2048, 512),
+        ("conventional_compiled", 2048, None),
+        ("streamcheck_compiled", 2048, 512),
     ]
     ceilings = gate.read_ceilings()
     gate_points = grid.points("gate")

@@ -154,6 +154,7 @@ SUITES: dict[str, Suite] = {
                         [None],
                         "cpu",
                     ),
+                    Grid(["streamcheck_compiled"], [2048], [512], "cpu"),
                     Grid(
                         ["conventional_tuned", "conventional_compiled"], INPUT_CUDA, [None], "cuda"
                     ),
@@ -162,6 +163,7 @@ SUITES: dict[str, Suite] = {
                     Grid(["conventional", "streamcheck"], [1024, 2048], [512]),
                     Grid(["streamcheck_defaults"], [2048], [512]),
                     Grid(["conventional_tuned", "streamcheck_tuned"], [2048], [512]),
+                    Grid(["conventional_compiled", "streamcheck_compiled"], [2048], [512]),
                 ],
                 "tiny": [
                     Grid(["conventional", "streamcheck"], [128], [64]),
@@ -242,6 +244,7 @@ ORDER = (
     "conventional_tuned",
     "streamcheck_tuned",
     "conventional_compiled",
+    "streamcheck_compiled",
     "lightstream",
 )
 

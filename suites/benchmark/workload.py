@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-NETWORKS = ("paper", "table2", "unet2d", "unet3d")  # the U-Nets: suites/unet/networks.py
+NETWORKS = ("paper", "table2")
 KINDS = ("conventional", "streamcheck", "lightstream")
 
 
@@ -31,7 +31,7 @@ class Case:
     # streamcheck.keep_freed_host_memory() first (CPU); None: the engine's default (Rule FD2)
     keep_freed: bool | None = False
     huge_pages: bool = False  # THP_MEM_ALLOC_ENABLE=1 (PyTorch asks for transparent huge pages)
-    compile: bool = False  # torch.compile(network) (conventional only: the engine refuses it)
+    compile: bool = False  # conventional: torch.compile(network); streamcheck: compile=True
 
     @property
     def settings(self) -> str:
@@ -78,6 +78,7 @@ CASES: dict[str, Case] = {
         _case("streamcheck", "streamcheck"),
         _case("streamcheck_defaults", "streamcheck", channels_last=None, keep_freed=None),
         _case("streamcheck_tuned", "streamcheck", **TUNED),
+        _case("streamcheck_compiled", "streamcheck", **TUNED, compile=True),
         _case("streamcheck_channels_last", "streamcheck", channels_last=True),
         _case("streamcheck_keep_freed", "streamcheck", keep_freed=True),
         _case("streamcheck_huge_pages", "streamcheck", huge_pages=True),
@@ -85,11 +86,6 @@ CASES: dict[str, Case] = {
         _case("table2_conventional", "conventional", network="table2"),
         _case("table2_streamcheck", "streamcheck", network="table2"),
         _case("table2_streamcheck_tuned", "streamcheck", network="table2", **TUNED),
-        *(
-            _case(f"{unet}_{kind}", kind, network=unet)
-            for unet in ("unet2d", "unet3d")
-            for kind in ("conventional", "streamcheck")
-        ),
     ]
 }
 
@@ -154,16 +150,10 @@ class Workload:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def spatial_dims(network: str) -> int:
-    """Spatial axes of ``network``'s image (the 3-D U-Net's is a volume)."""
-    return 3 if network == "unet3d" else 2
-
-
 def build_inputs(
     *, network: str = "paper", input_px: int, device: str, dtype: torch.dtype, seed: int
 ) -> tuple[nn.Module, torch.Tensor]:
-    """The network (seeded init) and a (1, 3, input_px, input_px) image (a volume for the 3-D
-    U-Net): identical in every process.
+    """The network (seeded init) and a (1, 3, input_px, input_px) image: identical in every process.
 
     The Table 2 network is ``Sequential(trunk, head)``.
     """
@@ -172,17 +162,14 @@ def build_inputs(
         module: nn.Module = paper_network()
     elif network == "table2":
         module = nn.Sequential(*table2_network())
-    elif network in ("unet2d", "unet3d"):
-        from suites.unet.networks import benchmark_unet
-
-        module = benchmark_unet(network)
     else:
         raise ValueError(f"unknown network {network!r}; known: {', '.join(NETWORKS)}")
     module = module.to(device=device, dtype=dtype)  # init in float32, then cast
     generator = torch.Generator().manual_seed(seed + 1)
     # Drawn in float32 whatever the dtype, so that a float64 run sees exactly the same image.
-    shape = (1, 3, *(input_px,) * spatial_dims(network))
-    image = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    image = torch.randn(1, 3, input_px, input_px, generator=generator).to(
+        device=device, dtype=dtype
+    )
     return module, image
 
 
@@ -241,7 +228,7 @@ def build(
             options["channels_last"] = c.channels_last
         if c.keep_freed is not None:
             options["keep_host_memory"] = c.keep_freed
-        streamed = streamcheck.Streamed(trunk, tile=tile_px, **options)
+        streamed = streamcheck.Streamed(trunk, tile=tile_px, compile=c.compile, **options)
         plan = streamed.plan(image.shape, dtype=image.dtype)
 
         def step() -> None:
@@ -249,13 +236,17 @@ def build(
             reseed()
             head(streamed(image)).sum().backward()
             _sync(device)
+            if c.compile:  # compiled tile programs: how many, and their first calls' seconds
+                records = streamed.compile_report(image.shape)
+                info["compiled_programs"] = sum(r.compiled for r in records)
+                info["compile_s"] = sum(r.seconds for r in records)
 
         info |= {
             "n_tiles": plan.n_tiles,
             "tile_px_used": plan.tile_px_used[0],
             "overlap_px": list(plan.overlap_px[0]),
             "peak_bytes_estimate": plan.peak_bytes_estimate,
-            "output_bytes": plan.output_bytes,  # the stitched output and its gradient
+            **_compiled(c),
         }
         return Workload(step, network, image, info)
 
@@ -270,7 +261,11 @@ def build(
 
 
 def _compiled(c: Case) -> dict[str, Any]:
-    return {"compile": "torch.compile(network), inductor"} if c.compile else {}
+    if not c.compile:
+        return {}
+    if c.kind == "streamcheck":
+        return {"compile": "Streamed(..., compile=True): torch.compile per tile class, inductor"}
+    return {"compile": "torch.compile(network), inductor"}
 
 
 def dynamo_graphs() -> int:
