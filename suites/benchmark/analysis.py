@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .results import flat, latest_rows, read_rows, results_path
-from .workload import CASES
+from .workload import CASES, spatial_dims
 
 if TYPE_CHECKING:
     from .grid import Point
@@ -72,7 +72,8 @@ def frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
         return df
     for col in NUMERIC:
         df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else np.nan
-    df["pixels"] = df["input_px"].astype(float) ** 2
+    dims = [spatial_dims(CASES[n].network) if n in CASES else 2 for n in df["name"]]
+    df["pixels"] = df["input_px"].astype(float) ** np.asarray(dims, dtype=float)  # voxels in 3-D
     return df
 
 
@@ -284,7 +285,7 @@ def predicted_oom(point: Point, df: pd.DataFrame, *, budget_bytes: float | None)
         return None
     (x0, y0), (x1, y1) = sorted(zip(rows["pixels"], rows[metric], strict=True))[-2:]
     slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
-    predicted = y1 + slope * (float(point.input_px) ** 2 - x1)
+    predicted = y1 + slope * (float(point.input_px) ** spatial_dims(network) - x1)
     if predicted <= budget_bytes:
         return None
     return (

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-NETWORKS = ("paper", "table2")
+NETWORKS = ("paper", "table2", "unet2d", "unet3d")  # the U-Nets: suites/unet/networks.py
 KINDS = ("conventional", "streamcheck", "lightstream")
 
 
@@ -86,6 +86,11 @@ CASES: dict[str, Case] = {
         _case("table2_conventional", "conventional", network="table2"),
         _case("table2_streamcheck", "streamcheck", network="table2"),
         _case("table2_streamcheck_tuned", "streamcheck", network="table2", **TUNED),
+        *(
+            _case(f"{unet}_{kind}", kind, network=unet)
+            for unet in ("unet2d", "unet3d")
+            for kind in ("conventional", "streamcheck")
+        ),
     ]
 }
 
@@ -150,10 +155,16 @@ class Workload:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def spatial_dims(network: str) -> int:
+    """Spatial axes of ``network``'s image (the 3-D U-Net's is a volume)."""
+    return 3 if network == "unet3d" else 2
+
+
 def build_inputs(
     *, network: str = "paper", input_px: int, device: str, dtype: torch.dtype, seed: int
 ) -> tuple[nn.Module, torch.Tensor]:
-    """The network (seeded init) and a (1, 3, input_px, input_px) image: identical in every process.
+    """The network (seeded init) and a (1, 3, input_px, input_px) image (a volume for the 3-D
+    U-Net): identical in every process.
 
     The Table 2 network is ``Sequential(trunk, head)``.
     """
@@ -162,14 +173,17 @@ def build_inputs(
         module: nn.Module = paper_network()
     elif network == "table2":
         module = nn.Sequential(*table2_network())
+    elif network in ("unet2d", "unet3d"):
+        from suites.unet.networks import benchmark_unet
+
+        module = benchmark_unet(network)
     else:
         raise ValueError(f"unknown network {network!r}; known: {', '.join(NETWORKS)}")
     module = module.to(device=device, dtype=dtype)  # init in float32, then cast
     generator = torch.Generator().manual_seed(seed + 1)
     # Drawn in float32 whatever the dtype, so that a float64 run sees exactly the same image.
-    image = torch.randn(1, 3, input_px, input_px, generator=generator).to(
-        device=device, dtype=dtype
-    )
+    shape = (1, 3, *(input_px,) * spatial_dims(network))
+    image = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
     return module, image
 
 
@@ -247,6 +261,7 @@ def build(
             "overlap_px": list(plan.overlap_px[0]),
             "peak_bytes_estimate": plan.peak_bytes_estimate,
             **_compiled(c),
+            "output_bytes": plan.output_bytes,  # the stitched output and its gradient
         }
         return Workload(step, network, image, info)
 
