@@ -76,7 +76,11 @@ def _available(node: Node, wanted: Box, sizes: tuple[int, ...]) -> tuple[Box, tu
     gathers: list[tuple[int, ...] | None] = []
     for (start, stop), size in zip(wanted, sizes, strict=True):
         if mode == "constant" or (start >= 0 and stop <= size):
-            boxes.append(clip((start, stop), size))
+            low, high = clip((start, stop), size)
+            if low >= high:  # outputs no input reaches (geometry Rule MS2): read one pixel
+                low = min(max(start, 0), size - 1)
+                high = low + 1
+            boxes.append((low, high))
             gathers.append(None)
             continue
         mapped = [mirror(p, size, mode) for p in range(start, stop)]

@@ -19,7 +19,7 @@ Rule RS3. The taps are checked against PyTorch on the whole axis (a 1-D interpol
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
@@ -221,16 +221,30 @@ class Rescale:
             if self.function is None:
                 raise internal_error("a shuffle without its function")
             y = self.function(x)
-            b = self.block if self.kind == "shuffle" else 1
-            produced = [(in_box[a][0] * b, in_box[a][1] * b) for a in range(self.ndim)]
-            if self.kind == "unshuffle":
-                produced = [
-                    (in_box[a][0] // self.block, in_box[a][1] // self.block)
-                    for a in range(self.ndim)
-                ]
-        pads = [(p[0] - o[0], o[1] - p[1]) for p, o in zip(produced, out_box, strict=True)]
-        if any(left or right for left, right in pads):
-            y = F.pad(y, [amount for pair in reversed(pads) for amount in pair])
+            produced = [
+                (int(in_box[a][0] * self.factor[a]), int(in_box[a][1] * self.factor[a]))
+                for a in range(self.ndim)
+            ]
+        y = _place(y, produced, out_box)
         if self.kind == "transposed" and weights is not None and weights[1] is not None:
             y = y + weights[1].view(-1, *([1] * self.ndim))
         return y
+
+
+def _place(y: torch.Tensor, produced: Sequence[Interval], out_box: Box) -> torch.Tensor:
+    """``y``, which holds positions ``produced`` along its last axes, cut and zero-extended to
+    ``out_box`` (Rule MS2: positions no input reaches get zeros, then the bias)."""
+    first = y.dim() - len(produced)
+    pads: list[tuple[int, int]] = []
+    for axis, ((p0, p1), (a, b)) in enumerate(zip(produced, out_box, strict=True)):
+        start, stop = min(max(a - p0, 0), p1 - p0), max(min(b - p0, p1 - p0), 0)
+        if start >= stop:  # nothing of the box is produced here: zeros only
+            shape = list(y.shape)
+            for k, (c, d) in enumerate(out_box):
+                shape[first + k] = d - c
+            return y.new_zeros(shape)
+        y = y.narrow(first + axis, start, stop - start)
+        pads.append((max(p0 - a, 0), max(b - p1, 0)))
+    if any(left or right for left, right in pads):
+        y = F.pad(y, [amount for pair in reversed(pads) for amount in pair])
+    return y

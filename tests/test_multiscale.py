@@ -265,6 +265,14 @@ def test_transposed_convolutions_are_exact(name: str) -> None:
     check_layer(ndim, layer, size, channels)
 
 
+def test_a_tile_that_owns_only_outputs_no_input_reaches() -> None:
+    """ConvTranspose1d(k=2, s=3, output_padding=2) on 12 px gives 37 outputs; 35 and 36 get the
+    bias alone, and with output tiles of 3 the last tile owns only output 36 (Rule MS2)."""
+    module = around(1, nn.ConvTranspose1d(2, 2, 2, stride=3, output_padding=2))
+    plan = exact(module, (1, 2, 12), 5)
+    assert plan.tiles[-1].output_box == ((36, 37),)
+
+
 class Functional(nn.Module):
     """F.conv_transpose2d with a parameter, F.interpolate with size= from shape reads (an integer
     multiple of the whole image's size) and F.pixel_shuffle."""
@@ -441,3 +449,20 @@ def test_zoo_gaps_are_now_traced_to_their_non_local_layer(name: str) -> None:
     message = str(error.value)
     assert "cannot trace" not in message and "pad_same" not in message, message
     assert "mean" in message or "pool" in message, message
+
+
+@pytest.mark.slow
+def test_timm_hrnet_w18_small_trunk_streams_exactly() -> None:
+    """The zoo's trunk of timm's hrnet_w18_small (its features to stride 8, suites.zoo Rule Z1):
+    every branch of stages 2-4 (down to 1/32) fused by nearest upsampling, exact in float64. HRNet
+    itself needs sizes that divide by 32; its receptive field (~550 px) is most of the image."""
+    pytest.importorskip("timm")
+    from streamcheck.testing.checker import assert_streaming_equivalent
+    from suites.equivalence.trunks import randomize_norms
+    from suites.zoo.models import timm_trunk
+
+    trunk = randomize_norms(timm_trunk("hrnet_w18_small")).eval().double()
+    report = assert_streaming_equivalent(trunk, (1, 3, 640, 608), tile=(620, 600), rtol=RTOL)
+    assert report.n_tiles >= 4, str(report)
+    n_parameters = sum(1 for p in trunk.parameters() if p.requires_grad)
+    assert sum(row.kind == "param_grad" for row in report.rows) == n_parameters
