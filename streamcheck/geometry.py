@@ -98,6 +98,7 @@ __all__ = [
     "output_pieces",
     "output_tile_for",
     "period",
+    "scale_after",
     "split",
     "transposed_input",
     "transposed_output",

@@ -71,6 +71,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import StreamcheckError
+from .geometry import scale_after
 from .layers import (
     KNOWN_MODULES,
     Pointwise,
@@ -516,10 +517,15 @@ def _attach_scale(node: Node, nodes: list[Node], problems: list[str]) -> bool:
         node.scale = first.scale  # after a rejected layer: its problem is reported already
         return True
     if isinstance(layer, Window):
-        node.scale = tuple(s / k for s, k in zip(first.scale, layer.stride, strict=True))
+        node.scale = tuple(
+            scale_after(s, down=k) for s, k in zip(first.scale, layer.stride, strict=True)
+        )
         return True
-    if isinstance(layer, Rescale):
-        node.scale = tuple(s * f for s, f in zip(first.scale, layer.factor, strict=True))
+    if isinstance(layer, Rescale):  # factors are whole or 1/b (space-to-depth)
+        node.scale = tuple(
+            scale_after(s, up=f.numerator, down=f.denominator)
+            for s, f in zip(first.scale, layer.factor, strict=True)
+        )
         return True
     node.scale = first.scale
     for s in node.sources[1:]:
