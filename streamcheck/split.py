@@ -206,11 +206,14 @@ def _search(cuts: _Cuts, edges: tuple[int, ...], stride: int | None) -> _Found:
 
 
 def _longest(cuts: _Cuts, edges: tuple[int, ...], last: int) -> _Found:
-    """Rule SP4: bisection for the longest streamable prefix among cuts ``0..last``."""
+    """Rule SP4: bisection for the longest streamable prefix among cuts ``0..last``; the first
+    probe is the last map (a classifier whose features all stream needs two engine checks)."""
     lo, hi = -1, last + 1  # cut lo streams (or is none), cut hi is refused (or is past the end)
     refusal: StreamcheckError | None = None
+    maps = [i for i in range(last + 1) if cuts.strides[i] is not None]
+    first = maps[-1] if maps else None
     while hi - lo > 1:
-        mid = (lo + hi) // 2
+        mid, first = (first, None) if first is not None else ((lo + hi) // 2, None)
         error = cuts.refusal(mid, edges)
         if error is None:
             lo = mid
@@ -294,6 +297,7 @@ class _Cuts:
                 last[p] = i
         self.endings = [_endings(self.nodes[i], i, last) for i in self.points]
         self._refusals: dict[int, StreamcheckError | None] = {}
+        self._engine_strides: dict[int, tuple[Any, ...]] = {}
 
     def names(self) -> list[str]:
         return [ending[0] for ending in self.endings]
@@ -331,18 +335,18 @@ class _Cuts:
         if k not in self._refusals:
             trunk, _ = self.parts(k)
             try:
-                make_plan(build_graph(trunk, self.shape, dtype=_param_dtype(self.model)), edges)
+                graph = build_graph(trunk, self.shape, dtype=_param_dtype(self.model))
+                self._engine_strides[k] = make_plan(graph, edges).total_stride
                 self._refusals[k] = None
             except StreamcheckError as error:
                 self._refusals[k] = StreamcheckError(_with_paths(str(error), trunk.graph))
         return self._refusals[k]
 
     def split(self, k: int, *, stopped_by: str | None) -> Split:
+        if self.refusal(k, (_UNLIMITED_TILE,) * (len(self.shape) - 2)) is not None:
+            raise internal_error(f"split: the cut {self.names()[k]!r} chosen is refused")
         trunk, head = self.parts(k)
-        dtype = _param_dtype(self.model)
-        engine = make_plan(
-            build_graph(trunk, self.shape, dtype=dtype), (_UNLIMITED_TILE,) * (len(self.shape) - 2)
-        ).total_stride
+        engine = self._engine_strides[k]
         if any(s != int(s) for s in engine):
             raise StreamcheckError(
                 f"streamcheck.split: the prefix up to {self.names()[k]!r} has total stride "
