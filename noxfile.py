@@ -112,3 +112,11 @@ def slides(session: nox.Session) -> None:
     session.run(
         "nice", "-n", "10", "python", "-m", "suites.slides", *session.posargs, external=True
     )
+
+
+@nox.session(default=False)
+def unet(session: nox.Session) -> None:
+    """U-Net benchmark, streamed vs conventional at growing sizes: nice -n 10 python -m suites.unet {posargs}."""
+    install(session, "bench")
+    # The cores are shared: the run is niced (each row records the load).
+    session.run("nice", "-n", "10", "python", "-m", "suites.unet", *session.posargs, external=True)
