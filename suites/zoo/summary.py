@@ -116,7 +116,13 @@ def write_summary(results: Path, out: Path, *, total: int | None = None) -> None
         "",
         "The *split* column is `streamcheck.split` on the model's whole classifier (suites/zoo/run.py "
         "Rule Z8): the longest streamable prefix, what ended it (class by Rule Z5), and whether "
-        "`head(trunk(x))` equals `model(x)` bit for bit in float64. "
+        "`head(trunk(x))` equals `model(x)` bit for bit in float64 (commands: "
+        + ", ".join(sorted({f"`{r['split']['command']}`" for r in rows if "split" in r}))
+        + "; commits: "
+        + ", ".join(
+            sorted({r["split"]["environment"].get("git_commit", "?") for r in rows if "split" in r})
+        )
+        + "). "
         + " | ".join(f"{k}: **{v}**" for k, v in split_counts(rows).items()),
         "",
         "| model | family | expected | result | detail | split |",
