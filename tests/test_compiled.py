@@ -12,10 +12,13 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
 from torch import nn
 
 import streamcheck
 from streamcheck.compiled import TilePrograms
+from streamcheck.testing import check_streamed
+from streamcheck.testing.strategies import StreamingCase, streaming_cases
 
 RTOL = 1e-10
 # dynamo probes tensors' .grad while tracing; under this suite's warnings-as-errors its own note
@@ -139,3 +142,16 @@ def test_pickling_a_streamed_module_drops_compiled_programs(compile_: bool) -> N
     again = pickle.loads(pickle.dumps(streamed))
     assert again.compile_report(x.shape) == []
     assert _rel(again(x), again.module(x)) < RTOL
+
+
+@pytest.mark.property
+@settings(max_examples=3, deadline=None)  # each example compiles a few programs: seconds each
+@given(streaming_cases(ndim=1, max_tiles=4, padding_modes=("zeros", "replicate", "reflect")))
+def test_compiled_streaming_equals_the_plain_module_on_drawn_stacks(case: StreamingCase) -> None:
+    """The property suite's drawn stacks (a subset: 1-D, few tiles), with compile=True: the
+    checker compares outputs and every gradient with the plain module in float64."""
+    streamed = streamcheck.Streamed(case.module.double(), tile=case.tile, compile=True)
+    assume(streamed.plan(case.image_shape).n_tiles > 1)  # one tile would compare nothing streamed
+    report = check_streamed(streamed, case.image_shape, seed=case.seed)
+    assert report.passed, str(report)
+    assert streamed.compile_report(case.image_shape)
