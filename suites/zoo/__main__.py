@@ -9,6 +9,10 @@ Rule Z7. One JSONL row per model (``results.jsonl``), each with the shared envir
     python -m suites.zoo --only resnet mobilenet   # models whose name contains one of these
     python -m suites.zoo --split              # add run.py Rule Z8's split check to rows without it
 
+Rule Z10. OpenMP's worker threads sleep rather than spin while they wait (``OMP_WAIT_POLICY=PASSIVE``,
+          set before torch starts, as in suites/resolution Rule X4): on shared cores spinning
+          threads made the zoo's float64 checks many times slower. ``OMP_NUM_THREADS=1`` runs
+          several models side by side (``--only`` with disjoint lists).
 Rule Z9. ``--split`` appends, for every selected model whose latest row has no ``split`` field
          (all of them with ``--redo``), that row with the field added: the split check's own
          environment record and command go inside the field, the streaming check's stay where
@@ -19,11 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # Rule Z10: before torch starts OpenMP
+
+import torch  # noqa: E402
 
 from suites.environment import environment
 
@@ -85,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_split(models: list[ZooModel], results: Path, command: str, *, redo: bool) -> None:
-    """Rule Z9."""
+    """Rule Z10. OpenMP's worker threads sleep rather than spin while they wait (``OMP_WAIT_POLICY=PASSIVE``,
+              set before torch starts, as in suites/resolution Rule X4): on shared cores spinning
+              threads made the zoo's float64 checks many times slower. ``OMP_NUM_THREADS=1`` runs
+              several models side by side (``--only`` with disjoint lists).
+    Rule Z9."""
     rows = {row["name"]: row for row in latest(results)} if results.exists() else {}
     todo = [m for m in models if m.name in rows and (redo or "split" not in rows[m.name])]
     for i, model in enumerate(todo, 1):
