@@ -1033,13 +1033,14 @@ def _room(geometry: MultiScaleGeometry, axis: int) -> int:
 def _multiscale_case(
     draw: st.DrawFn,
     networks: Callable[..., st.SearchStrategy[nn.Module]],
+    /,
     *,
-    ndim: int,
-    max_tiles_per_axis: int | None,
-    min_batch: int,
-    max_batch: int,
-    max_extra_periods: int,
-    network_options: dict[str, Any],
+    ndim: int = 2,
+    max_tiles_per_axis: int | None = None,
+    min_batch: int = 1,
+    max_batch: int = 2,
+    max_extra_periods: int = 2,
+    **network_options: Any,
 ) -> MultiScaleCase:
     """Rule U6: a network drawn for a small image, the image grown by whole periods until every
     streamed axis has room for two tiles or more, and a tile (Rule U5)."""
@@ -1088,20 +1089,11 @@ def _multiscale_case(
     )
 
 
-@st.composite
-def unet_cases(
-    draw: st.DrawFn,
-    /,
-    *,
-    ndim: int = 2,
-    max_tiles_per_axis: int | None = None,
-    min_batch: int = 1,
-    max_batch: int = 2,
-    max_extra_periods: int = 2,
-    **network_options: Any,
-) -> MultiScaleCase:
-    """A U-Net (``unet_networks``, with ``network_options``), an image shape it accepts and a
-    legal tile: every streamed axis has 2..``max_tiles_per_axis`` tiles (one axis always is).
+def unet_cases(*, ndim: int = 2, **options: Any) -> st.SearchStrategy[MultiScaleCase]:
+    """A U-Net (``unet_networks``), an image shape it accepts and a legal tile: every streamed
+    axis has 2..``max_tiles_per_axis`` tiles (one axis always is). ``options`` are
+    ``max_tiles_per_axis``, ``min_batch``, ``max_batch``, ``max_extra_periods`` (how many whole
+    periods an image may grow beyond the smallest that streams) and ``unet_networks``' own.
 
     >>> from hypothesis import given, settings
     >>> @settings(max_examples=5, deadline=None, database=None)
@@ -1110,33 +1102,12 @@ def unet_cases(
     ...     assert case.module(torch.zeros(case.image_shape)).shape[2:] == case.image_shape[2:]
     >>> check()
     """
-    return draw(
-        _multiscale_case(
-            unet_networks,
-            ndim=ndim,
-            max_tiles_per_axis=max_tiles_per_axis,
-            min_batch=min_batch,
-            max_batch=max_batch,
-            max_extra_periods=max_extra_periods,
-            network_options=network_options,
-        )
-    )
+    return _multiscale_case(unet_networks, ndim=ndim, **options)
 
 
-@st.composite
-def pyramid_cases(
-    draw: st.DrawFn,
-    /,
-    *,
-    ndim: int = 2,
-    max_tiles_per_axis: int | None = None,
-    min_batch: int = 1,
-    max_batch: int = 2,
-    max_extra_periods: int = 2,
-    **network_options: Any,
-) -> MultiScaleCase:
-    """A pyramid (``pyramid_networks``, with ``network_options``), an image shape it accepts and
-    a legal tile, as ``unet_cases``.
+def pyramid_cases(*, ndim: int = 2, **options: Any) -> st.SearchStrategy[MultiScaleCase]:
+    """A pyramid (``pyramid_networks``), an image shape it accepts and a legal tile, with the
+    options of ``unet_cases`` (``pyramid_networks``' own for the network).
 
     >>> from hypothesis import given, settings
     >>> @settings(max_examples=5, deadline=None, database=None)
@@ -1145,14 +1116,4 @@ def pyramid_cases(
     ...     assert isinstance(case.module(torch.zeros(case.image_shape)), tuple)
     >>> check()
     """
-    return draw(
-        _multiscale_case(
-            pyramid_networks,
-            ndim=ndim,
-            max_tiles_per_axis=max_tiles_per_axis,
-            min_batch=min_batch,
-            max_batch=max_batch,
-            max_extra_periods=max_extra_periods,
-            network_options=network_options,
-        )
-    )
+    return _multiscale_case(pyramid_networks, ndim=ndim, **options)
