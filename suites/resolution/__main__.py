@@ -53,9 +53,9 @@ CONFIGS = {
             epochs=12,
             tile=256,
             description="512² slides at 512/256/128/64 px, the default of nox -s resolution: "
-            "384 training slides x 12 epochs, 192 test slides; sized for about 40 min of "
-            "training on 2 cores from slide steps measured at 1-min load 7.3-7.6 (0.28 / 0.095 / "
-            "0.026 / 0.015 s at 512 / 256 / 128 / 64 px, 2 threads, OMP_WAIT_POLICY=PASSIVE)",
+            "384 training slides x 12 epochs, 192 test slides, sized for about 40 min on 2 free "
+            "cores from slide steps timed at 1-min load 7.5 (Rule X4); each resolution's measured "
+            "seconds per slide step and 1-min load are in its record",
         ),
         X.Config(
             name="shared-cpu",
