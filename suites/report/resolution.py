@@ -53,8 +53,13 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
         f"{hi['auc']:.3f} (95 % CI {_ci(hi['auc_ci'])}) vs {lo['auc']:.3f} "
         f"({_ci(lo['auc_ci'])})"
         + (
-            f", one-sided permutation p = {top['p_one_sided']:.3g} "
-            f"({'significant' if top['p_one_sided'] < 0.05 else 'not significant'} at 0.05)."
+            f", one-sided permutation p = {top['p_one_sided']:.3g}"
+            + (
+                f" (the smallest p {top['permutations']} permutations can give)"
+                if top["p_one_sided"] * (1 + top["permutations"]) < 1.5
+                else ""
+            )
+            + f" ({'significant' if top['p_one_sided'] < 0.05 else 'not significant'} at 0.05)."
             if top
             else "."
         ),
@@ -182,23 +187,18 @@ def summary_markdown(summary: dict[str, Any], *, figures: Path, out_dir: Path | 
     ):
         if (figures / name).is_file():
             parts += [figure(figures / name, out_dir, number, caption, command), ""]
-    timing = summary.get("timing", {})
     env = summary.get("environment", {})
-    estimates = ", ".join(
-        f"{name} ~{s / 60:.0f} min" for name, s in timing.get("estimated_train_s", {}).items()
-    )
     loads = ", ".join(f"{px}² {v}" for px, v in summary.get("runs_load_1min", {}).items())
     parts += [
         f"Run: {code(command or COMMAND)}; training and evaluation took "
-        f"{summary.get('train_and_eval_s', float('nan')) / 60:.1f} min over all resolutions "
-        f"(1-min load at the end of each: {loads or 'n/a'}); this summary was "
-        f"written {summary['finished_utc']} ({summary['wall_s'] / 60:.1f} min wall, finished "
-        f"resolutions reused), commit {commit(env.get('git_commit'))}, torch "
+        f"{summary.get('train_and_eval_s', float('nan')) / 60:.1f} min summed over the "
+        f"resolutions (each one's times and environment are in its `runs/` record; 1-min load "
+        f"at the end of each: {loads or 'n/a'}; OpenMP wait policy "
+        f"{summary.get('omp_wait_policy') or 'unset'}, Rule X4); this summary was written "
+        f"{summary['finished_utc']} ({summary['wall_s'] / 60:.1f} min wall: finished resolutions "
+        f"are reused, Rule X2), commit {commit(env.get('git_commit'))}, torch "
         f"{env.get('torch', 'n/a')}, {env.get('device', 'n/a')} ({env.get('cpu', 'n/a')}), "
-        f"{env.get('threads', 'n/a')} threads, 1-min load {env.get('load_1min', 'n/a')} at the end. "
-        f"Training time from this run's {timing.get('s_per_megapixel_slide_step', float('nan')):.2f} "
-        f"s per megapixel and slide step (at {timing.get('measured_at_px', 'n/a')}² px, under this "
-        f"load): {estimates}.",
+        f"{env.get('threads', 'n/a')} threads, 1-min load {env.get('load_1min', 'n/a')} at the end.",
     ]
     return "\n".join(parts)
 

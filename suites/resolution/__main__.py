@@ -147,8 +147,6 @@ def run(
     runs = [r["lsuv_s"] + r["train_s"] + r["eval_s"] for r in records]
     from ..environment import environment
 
-    slowest = max(records, key=lambda r: r["input_px"])
-    s_per_mp = slowest["train_s_per_slide_step"] / (slowest["input_px"] ** 2 / 1e6)
     summary = {
         "label": S.STANDIN_LABEL,
         "config": {"name": config.name, "description": config.description}
@@ -164,15 +162,6 @@ def run(
         **summary,
         # Rule SA4: the lesion AUC of a map that only knows distance from the border
         "saliency_baseline_border_distance_auc": float(np.mean(list(prior.values()))),
-        "timing": {
-            "s_per_megapixel_slide_step": s_per_mp,
-            "measured_at_px": slowest["input_px"],
-            "estimated_train_s": {
-                name: X.estimate_seconds(c, s_per_mp)
-                for name, c in CONFIGS.items()
-                if name != "quick"
-            },
-        },
         "environment": environment("cpu"),
     }
     out.mkdir(parents=True, exist_ok=True)

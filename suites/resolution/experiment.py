@@ -260,12 +260,6 @@ def summarize(
     return {"resolutions": rows, "permutation_tests": tests}
 
 
-def estimate_seconds(config: Config, s_per_megapixel_step: float) -> float:
-    """Training time of ``config`` from a measured time per megapixel and slide step."""
-    megapixels = sum(config.input_px(f) ** 2 for f in config.factors) / 1e6
-    return s_per_megapixel_step * megapixels * config.epochs * config.spec.n_train
-
-
 def quiet_lightning() -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
