@@ -3,7 +3,9 @@ random weights (no download), for ``python -m suites.zoo``.
 
 Rule Z1. A timm trunk is the model's own feature extractor cut at its deepest feature of reduction
          <= 8 (``timm.models.FeatureListNet`` with that one ``out_index``): the modules the model
-         runs up to there, as the model runs them. A torchvision trunk is the prefix of the model's
+         runs up to there, as the model runs them (a model whose extractor collects features with
+         forward hooks, which do not fire under torch.fx, uses timm's ``forward_intermediates``
+         extractor, ``feature_cls="getter"``). A torchvision trunk is the prefix of the model's
          own modules named in ``TORCHVISION`` (the stages to stride 8).
 Rule Z2. Every model is built with ``pretrained=False`` / ``weights=None`` and seed 0; BatchNorm and
          LayerNorm get random statistics and affine parameters (``randomize_norms``: a fresh norm
@@ -55,6 +57,11 @@ def timm_trunk(name: str, *, stride: int = 8) -> nn.Module:
     index = max(i for i, r in enumerate(info.reduction()) if r <= stride)
     torch.manual_seed(0)
     net = timm.create_model(name, pretrained=False, features_only=True, out_indices=(index,))
+    if isinstance(net, timm.models.FeatureHookNet):  # hooks do not fire under fx: Rule Z1
+        torch.manual_seed(0)
+        net = timm.create_model(
+            name, pretrained=False, features_only=True, out_indices=(index,), feature_cls="getter"
+        )
     return Feature(net)
 
 
