@@ -53,13 +53,13 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
         f"{hi['auc']:.3f} (95 % CI {_ci(hi['auc_ci'])}) vs {lo['auc']:.3f} "
         f"({_ci(lo['auc_ci'])})"
         + (
-            f", one-sided permutation p = {top['p_one_sided']:.3g}"
+            f", one-sided permutation p = {top['p_one_sided']:.3g} ("
             + (
-                f" (the smallest p {top['permutations']} permutations can give)"
+                f"the smallest p {top['permutations']} permutations can give; "
                 if top["p_one_sided"] * (1 + top["permutations"]) < 1.5
                 else ""
             )
-            + f" ({'significant' if top['p_one_sided'] < 0.05 else 'not significant'} at 0.05)."
+            + f"{'significant' if top['p_one_sided'] < 0.05 else 'not significant'} at 0.05)."
             if top
             else "."
         ),
