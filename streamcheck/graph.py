@@ -68,6 +68,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.immutable_collections import immutable_dict
 from torch.utils import _pytree as pytree
 
 from .errors import StreamcheckError
@@ -441,8 +442,9 @@ def _structure(result: Any, positions: Any) -> Any:
     and lists into immutable ones, which this undoes."""
     if isinstance(result, fx.Node):
         return next(positions)
-    if isinstance(result, dict):
-        return {k: _structure(v, positions) for k, v in result.items()}
+    if isinstance(result, dict):  # OrderedDict stays one; fx's immutable_dict becomes a dict
+        kind: Any = dict if isinstance(result, immutable_dict) else type(result)
+        return kind((k, _structure(v, positions)) for k, v in result.items())
     if isinstance(result, tuple) and hasattr(result, "_fields"):  # a named tuple
         return type(result)(*(_structure(v, positions) for v in result))
     if isinstance(result, (tuple, list)):
@@ -460,7 +462,7 @@ def unflatten(structure: Any, values: Sequence[Any]) -> Any:
     if isinstance(structure, int):
         return values[structure]
     if isinstance(structure, dict):
-        return {k: unflatten(v, values) for k, v in structure.items()}
+        return type(structure)((k, unflatten(v, values)) for k, v in structure.items())
     if isinstance(structure, tuple) and hasattr(structure, "_fields"):
         return type(structure)(*(unflatten(v, values) for v in structure))
     return type(structure)(unflatten(v, values) for v in structure)

@@ -9,6 +9,7 @@ multiples of nothing.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
@@ -51,9 +52,11 @@ def exact(
     upstream = [torch.randn_like(leaf) if used(j) else None for j, leaf in enumerate(leaves)]
     params = [p for p in module.parameters() if p.requires_grad]
 
+    paths = [path for path, _ in pytree.tree_flatten_with_path(plain_out)[0]]
+
     def grads(out: Any) -> list[torch.Tensor]:
-        flat, their_spec = pytree.tree_flatten(out)
-        assert their_spec == spec, "the streamed module returns another structure"
+        flat, _ = pytree.tree_flatten(out)  # an OrderedDict comes back as a dict (fx makes it one)
+        assert [p for p, _ in pytree.tree_flatten_with_path(out)[0]] == paths, "another structure"
         loss = sum(
             (leaf * g).sum() for leaf, g in zip(flat, upstream, strict=True) if g is not None
         )
@@ -203,6 +206,31 @@ def test_unet_with_transposed_conv_bilinear_skips_and_full_resolution_logits(
 @pytest.mark.parametrize("as_dict", [True, False])
 def test_fpn_with_three_outputs(as_dict: bool) -> None:
     plan = exact(FPN(as_dict=as_dict), (1, 3, 79, 63), (39, 45))
+    assert len(plan.output_shapes) == 3
+    boxes_partition(plan)
+
+
+def test_torchvision_feature_pyramid_network() -> None:
+    """torchvision.ops.FeaturePyramidNetwork over a three-level backbone: it upsamples with
+    ``F.interpolate(size=lateral.shape[-2:])``, an integer multiple here (80 x 72 px divides by 8),
+    and returns an OrderedDict of three maps."""
+    ops = pytest.importorskip("torchvision.ops")
+
+    class Backbone(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+            self.b = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+            self.c = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+            self.fpn = ops.FeaturePyramidNetwork([4, 6, 8], 5)
+
+        def forward(self, x: torch.Tensor) -> Any:
+            a = F.relu(self.a(x))
+            b = F.relu(self.b(a))
+            c = F.relu(self.c(b))
+            return self.fpn(OrderedDict([("0", a), ("1", b), ("2", c)]))
+
+    plan = exact(Backbone(), (1, 3, 80, 72), (40, 38))
     assert len(plan.output_shapes) == 3
     boxes_partition(plan)
 
