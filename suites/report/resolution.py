@@ -75,6 +75,22 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
         + _against_border(hi, prior)
         + ".",
     ]
+    missed = [
+        r
+        for r in rows[1:]
+        if (r["lesion_visibility"] or 0) > 1 and r["auc_ci"][0] <= 0.5 <= r["auc_ci"][1]
+    ]
+    if missed:
+        out.append(
+            "Lesions visible (more than one texture standard deviation) but not learned (AUC CI "
+            "includes chance) at "
+            + ", ".join(
+                f"{r['input_px']}² (visibility {r['lesion_visibility']:.2f}, last-epoch train "
+                f"loss {r['final_epoch_train_loss']:.3f})"
+                for r in missed
+            )
+            + ": the signal is there, and this network and schedule did not pick it up."
+        )
     return out
 
 
