@@ -108,7 +108,7 @@ def summary_table(records: list[dict[str, Any]]) -> str:
                 _cell(r["peak_alloc_bytes_ratio"], "ok", ".2f"),
                 _cell(mib[2], st_c, ".0f"),
                 _cell(mib[3], st_s, ".0f"),
-                _cell(mib[4], st_s, ".0f"),
+                _cell(mib[4], st_s, ".2f"),
                 _cell(r["grad_rel_error_f64"], st_s, ".1e"),
                 " / ".join(_cell(v, "ok", ".1f") for v in r["load_1min"]),
             ]
