@@ -55,7 +55,7 @@ from .compiled import CompileRecord, TilePrograms
 from .defaults import channels_last_for, keep_host_memory_for
 from .errors import StreamcheckError, internal_error
 from .feed import TileFeed, laid_out_like
-from .graph import build_graph, unflatten
+from .graph import Graph, build_graph, unflatten
 from .layers import Window
 from .masks import ScaledMask
 from .plan import StreamPlan, make_plan, normalize_tile
@@ -385,6 +385,13 @@ class _Call:
     sink: GradientSink | None = None  # where a source's input gradient goes (Rule S8)
     programs: TilePrograms | None = None  # compile=True (NOTE [ Compiled tile programs ])
 
+    @property
+    def graph(self) -> Graph:
+        graph = self.plan.graph
+        if graph is None:
+            raise internal_error("a plan without its graph")
+        return graph
+
     def run_tile(self, schedule: Schedule, x: torch.Tensor, **options: Any) -> Any:
         """One tile's program: compiled per schedule class (Rule C1), or run eagerly."""
         graph = self.plan.graph
@@ -451,25 +458,8 @@ class _StreamFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise StreamcheckError(
-                "streamcheck: double backward (backward or autograd.grad with create_graph=True) "
-                "through a Streamed module is not supported: each tile's recomputation is "
-                "differentiated on its own and the gradients it returns carry no graph. Fix: "
-                "call backward without create_graph, or compute higher-order terms on a module "
-                "that is not streamed"
-            )
-        call: _Call = ctx.call
-        call.check_unchanged()
-        plan = call.plan
-        graph = plan.graph
-        assert graph is not None
-        x = ctx.saved_tensors[0] if ctx.saved_tensors else ctx.source
-        params = call.params
-        feed: TileFeed = ctx.feed
-        sink = call.sink
-        want_input = ctx.needs_input_grad[2] or sink is not None
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
+        call, x, want_input, grad_x = _backward_start(ctx)
+        graph, params, feed, sink = call.graph, call.params, ctx.feed, call.sink
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         out_layout = graph.output_node.layout
         slices = [_slices(s.output_box, out_layout, grad_output.dim()) for s in ctx.schedules]
@@ -554,22 +544,8 @@ class _MultiStreamFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise StreamcheckError(
-                "streamcheck: double backward through a Streamed module is not supported. Fix: "
-                "call backward without create_graph"
-            )
-        call: _Call = ctx.call
-        call.check_unchanged()
-        plan = call.plan
-        graph = plan.graph
-        assert graph is not None
-        x = ctx.saved_tensors[0] if ctx.saved_tensors else ctx.source
-        params = call.params
-        feed: TileFeed = ctx.feed
-        sink = call.sink
-        want_input = ctx.needs_input_grad[2] or sink is not None
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
+        call, x, want_input, grad_x = _backward_start(ctx)
+        plan, graph, params, feed, sink = call.plan, call.graph, call.params, ctx.feed, call.sink
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         layouts = [graph.nodes[o].layout for o in graph.outputs]
         slices = [
@@ -620,6 +596,24 @@ class _MultiStreamFunction(torch.autograd.Function):
             if grad_tile_x is not None and sink is not None:
                 sink.add(schedule.input_box, grad_tile_x)  # saliency Rule A3
         return (None, None, grad_x, *grad_params)
+
+
+def _backward_start(ctx: Any) -> tuple[_Call, Any, bool, torch.Tensor | None]:
+    """The call (checked unchanged, Rule K4), the image, whether its gradient is wanted (a tensor's
+    or a sink's, Rule S8) and the zeroed input gradient of a tensor image."""
+    if torch.is_grad_enabled():
+        raise StreamcheckError(
+            "streamcheck: double backward (backward or autograd.grad with create_graph=True) "
+            "through a Streamed module is not supported: each tile's recomputation is "
+            "differentiated on its own and the gradients it returns carry no graph. Fix: "
+            "call backward without create_graph, or compute higher-order terms on a module "
+            "that is not streamed"
+        )
+    call: _Call = ctx.call
+    call.check_unchanged()
+    x = ctx.saved_tensors[0] if ctx.saved_tensors else ctx.source
+    want_input = bool(ctx.needs_input_grad[2]) or call.sink is not None
+    return call, x, want_input, torch.zeros_like(x) if ctx.needs_input_grad[2] else None
 
 
 def _keep_for_backward(ctx: Any, call: _Call, feed: TileFeed, x: Any) -> None:
