@@ -73,8 +73,10 @@ def refused_layers(message: str, *, name: str = "") -> list[dict[str, str]]:
         match = _PROBLEM.match(line)
         if match:
             layers.append({"path": match["path"], "reason": match["reason"]})
-    if not layers:
-        layers.append({"path": "", "reason": message.splitlines()[0]})
+    if not layers:  # one reason for the whole module (a trace failure): split names the prefix
+        prefix = re.match(r"the prefix up to '(?P<path>[^']*)' is refused: (?P<reason>.*)", message)
+        where, reason = (prefix["path"], prefix["reason"]) if prefix else ("", message)
+        layers.append({"path": where, "reason": reason.splitlines()[0]})
     return _classify(layers, name)
 
 

@@ -93,7 +93,9 @@ def write_summary(results: Path, out: Path, *, total: int | None = None) -> None
     lines = [
         "# Zoo: real torchvision and timm trunks, streamed in float64",
         "",
-        f"Command: `{rows[-1]['command'] if rows else 'python -m suites.zoo'}`; "
+        "Commands (each row keeps its own): "
+        + (", ".join(sorted({f"`{r['command']}`" for r in rows})) or "`python -m suites.zoo`")
+        + "; "
         f"commit(s) {', '.join(sorted({r['environment'].get('git_commit', '?') for r in rows}))}, torch {env.get('torch')}, torchvision "
         f"{env.get('torchvision')}, device {env.get('device')} ({env.get('cpu')}). Every trunk is "
         "the stem and early stages to total stride 8 with random weights in eval mode "
