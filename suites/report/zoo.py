@@ -27,8 +27,9 @@ def zoo_section(reports: Path) -> str:
     lines += [
         f"{c['models']} torchvision and timm trunks (stem and early stages to stride 8, random "
         f"weights, eval mode), streamed in float64 and compared with the plain module at rtol "
-        f"1e-10 (commit {env.get('git_commit')}, `{rows[-1]['command'] if rows else ''}`; the "
-        "per-model table is reports/zoo/SUMMARY.md).",
+        f"1e-10 ({len({r['environment'].get('git_commit') for r in rows})} commits, latest "
+        f"{env.get('git_commit')}; every row's command and commit, and the per-model table, are "
+        "in reports/zoo/SUMMARY.md).",
         "",
         "| exact | refused: non-local layer | refused: engine gap | wrong | crash |",
         "|---|---|---|---|---|",
