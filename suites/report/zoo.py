@@ -27,7 +27,7 @@ def zoo_section(reports: Path) -> str:
     lines += [
         f"{c['models']} torchvision and timm trunks (stem and early stages to stride 8, random "
         f"weights, eval mode), streamed in float64 and compared with the plain module at rtol "
-        f"1e-10 ({len({r['environment'].get('git_commit') for r in rows})} commits, latest "
+        f"1e-10 ({len({r['environment'].get('git_commit') for r in rows})} commits, the last row's "
         f"{env.get('git_commit')}; every row's command and commit, and the per-model table, are "
         "in reports/zoo/SUMMARY.md).",
         "",
