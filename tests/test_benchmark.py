@@ -147,6 +147,7 @@ def test_grid_modes_are_deduplicated_and_pairs_run_back_to_back() -> None:
     assert [(p.name, p.input_px, p.tile_px) for p in gate_points] == [
         ("conventional", n, None),
         ("streamcheck", n, t),
+        ("streamcheck_defaults", n, t),
         ("conventional_tuned", n, None),
         ("streamcheck_tuned", n, t),
     ]
@@ -187,6 +188,7 @@ def _fixture_rows() -> list[dict[str, Any]]:
     for n in (512, 1024, 2048, 4096, 8192):
         row("streamcheck", n, 512, 3.0 * (n / 1024) ** 2, 100 + 10 * (n / 1024) ** 2)
         row("streamcheck_tuned", n, 512, 1.0 * (n / 1024) ** 2, 100 + 10 * (n / 1024) ** 2)
+        row("streamcheck_defaults", n, 512, 1.0 * (n / 1024) ** 2, 100 + 10 * (n / 1024) ** 2)
         if n <= 4096:
             row("lightstream", n, 512, 4.0 * (n / 1024) ** 2, 120 + 12 * (n / 1024) ** 2)
     for tile in (128, 256, 1024, 2048):
@@ -242,7 +244,8 @@ def test_gate_passes_and_fails_against_the_ceilings(tmp_path: Path) -> None:
     passed, lines = gate.check(tmp_path, ceilings)
     assert passed, lines
     assert len(lines) == 3 * len(ceilings["pair"])
-    strict = {**ceilings, "pair": [{**ceilings["pair"][1], "time_ratio_max": 0.7}]}  # fixture: 0.8
+    tuned = next(p for p in ceilings["pair"] if p["streaming"] == "streamcheck_tuned")
+    strict = {**ceilings, "pair": [{**tuned, "time_ratio_max": 0.7}]}  # fixture: 0.8
     passed, lines = gate.check(tmp_path, strict)
     assert not passed
     assert any(line.startswith("FAILED time") and "streamcheck_tuned" in line for line in lines)

@@ -71,8 +71,8 @@ PROBES: tuple[Probe, ...] = (
     Probe("Flatten", nn.Flatten),
     Probe("Linear over a spatial axis", lambda: nn.Linear(32, 32)),
     Probe("Softmax over a spatial axis", lambda: nn.Softmax(dim=-1)),
-    Probe("Upsample", lambda: nn.Upsample(scale_factor=2)),
-    Probe("ConvTranspose2d", lambda: nn.ConvTranspose2d(4, 4, 3, padding=1)),
+    Probe("Upsample by a non-integer factor", lambda: nn.Upsample(scale_factor=1.5)),
+    Probe("bicubic Upsample", lambda: nn.Upsample(scale_factor=2, mode="bicubic")),
     Probe("Conv2d with circular padding", lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")),
     Probe("Conv2d with padding wider than its kernel", lambda: nn.Conv2d(4, 4, 1, padding=1)),
     Probe("MaxPool2d(return_indices=True)", lambda: nn.MaxPool2d(2, return_indices=True)),
@@ -86,6 +86,8 @@ STREAMS: tuple[Probe, ...] = (
     Probe("Softmax over channels", lambda: nn.Softmax(dim=1)),
     Probe("MaxPool2d / AvgPool2d", lambda: nn.Sequential(nn.MaxPool2d(2), nn.AvgPool2d(3, 1, 1))),
     Probe("Conv2d with reflect / replicate padding", lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="replicate")),
+    Probe("Upsample (nearest, bilinear; integer factors)", lambda: nn.Sequential(nn.Upsample(scale_factor=2), nn.Upsample(scale_factor=3, mode="bilinear"))),
+    Probe("ConvTranspose2d", lambda: nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1)),
 )  # fmt: skip
 
 
