@@ -35,6 +35,8 @@ class ZooModel:
     expect: str  # "exact", or the non-local layer the trunk contains
     build: Callable[[], nn.Module]
     spatial_axes: int = 2
+    # Rule Z6's input shape and tile, where the trunk needs its own (None: derived)
+    shape_and_tile: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
 
 class Feature(nn.Module):
@@ -241,4 +243,16 @@ def zoo() -> list[ZooModel]:
         ZooModel(f"timm.{n}", "timm", f, e, lambda n=n: timm_trunk(n))  # type: ignore[misc]
         for n, f, e in TIMM
     ]
+    # HRNet's branches need sizes that divide by 32 and its receptive field (~550 px) is most of
+    # any image Rule Z6 would derive: 640 x 608 px in 2 x 2 tiles (tests/test_multiscale.py).
+    models.append(
+        ZooModel(
+            "timm.hrnet_w18_small",
+            "timm",
+            "hrnet",
+            "exact",
+            lambda: timm_trunk("hrnet_w18_small"),
+            shape_and_tile=((1, 3, 640, 608), (620, 600)),
+        )
+    )
     return models

@@ -154,7 +154,7 @@ def check_model(model: ZooModel) -> dict[str, Any]:
     try:
         trunk = randomize_norms(model.build()).eval().double()
         record["parameters"] = sum(p.numel() for p in trunk.parameters())
-        shape, tile = input_and_tile(trunk, model.spatial_axes)
+        shape, tile = model.shape_and_tile or input_and_tile(trunk, model.spatial_axes)
         record["input_shape"], record["tile"] = list(shape), list(tile)
         report = check_streaming_equivalence(trunk, shape, tile=tile, rtol=RTOL, atol=0.0)
         worst = max(row.max_rel_error for row in report.rows)
