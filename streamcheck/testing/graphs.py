@@ -42,12 +42,12 @@ from streamcheck.testing.strategies import (
     ACTIVATIONS,
     StackGeometry,
     StreamingCase,
+    _case_bounds,
+    _draw_case,
     _eval_layer,
     _tuple_or_int,
     _windows,
     conv_stacks,
-    image_shapes,
-    tile_sizes,
 )
 
 __all__ = [
@@ -543,28 +543,18 @@ def dag_cases(
     ...     assert len(case.image_shape) == 4 and max(case.image_shape[2:]) <= 40
     >>> check()
     """
-    default_px, default_rf, default_tiles = _DEFAULT_SIZES[ndim]
+    px, rf, tiles = _case_bounds(_DEFAULT_SIZES[ndim], max_px, max_receptive_field_px, max_tiles)
     channels = network_options.pop("in_channels", None) or draw(st.integers(1, 3))
     network = draw(
-        dag_networks(
-            ndim=ndim,
-            in_channels=channels,
-            max_receptive_field_px=default_rf
-            if max_receptive_field_px is None
-            else max_receptive_field_px,
-            **network_options,
-        )
+        dag_networks(ndim=ndim, in_channels=channels, max_receptive_field_px=rf, **network_options)
     )
-    shape = draw(
-        image_shapes(
-            module=network,
-            ndim=ndim,
-            channels=channels,
-            min_batch=min_batch,
-            max_batch=max_batch,
-            max_px=default_px if max_px is None else max_px,
-        )
+    return _draw_case(
+        draw,
+        network,
+        ndim=ndim,
+        channels=channels,
+        min_batch=min_batch,
+        max_batch=max_batch,
+        max_px=px,
+        max_tiles=tiles,
     )
-    tiles = default_tiles if max_tiles is None else max_tiles
-    tile = draw(tile_sizes(module=network, image_shape=shape, max_tiles=tiles))
-    return StreamingCase(network, shape, tile, seed=draw(st.integers(0, 2**32 - 1)))

@@ -550,10 +550,12 @@ def tile_sizes(
 
 
 @dataclass(frozen=True)
-class StreamingCase:
-    """A module, an image shape it accepts, a legal tile, and a seed for the data."""
+class _Case:
+    """What every drawn case holds (``StreamingCase``, ``unets.MultiScaleCase``): a module, an
+    image shape it accepts, a legal tile and a seed for the data, so the equivalence record runs
+    them alike."""
 
-    module: nn.Sequential
+    module: nn.Module
     image_shape: tuple[int, ...]
     tile: int | tuple[int, ...]
     seed: int
@@ -561,6 +563,13 @@ class StreamingCase:
     @property
     def ndim(self) -> int:
         return len(self.image_shape) - 2
+
+
+@dataclass(frozen=True)
+class StreamingCase(_Case):
+    """A module, an image shape it accepts, a legal tile, and a seed for the data."""
+
+    module: nn.Sequential
 
     @property
     def geometry(self) -> StackGeometry:
@@ -598,14 +607,56 @@ def streaming_cases(
     ...     assert len(case.image_shape) == 5 and max(case.image_shape[2:]) <= 20
     >>> check()
     """
-    default_px, default_rf, default_tiles = _DEFAULT_SIZES[ndim]
-    max_px = default_px if max_px is None else max_px
-    max_rf = default_rf if max_receptive_field_px is None else max_receptive_field_px
-    max_tiles = default_tiles if max_tiles is None else max_tiles
-    module = draw(conv_stacks(ndim=ndim, max_receptive_field_px=max_rf, **stack_options))  # type: ignore[arg-type]
+    px, rf, tiles = _case_bounds(_DEFAULT_SIZES[ndim], max_px, max_receptive_field_px, max_tiles)
+    module = draw(conv_stacks(ndim=ndim, max_receptive_field_px=rf, **stack_options))  # type: ignore[arg-type]
+    return _draw_case(
+        draw,
+        module,
+        ndim=ndim,
+        min_batch=min_batch,
+        max_batch=max_batch,
+        max_px=px,
+        max_tiles=tiles,
+    )
+
+
+def _case_bounds(
+    defaults: tuple[int, int, int],
+    max_px: int | None,
+    max_receptive_field_px: int | None,
+    max_tiles: int | None,
+) -> tuple[int, int, int]:
+    """``(max_px, max_receptive_field_px, max_tiles)``, each None replaced by its default."""
+    default_px, default_rf, default_tiles = defaults
+    return (
+        default_px if max_px is None else max_px,
+        default_rf if max_receptive_field_px is None else max_receptive_field_px,
+        default_tiles if max_tiles is None else max_tiles,
+    )
+
+
+def _draw_case(
+    draw: st.DrawFn,
+    module: nn.Sequential,
+    /,
+    *,
+    ndim: int,
+    channels: int | None = None,
+    min_batch: int,
+    max_batch: int,
+    max_px: int,
+    max_tiles: int,
+) -> StreamingCase:
+    """The rest of a case for a drawn ``module``: an image shape it accepts, a legal tile and a
+    seed for the data, drawn in that order."""
     image_shape = draw(
         image_shapes(
-            module=module, ndim=ndim, min_batch=min_batch, max_batch=max_batch, max_px=max_px
+            module=module,
+            ndim=ndim,
+            channels=channels,
+            min_batch=min_batch,
+            max_batch=max_batch,
+            max_px=max_px,
         )
     )
     tile = draw(tile_sizes(module=module, image_shape=image_shape, max_tiles=max_tiles))

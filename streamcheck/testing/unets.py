@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-from streamcheck.testing.strategies import ACTIVATIONS, _eval_layer, _leaves, _windows
+from streamcheck.testing.strategies import ACTIVATIONS, _Case, _eval_layer, _leaves, _windows
 
 __all__ = [
     "DOWNSAMPLINGS",
@@ -563,18 +563,9 @@ def multiscale_geometry(module: nn.Module, *, spatial_shape: Sequence[int]) -> M
 
 # ---------------------------------------------------------------------------------- strategies
 @dataclass(frozen=True)
-class MultiScaleCase:
+class MultiScaleCase(_Case):
     """A ``UNet`` or ``Pyramid``, an image shape it accepts, a legal tile and a seed for the data
     (the fields of ``StreamingCase``, so the equivalence record runs both alike)."""
-
-    module: nn.Module
-    image_shape: tuple[int, ...]
-    tile: int | tuple[int, ...]
-    seed: int
-
-    @property
-    def ndim(self) -> int:
-        return len(self.image_shape) - 2
 
     @property
     def geometry(self) -> MultiScaleGeometry:
@@ -665,6 +656,33 @@ class _Drawing:
             )
         conv = _CONV[self.ndim](c_in, c_out, 1, groups=self.groups(c_in, c_out))
         return [pool, conv, *self.pointwise(c_out)]
+
+    def stage(
+        self, kinds: Sequence[str], factor: int, c_in: int, size: Sequence[int]
+    ) -> tuple[nn.Sequential, int, list[int]]:
+        """A level down from a map of size ``size``: ``down`` (a kind from ``kinds``) to drawn
+        channels and, drawn, a ``block``; returns it, its channels and its output size."""
+        c_out = self.channels()
+        layers = self.down(self.draw(st.sampled_from(kinds)), factor, c_in, c_out)
+        size = _sizes_after(layers, self.ndim, size)
+        if self.draw(st.booleans()):
+            layers += self.block(c_out, c_out, size)
+        return nn.Sequential(*layers), c_out, size
+
+    def up_module(
+        self,
+        kinds: Sequence[str],
+        factor: int,
+        c_in: int,
+        c_out: int | None,
+        low: Sequence[int],
+        target: Sequence[int],
+    ) -> tuple[nn.Module, int]:
+        """``up`` with a kind from ``kinds``, as one module (the layer itself when it is one)."""
+        layers, channels = self.up(
+            self.draw(st.sampled_from(kinds)), factor, c_in, c_out, low, target
+        )
+        return (layers[0] if len(layers) == 1 else nn.Sequential(*layers)), channels
 
     def up(
         self,
@@ -792,6 +810,45 @@ _DEFAULTS = {  # ndim: (max_depth, max_kernel, max_period, max_channels)
 }
 
 
+def _start(
+    draw: st.DrawFn,
+    ndim: int,
+    /,
+    *,
+    depth: int,
+    min_depth: int,
+    factors: Sequence[int],
+    max_period: int | None,
+    max_channels: int | None,
+    max_kernel: int | None,
+    max_fix_kernel: int,
+    activations: Sequence[Callable[[], nn.Module]],
+    padding_modes: Sequence[str],
+    eval_layers: bool,
+) -> tuple[list[int], _Drawing]:
+    """What ``unet_networks`` and ``pyramid_networks`` start from: the per-level sampling factors
+    (``_factors``, up to ``depth`` levels) and the drawing state, unset bounds from ``_DEFAULTS``."""
+    _, default_kernel, default_period, default_channels = _DEFAULTS[ndim]
+    levels = _factors(
+        draw,
+        depth=depth,
+        min_depth=min_depth,
+        factors=factors,
+        max_period=max_period or default_period,
+    )
+    d = _Drawing(
+        draw,
+        ndim,
+        max_channels or default_channels,
+        max_kernel or default_kernel,
+        max_fix_kernel,
+        tuple(activations),
+        tuple(padding_modes),
+        eval_layers,
+    )
+    return levels, d
+
+
 @st.composite
 def unet_networks(
     draw: st.DrawFn,
@@ -834,24 +891,20 @@ def unet_networks(
     >>> check()
     """
     ndim = len(spatial_shape)
-    default_depth, default_kernel, default_period, default_channels = _DEFAULTS[ndim]
-    depth = draw(st.integers(min_depth, max_depth or default_depth))
-    levels = _factors(
+    depth = draw(st.integers(min_depth, max_depth or _DEFAULTS[ndim][0]))
+    levels, d = _start(
         draw,
+        ndim,
         depth=depth,
         min_depth=min_depth,
         factors=factors,
-        max_period=max_period or default_period,
-    )
-    d = _Drawing(
-        draw,
-        ndim,
-        max_channels or default_channels,
-        max_kernel or default_kernel,
-        max_fix_kernel,
-        tuple(activations),
-        tuple(padding_modes),
-        eval_layers,
+        max_period=max_period,
+        max_channels=max_channels,
+        max_kernel=max_kernel,
+        max_fix_kernel=max_fix_kernel,
+        activations=activations,
+        padding_modes=padding_modes,
+        eval_layers=eval_layers,
     )
     with _seeded(draw(st.integers(0, 2**32 - 1))):  # Rule U8
         c = d.channels()
@@ -861,28 +914,18 @@ def unet_networks(
         downs: list[nn.Module] = []
         for factor in levels:
             skips.append((size, c))
-            c_next = d.channels()
-            layers = d.down(draw(st.sampled_from(downsamplings)), factor, c, c_next)
-            size = _sizes_after(layers, ndim, size)
-            if draw(st.booleans()):
-                layers += d.block(c_next, c_next, size)
-            downs.append(nn.Sequential(*layers))
-            c = c_next
+            down, c, size = d.stage(downsamplings, factor, c, size)
+            downs.append(down)
         bottom = nn.Sequential(*d.block(c, c, size)) if draw(st.booleans()) else nn.Identity()
         ups: list[nn.Module] = []
         decoders: list[nn.Module] = []
         merge_kinds = []
         for factor, (skip_size, skip_c) in zip(reversed(levels), reversed(skips), strict=True):
             merge = draw(st.sampled_from(merges))
-            layers, c_up = d.up(
-                draw(st.sampled_from(upsamplings)),
-                factor,
-                c,
-                skip_c if merge == "add" else None,
-                size,
-                skip_size,
+            up, c_up = d.up_module(
+                upsamplings, factor, c, skip_c if merge == "add" else None, size, skip_size
             )
-            ups.append(layers[0] if len(layers) == 1 else nn.Sequential(*layers))
+            ups.append(up)
             merge_kinds.append(merge)
             c_merged = skip_c + c_up if merge == "cat" else skip_c
             c = d.channels()
@@ -935,26 +978,21 @@ def pyramid_networks(
     >>> check()
     """
     ndim = len(spatial_shape)
-    _, default_kernel, default_period, default_channels = _DEFAULTS[ndim]
-    n_levels = draw(st.integers(min_levels, max_levels))
-    levels = _factors(
-        draw,
-        depth=n_levels,
-        min_depth=min_levels,
-        factors=factors,
-        max_period=max_period or default_period,
-    )
-    n_levels = len(levels)
-    d = _Drawing(
+    levels, d = _start(
         draw,
         ndim,
-        max_channels or default_channels,
-        max_kernel or default_kernel,
-        max_fix_kernel,
-        tuple(activations),
-        tuple(padding_modes),
-        eval_layers,
+        depth=draw(st.integers(min_levels, max_levels)),
+        min_depth=min_levels,
+        factors=factors,
+        max_period=max_period,
+        max_channels=max_channels,
+        max_kernel=max_kernel,
+        max_fix_kernel=max_fix_kernel,
+        activations=activations,
+        padding_modes=padding_modes,
+        eval_layers=eval_layers,
     )
+    n_levels = len(levels)
     returns = draw(st.sampled_from(structures))
     names = draw(st.permutations(["p1", "p2", "p3", "p4", "p5", "fine", "coarse"]))[:n_levels]
     with _seeded(draw(st.integers(0, 2**32 - 1))):  # Rule U8
@@ -971,28 +1009,18 @@ def pyramid_networks(
         level_sizes: list[list[int]] = []
         level_channels: list[int] = []
         for factor in levels:
-            c_next = d.channels()
-            layers = d.down(draw(st.sampled_from(downsamplings)), factor, c, c_next)
-            size = _sizes_after(layers, ndim, size)
-            if draw(st.booleans()):
-                layers += d.block(c_next, c_next, size)
-            stages.append(nn.Sequential(*layers))
+            stage, c, size = d.stage(downsamplings, factor, c, size)
+            stages.append(stage)
             level_sizes.append(size)
-            level_channels.append(c_next)
-            c = c_next
+            level_channels.append(c)
         width = d.channels()
         laterals = [_CONV[ndim](ci, width, 1) for ci in level_channels]
         ups: list[nn.Module] = []
         for i in range(n_levels - 1):
-            layers, _ = d.up(
-                draw(st.sampled_from(upsamplings)),
-                levels[i + 1],
-                width,
-                width,
-                level_sizes[i + 1],
-                level_sizes[i],
+            up, _ = d.up_module(
+                upsamplings, levels[i + 1], width, width, level_sizes[i + 1], level_sizes[i]
             )
-            ups.append(layers[0] if len(layers) == 1 else nn.Sequential(*layers))
+            ups.append(up)
         smooths = [
             nn.Sequential(*d.block(width, width, s)) if draw(st.booleans()) else nn.Identity()
             for s in level_sizes
