@@ -39,6 +39,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from streamcheck.testing.strategies import (
+    _AVG_POOL,
+    _CONV,
+    _MAX_POOL,
     ACTIVATIONS,
     StackGeometry,
     StreamingCase,
@@ -64,10 +67,6 @@ __all__ = [
 ]
 
 BLOCKS = ("residual_add", "residual_mul", "concat", "rejoin_add", "rejoin_mul", "shared", "mix")
-
-_CONV: dict[int, Any] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_MAX_POOL: dict[int, Any] = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
-_AVG_POOL: dict[int, Any] = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 
 # ------------------------------------------------------------------------------------- blocks

@@ -52,7 +52,13 @@ from torch import nn
 
 import streamcheck
 from streamcheck.testing.checker import check_streamed
-from streamcheck.testing.strategies import ACTIVATIONS, stack_geometry
+from streamcheck.testing.strategies import (
+    _AVG_POOL,
+    _CONV,
+    _MAX_POOL,
+    ACTIVATIONS,
+    stack_geometry,
+)
 
 __all__ = ["RULES", "streaming_machine"]
 
@@ -75,9 +81,6 @@ RULES = (
 _NORMS_WITH_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 _POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
 _ELEMENTWISE = tuple(type(factory()) for factory in ACTIVATIONS)
-_MAX_POOL: dict[int, Any] = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
-_AVG_POOL: dict[int, Any] = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
-_CONV: dict[int, Any] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _SEEDS = st.integers(0, 2**32 - 1)
 
 

@@ -72,6 +72,7 @@ ACTIVATIONS: tuple[Callable[[], nn.Module], ...] = (
     nn.SELU,
 )
 
+# The layer classes by number of spatial axes (the other strategy modules use these too).
 _CONV: dict[int, Any] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _MAX_POOL: dict[int, Any] = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _AVG_POOL: dict[int, Any] = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}

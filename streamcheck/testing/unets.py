@@ -60,7 +60,16 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-from streamcheck.testing.strategies import ACTIVATIONS, _Case, _eval_layer, _leaves, _windows
+from streamcheck.testing.strategies import (
+    _AVG_POOL,
+    _CONV,
+    _MAX_POOL,
+    ACTIVATIONS,
+    _Case,
+    _eval_layer,
+    _leaves,
+    _windows,
+)
 
 __all__ = [
     "DOWNSAMPLINGS",
@@ -85,10 +94,7 @@ UPSAMPLINGS = ("transpose", "nearest", "linear", "linear_corners")
 MERGES = ("cat", "add")
 OUTPUT_STRUCTURES = ("tuple", "list", "dict")
 
-_CONV: dict[int, Any] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T: dict[int, Any] = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-_MAX_POOL: dict[int, Any] = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
-_AVG_POOL: dict[int, Any] = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 _LINEAR_MODE = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
