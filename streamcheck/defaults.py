@@ -1,13 +1,16 @@
 """What ``Streamed`` does for speed when it is not told: the settings a CPU run takes by default.
 
 NOTE [ Fast defaults ]
-Rule FD1. ``channels_last=None`` (the default) lays tiles out channels-last (NHWC, NDHWC) when they
-          are 4-D or 5-D, the module computes on a CPU, and the compute dtype is a float other
-          than float64: oneDNN's fast CPU convolutions work on that layout, and PyTorch converts
-          every NCHW tile to it and back otherwise. float64 has no oneDNN kernels, so its tiles
-          stay NCHW (as do CUDA tiles: cuDNN's choice there depends on the dtype and the GPU).
-          An explicit ``True`` or ``False`` is obeyed. The layout changes which kernels run,
-          not what any output element is (feed Rule F4).
+Rule FD1. Tiles keep the image's memory layout unless ``channels_last=True`` (the default is
+          ``False``): a channels-last image gives channels-last tiles, as PyTorch's own operators
+          keep the layout of their input, and ``True`` lays every 4-D or 5-D tile out NHWC or
+          NDHWC. No layout is imposed because the faster one depends on the CPU, its oneDNN
+          kernels and the network: on the benchmark machine (2-core AVX2 AMD EPYC, torch 2.15,
+          oneDNN 3.13) NCHW tiles train the Figs 2-3 network 1.3x faster and a ResNet-18 trunk
+          1.6x faster than channels-last ones, mostly in the convolution backward
+          (reports/benchmark/SUMMARY.md, "Speed settings" and "Second network"), while an earlier
+          host measured the opposite for the first. The layout changes which kernels run, not
+          what any output element is (feed Rule F4).
 Rule FD2. ``keep_host_memory=None`` (the default) applies ``keep_freed_host_memory()`` (host memory
           Rules H1-H3) once per process, when a call first streams on a CPU, unless the
           environment variable ``STREAMCHECK_KEEP_FREED_HOST_MEMORY`` is ``0``. Without it glibc
@@ -25,27 +28,10 @@ import torch
 
 from .host_memory import keep_freed_host_memory
 
-__all__ = ["ENV_KEEP_FREED", "channels_last_for", "keep_host_memory_for"]
+__all__ = ["ENV_KEEP_FREED", "keep_host_memory_for"]
 
 ENV_KEEP_FREED = "STREAMCHECK_KEEP_FREED_HOST_MEMORY"
 _kept = False  # Rule FD2: taken at most once per process
-
-
-def channels_last_for(
-    setting: bool | None, *, device: torch.device, dtype: torch.dtype | None
-) -> bool:
-    """Rule FD1: whether tiles are laid out channels-last.
-
-    >>> cpu = torch.device("cpu")
-    >>> channels_last_for(None, device=cpu, dtype=torch.float32)
-    True
-    >>> channels_last_for(None, device=cpu, dtype=torch.float64), channels_last_for(False, device=cpu, dtype=torch.float32)
-    (False, False)
-    """
-    if setting is not None:
-        return setting
-    fast = dtype is None or (dtype.is_floating_point and dtype != torch.float64)  # None: autocast
-    return device.type == "cpu" and fast
 
 
 def keep_host_memory_for(setting: bool | None, *, device: torch.device) -> None:

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .compiled import CompileRecord, TilePrograms
-from .defaults import channels_last_for, keep_host_memory_for
+from .defaults import keep_host_memory_for
 from .errors import StreamcheckError, internal_error
 from .feed import TileFeed, laid_out_like
 from .graph import Graph, build_graph, unflatten
@@ -75,10 +75,10 @@ class Streamed(nn.Module):
     module may be changed between calls: plans are keyed on both (NOTE [ Plan cache ]).
 
     ``tile_transform`` runs on each tile after it reaches the module's device: keep the image in
-    host memory as uint8 and convert per tile (docs/SCALING.md). On a CPU the fast settings are
-    the defaults (NOTE [ Fast defaults ]): float32/bfloat16 tiles are laid out NHWC (NDHWC for 3-D)
-    unless ``channels_last=False``, and freed tile buffers are kept for reuse (a process-wide glibc
-    setting, ``keep_freed_host_memory``) unless ``keep_host_memory=False``; results are unchanged.
+    host memory as uint8 and convert per tile (docs/SCALING.md). Tiles keep the image's memory
+    layout unless ``channels_last=True`` lays them out NHWC (NDHWC for 3-D), and on a CPU freed
+    tile buffers are kept for reuse (a process-wide glibc setting, ``keep_freed_host_memory``)
+    unless ``keep_host_memory=False`` (NOTE [ Fast defaults ]); results are unchanged.
 
     ``compile=True`` compiles each tile program with ``torch.compile``, once per class of tiles
     that run the same arithmetic (interior tiles share one; NOTE [ Compiled tile programs ]);
@@ -108,7 +108,7 @@ class Streamed(nn.Module):
         *,
         tile: int | Sequence[int],
         tile_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        channels_last: bool | None = None,
+        channels_last: bool = False,
         keep_host_memory: bool | None = None,
         compile: bool = False,
     ) -> None:
@@ -116,7 +116,7 @@ class Streamed(nn.Module):
         self.module = module
         self.tile = tile
         self.tile_transform = tile_transform
-        self.channels_last = channels_last  # Rule FD1; None: by device and dtype
+        self.channels_last = channels_last  # Rule FD1
         self.keep_host_memory = keep_host_memory  # Rule FD2
         self._programs = TilePrograms() if compile else None  # Rules C1-C4
         self._plans: PlanCache[StreamPlan] = PlanCache()
@@ -180,9 +180,7 @@ class Streamed(nn.Module):
         feed = TileFeed(
             device,
             transform=self.tile_transform,
-            channels_last=channels_last_for(
-                self.channels_last, device=device, dtype=None if autocast else dtype
-            ),
+            channels_last=self.channels_last,  # Rule FD1
             dtype=None if autocast else dtype,
         )
         versions = tensor_versions(self.module)
@@ -252,14 +250,10 @@ class Streamed(nn.Module):
 
     def extra_repr(self) -> str:
         options = [f"tile={self.tile}"]
-        options += [
-            f"{name}={value}"
-            for name, value in (
-                ("channels_last", self.channels_last),
-                ("keep_host_memory", self.keep_host_memory),
-            )
-            if value is not None
-        ]
+        options += ["channels_last=True"] if self.channels_last else []
+        options += (
+            [] if self.keep_host_memory is None else [f"keep_host_memory={self.keep_host_memory}"]
+        )
         return ", ".join(options + (["compile=True"] if self._programs is not None else []))
 
     def compile_report(self, input_shape: Sequence[int]) -> list[CompileRecord]:

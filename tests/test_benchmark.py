@@ -342,6 +342,23 @@ def test_the_table2_network_streams_with_the_conventional_gradients() -> None:
     assert 0 <= row["metrics"]["grad_rel_error"] < 1e-3
 
 
+@pytest.mark.parametrize("name", grid.RESNET18_CASES)
+def test_the_second_network_cases_run_with_the_conventional_gradients(name: str) -> None:
+    """The ResNet-18 cases (suite resnet18) end to end at a tiny size: one tile of the whole
+    image (its receptive field, 435 px, needs larger tiles; its streaming is exact by
+    tests/test_zoo.py), BatchNorm frozen on both sides, so every case has conventional's grads."""
+    p = Point(name=name, input_px=448, tile_px=864, grad_check_f64_max_px=0, **TINY)
+    row = point.measure(p)
+    assert row["status"] == "ok", row["reason"]
+    assert row["metrics"]["settings"] == grid.CASES[name].settings
+    assert row["metrics"]["grad_ref"].startswith("conventional training")
+    if name != "resnet18_conventional":  # the reference itself has no error row
+        # float32: layout and kernel choice change the rounding only. Bound: unit roundoff x the
+        # longest accumulation (3 x 3 x 512 terms) x the 20 convolutions it passes (measured
+        # 1.9e-3 for the channels-last case).
+        assert 0 <= row["metrics"]["grad_rel_error"] < 2**-24 * 3 * 3 * 512 * 20
+
+
 def test_old_rows_migrate_with_their_values_and_provenance(tmp_path: Path) -> None:
     flat = {
         "suite": "input", "method": "conventional", "input_px": 512, "tile_px": None,

@@ -16,13 +16,14 @@ from streamcheck.feed import TileFeed
 def _layouts(
     streamed: streamcheck.Streamed, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> set[bool]:
-    """Whether each tile handed to the module is channels-last."""
+    """Whether each tile handed to the module is laid out channels-last (a crop of a
+    channels-last image is a view in that order: PyTorch's operators then work channels-last)."""
     seen: list[bool] = []
     prepare = TileFeed.prepare
 
     def spy(self: TileFeed, tile: torch.Tensor) -> torch.Tensor:
         out = prepare(self, tile)
-        seen.append(out.is_contiguous(memory_format=torch.channels_last))
+        seen.append(torch.empty_like(out).is_contiguous(memory_format=torch.channels_last))
         return out
 
     monkeypatch.setattr(TileFeed, "prepare", spy)
@@ -41,31 +42,33 @@ def fresh_process_setting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize(
-    ("dtype", "setting", "expected"),
-    [
-        (torch.float32, None, True),  # Rule FD1: the CPU default for float32
-        (torch.float64, None, False),  # no oneDNN kernels in float64
-        (torch.float32, False, False),  # an explicit setting is obeyed
-        (torch.float64, True, True),
-    ],
-)
-def test_cpu_tiles_are_channels_last_by_default_in_float32_only(
-    dtype: torch.dtype, setting: bool | None, expected: bool, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("image_layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("setting", [None, False, True])
+def test_tiles_keep_the_images_layout_unless_channels_last_is_asked_for(
+    dtype: torch.dtype,
+    image_layout: torch.memory_format,
+    setting: bool | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Rule FD1: the default (and ``False``) converts nothing; ``True`` converts every tile."""
     module = nn.Conv2d(3, 4, 3, padding=1).to(dtype)
-    streamed = streamcheck.Streamed(module, tile=16, channels_last=setting)
-    assert _layouts(streamed, torch.randn(1, 3, 40, 40, dtype=dtype), monkeypatch) == {expected}
+    options = {} if setting is None else {"channels_last": setting}
+    streamed = streamcheck.Streamed(module, tile=16, **options)
+    image = torch.randn(1, 3, 40, 40, dtype=dtype).contiguous(memory_format=image_layout)
+    expected = bool(setting) or image_layout == torch.channels_last
+    assert _layouts(streamed, image, monkeypatch) == {expected}
 
 
-def test_the_default_layout_gives_the_plain_modules_result() -> None:
+def test_channels_last_tiles_give_the_plain_modules_result() -> None:
     """float32 channels-last tiles against the plain NCHW module: the same sums in another order,
     so equal to float32 rounding over the conv's 27-term accumulation (feed Rule F4)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
     x = torch.randn(1, 3, 50, 50)
-    streamed = streamcheck.Streamed(net, tile=24)
-    assert streamed.extra_repr() == "tile=24"
+    streamed = streamcheck.Streamed(net, tile=24, channels_last=True)
+    assert streamed.extra_repr() == "tile=24, channels_last=True"
+    assert streamcheck.Streamed(net, tile=24).extra_repr() == "tile=24"
     torch.testing.assert_close(streamed(x), net(x), rtol=27 * 2**-24, atol=1e-6)
 
 

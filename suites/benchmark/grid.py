@@ -103,6 +103,7 @@ with Path(__file__).with_name("ceilings.toml").open("rb") as _f:
 SPEED_CASES = [
     name for name, c in CASES.items() if c.network == "paper" and c.kind != "lightstream"
 ]
+RESNET18_CASES = [name for name, c in CASES.items() if c.network == "resnet18"]
 
 SUITES: dict[str, Suite] = {
     s.name: s
@@ -154,7 +155,16 @@ SUITES: dict[str, Suite] = {
                         [None],
                         "cpu",
                     ),
-                    Grid(["streamcheck_compiled"], [2048], [512], "cpu"),
+                    Grid(
+                        [
+                            "streamcheck_compiled",
+                            "conventional_kept_compiled",
+                            "streamcheck_defaults_compiled",
+                        ],
+                        [2048],
+                        [512],
+                        "cpu",
+                    ),
                     Grid(
                         ["conventional_tuned", "conventional_compiled"], INPUT_CUDA, [None], "cuda"
                     ),
@@ -196,6 +206,16 @@ SUITES: dict[str, Suite] = {
             },
         ),
         Suite(
+            name="resnet18",
+            figure="second network",
+            description="a ResNet-18 trunk (BatchNorm frozen), 2048^2, tile 1536: the speed "
+            "settings off the benchmark network",
+            grids={
+                "full": [Grid(RESNET18_CASES, [2048], [1536], "cpu")],
+                "quick": [Grid(RESNET18_CASES, [1024], [768], "cpu")],
+            },
+        ),
+        Suite(
             name="table2",
             figure="Table 2 network",
             description="the paper's TUPAC16 network (streamed until the final seven layers), GPU",
@@ -226,7 +246,7 @@ SUITES: dict[str, Suite] = {
 
 # The suites a plain run of each mode measures.
 DEFAULT_SUITES = {
-    "full": ("tile", "input", "peer", "speed", "table2"),
+    "full": ("tile", "input", "peer", "speed", "resnet18", "table2"),
     "quick": ("tile", "input", "peer"),
     "gate": ("gate",),
     "tiny": ("tile", "input", "peer"),
@@ -245,6 +265,8 @@ ORDER = (
     "streamcheck_tuned",
     "conventional_compiled",
     "streamcheck_compiled",
+    "conventional_kept_compiled",
+    "streamcheck_defaults_compiled",
     "lightstream",
 )
 

@@ -9,13 +9,21 @@ every ratio between two cases can say what each side ran with (Rule B2 in ``anal
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-NETWORKS = ("paper", "table2", "unet2d", "unet3d")  # the U-Nets: suites/unet/networks.py
+NETWORKS = (
+    "paper",
+    "table2",
+    "resnet18",
+    "unet2d",
+    "unet3d",
+)  # the U-Nets: suites/unet/networks.py
+# Networks built as Sequential(streamed trunk, head).
+TWO_PART = ("table2", "resnet18")
 KINDS = ("conventional", "streamcheck", "lightstream")
 
 
@@ -37,7 +45,10 @@ class Case:
     def settings(self) -> str:
         """The settings in words: what a ratio's side ran with."""
         if self.channels_last is None and self.keep_freed is None:
-            return "streamcheck defaults: on a CPU channels-last float32 tiles + kept freed memory"
+            compiled = " + torch.compile" if self.compile else ""
+            return (
+                f"streamcheck defaults: tiles in the image's layout + kept freed memory{compiled}"
+            )
         parts = [
             ("channels-last", self.channels_last),
             ("keep_freed_host_memory()", self.keep_freed),
@@ -62,30 +73,53 @@ def _case(name: str, kind: str, **settings: Any) -> Case:
 
 
 TUNED = {"channels_last": True, "keep_freed": True}
-# Every case the benchmark knows. *_tuned: streamcheck's CPU speed settings (docs/SCALING.md),
-# given to conventional training too so that best is compared with best; *_compiled adds
+DEFAULTS: dict[str, Any] = {"channels_last": None, "keep_freed": None}  # streamcheck's own
+# The paper network's cases. *_tuned: channels-last + kept freed memory (issue 17's "tuned"),
+# given to conventional training too so that like is compared with like; *_compiled adds
 # torch.compile on top. The single-setting cases are the speed study (suite ``speed``).
+PAPER_CASES = [
+    _case("conventional", "conventional"),
+    _case("conventional_tuned", "conventional", **TUNED),
+    _case("conventional_compiled", "conventional", **TUNED, compile=True),
+    _case("conventional_channels_last", "conventional", channels_last=True),
+    _case("conventional_keep_freed", "conventional", keep_freed=True),
+    _case("conventional_huge_pages", "conventional", huge_pages=True),
+    _case("conventional_compiled_defaults", "conventional", compile=True),
+    _case("conventional_kept_compiled", "conventional", keep_freed=True, compile=True),
+    _case("streamcheck", "streamcheck"),
+    _case("streamcheck_defaults", "streamcheck", **DEFAULTS),
+    _case("streamcheck_tuned", "streamcheck", **TUNED),
+    _case("streamcheck_compiled", "streamcheck", **TUNED, compile=True),
+    _case("streamcheck_defaults_compiled", "streamcheck", **DEFAULTS, compile=True),
+    _case("streamcheck_channels_last", "streamcheck", channels_last=True),
+    _case("streamcheck_keep_freed", "streamcheck", keep_freed=True),
+    _case("streamcheck_huge_pages", "streamcheck", huge_pages=True),
+    _case("lightstream", "lightstream"),
+]
+# The second network (issue 17: the speed settings checked off the benchmark network): the same
+# settings on a ResNet-18 trunk. Not compiled streaming: dynamo meets the per-function
+# recompile limit in its tile programs (many layer shapes per program) and runs them eagerly.
+RESNET18_LIKE = (
+    "conventional",
+    "conventional_keep_freed",
+    "conventional_tuned",
+    "conventional_kept_compiled",
+    "streamcheck",
+    "streamcheck_defaults",
+    "streamcheck_tuned",
+)
 CASES: dict[str, Case] = {
     c.name: c
     for c in [
-        _case("conventional", "conventional"),
-        _case("conventional_tuned", "conventional", **TUNED),
-        _case("conventional_compiled", "conventional", **TUNED, compile=True),
-        _case("conventional_channels_last", "conventional", channels_last=True),
-        _case("conventional_keep_freed", "conventional", keep_freed=True),
-        _case("conventional_huge_pages", "conventional", huge_pages=True),
-        _case("conventional_compiled_defaults", "conventional", compile=True),
-        _case("streamcheck", "streamcheck"),
-        _case("streamcheck_defaults", "streamcheck", channels_last=None, keep_freed=None),
-        _case("streamcheck_tuned", "streamcheck", **TUNED),
-        _case("streamcheck_compiled", "streamcheck", **TUNED, compile=True),
-        _case("streamcheck_channels_last", "streamcheck", channels_last=True),
-        _case("streamcheck_keep_freed", "streamcheck", keep_freed=True),
-        _case("streamcheck_huge_pages", "streamcheck", huge_pages=True),
-        _case("lightstream", "lightstream"),
+        *PAPER_CASES,
         _case("table2_conventional", "conventional", network="table2"),
         _case("table2_streamcheck", "streamcheck", network="table2"),
         _case("table2_streamcheck_tuned", "streamcheck", network="table2", **TUNED),
+        *(
+            replace(c, name=f"resnet18_{c.name}", network="resnet18")
+            for c in PAPER_CASES
+            if c.name in RESNET18_LIKE
+        ),
         *(
             _case(f"{unet}_{kind}", kind, network=unet)
             for unet in ("unet2d", "unet3d")
@@ -145,6 +179,21 @@ def table2_network() -> tuple[nn.Sequential, nn.Sequential]:
     return nn.Sequential(*trunk), nn.Sequential(*head)
 
 
+def resnet18_network() -> tuple[nn.Sequential, nn.Sequential]:
+    """(streamed trunk, head) of torchvision's ResNet-18 (random init), in eval mode.
+
+    The trunk is everything before the global average pool (conv1 to layer4, output stride 32,
+    its tiles overlap by 217 + 186 px per axis); the head is the pool and the classifier. BatchNorm is frozen (eval
+    mode): in training mode it normalises by statistics of the whole image, which tiles cannot
+    give (the engine refuses it), so conventional training runs in the same mode.
+    """
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    trunk = nn.Sequential(*list(model.children())[:-2])
+    return trunk, nn.Sequential(model.avgpool, nn.Flatten(), model.fc)
+
+
 @dataclass
 class Workload:
     """A ready-to-run training step and what is known about its tiling."""
@@ -166,13 +215,15 @@ def build_inputs(
     """The network (seeded init) and a (1, 3, input_px, input_px) image (a volume for the 3-D
     U-Net): identical in every process.
 
-    The Table 2 network is ``Sequential(trunk, head)``.
+    The Table 2 and ResNet-18 networks are ``Sequential(trunk, head)`` (``TWO_PART``).
     """
     torch.manual_seed(seed)
     if network == "paper":
         module: nn.Module = paper_network()
     elif network == "table2":
         module = nn.Sequential(*table2_network())
+    elif network == "resnet18":
+        module = nn.Sequential(*resnet18_network())
     elif network in ("unet2d", "unet3d"):
         from suites.unet.networks import benchmark_unet
 
@@ -233,7 +284,7 @@ def build(
         import streamcheck
 
         trunk, head = (
-            (network[0], network[1]) if c.network == "table2" else (network, nn.Identity())
+            (network[0], network[1]) if c.network in TWO_PART else (network, nn.Identity())
         )
         # None: the engine decides (NOTE [ Fast defaults ]); otherwise the case's setting, with
         # kept freed memory only where the case took it above.
