@@ -160,6 +160,7 @@ SUITES: dict[str, Suite] = {
                             "streamcheck_compiled",
                             "conventional_kept_compiled",
                             "streamcheck_defaults_compiled",
+                            "conventional_huge_pages_compiled",
                         ],
                         [2048],
                         [512],
@@ -267,6 +268,7 @@ ORDER = (
     "streamcheck_compiled",
     "conventional_kept_compiled",
     "streamcheck_defaults_compiled",
+    "conventional_huge_pages_compiled",
     "lightstream",
 )
 

@@ -86,6 +86,7 @@ PAPER_CASES = [
     _case("conventional_huge_pages", "conventional", huge_pages=True),
     _case("conventional_compiled_defaults", "conventional", compile=True),
     _case("conventional_kept_compiled", "conventional", keep_freed=True, compile=True),
+    _case("conventional_huge_pages_compiled", "conventional", huge_pages=True, compile=True),
     _case("streamcheck", "streamcheck"),
     _case("streamcheck_defaults", "streamcheck", **DEFAULTS),
     _case("streamcheck_tuned", "streamcheck", **TUNED),
