@@ -6,11 +6,12 @@ Rule FD1. Tiles keep the image's memory layout unless ``channels_last=True`` (th
           keep the layout of their input, and ``True`` lays every 4-D or 5-D tile out NHWC or
           NDHWC. No layout is imposed because the faster one depends on the CPU, its oneDNN
           kernels and the network: on the benchmark machine (2-core AVX2 AMD EPYC, torch 2.15,
-          oneDNN 3.13) NCHW tiles train the Figs 2-3 network 1.3x faster and a ResNet-18 trunk
-          1.6x faster than channels-last ones, mostly in the convolution backward
-          (reports/benchmark/SUMMARY.md, "Speed settings" and "Second network"), while an earlier
-          host measured the opposite for the first. The layout changes which kernels run, not
-          what any output element is (feed Rule F4).
+          oneDNN 3.13), with freed memory kept, NCHW tiles trained the Figs 2-3 network in 2.8-3.7
+          s per step against 4.9 s channels-last, and a ResNet-18 trunk in 14.2 s against 20.7 s,
+          most of the difference in the convolution backward (reports/benchmark/SUMMARY.md, "Speed
+          settings" and "Second network"), while an earlier host measured channels-last faster
+          for the first. The layout changes which kernels run, not what any output element is
+          (feed Rule F4).
 Rule FD2. ``keep_host_memory=None`` (the default) applies ``keep_freed_host_memory()`` (host memory
           Rules H1-H3) once per process, when a call first streams on a CPU, unless the
           environment variable ``STREAMCHECK_KEEP_FREED_HOST_MEMORY`` is ``0``. Without it glibc

@@ -63,6 +63,15 @@ class Case:
         """``name (settings)``: how a ratio names one side."""
         return f"{self.name} ({self.settings})"
 
+    def effective(self) -> tuple[Any, ...]:
+        """What the case runs with on a CPU once streamcheck's defaults (None) are resolved
+        (engine Rules FD1-FD2: the image's layout, kept freed memory): equal for two cases that
+        measure the same settings under two names."""
+        streamed = self.kind == "streamcheck"
+        channels_last = bool(self.channels_last)
+        keep_freed = self.keep_freed if self.keep_freed is not None else streamed
+        return (self.kind, self.network, channels_last, keep_freed, self.huge_pages, self.compile)
+
     def environment_variables(self) -> dict[str, str]:
         """What the case's fresh process needs in its environment (set before torch starts)."""
         return {"THP_MEM_ALLOC_ENABLE": "1"} if self.huge_pages else {}

@@ -13,6 +13,7 @@ import pandas as pd
 
 from suites.benchmark import analysis as A
 from suites.benchmark.grid import ORDER
+from suites.benchmark.summary import fastest_settings
 
 from .format import PAPER, err, figure, mib, missing_note, relpath, sec, table
 from .sources import Source, finite
@@ -347,6 +348,14 @@ def headline_cost(bench: Source) -> str:
         both = f"both {A.settings(r.streaming)}" if r.same_settings else r.label
         parts.append(
             f"{r.value:.2f}x the conventional time ({r.streaming} / {r.conventional}, {both})"
+        )
+    best = fastest_settings(bench.data["frame"], n, t)
+    if len(best) == 2:
+        (s_time, s_names), (c_time, c_names) = best["streamcheck"], best["conventional"]
+        parts.append(
+            f"{s_time / c_time:.2f}x with each side's fastest settings measured ({s_names[0]}: "
+            f"{A.settings(s_names[0])}, {s_time:.2f} s; {c_names[0]}: {A.settings(c_names[0])}, "
+            f"{c_time:.2f} s)"
         )
     memory = head["memory"]
     text = f"- **Cost?** At {n}², tile {t}: "
