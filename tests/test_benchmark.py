@@ -116,6 +116,10 @@ def test_latest_row_per_key_wins_and_torn_lines_are_ignored(tmp_path: Path) -> N
     p = Point(name="conventional", input_px=8)
     assert not runner.is_done({"status": "error"}, p)
     assert runner.is_done({"status": "oom"}, p)
+    now = grid.CASES["conventional"].settings
+    assert runner.is_done({"status": "ok", "metrics": {"settings": now}}, p)
+    # measured under settings the case no longer has: measured again on resume
+    assert not runner.is_done({"status": "ok", "metrics": {"settings": "other defaults"}}, p)
 
 
 def test_a_row_of_an_older_shape_is_an_error_that_names_the_migration(tmp_path: Path) -> None:

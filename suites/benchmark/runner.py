@@ -64,7 +64,12 @@ def skip_reason(point: Point) -> str | None:
 
 
 def is_done(row: dict[str, Any] | None, point: Point) -> bool:
+    """Whether ``row`` measured ``point`` already. A row whose recorded settings are not the
+    case's settings now (an engine default changed, say) measured something else: not done."""
     if row is None:
+        return False
+    recorded = (row.get("metrics") or {}).get("settings")
+    if recorded is not None and recorded != workload.case(point.name).settings:
         return False
     if row["status"] in FINAL_STATUSES:
         return True

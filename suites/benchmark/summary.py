@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..report.format import table
+from ..report.sources import finite
 from .analysis import (
     FIG2_INPUT_PX,
     FIG3_TILE_PX,
@@ -389,14 +390,10 @@ def speed_table(
     ]
 
 
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
 def _pixels_computed(n: int, tile: object, overlap: object) -> float | None:
     """Input pixels all tiles read / image pixels, on an n x n image: each tile owns
     ``tile - before - after`` px per axis and reads its overlap beyond that, clipped to the image."""
-    if not isinstance(overlap, (list, tuple)) or len(overlap) != 2 or not _number(tile):
+    if not isinstance(overlap, (list, tuple)) or len(overlap) != 2 or not finite(tile):
         return None
     before, after = (int(v) for v in overlap)
     owned = int(tile) - before - after  # type: ignore[call-overload]

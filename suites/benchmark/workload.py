@@ -15,13 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-NETWORKS = (
-    "paper",
-    "table2",
-    "resnet18",
-    "unet2d",
-    "unet3d",
-)  # the U-Nets: suites/unet/networks.py
+# The U-Nets are built in suites/unet/networks.py.
+NETWORKS = ("paper", "table2", "resnet18", "unet2d", "unet3d")
 # Networks built as Sequential(streamed trunk, head).
 TWO_PART = ("table2", "resnet18")
 KINDS = ("conventional", "streamcheck", "lightstream")
