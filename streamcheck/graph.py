@@ -86,6 +86,7 @@ from .layers import (
     indexed_layout,
     reshaped_layout,
 )
+from .reductions import Reduction, desugar_norms, reduction_of, spatial_dims_of, with_rank
 from .resampling import Rescale
 
 __all__ = ["Graph", "Node", "build_graph", "unflatten"]
@@ -98,8 +99,10 @@ class Node:
     name: str
     path: str  # module path, for messages
     fx_node: fx.Node
-    kind: str  # "input", "window", "rescale", "pointwise", "constant" (or "rejected")
-    layer: Window | Pointwise | Rescale | None = None
+    #: "input", "window", "rescale", "pointwise" (spatial: computed in tiles), "constant",
+    #: "reduction", "global" (Rules G13-G14), "once" (Rule G15) or "rejected"
+    kind: str
+    layer: Window | Pointwise | Rescale | Reduction | None = None
     module: nn.Module | None = None
     sources: list[int] = field(default_factory=list)  # spatial tensor inputs, as node indices
     consumers: list[int] = field(default_factory=list)
@@ -111,6 +114,14 @@ class Node:
     value: Any = None
     entries: frozenset[int] = frozenset()  # which entries of a shape read are spatial sizes
     scale: tuple[Fraction, ...] = ()  # per spatial axis, relative to the input (Rule G10)
+    reads: list[int] = field(default_factory=list)  # global and reduction inputs (Rule G13)
+    #: Rule G14: for a reduction, its level; for a global, the highest level it reads; for a
+    #: spatial node, the highest level of the statistics it depends on (computed in later passes)
+    level: int = 0
+
+    @property
+    def spatial(self) -> bool:
+        return self.kind in _SPATIAL
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -135,6 +146,23 @@ class Graph:
 
     def __post_init__(self) -> None:
         self.multiscale = self.spec is not None or any(n.kind == "rescale" for n in self.nodes)
+
+    @property
+    def reductions(self) -> tuple[int, ...]:
+        """The reduction nodes (Rule G13), in execution order."""
+        return tuple(i for i, n in enumerate(self.nodes) if n.kind == "reduction")
+
+    @property
+    def levels(self) -> int:
+        """How many statistic levels depend on each other (Rule G14); 0 for a local module."""
+        return max((self.nodes[r].level for r in self.reductions), default=0)
+
+    def cut(self, taps: Sequence[int]) -> Graph:
+        """This graph with ``taps`` (spatial nodes) as its outputs: what one tile pass computes
+        (Rule G14). One tap keeps geometry Rule 6; several are outputs of Rule G11."""
+        taps = tuple(taps)
+        spec = None if len(taps) == 1 else tuple(range(len(taps)))
+        return Graph(self.root, self.gm, self.nodes, max(taps), taps, spec)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -292,6 +320,7 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
         )
     root = nn.Sequential(module) if isinstance(module, KNOWN_MODULES) else module
     gm = _trace(root)
+    desugar_norms(gm)  # reductions Rule R4
     _check_rank(gm, input_shape)
     metas, failure = _meta_values(gm, input_shape, dtype)
     spatial_axes = len(input_shape) - 2
@@ -351,17 +380,33 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
                 output, output_spec = max(outputs), spec
             continue
         inputs = [nodes[index[a.name]] for a in fxn.all_input_nodes if a.name in index]
-        streamed = [n for n in inputs if n.kind != "constant"]
+        streamed = [n for n in inputs if n.spatial]
+        reads = [index[n.name] for n in inputs if n.kind in ("global", "reduction")]
         sizes = [n for n in inputs if n.entries]
         path = _path(fxn)
         meta = metas.get(fxn.name)
-        if fxn.op == "get_attr" or (not streamed and not sizes):
+        if fxn.op == "get_attr" or (not streamed and not sizes and not reads):
             if fxn.op != "get_attr" and _is_plain(meta):  # shapes, ranks: fixed (Rule G7)
                 _add_size(
                     add, known, fixed, Node(fxn.name, path, fxn, "constant"), meta, frozenset()
                 )
                 continue
-            add(Node(fxn.name, path, fxn, "constant", shape=_shape(meta)))
+            kind = "once" if _writes_buffer(fxn) else "constant"  # Rule G15
+            if kind == "once" and not str(fxn.args[0].target).endswith("num_batches_tracked"):  # type: ignore[union-attr]
+                problems.append(
+                    f"  - '{path}': writes the buffer '{fxn.args[0].target}' in place during "  # type: ignore[union-attr]
+                    "forward, which tiles and passes would repeat. Fix: update it outside "
+                    "forward, or move the layer into the head."
+                )
+            add(Node(fxn.name, path, fxn, kind, shape=_shape(meta)))
+            continue
+        if not streamed and reads:  # computed once, outside tiles (Rule G13)
+            if _is_plain(meta):
+                _add_size(
+                    add, known, fixed, Node(fxn.name, path, fxn, "constant"), meta, frozenset()
+                )
+                continue
+            add(Node(fxn.name, path, fxn, "global", shape=_shape(meta), reads=reads))
             continue
         if not streamed:  # arithmetic on spatial sizes: still a spatial size (Rule G7)
             if isinstance(meta, torch.Tensor):
@@ -386,6 +431,22 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
             submodule = None
         else:
             layer, submodule = _classify(fxn, gm, known, metas, spatial_axes)
+            layer = _as_reduction(fxn, layer, streamed[0], known)
+        if isinstance(layer, Reduction):  # Rule G13
+            add(
+                Node(
+                    fxn.name,
+                    path,
+                    fxn,
+                    "reduction",
+                    layer,
+                    submodule,
+                    sources=[index[streamed[0].name]],
+                    shape=_shape(meta),
+                    reads=reads,
+                )
+            )
+            continue
         if isinstance(layer, Rejected):
             problems.append(f"  - '{path}': {layer.reason}. Fix: {layer.fix}.")
             kind = "rejected"  # kept with a layout: later layers are checked too
@@ -402,6 +463,7 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
             shape=_shape(meta),
             inplace=_is_inplace(fxn, submodule),
             splits=isinstance(layer, Pointwise) and layer.splits,
+            reads=reads,
         )
         if sizes and not _reads_sizes_as_geometry(node):
             problems.append(_spatial_size_problem(fxn, path, sizes[0], lines))
@@ -434,7 +496,60 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
             nodes[s].consumers.append(i)
     _check_inplace_and_hooks(module, nodes, problems)
     _raise(problems)
+    _attach_levels(nodes)
     return Graph(module, gm, nodes, output, outputs, output_spec)
+
+
+def _writes_buffer(fxn: fx.Node) -> bool:
+    """An in-place method on a parameter or buffer (Rule G15)."""
+    return (
+        fxn.op == "call_method"
+        and str(fxn.target).endswith("_")
+        and bool(fxn.args)
+        and isinstance(fxn.args[0], fx.Node)
+        and fxn.args[0].op == "get_attr"
+    )
+
+
+def _as_reduction(
+    fxn: fx.Node, layer: Any, source: Node, known: dict[str, Any]
+) -> Window | Pointwise | Rescale | Reduction | Rejected:
+    """A layer that reduces over spatial axes as a reduction (Rule G13), or refused when it
+    reduces over only some of them."""
+    rank = len(source.shape)
+    if isinstance(layer, Pointwise) and layer.reduction:
+        mixed = {d % rank for d in layer.mixed_dims(rank)}
+        if not mixed & set(source.layout):
+            return layer
+        name = str(fxn.target) if fxn.op == "call_method" else getattr(fxn.target, "__name__", "")
+        args = fx.node.map_arg(fxn.args, lambda n: known.get(n.name, n))
+        kwargs = dict(fx.node.map_arg(fxn.kwargs, lambda n: known.get(n.name, n)))
+        found = reduction_of(name, args, kwargs, rank)
+        if isinstance(found, str):
+            return Rejected(found, f"move it into the head, {_REDUCE_FIX}")
+        layer = found
+    if not isinstance(layer, Reduction):
+        return layer
+    layer = with_rank(layer, rank)
+    missing = sorted(set(source.layout) - set(spatial_dims_of(layer, source.layout)))
+    if missing:
+        return Rejected(
+            f"reduces over only some spatial axes (not tensor dimension(s) {missing}), which is "
+            "not a statistic of the whole map",
+            f"reduce over every spatial axis, or {_REDUCE_FIX}",
+        )
+    return layer
+
+
+_REDUCE_FIX = "or stream only the layers before it (streamcheck.split)"
+
+
+def _attach_levels(nodes: list[Node]) -> None:
+    """Rule G14: a reduction's level is one more than the highest level its input depends on;
+    a global's and a spatial node's, the highest level of what they read."""
+    for node in nodes:
+        below = [nodes[i].level for i in (*node.sources, *node.reads)]
+        node.level = max(below, default=0) + (1 if node.kind == "reduction" else 0)
 
 
 def _structure(result: Any, positions: Any) -> Any:
@@ -654,7 +769,7 @@ def _attach_layout(
                 problems.append(f"  - '{node.path}': {fitted}. Fix: {_RESAMPLE_FIX}.")
                 return
             node.layer = fitted
-        if len(node.sources) > 1:
+        if len(node.sources) > 1 or node.reads:
             problems.append(
                 f"  - '{node.path}': a convolution whose weight is computed from the image. Fix: "
                 "compute weights from parameters and buffers only."
@@ -720,7 +835,10 @@ def _attach_layout(
         return
     out_ndim = len(node.shape)
     for arg in fxn.all_input_nodes:
-        const = next((n for n in nodes if n.name == arg.name and n.kind == "constant"), None)
+        const = next(
+            (n for n in nodes if n.name == arg.name and n.kind in ("constant", "global", "reduction")),
+            None,
+        )
         if const is None or not const.shape:
             continue
         offset = out_ndim - len(const.shape)
@@ -731,6 +849,8 @@ def _attach_layout(
                 "Fix: only use per-channel constants in the streamed part."
             )
 
+
+_SPATIAL = frozenset({"input", "window", "rescale", "pointwise", "rejected"})
 
 _RESAMPLE_FIX = (
     "upsample by an integer factor (scale_factor=2, or size= an integer multiple of the input's "

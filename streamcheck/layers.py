@@ -42,6 +42,7 @@ from torch import nn
 
 from .errors import internal_error
 from .geometry import Interval, avg_pool_divisors, window_input
+from .reductions import Reduction, moments, normalize, pooling_reduction, stat_dims
 from .resampling import Rescale
 
 __all__ = [
@@ -91,6 +92,7 @@ _CHANNEL_DIM = Pointwise(mixed_dims=lambda ndim: (1,))
 _LAST_DIM = Pointwise(mixed_dims=lambda ndim: (ndim - 1,))
 _RESHAPE = Pointwise(reshape=True)
 _INDEXED_BY_CHANNEL = Pointwise(mixed_dims=lambda ndim: (1,), broadcast=False)
+_INDEXED_BY_IMAGE_AND_CHANNEL = Pointwise(mixed_dims=lambda ndim: (0, 1), broadcast=False)
 
 
 @dataclass(frozen=True)
@@ -543,6 +545,12 @@ _POOL_NDIM = {
     nn.AvgPool1d: 1,
     nn.AvgPool2d: 2,
     nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.AdaptiveMaxPool3d: 3,
 }
 
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
@@ -580,7 +588,23 @@ _STATS_FIX = (
 _AFTER = "move it after the streamed part (into the head)"
 
 
-def classify_module(m: nn.Module, ndim: int = 2) -> Window | Pointwise | Rescale | Rejected:
+def _adaptive(
+    kind: str, size: Any, ndim: int, indices: bool
+) -> Reduction | Rejected:
+    """Adaptive pooling to size 1 is a global pooling (reductions Rule R1); to more, refused."""
+    sizes = size if isinstance(size, (tuple, list)) else (size,) * ndim
+    if indices or any(s != 1 for s in sizes):
+        return Rejected(
+            f"{kind} pools to {size!r} with windows that depend on the image size"
+            + (" and returns indices" if indices else ""),
+            f"pool to size 1 (a global pooling streams exactly), or {_AFTER}",
+        )
+    return pooling_reduction("max" if "Max" in kind or "max" in kind else "avg", ndim)
+
+
+def classify_module(
+    m: nn.Module, ndim: int = 2
+) -> Window | Pointwise | Rescale | Reduction | Rejected:
     """How a leaf module acts on space (``ndim``: spatial axes of the input, for Upsample)."""
     kind = type(m).__name__
     if isinstance(m, nn.modules.conv._ConvNd):
@@ -642,7 +666,7 @@ def classify_module(m: nn.Module, ndim: int = 2) -> Window | Pointwise | Rescale
         dim = m.dim
         return Pointwise(mixed_dims=lambda ndim: (dim % ndim,))
     if isinstance(m, _ADAPTIVE):
-        return Rejected(f"{kind} pools over the whole image (global or adaptive pooling)", _AFTER)
+        return _adaptive(kind, m.output_size, _POOL_NDIM.get(type(m), 2), getattr(m, "return_indices", False))
     if isinstance(m, (nn.Flatten, nn.Unflatten)):
         return _RESHAPE  # graph Rule G8 decides from the shapes
     if isinstance(m, nn.MultiheadAttention):
@@ -850,6 +874,14 @@ _METHODS_WITH_ARGS: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], Pointw
     **{name: _reduction for name in _REDUCTIONS},
 }
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_ADAPTIVE_FUNCTIONS: dict[Any, tuple[str, int]] = {
+    F.adaptive_avg_pool1d: ("adaptive_avg_pool1d", 1),
+    F.adaptive_avg_pool2d: ("adaptive_avg_pool2d", 2),
+    F.adaptive_avg_pool3d: ("adaptive_avg_pool3d", 3),
+    F.adaptive_max_pool1d: ("adaptive_max_pool1d", 1),
+    F.adaptive_max_pool2d: ("adaptive_max_pool2d", 2),
+    F.adaptive_max_pool3d: ("adaptive_max_pool3d", 3),
+}
 _CONV_TRANSPOSE_FUNCTIONS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
 _POOL_FUNCTIONS = {
     F.max_pool1d: ("max", 1), F.max_pool2d: ("max", 2), F.max_pool3d: ("max", 3),
@@ -860,9 +892,6 @@ _REJECTED_FUNCTIONS = {
     "view": "reshapes spatial axes",
     "reshape": "reshapes spatial axes",
     "size": "depends on the tensor's spatial size, which differs per tile",
-    "adaptive_avg_pool2d": "pools over the whole image",
-    "adaptive_max_pool2d": "pools over the whole image",
-    "group_norm": "normalises with statistics over space",
     "linear": "is not known to act over channels only",
 }
 
@@ -874,7 +903,7 @@ def classify_function(
     *,
     shape_of: ShapeOf = lambda arg: None,
     spatial_axes: int = 2,
-) -> Window | Pointwise | Rescale | Rejected:
+) -> Window | Pointwise | Rescale | Reduction | Rejected:
     """How a called function (an fx ``call_function`` node) acts on space.
 
     ``args`` hold the call's arguments, with values fixed when the graph is built (shape reads)
@@ -882,6 +911,18 @@ def classify_function(
     """
     if target in _ELEMENTWISE_FUNCTIONS:
         return _NO_DIMS
+    if target is moments:  # reductions Rule R4
+        shape = shape_of(args[0]) if args else None
+        groups, running = kwargs.get("groups", 0), kwargs.get("running")
+        if shape is None:
+            return Rejected("moments() of an input of unknown shape", "report this model")
+        dims = stat_dims(str(kwargs["kind"]), len(shape))
+        return Reduction("moments", dims, groups=groups, running=running)
+    if target is normalize:
+        return _INDEXED_BY_IMAGE_AND_CHANNEL
+    if target in _ADAPTIVE_FUNCTIONS:
+        name, ndim = _ADAPTIVE_FUNCTIONS[target]
+        return _adaptive(f"{name}()", _arg(args, kwargs, 1, "output_size", None), ndim, False)
     if target in _FUNCTIONS_WITH_ARGS:
         return _FUNCTIONS_WITH_ARGS[target](args, kwargs)
     if target in _RESHAPE_FUNCTIONS:

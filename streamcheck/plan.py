@@ -2,13 +2,28 @@
 
 The arithmetic follows NOTE [ Streaming geometry ] in ``geometry.py`` (Rule 6), and NOTE [ Several
 scales ] (Rules MS5-MS6) for modules with several outputs or layers that upsample.
+
+NOTE [ Passes ]
+Rule PL1. A module without statistics over space streams in one tile pass. One with statistics
+          (graph Rules G13-G14) streams in one pass per statistic level j = 1..D, each a plan of
+          the graph cut at the inputs of its level's reductions (all reductions of a level, and
+          all statistics of one map, share the pass), then one pass for the spatial outputs, if
+          the module has any (a classifier's logits are global: its last statistic pass is its
+          last pass). Each pass has its own receptive field, so its own tiles for the same tile
+          edge. Training runs every pass twice (forward, backward), inference once.
+Rule PL2. The plan is refused before any work when the levels exceed ``max_levels`` (default
+          ``MAX_LEVELS``), with the count and the fixes, so that a deep network does not
+          silently cost many times plain streaming.
+Rule PL3. ``time_factor`` estimates the time against plain streaming (the last pass alone, as if
+          the statistics were known): the multiply-accumulates of every pass over those of the
+          last, counted per tile from the boxes each node computes, halo included.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from math import prod
 
@@ -27,9 +42,12 @@ from .geometry import (
     volume,
 )
 from .graph import Graph, build_graph
+from .layers import Window
 from .program import Schedule, axis_walk, needed_interval, schedule_tile
 
-__all__ = ["StreamPlan", "Tile", "normalize_tile", "plan", "make_plan"]
+__all__ = ["MAX_LEVELS", "StreamPlan", "Tile", "normalize_tile", "plan", "make_plan"]
+
+MAX_LEVELS = 16
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,27 @@ class StreamPlan:
     output_bytes: int = 0  # the stitched outputs and their gradients (a full-resolution map's)
     period_px: tuple[int, ...] = ()  # output tiles are multiples of it (geometry Rule MS5)
     min_tile_px: tuple[int, ...] = ()  # the smallest tile that plans (what one period reads)
+    #: Rule PL1: every tile pass in order, for a module with statistics (empty: this plan is
+    #: its one pass); a pass's ``graph`` is the module's graph cut at what it computes
+    passes: tuple[StreamPlan, ...] = field(repr=False, default=())
+    levels: int = 0  # statistic levels (graph Rule G14)
+    level: int = 0  # of a statistic pass: the level of its reductions (0: the output pass)
+    reductions: tuple[int, ...] = ()  # of a statistic pass: the reduction nodes it accumulates
+    time_factor: float = 1.0  # Rule PL3
+    macs: int = 0  # Rule PL3: this pass's multiply-accumulates (of all passes, for a plan)
+
+    @property
+    def tile_passes(self) -> tuple[StreamPlan, ...]:
+        """The tile passes a forward runs, in order (Rule PL1)."""
+        return self.passes or (self,)
+
+    @property
+    def passes_training(self) -> int:
+        return 2 * len(self.tile_passes)
+
+    @property
+    def passes_inference(self) -> int:
+        return len(self.tile_passes)
 
     @property
     def n_tiles(self) -> int:
@@ -101,6 +140,19 @@ class StreamPlan:
             ("outputs and their gradients", f"{self.output_bytes / 2**20:.1f} MiB"),
             ("peak memory estimate", f"{self.peak_bytes_estimate / 2**20:.1f} MiB ({self.dtype})"),
         ]
+        if self.passes:  # Rules PL1, PL3
+            rows[3:5] = [
+                (f"pass {i + 1} {_role(p)}", f"{axes(p.tile_px_used)} px in, {p.n_tiles} tiles")
+                for i, p in enumerate(self.passes)
+            ]
+            rows += [
+                ("statistic levels", str(self.levels)),
+                (
+                    "passes",
+                    f"{self.passes_training} training, {self.passes_inference} inference",
+                ),
+                ("time factor estimate", f"{self.time_factor:.2f}x plain streaming"),
+            ]
         if self.period_px:
             at = next(i for i, (name, _) in enumerate(rows) if name == "tiles") + 1
             rows.insert(at, ("period", f"{axes(self.period_px)} output px"))
@@ -134,8 +186,8 @@ def _receptive_field_and_stride(graph: Graph, axis: int) -> tuple[int, int, int]
 
 
 def _where_field_exceeds(graph: Graph, axis: int, tile: int) -> str:
-    for i, node in enumerate(graph.nodes[1:], 1):
-        if node.kind == "constant":
+    for i, node in enumerate(graph.nodes[1 : graph.output + 1], 1):
+        if not node.spatial:
             continue
         start, stop = needed_interval(graph, i, axis, (0, 1))
         if stop - start > tile:
@@ -143,10 +195,70 @@ def _where_field_exceeds(graph: Graph, axis: int, tile: int) -> str:
     return ""
 
 
-def make_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
-    """Plan the tiles of ``graph``'s input for a requested input tile edge per axis."""
-    if graph.multiscale:
-        return _multiscale_plan(graph, tile)
+def make_plan(
+    graph: Graph, tile: tuple[int, ...], *, max_levels: int | None = MAX_LEVELS
+) -> StreamPlan:
+    """Plan the tile passes of ``graph`` for a requested input tile edge per axis (Rule PL1)."""
+    if not graph.reductions:
+        return _pass_plan(graph, tile)
+    nodes = graph.nodes
+    if max_levels is not None and graph.levels > max_levels:  # Rule PL2
+        deepest = max(graph.reductions, key=lambda r: nodes[r].level)
+        raise StreamcheckError(
+            f"streamcheck: this module has {graph.levels} levels of statistics over space that "
+            f"depend on each other (the deepest at '{nodes[deepest].path}'), more than "
+            f"max_levels={max_levels}: it would stream in {2 * graph.levels + 2} passes per "
+            "training step. Fix: call .eval() on its BatchNorm layers (running statistics are "
+            "local), stream fewer layers (streamcheck.split(model, until=...)), or raise "
+            f"Streamed(..., max_levels={graph.levels})"
+        )
+    passes = []
+    for level in range(1, graph.levels + 1):
+        reductions = tuple(r for r in graph.reductions if nodes[r].level == level)
+        taps = sorted({nodes[r].sources[0] for r in reductions})
+        one = _pass_plan(graph.cut(taps), tile, stitched=False)
+        passes.append(replace(one, level=level, reductions=reductions))
+    spatial = [o for o in graph.outputs or (graph.output,) if nodes[o].spatial]
+    if spatial:
+        passes.append(_pass_plan(graph.cut(spatial), tile))
+    last = passes[-1]
+    outputs = graph.outputs or (graph.output,)
+    dtype = _dtype_of(graph)
+    return replace(
+        last,
+        output_shape=nodes[graph.output].shape,
+        output_shapes=tuple(nodes[o].shape for o in outputs),
+        output_bytes=_output_bytes(graph, dtype),
+        peak_bytes_estimate=max(p.peak_bytes_estimate for p in passes),
+        graph=graph,
+        passes=tuple(passes),
+        levels=graph.levels,
+        level=0,
+        reductions=(),
+        time_factor=sum(p.macs for p in passes) / max(last.macs, 1),
+        macs=sum(p.macs for p in passes),
+    )
+
+
+def _role(p: StreamPlan) -> str:
+    return f"(level {p.level} statistics)" if p.level else "(outputs)"
+
+
+def _pass_plan(graph: Graph, tile: tuple[int, ...], *, stitched: bool = True) -> StreamPlan:
+    """One tile pass of ``graph`` (its outputs stitched whole unless ``stitched`` is False: a
+    statistic pass only accumulates them)."""
+    plan = _multiscale_plan(graph, tile) if graph.multiscale else _single_plan(graph, tile)
+    if stitched:
+        return plan
+    return replace(
+        plan,
+        output_bytes=0,
+        peak_bytes_estimate=_peak_bytes(graph, plan.schedules, plan.dtype, stitched=False),
+    )
+
+
+def _single_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
+    """Geometry Rule 6: one output, no rescaling."""
     out = graph.output_node
     fields, strides, lefts, out_tiles, used = [], [], [], [], []
     for axis, (edge, out_size) in enumerate(zip(tile, out.sizes, strict=True)):
@@ -186,6 +298,7 @@ def make_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
         graph=graph,
         output_shapes=(out.shape,),
         output_bytes=_output_bytes(graph, dtype),
+        macs=_macs(graph, schedules),
     )
 
 
@@ -193,7 +306,26 @@ def _output_bytes(graph: Graph, dtype: torch.dtype) -> int:
     """The stitched outputs and their gradients (geometry Rule MS7 keeps both whole)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     outputs = graph.outputs or (graph.output,)
-    return 2 * itemsize * sum(prod(graph.nodes[o].shape) for o in outputs)
+    return 2 * itemsize * sum(prod(graph.nodes[o].shape) for o in outputs if graph.nodes[o].spatial)
+
+
+def _macs(graph: Graph, schedules: Sequence[Schedule]) -> int:
+    """Rule PL3: multiply-accumulates of every tile, from the boxes its nodes compute (a
+    convolution's per output value: input channels per group x kernel; others: 1)."""
+    costs = []
+    for node in graph.nodes:
+        cost = 1
+        layer, module = node.layer, node.module
+        if isinstance(module, nn.modules.conv._ConvNd) and isinstance(layer, Window):
+            cost = module.in_channels // module.groups * prod(layer.kernel)
+        channels = prod(size for d, size in enumerate(node.shape) if d not in node.layout)
+        costs.append(cost * channels)
+    return sum(
+        volume(box) * cost
+        for s in schedules
+        for box, cost in zip(s.boxes, costs, strict=True)
+        if box is not None
+    )
 
 
 def _multiscale_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
@@ -277,6 +409,7 @@ def _multiscale_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
         output_bytes=_output_bytes(graph, dtype),
         period_px=tuple(periods),
         min_tile_px=tuple(smallest),
+        macs=_macs(graph, schedules),
     )
 
 
@@ -337,17 +470,20 @@ def _dtype_of(graph: Graph) -> torch.dtype:
     return first.dtype if first is not None and first.is_floating_point() else torch.float32
 
 
-def _peak_bytes(graph: Graph, schedules: Sequence[Schedule], dtype: torch.dtype) -> int:
+def _peak_bytes(
+    graph: Graph, schedules: Sequence[Schedule], dtype: torch.dtype, *, stitched: bool = True
+) -> int:
     """Rough peak: the stitched output and its gradient, plus one tile's activations and gradients."""
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     def features(shape: tuple[int, ...], layout: tuple[int, ...]) -> int:
         return prod(size for d, size in enumerate(shape) if d not in layout)
 
-    stitched = sum(
+    whole = sum(
         volume([(0, n) for n in graph.nodes[o].sizes])
         * features(graph.nodes[o].shape, graph.nodes[o].layout)
         for o in graph.outputs or (graph.output,)
+        if stitched
     )
     tile = max(
         sum(
@@ -357,7 +493,7 @@ def _peak_bytes(graph: Graph, schedules: Sequence[Schedule], dtype: torch.dtype)
         )
         for s in schedules
     )
-    return int(2 * (stitched + tile) * itemsize)
+    return int(2 * (whole + tile) * itemsize)
 
 
 def plan(
@@ -366,6 +502,7 @@ def plan(
     *,
     tile: int | Sequence[int],
     dtype: torch.dtype | None = None,
+    max_levels: int | None = MAX_LEVELS,
 ) -> StreamPlan:
     """Plan how ``Streamed(module, tile=tile)`` would stream an input of ``input_shape``.
 
@@ -391,7 +528,8 @@ def plan(
     ((1, 5, 4096, 4096), 640)
     """
     edges = normalize_tile(tile, len(input_shape) - 2)
-    return make_plan(build_graph(module, input_shape, dtype=dtype or _param_dtype(module)), edges)
+    graph = build_graph(module, input_shape, dtype=dtype or _param_dtype(module))
+    return make_plan(graph, edges, max_levels=max_levels)
 
 
 def _param_dtype(module: nn.Module) -> torch.dtype:

@@ -11,6 +11,11 @@ Rule P3. A layer that works in place gets a private copy when the tensor it woul
 Rule P6. With several outputs (graph Rule G11) the walk of Rule P1 starts from every output's box
          (geometry Rule MS6); the tile returns, per output, the crop of that node's box it owns, or
          None where it owns nothing. Output nodes are kept until the tile ends.
+Rule P8. Global values (graph Rule G13: statistics and what is computed from them) are inputs of
+         a tile program, bound by name like constants; they are computed outside tiles
+         (`run_globals`), once per pass in forward and once, differentiably, in backward. Nodes
+         a tile does not compute (beyond the pass's cut, graph Rule G14) do not keep maps alive:
+         a map is freed when the consumers this tile computes have read it.
 Rule P7. A rescaling layer (``resampling.Rescale``) reads the clipped box of Rule P1 and is told
          which absolute box it holds and which it must produce (resampling Rule RS2): it never
          recreates padding.
@@ -31,7 +36,16 @@ from .graph import Graph, Node
 from .layers import Pointwise, Window
 from .resampling import Rescale
 
-__all__ = ["Edge", "Schedule", "axis_walk", "needed_interval", "run_tile", "schedule_tile"]
+__all__ = [
+    "Edge",
+    "Schedule",
+    "axis_walk",
+    "needed_interval",
+    "run_globals",
+    "run_once",
+    "run_tile",
+    "schedule_tile",
+]
 
 
 @dataclass(frozen=True)
@@ -242,27 +256,36 @@ def _weights(node: Node, values: dict[str, Any]) -> tuple[Any, Any, int] | None:
 
 
 def run_tile(
-    graph: Graph, schedule: Schedule, x: torch.Tensor, *, stop_at_output_input: bool = False
+    graph: Graph,
+    schedule: Schedule,
+    x: torch.Tensor,
+    *,
+    stop_at_output_input: bool = False,
+    globals: dict[str, Any] | None = None,
 ) -> Any:
     """Compute the output tile from input tile ``x`` (Rule P2): a tensor, or for a module that
-    returns a structure a tuple with one crop (or None) per output (Rule P6).
+    returns a structure a tuple with one crop (or None) per output (Rule P6). ``globals`` holds
+    the global values the tile reads, by node name (Rule P8).
 
     With ``stop_at_output_input`` the last layer is not run; the padded tile it would read is
     returned instead (the backward pass uses this for a trailing conv).
     """
     nodes = graph.nodes
     env: dict[int, torch.Tensor] = {0: x}
-    constants: dict[str, Any] = {}
-    unread = [len(n.consumers) for n in nodes]
+    constants: dict[str, Any] = dict(globals or {})
+    unread = [0] * len(nodes)
+    for i, node in enumerate(nodes[: graph.output + 1]):
+        if schedule.boxes[i] is not None:  # Rule P8: consumers this tile computes
+            for s in node.sources:
+                unread[s] += 1
     for o in graph.outputs if schedule.output_boxes else ():
         unread[o] += 1  # Rule P6
     for i in range(1, graph.output + 1):
         node = nodes[i]
         if node.kind == "constant":
-            if node.fixed:  # graph Rule G7
-                constants[node.name] = node.value
-            elif not node.entries:  # spatial sizes are read only as geometry (Rule G7)
-                constants[node.name] = _evaluate(graph, node.fx_node, constants)
+            _constant(graph, node, constants)
+            continue
+        if not node.spatial:  # once, global and reduction nodes: outside tiles (Rule P8)
             continue
         box = schedule.boxes[i]
         if box is None:
@@ -311,3 +334,38 @@ def run_tile(
         for o, crop in zip(graph.outputs, schedule.output_crops, strict=True)
     )
     return crops if graph.spec is not None else crops[0]
+
+
+def _constant(graph: Graph, node: Node, values: dict[str, Any]) -> None:
+    """A constant's value (graph Rules G4, G7): read live, or fixed when the graph was built."""
+    if node.fixed:  # graph Rule G7
+        values[node.name] = node.value
+    elif not node.entries:  # spatial sizes are read only as geometry (Rule G7)
+        values[node.name] = _evaluate(graph, node.fx_node, values)
+
+
+def run_globals(graph: Graph, values: dict[str, Any], *, level: int | None = None) -> list[int]:
+    """Compute the global nodes (graph Rule G13) of ``level`` (all when None) into ``values``,
+    which holds the reductions' values; return the nodes computed. Spatial sizes read here are
+    the whole image's. Nothing here updates running statistics (reductions Rule R5)."""
+    done = []
+    for i, node in enumerate(graph.nodes):
+        if node.kind == "constant":
+            if node.entries:  # a spatial size: the whole image's (Rule P8)
+                values[node.name] = node.value
+            else:
+                _constant(graph, node, values)
+        elif node.kind == "global" and (level is None or node.level == level):
+            values[node.name] = _evaluate(graph, node.fx_node, values)
+            done.append(i)
+    return done
+
+
+def run_once(graph: Graph) -> None:
+    """The in-place buffer writes a forward makes (graph Rule G15), once per forward call."""
+    values: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.kind == "constant":
+            _constant(graph, node, values)
+        elif node.kind == "once":
+            values[node.name] = _evaluate(graph, node.fx_node, values)

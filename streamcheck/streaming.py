@@ -58,8 +58,9 @@ from .feed import TileFeed, laid_out_like
 from .graph import Graph, build_graph, unflatten
 from .layers import Window
 from .masks import ScaledMask
-from .plan import StreamPlan, make_plan, normalize_tile
-from .program import Schedule, run_tile
+from .plan import MAX_LEVELS, StreamPlan, make_plan, normalize_tile
+from .program import Schedule, run_globals, run_once, run_tile
+from .reductions import Accumulator, Reduction, Running, moments, stat_dims, update_running
 from .saliency import GradientSink
 from .sources import ImageSource
 from .state import PlanCache, module_state, tensor_versions
@@ -111,8 +112,10 @@ class Streamed(nn.Module):
         channels_last: bool = False,
         keep_host_memory: bool | None = None,
         compile: bool = False,
+        max_levels: int | None = MAX_LEVELS,
     ) -> None:
         super().__init__()
+        self.max_levels = max_levels  # plan Rule PL2
         self.module = module
         self.tile = tile
         self.tile_transform = tile_transform
@@ -141,9 +144,10 @@ class Streamed(nn.Module):
 
         def build() -> StreamPlan:
             graph = build_graph(self.module, shape, dtype=dtype)
-            return make_plan(graph, normalize_tile(self.tile, len(shape) - 2))
+            edges = normalize_tile(self.tile, len(shape) - 2)
+            return make_plan(graph, edges, max_levels=self.max_levels)
 
-        return self._plans.get(state, (shape, dtype, tile, device), build)
+        return self._plans.get(state, (shape, dtype, tile, device, self.max_levels), build)
 
     def forward(
         self,
@@ -166,6 +170,8 @@ class Streamed(nn.Module):
         autocast = torch.is_autocast_enabled(device.type)
         dtype = _compute_dtype(x, module_dtype, self.tile_transform, autocast=autocast)
         plan = self._plan_for(x, state, dtype, device)
+        if mask is not None:
+            _check_maskable(plan)
         tiles = None if mask is None else _masked_tiles(plan, mask)
         sink = None
         if input_grad is not None:
@@ -183,22 +189,13 @@ class Streamed(nn.Module):
             channels_last=self.channels_last,  # Rule FD1
             dtype=None if autocast else dtype,
         )
-        versions = tensor_versions(self.module)
-        call = _Call(plan, state, versions, params, tiles, sink, self._programs)
+        call = _Call(plan, state, {}, params, tiles, sink, self._programs)
         graph = plan.graph
         assert graph is not None
-        if graph.multiscale:  # Rule S10
-            if mask is not None:
-                raise StreamcheckError(
-                    "streamcheck: mask= is not supported for modules that upsample or return "
-                    "several outputs. Fix: stream without a mask"
-                )
-            outputs = _MultiStreamFunction.apply(call, feed, x, *params)
-            if graph.spec is None:
-                return outputs[0]
-            return unflatten(graph.spec, outputs)
-        output: torch.Tensor = _StreamFunction.apply(call, feed, x, *params)
-        return output
+        outputs = _StreamFunction.apply(call, feed, x, *params)
+        if graph.spec is None:
+            return outputs[0]
+        return unflatten(graph.spec, outputs)
 
     def computed_region(self, x: torch.Tensor | ImageSource, *, mask: Any) -> torch.Tensor:
         """A boolean tensor, 1 on the output's batch and channel axes: True where tiles are computed.
@@ -217,12 +214,9 @@ class Streamed(nn.Module):
         autocast = torch.is_autocast_enabled((device or x.device).type)
         dtype = _compute_dtype(x, module_dtype, self.tile_transform, autocast=autocast)
         plan = self._plan_for(x, state, dtype, device or x.device)
+        _check_maskable(plan)
         graph = plan.graph
         assert graph is not None
-        if graph.multiscale:
-            raise StreamcheckError(
-                "streamcheck: computed_region is for modules with one output that do not upsample"
-            )
         layout = graph.output_node.layout
         ndim = len(plan.output_shape)
         shape = [plan.output_shape[d] if d in layout else 1 for d in range(ndim)]
@@ -303,6 +297,25 @@ def _check_image(x: Any) -> None:
         )
 
 
+def _check_maskable(plan: StreamPlan) -> None:
+    """Masks skip tiles of one pass with one output (masks Rules T1-T3)."""
+    graph = plan.graph
+    assert graph is not None
+    if plan.passes:
+        first = graph.nodes[graph.reductions[0]]
+        raise StreamcheckError(
+            f"streamcheck: mask= with a statistic over space ('{first.path}'): the plain "
+            "module's statistics include the background the mask would skip, so the result "
+            "would differ. Fix: stream without a mask, or call .eval() on its BatchNorm layers "
+            "and move global pooling into the head"
+        )
+    if graph.multiscale:
+        raise StreamcheckError(
+            "streamcheck: mask= is not supported for modules that upsample or return several "
+            "outputs. Fix: stream without a mask"
+        )
+
+
 def _masked_tiles(plan: StreamPlan, mask: Any) -> tuple[int, ...]:
     """The tiles whose input box touches the mask (masks Rule T2)."""
     scaled = ScaledMask(mask, plan.input_shape[2:])
@@ -373,7 +386,7 @@ class _Call:
 
     plan: StreamPlan
     state: Any
-    versions: dict[str, int]
+    versions: dict[str, int]  # taken after forward's own buffer updates (Rule S13)
     params: tuple[torch.Tensor, ...]
     tiles: tuple[int, ...] | None = None  # those computed (masks Rule T2); None: all
     sink: GradientSink | None = None  # where a source's input gradient goes (Rule S8)
@@ -386,18 +399,22 @@ class _Call:
             raise internal_error("a plan without its graph")
         return graph
 
-    def run_tile(self, schedule: Schedule, x: torch.Tensor, **options: Any) -> Any:
-        """One tile's program: compiled per schedule class (Rule C1), or run eagerly."""
-        graph = self.plan.graph
+    def run_tile(
+        self, tile_pass: StreamPlan, schedule: Schedule, x: torch.Tensor, **options: Any
+    ) -> tuple[torch.Tensor | None, ...]:
+        """One tile's program in one pass: compiled per schedule class (Rule C1), or run
+        eagerly; one crop (or None) per output of the pass."""
+        graph = tile_pass.graph
         assert graph is not None
         if self.programs is None:
-            return run_tile(graph, schedule, x, **options)
-        return self.programs.run(graph, self.plan.schedules, schedule, x, **options)
+            result = run_tile(graph, schedule, x, **options)
+        else:
+            result = self.programs.run(graph, tile_pass.schedules, schedule, x, **options)
+        return (result,) if graph.spec is None else tuple(result)
 
     def check_unchanged(self) -> None:
         """The module the recomputation will run is the one forward ran (Rule K4)."""
-        graph = self.plan.graph
-        assert graph is not None
+        graph = self.graph
         if module_state(graph.root) != self.state:
             raise StreamcheckError(
                 "streamcheck: the streamed module changed between forward and backward (a "
@@ -416,92 +433,92 @@ class _Call:
             )
 
 
-class _StreamFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any,
-        call: _Call,
-        feed: TileFeed,
-        x: torch.Tensor | ImageSource,
-        *params: torch.Tensor,
-    ) -> torch.Tensor:
-        plan = call.plan
-        graph = plan.graph
+def _owned(tile_pass: StreamPlan, schedule: Schedule) -> tuple[Any, ...]:
+    """The box of each of the pass's outputs that ``schedule`` owns (None: nothing)."""
+    return schedule.output_boxes or (schedule.output_box,)
+
+
+class _Statistics:
+    """What forward computed outside tiles (Rules S11-S12): every reduction's accumulator and
+    total, and every global value, by node name."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.accumulators: dict[int, Accumulator] = {}
+        self.values: dict[str, torch.Tensor] = {}
+
+    def start(self, tile_pass: StreamPlan) -> None:
+        nodes = self.graph.nodes
+        for r in tile_pass.reductions:
+            source = nodes[nodes[r].sources[0]]
+            layer = nodes[r].layer
+            assert isinstance(layer, Reduction)
+            self.accumulators[r] = Accumulator(layer, source.shape, source.layout)
+
+    def taps(self, tile_pass: StreamPlan) -> list[tuple[int, int]]:
+        """(reduction, position of its input among the pass's outputs)."""
+        graph = tile_pass.graph
         assert graph is not None
-        _keep_for_backward(ctx, call, feed, x)
-        schedules = plan.schedules
-        if call.tiles is not None:  # Rule S9
-            schedules = tuple(schedules[i] for i in call.tiles)
-        indices = [_slices(s.input_box, graph.nodes[0].layout, x.dim()) for s in schedules]
-        ctx.schedules, ctx.indices = schedules, indices
-        out_layout = graph.output_node.layout
-        output: torch.Tensor | None = None
-        with torch.no_grad():  # Rule S1
-            for schedule, arrived in zip(schedules, feed.arrivals(x, indices), strict=True):
-                result = call.run_tile(schedule, feed.prepare(arrived))
-                if output is None:
-                    output = laid_out_like(result, graph.output_node.shape)
-                    if call.tiles is not None:
-                        output.zero_()  # skipped tiles own zeros (masks Rule T2)
-                output[_slices(schedule.output_box, out_layout, output.dim())] = result
-        if output is None:  # every tile masked out
-            autocast_on, autocast_dtype = ctx.autocast[1:]
-            dtype = autocast_dtype if autocast_on else (feed.dtype or plan.dtype)
-            output = torch.zeros(graph.output_node.shape, dtype=dtype, device=feed.device)
-        return output
+        outputs = graph.outputs or (graph.output,)
+        return [(r, outputs.index(self.graph.nodes[r].sources[0])) for r in tile_pass.reductions]
 
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        call, x, want_input, grad_x = _backward_start(ctx)
-        graph, params, feed, sink = call.graph, call.params, ctx.feed, call.sink
-        grad_params: list[torch.Tensor | None] = [None] * len(params)
-        out_layout = graph.output_node.layout
-        slices = [_slices(s.output_box, out_layout, grad_output.dim()) for s in ctx.schedules]
-        nonzero = _nonzero_slices(grad_output, slices)  # Rule S9
-        work = [
-            (schedule, index, grad_slice)
-            for schedule, index, grad_slice, keep in zip(
-                ctx.schedules, ctx.indices, slices, nonzero, strict=True
-            )
-            if keep
-        ]
-        arrivals = feed.arrivals(
-            x.detach() if isinstance(x, torch.Tensor) else x, [index for _, index, _ in work]
-        )
-        last = graph.output_node
-        skip_last = (
-            last.kind == "window" and isinstance(last.layer, Window) and last.layer.kind == "conv"
-        )
-        device_type, autocast_on, autocast_dtype = ctx.autocast
-        for (schedule, index, grad_slice), arrived in zip(work, arrivals, strict=True):
-            if want_input and not arrived.is_floating_point():  # saliency Rule A4
-                arrived = arrived.to(feed.dtype or torch.float32)
-            leaf = arrived.detach().requires_grad_(want_input)  # Rule S2; feed Rule F3
-            grad_tile = grad_output[grad_slice]
-            with (
-                torch.enable_grad(),
-                torch.autocast(device_type, autocast_dtype, enabled=autocast_on),
-            ):
-                tile = feed.prepare(leaf)
-                if skip_last:  # Rule S4
-                    padded = call.run_tile(schedule, tile, stop_at_output_input=True)
-                    dtype = autocast_dtype if autocast_on else padded.dtype
-                    extra, targets, grads = _conv_backward(
-                        last.module, last.layer, padded, grad_tile, dtype
-                    )
-                else:
-                    result = call.run_tile(schedule, tile)
-                    extra, targets, grads = {}, [result], [grad_tile]
-            grad_tile_x = _backpropagate(targets, grads, leaf, params, grad_params, extra)
-            if grad_tile_x is not None and grad_x is not None:
-                grad_x[index] += grad_tile_x.to(grad_x.device)
-            if grad_tile_x is not None and sink is not None:
-                sink.add(schedule.input_box, grad_tile_x)  # saliency Rule A3
-        return (None, None, grad_x, *grad_params)
+    def count(self, r: int) -> int:
+        nodes = self.graph.nodes
+        layer = nodes[r].layer
+        assert isinstance(layer, Reduction)
+        return layer.count(nodes[nodes[r].sources[0]].shape)
+
+    def value(self, r: int, total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        layer = self.graph.nodes[r].layer
+        assert isinstance(layer, Reduction)
+        return layer.finalize(total, self.count(r), dtype)
+
+    def finish(self, tile_pass: StreamPlan, dtype: torch.dtype) -> None:
+        """Rule S11: the pass's statistics, their running updates, then its level's globals."""
+        graph = self.graph
+        for r in tile_pass.reductions:
+            self.values[graph.nodes[r].name] = self.value(r, self.accumulators[r].result(), dtype)
+        computed = [*tile_pass.reductions, *run_globals(graph, self.values, level=tile_pass.level)]
+        for i in computed:
+            node = graph.nodes[i]
+            running = _running_of(node)
+            if running is not None:  # reductions Rule R5: once per forward
+                source = graph.nodes[node.sources[0]] if node.sources else None
+                shape = source.shape if source is not None else _input_shape(node, self.values)
+                layer = node.layer if isinstance(node.layer, Reduction) else None
+                count = (
+                    layer.count(shape)
+                    if layer is not None
+                    else _moments_count(node, shape)
+                )
+                update_running(graph.root, running, self.values[node.name], count)
 
 
-class _MultiStreamFunction(torch.autograd.Function):
-    """Rule S10: several outputs, or layers that upsample (run_tile returns one crop per output)."""
+def _running_of(node: Any) -> Running | None:
+    if isinstance(node.layer, Reduction):
+        return node.layer.running
+    if node.kind == "global" and node.fx_node.target is moments:
+        running = node.fx_node.kwargs.get("running")
+        return running if isinstance(running, Running) else None
+    return None
+
+
+def _input_shape(node: Any, values: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of a global ``moments`` node's input (a global map)."""
+    first = node.fx_node.args[0]
+    return tuple(values[first.name].shape)
+
+
+def _moments_count(node: Any, shape: tuple[int, ...]) -> int:
+    kwargs = node.fx_node.kwargs
+    groups = int(kwargs.get("groups", 0))
+    dims = stat_dims(str(kwargs["kind"]), len(shape))
+    layer = Reduction("moments", dims, groups=groups)
+    return layer.count(shape)
+
+
+class _StreamFunction(torch.autograd.Function):
+    """Every tile pass of a plan, forward and backward (Rules S1-S2, S10-S13)."""
 
     @staticmethod
     def forward(
@@ -511,85 +528,278 @@ class _MultiStreamFunction(torch.autograd.Function):
         x: torch.Tensor | ImageSource,
         *params: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        plan = call.plan
-        graph = plan.graph
-        assert graph is not None
+        plan, graph = call.plan, call.graph
         _keep_for_backward(ctx, call, feed, x)
-        indices = [_slices(s.input_box, graph.nodes[0].layout, x.dim()) for s in plan.schedules]
-        ctx.indices = indices
-        nodes = [graph.nodes[o] for o in graph.outputs]
-        outputs: list[torch.Tensor | None] = [None] * len(nodes)
+        stats = _Statistics(graph)
+        stitched: dict[int, torch.Tensor] = {}
         with torch.no_grad():  # Rule S1
-            for schedule, arrived in zip(plan.schedules, feed.arrivals(x, indices), strict=True):
-                results = call.run_tile(schedule, feed.prepare(arrived))
-                if graph.spec is None:
-                    results = (results,)
-                for j, (result, box) in enumerate(zip(results, schedule.output_boxes, strict=True)):
-                    if result is None or box is None:
+            if plan.passes:
+                run_once(graph)  # graph Rule G15
+            for tile_pass in plan.tile_passes:
+                schedules = tile_pass.schedules
+                if call.tiles is not None:  # Rule S9
+                    schedules = tuple(schedules[i] for i in call.tiles)
+                stats.start(tile_pass)
+                taps = stats.taps(tile_pass)
+                pass_graph = tile_pass.graph
+                assert pass_graph is not None
+                indices = [_slices(s.input_box, graph.nodes[0].layout, x.dim()) for s in schedules]
+                for schedule, arrived in zip(schedules, feed.arrivals(x, indices), strict=True):
+                    results = call.run_tile(
+                        tile_pass, schedule, feed.prepare(arrived), globals=stats.values
+                    )
+                    owned = _owned(tile_pass, schedule)
+                    if tile_pass.level:  # Rule S11: accumulate the owned boxes
+                        for r, j in taps:
+                            result, box = results[j], owned[j]
+                            if result is not None and box is not None:
+                                stats.accumulators[r].add(result, box)
                         continue
-                    if outputs[j] is None:
-                        outputs[j] = laid_out_like(result, nodes[j].shape)
-                    target = outputs[j]
-                    assert target is not None
-                    target[_slices(box, nodes[j].layout, target.dim())] = result
-        if any(o is None for o in outputs):
-            raise internal_error("an output that no tile owns")
-        return tuple(o for o in outputs if o is not None)
+                    outputs = pass_graph.outputs or (pass_graph.output,)
+                    for o, result, box in zip(outputs, results, owned, strict=True):
+                        if result is None or box is None:
+                            continue
+                        node = graph.nodes[o]
+                        if o not in stitched:
+                            stitched[o] = laid_out_like(result, node.shape)
+                            if call.tiles is not None:
+                                stitched[o].zero_()  # skipped tiles own zeros (masks Rule T2)
+                        stitched[o][_slices(box, node.layout, stitched[o].dim())] = result
+                if tile_pass.level:
+                    stats.finish(tile_pass, _compute_dtype_of(ctx, feed, plan))
+        call.versions.update(tensor_versions(graph.root))  # Rule S13
+        ctx.stats = stats
+        ctx.schedules = (
+            plan.tile_passes[-1].schedules
+            if call.tiles is None
+            else tuple(plan.tile_passes[-1].schedules[i] for i in call.tiles)
+        )
+        outputs = []
+        for o in graph.outputs or (graph.output,):
+            node = graph.nodes[o]
+            if node.spatial:
+                if o not in stitched:  # every tile masked out
+                    dtype = _compute_dtype_of(ctx, feed, plan)
+                    stitched[o] = torch.zeros(node.shape, dtype=dtype, device=feed.device)
+                outputs.append(stitched[o])
+            else:
+                outputs.append(stats.values[node.name].clone())
+        return tuple(outputs)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         call, x, want_input, grad_x = _backward_start(ctx)
-        plan, graph, params, feed, sink = call.plan, call.graph, call.params, ctx.feed, call.sink
-        grad_params: list[torch.Tensor | None] = [None] * len(params)
-        layouts = [graph.nodes[o].layout for o in graph.outputs]
+        plan, graph, stats = call.plan, call.graph, ctx.stats
+        run = _BackwardRun(ctx, call, x, want_input, grad_x)
+        nodes = graph.nodes
+        # Rule S12: the global subgraph once, differentiable in every reduction's total
+        leaves: dict[int, torch.Tensor] = {}
+        live: dict[str, torch.Tensor] = {}
+        with torch.enable_grad():
+            dtype = _compute_dtype_of(ctx, ctx.feed, plan)
+            for r, acc in stats.accumulators.items():
+                leaves[r] = acc.result().detach().requires_grad_()
+                live[nodes[r].name] = stats.value(r, leaves[r], dtype)
+            run_globals(graph, live)
+        outputs = graph.outputs or (graph.output,)
+        spatial_grads: dict[int, torch.Tensor] = {}
+        for o, grad in zip(outputs, grad_outputs, strict=True):
+            if nodes[o].spatial:
+                spatial_grads[o] = grad
+            elif grad is not None:
+                run.add_upstream(nodes[o].name, grad)
+        final = plan.tile_passes[-1]
+        if not final.level:  # B0: the output pass
+            run.output_pass(final, spatial_grads)
+        for tile_pass in reversed(plan.tile_passes):
+            if not tile_pass.level:
+                continue
+            wanted = [leaves[r] for r in tile_pass.reductions]
+            grads = run.pull(live, wanted)  # dL/dP of this level (reductions Rule R3)
+            run.statistic_pass(tile_pass, dict(zip(tile_pass.reductions, grads, strict=True)))
+        run.pull_parameters(live)
+        return (None, None, grad_x, *run.grad_params)
+
+
+class _BackwardRun:
+    """One backward: the gradients it sums over tiles and passes (Rules S2, S12)."""
+
+    def __init__(
+        self, ctx: Any, call: _Call, x: Any, want_input: bool, grad_x: torch.Tensor | None
+    ) -> None:
+        self.ctx, self.call, self.x, self.want_input, self.grad_x = ctx, call, x, want_input, grad_x
+        self.grad_params: list[torch.Tensor | None] = [None] * len(call.params)
+        self.upstream: dict[str, torch.Tensor] = {}  # dL/d(global value), float64
+
+    def add_upstream(self, name: str, grad: torch.Tensor) -> None:
+        grad = grad.double()
+        previous = self.upstream.get(name)
+        self.upstream[name] = grad if previous is None else previous + grad
+
+    def _sinks(self, live: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        names = [n for n in self.upstream if live[n].requires_grad]
+        return [live[n] for n in names], [self.upstream[n].to(live[n].dtype) for n in names]
+
+    def pull(self, live: dict[str, torch.Tensor], wanted: list[torch.Tensor]) -> list[Any]:
+        """dL/d``wanted`` through the global subgraph, from the upstream gradients so far."""
+        values, grads = self._sinks(live)
+        if not values:
+            return [None] * len(wanted)
+        return list(
+            torch.autograd.grad(values, wanted, grads, retain_graph=True, allow_unused=True)
+        )
+
+    def pull_parameters(self, live: dict[str, torch.Tensor]) -> None:
+        """The global subgraph's parameter gradients (an SE MLP's, a classifier head's)."""
+        params = self.call.params
+        values, grads = self._sinks(live)
+        if not values or not params:
+            return
+        found = torch.autograd.grad(values, params, grads, allow_unused=True)
+        _add_into(self.grad_params, found)
+
+    def output_pass(self, tile_pass: StreamPlan, grads: dict[int, torch.Tensor]) -> None:
+        """B0 (Rule S2): every tile whose slice of an output gradient is not all zeros."""
+        graph = tile_pass.graph
+        assert graph is not None
+        outputs = graph.outputs or (graph.output,)
+        nodes = graph.nodes
+        schedules = self.ctx.schedules
         slices = [
             [
-                None if box is None else _slices(box, layout, grad.dim())
-                for box, layout, grad in zip(s.output_boxes, layouts, grad_outputs, strict=True)
+                None if box is None else _slices(box, nodes[o].layout, grads[o].dim())
+                for o, box in zip(outputs, _owned(tile_pass, s), strict=True)
             ]
-            for s in plan.schedules
+            for s in schedules
         ]
-        flat = [
-            (g, index)
-            for row in slices
-            for g, index in zip(grad_outputs, row, strict=True)
-            if index
-        ]
+        flat = [(grads[o], index) for row in slices for o, index in zip(outputs, row, strict=True) if index]
         flags = iter(_nonzero_slices_of(flat))  # Rule S9, one sync
-        nonzero = [any([next(flags) for index in row if index]) for row in slices]
-        work = [
-            (schedule, index, row)
-            for schedule, index, row, keep in zip(
-                plan.schedules, ctx.indices, slices, nonzero, strict=True
-            )
-            if keep
-        ]
-        arrivals = feed.arrivals(
-            x.detach() if isinstance(x, torch.Tensor) else x, [index for _, index, _ in work]
+        keep = [any([next(flags) for index in row if index]) for row in slices]
+        last = nodes[graph.output]
+        skip_last = (
+            len(outputs) == 1
+            and last.kind == "window"
+            and isinstance(last.layer, Window)
+            and last.layer.kind == "conv"
         )
+
+        def seed(
+            schedule: Schedule, tile: torch.Tensor, bound: dict[str, torch.Tensor], row: Any
+        ) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+            _, autocast_on, autocast_dtype = self.ctx.autocast
+            if skip_last:  # Rule S4
+                padded = self.call.run_tile(
+                    tile_pass, schedule, tile, stop_at_output_input=True, globals=bound
+                )[0]
+                assert padded is not None
+                dtype = autocast_dtype if autocast_on else padded.dtype
+                grad_tile = grads[outputs[0]][row[0]]
+                return _conv_backward(last.module, last.layer, padded, grad_tile, dtype)
+            results = self.call.run_tile(tile_pass, schedule, tile, globals=bound)
+            targets, wanted = [], []
+            for o, result, index in zip(outputs, results, row, strict=True):
+                if result is not None and index is not None and result.requires_grad:
+                    targets.append(result)
+                    wanted.append(grads[o][index])
+            return {}, targets, wanted
+
+        work = [(s, row) for s, row, k in zip(schedules, slices, keep, strict=True) if k]
+        self._tiles(tile_pass, work, seed)
+
+    def statistic_pass(self, tile_pass: StreamPlan, grads: dict[int, Any]) -> None:
+        """B_j (Rule S12): the statistics' gradients pushed back through the tiles that fed them
+        (a dense field: no tile is skipped)."""
+        stats: _Statistics = self.ctx.stats
+        taps = [(r, j) for r, j in stats.taps(tile_pass) if grads[r] is not None]
+        if not taps:
+            return
+
+        def seed(
+            schedule: Schedule, tile: torch.Tensor, bound: dict[str, torch.Tensor], row: Any
+        ) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+            results = self.call.run_tile(tile_pass, schedule, tile, globals=bound)
+            owned = _owned(tile_pass, schedule)
+            targets, wanted = [], []
+            for r, j in taps:
+                crop, box = results[j], owned[j]
+                if crop is None or box is None or not crop.requires_grad:
+                    continue
+                acc = stats.accumulators[r]
+                total = acc.result()
+                layer = acc.reduction
+                targets.append(layer.target(crop, total, stats.count(r), acc.mask(crop, box)))
+                wanted.append(grads[r])
+            return {}, targets, wanted
+
+        self._tiles(tile_pass, [(s, None) for s in tile_pass.schedules], seed)
+
+    def _tiles(self, tile_pass: StreamPlan, work: list[tuple[Schedule, Any]], seed: Any) -> None:
+        """Recompute each tile with grad, seed its targets, backpropagate (Rule S2)."""
+        call, ctx, x = self.call, self.ctx, self.x
+        feed, sink = ctx.feed, call.sink
+        layout = call.graph.nodes[0].layout
+        indices = [_slices(s.input_box, layout, x.dim()) for s, _ in work]
+        arrivals = feed.arrivals(x.detach() if isinstance(x, torch.Tensor) else x, indices)
         device_type, autocast_on, autocast_dtype = ctx.autocast
-        for (schedule, index, row), arrived in zip(work, arrivals, strict=True):
-            if want_input and not arrived.is_floating_point():  # saliency Rule A4
+        bound = {n: v.detach().requires_grad_() for n, v in ctx.stats.values.items()}
+        for (schedule, row), index, arrived in zip(work, indices, arrivals, strict=True):
+            if self.want_input and not arrived.is_floating_point():  # saliency Rule A4
                 arrived = arrived.to(feed.dtype or torch.float32)
-            leaf = arrived.detach().requires_grad_(want_input)
+            leaf = arrived.detach().requires_grad_(self.want_input)  # Rule S2; feed Rule F3
             with (
                 torch.enable_grad(),
                 torch.autocast(device_type, autocast_dtype, enabled=autocast_on),
             ):
-                results = call.run_tile(schedule, feed.prepare(leaf))
-            if graph.spec is None:
-                results = (results,)
-            targets, grads = [], []
-            for result, grad, piece in zip(results, grad_outputs, row, strict=True):
-                if result is not None and piece is not None and result.requires_grad:
-                    targets.append(result)
-                    grads.append(grad[piece])
-            grad_tile_x = _backpropagate(targets, grads, leaf, params, grad_params, {})
-            if grad_tile_x is not None and grad_x is not None:
-                grad_x[index] += grad_tile_x.to(grad_x.device)
+                extra, targets, grads = seed(schedule, feed.prepare(leaf), bound, row)
+            grad_tile_x = self._backpropagate(targets, grads, leaf, extra, bound)
+            if grad_tile_x is not None and self.grad_x is not None:
+                self.grad_x[index] += grad_tile_x.to(self.grad_x.device)
             if grad_tile_x is not None and sink is not None:
                 sink.add(schedule.input_box, grad_tile_x)  # saliency Rule A3
-        return (None, None, grad_x, *grad_params)
+
+    def _backpropagate(
+        self,
+        targets: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        leaf: torch.Tensor,
+        extra: dict[int, torch.Tensor],
+        bound: dict[str, torch.Tensor],
+    ) -> torch.Tensor | None:
+        """One tile's backward (Rule S2): parameter gradients (and ``extra`` ones, Rule S4)
+        added into ``grad_params``, global values' gradients into ``upstream`` (Rule S12); the
+        tile's input gradient returned."""
+        params = self.call.params
+        inputs = [leaf, *params, *bound.values()] if leaf.requires_grad else [*params, *bound.values()]
+        wanted = [t for t in inputs if t.requires_grad]
+        found = dict(
+            zip(
+                map(id, wanted),
+                torch.autograd.grad(targets, wanted, grads, allow_unused=True)
+                if wanted and any(t.requires_grad for t in targets)
+                else [None] * len(wanted),
+                strict=True,
+            )
+        )
+        _add_into(self.grad_params, [found.get(id(p)) for p in params])
+        _add_into(self.grad_params, [extra.get(id(p)) for p in params])
+        for name, value in bound.items():
+            g = found.get(id(value))
+            if g is not None:
+                self.add_upstream(name, g)
+        return found.get(id(leaf))
+
+
+def _add_into(total: list[torch.Tensor | None], grads: Sequence[torch.Tensor | None]) -> None:
+    for i, g in enumerate(grads):
+        if g is not None:
+            previous = total[i]
+            total[i] = g if previous is None else previous + g
+
+
+def _compute_dtype_of(ctx: Any, feed: TileFeed, plan: StreamPlan) -> torch.dtype:
+    """The dtype maps are computed in: autocast's, else the tiles' (Rule S6)."""
+    _, autocast_on, autocast_dtype = ctx.autocast
+    return autocast_dtype if autocast_on else (feed.dtype or plan.dtype)
 
 
 def _backward_start(ctx: Any) -> tuple[_Call, Any, bool, torch.Tensor | None]:
@@ -625,48 +835,11 @@ def _keep_for_backward(ctx: Any, call: _Call, feed: TileFeed, x: Any) -> None:
         ctx.source = x  # Rule S8: read again in backward
 
 
-def _backpropagate(
-    targets: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    leaf: torch.Tensor,
-    params: tuple[torch.Tensor, ...],
-    grad_params: list[torch.Tensor | None],
-    extra: dict[int, torch.Tensor],
-) -> torch.Tensor | None:
-    """One tile's backward (Rule S2): parameter gradients (and ``extra`` ones, Rule S4) added
-    into ``grad_params``; the tile's input gradient returned."""
-    inputs = [leaf, *params] if leaf.requires_grad else list(params)
-    wanted = [t for t in inputs if t.requires_grad]
-    found = dict(
-        zip(
-            map(id, wanted),
-            torch.autograd.grad(targets, wanted, grads, allow_unused=True)
-            if wanted and any(t.requires_grad for t in targets)
-            else [None] * len(wanted),
-            strict=True,
-        )
-    )
-    for i, p in enumerate(params):
-        for g in (found.get(id(p)), extra.get(id(p))):
-            if g is not None:
-                previous = grad_params[i]
-                grad_params[i] = g if previous is None else previous + g
-    return found.get(id(leaf))
-
-
 def _nonzero_slices_of(pieces: Sequence[tuple[torch.Tensor, tuple[Any, ...]]]) -> list[bool]:
     """Whether each ``grad[index]`` holds a non-zero, in one sync (Rule S9)."""
     if not pieces:
         return []
     flags = torch.stack([grad[index].ne(0).any() for grad, index in pieces])
-    return [bool(f) for f in flags.tolist()]
-
-
-def _nonzero_slices(grad: torch.Tensor, slices: Sequence[tuple[Any, ...]]) -> list[bool]:
-    """Whether each slice of ``grad`` holds a non-zero (NaN and inf count), in one sync (Rule S9)."""
-    if not slices:
-        return []
-    flags = torch.stack([grad[index].ne(0).any() for index in slices])
     return [bool(f) for f in flags.tolist()]
 
 
