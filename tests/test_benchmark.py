@@ -1,5 +1,5 @@
 """The benchmark pipeline (suites/benchmark) on tiny sizes: rows, resume, OOM rows, analysis,
-plots, summary, gate, migration of old rows, the CUDA path, and the environment record."""
+plots, summary, gate, the CUDA path, and the environment record."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from suites.benchmark import analysis, gate, grid, migrate, plots, point, results, runner, summary
+from suites import rows as results
+from suites.benchmark import analysis, gate, grid, plots, point, runner, summary
 from suites.benchmark.grid import Point
 
 TINY = {"warmup": 1, "repeats": 2, "max_timing_s": 600.0}
@@ -31,7 +32,16 @@ def test_a_point_row_has_every_field(tiny_run: tuple[Path, list[dict[str, Any]]]
     _, rows = tiny_run
     row = rows[0]
     assert row["status"] == "ok", row.get("reason")
-    assert list(row) == [*results.ROW_KEYS, "run"]
+    assert list(row) == [
+        "name",
+        "key",
+        "status",
+        "reason",
+        "params",
+        "environment",
+        "metrics",
+        "run",
+    ]
     p, m, env = row["params"], row["metrics"], row["environment"]
     assert (row["name"], p["suite"], p["input_px"], p["tile_px"]) == (
         "streamcheck",
@@ -122,10 +132,10 @@ def test_latest_row_per_key_wins_and_torn_lines_are_ignored(tmp_path: Path) -> N
     assert not runner.is_done({"status": "ok", "metrics": {"settings": "other defaults"}}, p)
 
 
-def test_a_row_of_an_older_shape_is_an_error_that_names_the_migration(tmp_path: Path) -> None:
+def test_a_row_of_another_shape_is_an_error_that_names_its_place(tmp_path: Path) -> None:
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps({"key": "conventional|cpu|float32|8|-|sum", "method": "x"}) + "\n")
-    with pytest.raises(ValueError, match="suites.benchmark.migrate"):
+    with pytest.raises(ValueError, match=r"results.jsonl:1: a results row without status"):
         results.read_rows(path)
 
 
@@ -361,54 +371,6 @@ def test_the_second_network_cases_run_with_the_conventional_gradients(name: str)
         # longest accumulation (3 x 3 x 512 terms) x the 20 convolutions it passes (measured
         # 1.9e-3 for the channels-last case).
         assert 0 <= row["metrics"]["grad_rel_error"] < 2**-24 * 3 * 3 * 512 * 20
-
-
-def test_old_rows_migrate_with_their_values_and_provenance(tmp_path: Path) -> None:
-    flat = {
-        "suite": "input", "method": "conventional", "input_px": 512, "tile_px": None,
-        "device": "cpu", "dtype": "float32", "threads": 2, "seed": 0, "loss": "sum",
-        "key": "conventional|cpu|float32|512|-|sum", "status": "ok", "reason": None,
-        "device_name": "AMD EPYC (2 cores)", "torch_version": "2.15.0", "python_version": "3.11.7",
-        "streamcheck_version": "0.1.0", "lightstream_version": "1.0.7",
-        "time_s_median": 0.378, "peak_alloc_bytes": 224477588, "git_commit": "71350cc",
-        "command": "python -m suites.benchmark", "started_utc": "2026-11-25T18:36:14Z", "wall_s": 10.1,
-    }  # fmt: skip
-    speed = {
-        "name": "time_forward_backward_streamcheck_channels_last_tiles_compile-off_alloc-keep_freed",
-        "config": {"kind": "time", "method": "streamcheck", "memory_format": "channels_last_tiles",
-                   "compile": "off", "input_px": 2048, "tile_px": 512, "repeats": 3, "threads": 2,
-                   "seed": 0, "allocator": "keep_freed"},
-        "status": "ok", "note": None,
-        "metrics": {"median_s": 2.11, "median_cpu_s": 4.21, "peak_rss_bytes": 1, "n_tiles": 25},
-        "environ": {"python": "3.11.7", "pytorch_version": "2.15.0", "git_commit": "255ae43",
-                    "cpu": "AMD EPYC", "torch_threads": 2},
-        "load_average_1min": {"before": 1.7, "after": 1.8},
-        "started_utc": "2026-11-25T20:55:14Z", "wall_s": 20.0, "command": "python -m suites.speed",
-    }  # fmt: skip
-    path = tmp_path / "results.jsonl"
-    path.write_text(json.dumps(flat) + "\n")
-    (tmp_path / "speed.jsonl").write_text(json.dumps(speed) + "\n")
-    assert migrate.migrate(path, speed=tmp_path / "speed.jsonl") == 2
-    first = path.read_text()
-    assert migrate.migrate(path) == 2 and path.read_text() == first  # idempotent
-    s, b = results.read_rows(path)  # the speed row first: a benchmark row of its key wins
-    assert (b["name"], b["key"], b["metrics"]["time_s_median"]) == (
-        "conventional",
-        flat["key"],
-        0.378,
-    )
-    assert b["environment"]["torch"] == "2.15.0" and b["environment"]["cpu"] == "AMD EPYC"
-    assert (
-        b["environment"]["git_commit"] == "71350cc"
-        and b["run"]["started_utc"] == flat["started_utc"]
-    )
-    assert b["params"]["input_px"] == 512 and "torch_version" not in json.dumps(b)
-    assert (s["name"], s["key"]) == (
-        "streamcheck_tuned",
-        "streamcheck_tuned|cpu|float32|2048|512|sum",
-    )
-    assert s["metrics"]["time_s_median"] == 2.11 and "peak_rss_bytes" not in s["metrics"]
-    assert s["environment"]["load_1min"] == 1.7 and s["run"]["command"] == "python -m suites.speed"
 
 
 def test_the_environment_record_has_one_spelling_and_marks_a_dirty_tree(tmp_path: Path) -> None:

@@ -177,7 +177,7 @@ def benchmark_rows() -> list[dict[str, Any]]:
 def write_fixtures(reports: Path) -> None:
     write_record(equivalence_record(), reports / "equivalence")
 
-    from suites.benchmark.results import append_row, results_path
+    from suites.rows import append_row, results_path
 
     bench = reports / "benchmark"
     # an error row superseded by a later ok row of the same point: the last row wins
@@ -287,7 +287,7 @@ def derived_benchmark_numbers(rows: list[dict[str, Any]]) -> list[float]:
     """Savings, ratios, MiB, fits: computed here with numpy, independently of the report."""
     import numpy as np
 
-    from suites.benchmark.results import flat
+    from suites.rows import flat
 
     rows = [flat(r) for r in rows]
     ok = {(r["name"], r["input_px"], r["tile_px"]): r for r in rows if r["status"] == "ok"}
@@ -446,8 +446,8 @@ def test_report_without_any_result_files(
 
 
 def test_gpu_rows_are_named(tmp_path: Path) -> None:
-    from suites.benchmark.results import flat
     from suites.report.sources import Source
+    from suites.rows import flat
 
     gpu_row = flat(benchmark_rows()[0]) | {"device": "cuda", "env_gpu": "Fixture GPU"}
     bench = Source("benchmark", tmp_path, data={"rows": [gpu_row]})

@@ -20,8 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..environment import REPO as REPO_ROOT
+from ..rows import results_path, start_fresh
 from . import grid, runner
-from .results import REPO_ROOT, results_path, start_fresh
 
 DEFAULT_OUT = {
     ("full", "cpu"): REPO_ROOT / "reports" / "benchmark",

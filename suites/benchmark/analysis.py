@@ -5,8 +5,8 @@
 
 Rules (benchmark analysis):
 
-B1. The latest row per key is the point's value (results.py Rule J2); rows are flattened to one
-    column per parameter and metric (``results.flat``).
+B1. The latest row per key is the point's value (``suites/rows.py`` Rule J2); rows are flattened to one
+    column per parameter and metric (``suites/rows.py``).
 B2. A ratio names the case and settings of both sides (``Ratio.label``), and compares only cases
     of the same kind of settings: defaults with defaults, tuned with tuned (``PAIRS``).
 B3. A conventional value that was not measured (out of memory) may be estimated from the linear
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .results import flat, latest_rows, read_rows, results_path
+from ..rows import flat, latest_rows, read_rows, results_path
 from .workload import CASES, spatial_dims
 
 if TYPE_CHECKING:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
-
-from .workload import Workload
 
 
 def available() -> tuple[bool, str]:
@@ -41,8 +41,11 @@ def version() -> str | None:
         return None
 
 
-def build(network: nn.Module, image: torch.Tensor, *, tile_px: int, device: str) -> Workload:
-    """Wrap ``network`` in lightstream's StreamingCNN; the step is its two-phase forward/backward."""
+def build(
+    network: nn.Module, image: torch.Tensor, *, tile_px: int, device: str
+) -> tuple[Callable[[], None], dict[str, Any]]:
+    """Wrap ``network`` in lightstream's StreamingCNN: (the step, its two-phase forward/backward,
+    and the info it fills in: ``n_tiles``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from lightstream.core.scnn.scnn import StreamingCNN
@@ -54,7 +57,7 @@ def build(network: nn.Module, image: torch.Tensor, *, tile_px: int, device: str)
             verbose=False,
         )
 
-    info: dict[str, int | None] = {"n_tiles": None}
+    info: dict[str, Any] = {"n_tiles": None}
     calls = [0]
     network.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
 
@@ -73,4 +76,4 @@ def build(network: nn.Module, image: torch.Tensor, *, tile_px: int, device: str)
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
 
-    return Workload(step, network, image, info)
+    return step, info

@@ -3,7 +3,7 @@
     python -m suites.benchmark.point --json '{"name": "streamcheck", "input_px": 2048, ...}' \\
         --result row.json
 
-Order inside the process (NOTE [ Memory meters ] in ``streamcheck/memory.py``):
+Order inside the process (NOTE [ Memory meters ] in ``suites/meters.py``):
 
 1. imports, threads, setup (network, image, wrapper): not measured;
 2. on CPU, the address space is capped at (current size + ``mem_budget_bytes``) with
@@ -26,8 +26,6 @@ Order inside the process (NOTE [ Memory meters ] in ``streamcheck/memory.py``):
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import resource
@@ -40,7 +38,7 @@ from typing import Any
 
 import torch
 
-from streamcheck import memory
+from suites import meters as memory
 
 from ..environment import environment, load_1min
 from .grid import Point
@@ -112,7 +110,7 @@ def machine_busy_s() -> float | None:
 
 def new_row(point: Point) -> dict[str, Any]:
     """The row of ``point`` before anything is measured: ``{name, key, status, reason, params,
-    environment, metrics}`` (the results file's row shape, ``results.py``)."""
+    environment, metrics}`` (the results file's row shape, ``suites/rows.py`` Rule J1)."""
     return {
         "name": point.name,
         "key": point.key,
@@ -330,22 +328,7 @@ def reference_gradients(
     return refs
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m suites.benchmark.point", description=__doc__)
-    parser.add_argument("--json", required=True, help="the Point, as JSON")
-    parser.add_argument("--result", required=True, help="where to write the result row (JSON)")
-    args = parser.parse_args(argv)
-    point = Point.from_dict(json.loads(args.json))
-
-    def write(row: dict[str, Any]) -> None:
-        tmp = f"{args.result}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(row, f)
-        os.replace(tmp, args.result)
-
-    write(measure(point, partial=write))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from suites.fresh import child
+
+    sys.exit(child(lambda payload, partial: measure(Point.from_dict(payload), partial=partial)))

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .. import fresh
 from ..environment import environment
+from ..rows import FINAL_STATUSES, append_row, latest_rows, read_rows, results_path
 from . import analysis, peer, workload
 from .grid import Point
 from .point import new_row
-from .results import FINAL_STATUSES, REPO_ROOT, append_row, latest_rows, read_rows, results_path
 
 MEM_SHARE = 0.7  # of MemAvailable at the start of a point: the cap given to its process
 POINT_TIMEOUT_S = 3600.0
@@ -77,38 +74,26 @@ def is_done(row: dict[str, Any] | None, point: Point) -> bool:
 
 
 def run_point(point: Point, *, timeout_s: float = POINT_TIMEOUT_S) -> dict[str, Any]:
-    """Run one point in a fresh process (``python -m suites.benchmark.point``); returns its row."""
+    """Run one point in a fresh process (``suites/fresh.py``, child ``point.py``); returns its row."""
     if point.mem_budget_bytes is None and not point.device.startswith("cuda"):
         available = mem_available_bytes()
         if available is not None:
             point = replace(point, mem_budget_bytes=int(MEM_SHARE * available))
-    env = {
-        **os.environ,
-        **workload.case(point.name).environment_variables(),
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    with tempfile.TemporaryDirectory(prefix="streamcheck-bench-") as tmp:
-        result = Path(tmp) / "row.json"
-        cmd = [sys.executable, "-m", "suites.benchmark.point"]
-        cmd += ["--json", json.dumps(point.to_dict()), "--result", str(result)]
-        base = new_row(point)
-        try:
-            proc = subprocess.run(
-                cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
-            )
-        except subprocess.TimeoutExpired:
-            return {**base, "status": "error", "reason": f"timed out after {timeout_s:.0f} s"}
-        if result.exists():
-            row: dict[str, Any] = json.loads(result.read_text())
-            if proc.returncode != 0 and "grad_ref" not in row["metrics"]:
-                why = f"process died (exit {proc.returncode}) in the reference step"
-                row["metrics"]["grad_ref"] = why
-            return row
-        if proc.returncode == -signal.SIGKILL:
-            why = "killed by SIGKILL (the kernel's OOM killer?) before writing a result"
-            return {**base, "status": "oom", "reason": why}
-        tail = proc.stderr[-1500:]
-        return {**base, "status": "error", "reason": f"exit {proc.returncode}: {tail}"}
+    env = workload.case(point.name).environment_variables()
+    done = fresh.run("suites.benchmark.point", point.to_dict(), env=env, timeout_s=timeout_s)
+    base = new_row(point)
+    if done.returncode is None and done.result is None:
+        return {**base, "status": "error", "reason": f"timed out after {timeout_s:.0f} s"}
+    if done.result is not None:
+        row = done.result
+        if done.returncode != 0 and "grad_ref" not in row["metrics"]:
+            why = f"process died (exit {done.returncode}) in the reference step"
+            row["metrics"]["grad_ref"] = why
+        return row
+    if done.returncode == -signal.SIGKILL:
+        why = "killed by SIGKILL (the kernel's OOM killer?) before writing a result"
+        return {**base, "status": "oom", "reason": why}
+    return {**base, "status": "error", "reason": f"exit {done.returncode}: {done.stderr[-1500:]}"}
 
 
 def run_points(

@@ -575,7 +575,7 @@ def write(
         "- **allocator peak**: highest running sum of CPU allocation/free events recorded by",
         "  `torch.profiler` (`profile_memory=True`) during one forward + backward: live tensors",
         "  only, not counting the input and weights that existed before "
-        "(`streamcheck.memory.profiler_peak_bytes`).",
+        "(`suites.meters.profiler_peak_bytes`).",
         "- **RSS delta**: peak resident set size (VmHWM) of the fresh process during the timed",
         "  steps minus its RSS just before them (input, weights, wrappers and allocator caches are",
         "  in the baseline); **RSS peak raw** is the VmHWM itself, libraries included.",

@@ -324,9 +324,9 @@ def build(
     if c.kind == "lightstream":
         from . import peer
 
-        w = peer.build(network, image, tile_px=tile_px, device=device)
-        w.info |= info
-        return w
+        step, peer_info = peer.build(network, image, tile_px=tile_px, device=device)
+        peer_info |= info  # in place: the step fills in n_tiles
+        return Workload(step, network, image, peer_info)
 
     raise ValueError(f"unknown kind {c.kind!r}; expected one of {KINDS}")
 

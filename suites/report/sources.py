@@ -44,26 +44,6 @@ def read_json(path: Path, missing: list[str]) -> Any:
     return None
 
 
-def read_jsonl(path: Path, missing: list[str]) -> list[dict[str, Any]]:
-    rows = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as error:
-        missing.append(f"`{path.name}` could not be read ({error})")
-        return []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            missing.append(f"`{path.name}` line {number} is not JSON (skipped)")
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def read_csv(path: Path, missing: list[str]) -> list[dict[str, Any]]:
     try:
         with path.open(newline="") as f:
@@ -112,7 +92,7 @@ def load_benchmark(reports: Path) -> Source:
     by the benchmark's own reader and analysis (``suites/benchmark/analysis.py``): ``rows`` are the
     latest row per key, flat; ``frame`` the same as the analysis's DataFrame."""
     from suites.benchmark import analysis
-    from suites.benchmark.results import flat, latest_rows, read_rows
+    from suites.rows import flat, latest_rows, read_rows
 
     source = Source("benchmark", reports / "benchmark")
     candidates = [source.folder, source.folder / "quick"]
@@ -123,7 +103,7 @@ def load_benchmark(reports: Path) -> Source:
     source.folder = folder
     try:
         raw = read_rows(folder / "results.jsonl")
-    except ValueError as exc:  # an older row shape: say so (Rule P2), do not guess
+    except ValueError as exc:  # not a row of the schema: say so (Rule P2), do not guess
         source.missing.append(str(exc))
         return source
     rows = [flat(r) for r in latest_rows(raw)]

@@ -11,7 +11,8 @@ V1. The points are data (``grid``): peak RSS against file size (slides up to >= 
     fresh process (``point.py``).
 V2. Slides are generated in the run, in ``--workdir`` (a temporary folder by default), after a
     free-space check, and deleted when their points are done; none is ever committed.
-V3. Rows are appended to ``results.jsonl`` as each point finishes, keyed by their settings; a rerun
+V3. Rows (``suites/rows.py``) are appended to ``results.jsonl`` as each point finishes, keyed by
+    their settings; a rerun
     skips finished points (``--redo`` measures them again), so an interrupted run loses nothing.
     Every row carries ``suites.environment.environment("cpu")`` and the command that made it.
 V4. ``SUMMARY.md`` and ``slides.png`` are written from the rows alone (``summary.py``).
@@ -20,22 +21,21 @@ V4. ``SUMMARY.md`` and ``slides.png`` are written from the rows alone (``summary
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from suites import fresh
 from suites.environment import environment
+from suites.rows import append_row
 from suites.slides.generate import write_slide
-from suites.slides.summary import write_summary
+from suites.slides.summary import ROW_KEYS, load, write_summary
 
 REPO = Path(__file__).resolve().parents[2]
+MEASURED = ("kind", "tile", "reps", "mode", "threads")  # what point.py is told
 
 
 @dataclass(frozen=True)
@@ -76,36 +76,16 @@ def grid(*, quick: bool) -> list[Point]:
 
 
 def finished(results: Path) -> set[str]:
-    if not results.exists():
-        return set()
-    return {json.loads(line)["key"] for line in results.read_text().splitlines() if line.strip()}
+    return {row["key"] for row in load(results)}
 
 
 def run_point(point: Point, path: Path) -> dict[str, Any]:
-    """One fresh process (Rule V1)."""
-    args = json.dumps(
-        {
-            "path": str(path),
-            "kind": point.kind,
-            "tile": point.tile,
-            "reps": point.reps,
-            "mode": point.mode,
-            "threads": point.threads,
-        }
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "suites.slides.point", args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
+    """One fresh process (Rule V1, ``suites/fresh.py``)."""
+    payload = {"path": str(path), **{k: getattr(point, k) for k in MEASURED}}
+    done = fresh.run("suites.slides.point", payload)
+    if done.returncode != 0 or done.result is None:
         raise RuntimeError(f"point {point.key} failed:\n{done.stderr[-3000:]}")
-    metrics: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return metrics
+    return done.result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 metrics = run_point(point, slide.path)
                 row = {
                     "key": point.key,
+                    "status": "ok",
                     "params": {
                         **asdict(point),
                         "file_bytes": slide.file_bytes,
@@ -168,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                     "environment": environment("cpu"),
                     "run": {"command": command, "nice": metrics["nice"], "quick": args.quick},
                 }
-                with results.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_row(results, row, required=ROW_KEYS)
                 took = f"({time.perf_counter() - start:.0f} s)"
                 if point.kind in ("paired", "file_memory"):
                     done_text = f"speed-up {metrics['speedup_wall']:.2f}x wall, {metrics['speedup_cpu']:.2f}x CPU"

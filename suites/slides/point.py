@@ -1,19 +1,18 @@
 """One measurement in a fresh process: stream a slide, record peak RSS and time per step.
 
-``python -m suites.slides.point '{"path": ..., "kind": "disk", "tile": 2048, "reps": 3}'`` prints
-one JSON object. Kinds: ``disk`` (an image source on the TIFF, read tile by tile), ``memory`` (the
+``python -m suites.slides.point --json '{"path": ..., "kind": "disk", "tile": 2048, "reps": 3}'
+--result FILE`` (``suites/fresh.py``) writes one JSON object. Kinds: ``disk`` (an image source on the TIFF, read tile by tile), ``memory`` (the
 level read whole into a uint8 tensor during setup, then streamed), ``file_memory`` (both, in the
 same process, interleaved as below), ``paired`` (the source unmasked and with the tissue mask of
 the thumbnail level, in the same process, interleaved A B B A ..., so that a change of the shared
 machine's load falls on both sides alike). A step is forward, head, loss and backward (mode ``train``) or forward and head
 without gradients (mode ``infer``). Times are wall-clock and process CPU seconds (all threads).
-Peak RSS is taken with ``streamcheck.memory.RssMeter`` around the measured steps, after setup and
+Peak RSS is taken with ``suites.meters.RssMeter`` around the measured steps, after setup and
 a warm-up step (NOTE [ Memory meters ] Rule 3): the raw peak and the delta over that baseline.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -54,7 +53,7 @@ def measure(
     if threads:
         torch.set_num_threads(threads)
     import streamcheck
-    from streamcheck.memory import RssMeter
+    from suites.meters import RssMeter
 
     trunk, head = network()
     streamed = streamcheck.Streamed(trunk, tile=tile, tile_transform=normalise)
@@ -153,6 +152,7 @@ def _paired(sides: dict[str, Callable[[], None]], reps: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    args = json.loads(sys.argv[1])
+    from suites.fresh import child
+
     options = ("path", "kind", "tile", "reps", "mode")
-    print(json.dumps(measure(*(args[k] for k in options), threads=args.get("threads", 0))))
+    sys.exit(child(lambda a, _: measure(*(a[k] for k in options), threads=a.get("threads", 0))))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from suites.rows import latest_rows, read_rows
+
+# Rows of the kit's schema (suites/rows.py Rule J1); the committed ones have no status (all ok).
+ROW_KEYS = ("key", "params", "environment", "metrics", "run")
+
 
 def load(results: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    """The latest row per key (rows from several ``--only`` runs merge by key)."""
+    return latest_rows(read_rows(results, required=ROW_KEYS))
 
 
 def _by(rows: list[dict[str, Any]], experiment: str) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ conventional (time and peak memory of one training step, as the paper's Fig 3 fo
 The points are the benchmark's (``suites/benchmark``: one fresh process per point, the shared
 environment record per row, OOM recorded as such, an append-only results.jsonl that a rerun
 resumes; ``--fresh`` starts over). The cases are ``unet2d_*`` and ``unet3d_*`` of
-``suites/benchmark/workload.py``; the networks are ``suites/unet/networks.py``.
+``suites/benchmark/workload.py``; the networks and their sizes are ``suites/unet/networks.py``.
 """
 
 from __future__ import annotations
@@ -21,15 +21,11 @@ from pathlib import Path
 
 from suites.benchmark import runner
 from suites.benchmark.grid import Point
-from suites.benchmark.results import REPO_ROOT, results_path, start_fresh
+from suites.environment import REPO as REPO_ROOT
+from suites.rows import results_path, start_fresh
 
-# Per network: input edges (px, or voxels per axis), the tile, and the quick mode's edges. Sized
-# for a few minutes on 2 shared cores: there (load 9-16, niced) one 2-D step at 2048^2 took 48 s
-# conventional and 180 s streamed, and at 256^2 37 s of wall time for 1.2 s of CPU time.
-SIZES = {
-    "unet2d": {"full": (128, 192, 256), "quick": (128, 160), "tile": 96},
-    "unet3d": {"full": (24, 32, 40), "quick": (24, 28), "tile": 20},
-}
+from .networks import SIZES
+
 TIMING = {"full": (1, 2, 60.0), "quick": (1, 1, 30.0)}  # warm-up, timed runs, slow-step cut-off
 DEFAULT_OUT = {
     "full": REPO_ROOT / "reports" / "unet",

@@ -22,7 +22,6 @@ Rule Z9. ``--split`` appends, for every selected model whose latest row has no `
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -33,10 +32,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # Rule Z10: before torch st
 import torch  # noqa: E402
 
 from suites.environment import environment
+from suites.rows import append_row
 
 from .models import ZooModel, zoo
 from .run import check_model, check_split
-from .summary import latest, write_summary
+from .summary import ROW_KEYS, latest, write_summary
 
 OUT = Path(__file__).resolve().parents[2] / "reports" / "zoo"
 
@@ -64,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     results = args.out / "results.jsonl"
     env = environment("cpu")
     done = set()
-    if results.exists() and not args.redo:
-        for line in results.read_text().splitlines():
-            row = json.loads(line)
-            if row["environment"]["git_commit"] == env["git_commit"]:
-                done.add(row["name"])
+    if not args.redo:
+        done = {
+            r["name"]
+            for r in latest(results)
+            if r["environment"]["git_commit"] == env["git_commit"]
+        }
     models = [m for m in zoo() if args.only is None or any(part in m.name for part in args.only)]
     if args.cheap_first:
         models.sort(key=cost)
@@ -84,26 +85,20 @@ def main(argv: list[str] | None = None) -> int:
         record = check_model(model)
         record["environment"] = environment("cpu")
         record["command"] = command.strip()
-        with results.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_row(results, record, required=ROW_KEYS)
         print(record["status"], record.get("refusal", ""), f"{record['seconds']} s", flush=True)
     write_summary(results, args.out / "SUMMARY.md", total=len(zoo()))
     return 0
 
 
 def add_split(models: list[ZooModel], results: Path, command: str, *, redo: bool) -> None:
-    """Rule Z10. OpenMP's worker threads sleep rather than spin while they wait (``OMP_WAIT_POLICY=PASSIVE``,
-              set before torch starts, as in suites/resolution Rule X4): on shared cores spinning
-              threads made the zoo's float64 checks many times slower. ``OMP_NUM_THREADS=1`` runs
-              several models side by side (``--only`` with disjoint lists).
-    Rule Z9."""
-    rows = {row["name"]: row for row in latest(results)} if results.exists() else {}
+    """Rule Z9."""
+    rows = {row["name"]: row for row in latest(results)}
     todo = [m for m in models if m.name in rows and (redo or "split" not in rows[m.name])]
     for i, model in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] split {model.name} ...", end=" ", flush=True)
         split = check_split(model) | {"environment": environment("cpu"), "command": command}
-        with results.open("a") as f:
-            f.write(json.dumps(rows[model.name] | {"split": split}) + "\n")
+        append_row(results, rows[model.name] | {"split": split}, required=ROW_KEYS)
         print(split["status"], split.get("cut", ""), f"{split['seconds']} s", flush=True)
 
 

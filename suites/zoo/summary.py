@@ -8,20 +8,21 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from suites.rows import latest_rows, read_rows
+
 from .run import reclassify
+
+# The zoo's rows predate the kit's schema (suites/rows.py Rule J1): flat, one per model.
+ROW_KEYS = ("name", "status", "environment", "command")
 
 
 def latest(results: Path) -> list[dict[str, Any]]:
     """The last row of every model, in first-seen order, classed by run.py Rule Z5 again."""
-    rows: dict[str, dict[str, Any]] = {}
-    for line in results.read_text().splitlines():
-        row = json.loads(line)
-        rows[row["name"]] = row
-    return [reclassify(row) for row in rows.values()]
+    rows = read_rows(results, required=ROW_KEYS)
+    return [reclassify(row) for row in latest_rows(rows, key=lambda r: r["name"])]
 
 
 def counts(rows: list[dict[str, Any]]) -> dict[str, int]:

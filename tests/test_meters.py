@@ -1,11 +1,13 @@
-"""The memory meters of `streamcheck.memory`, each checked against an allocation of known size."""
+"""The memory meters of `suites/meters.py`, each checked against an allocation of known size; the
+fresh-process ones through the suites' one runner (`suites/fresh.py`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from streamcheck import memory
+from suites import fresh
+from suites import meters as memory
 
 MiB = 2**20
 
@@ -45,22 +47,26 @@ def test_profiler_peak_ignores_tensors_created_before_the_call() -> None:
     assert peak < MiB
 
 
+def fresh_rss(code: str, *, setup: str = "import torch") -> dict[str, int]:
+    done = fresh.run("suites.meters", {"setup": setup, "code": code}, timeout_s=300)
+    assert done.returncode == 0 and done.result is not None, done.stderr[-2000:]
+    return done.result
+
+
 def test_fresh_process_rss_delta_covers_a_64_mib_tensor() -> None:
-    reading = memory.fresh_process_rss(
-        "x = torch.ones(64 * 2**20, dtype=torch.uint8)", setup="import torch"
-    )
-    assert reading.baseline_rss_bytes > 0
-    assert reading.peak_rss_bytes >= reading.baseline_rss_bytes + 64 * MiB
-    assert 64 * MiB <= reading.delta_bytes <= 64 * MiB * 1.25  # + whatever else the block touched
+    reading = fresh_rss("x = torch.ones(64 * 2**20, dtype=torch.uint8)")
+    assert reading["baseline_rss_bytes"] > 0
+    assert reading["peak_rss_bytes"] >= reading["baseline_rss_bytes"] + 64 * MiB
+    assert 64 * MiB <= reading["delta_bytes"] <= 64 * MiB * 1.25  # + what else the block touched
 
 
 def test_fresh_process_rss_setup_is_not_measured() -> None:
-    reading = memory.fresh_process_rss(
+    reading = fresh_rss(
         "y = torch.ones(8 * 2**20, dtype=torch.uint8)",
         setup="import torch\nx = torch.ones(128 * 2**20, dtype=torch.uint8)",
     )
-    assert reading.reset, "this test needs /proc/self/clear_refs (Linux)"
-    assert reading.delta_bytes < 64 * MiB
+    assert reading["reset"], "this test needs /proc/self/clear_refs (Linux)"
+    assert reading["delta_bytes"] < 64 * MiB
 
 
 def test_rss_meter_reset_forgets_an_earlier_peak() -> None:

@@ -1,4 +1,4 @@
-"""Memory meters: what code costs in bytes, measured three ways that must not be confused.
+"""Memory meters of the suites: what code costs in bytes, measured three ways never confused.
 
 Three meters, each named by what it counts (see the NOTE below):
 
@@ -24,7 +24,9 @@ NOTE [ Memory meters ]
           execve, so a fresh child of a 1 GB parent reports a >= 1 GB ``ru_maxrss`` before it
           allocates anything (measured here), and ``clear_refs`` does not reset that carried value.
 
-Only torch and the standard library are used.
+Only torch and the standard library are used. No engine module imports these meters: they are the
+benchmarks' (``python -m suites.meters`` is a fresh-process child, ``suites/fresh.py``, that
+measures the peak RSS of a snippet).
 
 Example (a 4 MiB tensor, allocated and freed inside the measured call):
 
@@ -39,14 +41,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import json
-import os
 import resource
-import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -56,7 +55,6 @@ __all__ = [
     "RssReading",
     "cuda_peak_bytes",
     "current_rss_bytes",
-    "fresh_process_rss",
     "peak_from_events",
     "peak_rss_bytes",
     "profiler_peak_bytes",
@@ -218,48 +216,6 @@ class RssMeter:
         )
 
 
-_FRESH_PROCESS_HARNESS = """
-import json, sys
-from streamcheck.memory import RssMeter
-setup, code = sys.argv[1], sys.argv[2]
-namespace = {}
-exec(setup, namespace)
-with RssMeter() as meter:
-    exec(code, namespace)
-r = meter.reading
-print(json.dumps([r.peak_rss_bytes, r.baseline_rss_bytes, r.reset]))
-"""
-
-
-def fresh_process_rss(code: str, *, setup: str = "", timeout_s: float = 300.0) -> RssReading:
-    """Peak RSS of ``code`` run in a fresh Python process, over a baseline taken after ``setup``.
-
-    ``setup`` (imports, building inputs) runs first and is not measured; then :class:`RssMeter`
-    wraps ``code``. Both run in one namespace.
-
-    >>> r = fresh_process_rss("x = bytearray(32 * 2**20)")  # doctest: +SKIP
-    >>> r.delta_bytes >= 32 * 2**20  # a touched 32 MiB buffer  # doctest: +SKIP
-    True
-    """
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", _FRESH_PROCESS_HARNESS, setup, code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"fresh process failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    peak, baseline, reset = json.loads(proc.stdout.strip().splitlines()[-1])
-    return RssReading(peak_rss_bytes=peak, baseline_rss_bytes=baseline, reset=reset)
-
-
 # ------------------------------------------------------------------------ CUDA allocator meter
 
 
@@ -272,3 +228,20 @@ def cuda_peak_bytes(fn: Callable[[], Any], *, device: torch.device | str | None 
     fn()
     torch.cuda.synchronize(device)
     return max(0, torch.cuda.max_memory_allocated(device) - baseline)
+
+
+def _snippet_rss(payload: dict[str, Any], _: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Peak RSS of ``payload["code"]`` over a baseline taken after ``payload["setup"]`` (run first,
+    not measured; one namespace for both)."""
+    namespace: dict[str, Any] = {}
+    exec(payload["setup"], namespace)
+    with RssMeter() as meter:
+        exec(payload["code"], namespace)
+    assert meter.reading is not None
+    return {**asdict(meter.reading), "delta_bytes": meter.reading.delta_bytes}
+
+
+if __name__ == "__main__":
+    from suites.fresh import child
+
+    sys.exit(child(_snippet_rss))
