@@ -17,14 +17,26 @@ Rule I4. Sources pickle without reading pixels (DataLoader workers, ``torch.mult
          TIFF by its path, level and series (the copy opens the file on first use), a memmap by
          its file, offset, shape and strides; a zarr array by its store. An in-memory NumPy array is
          its own data and pickles with it.
+Rule I5. Transparency is composited onto white where the file says a channel is alpha (a TIFF's
+         ExtraSamples, OpenSlide's RGBA): scanners leave unscanned areas transparent black
+         (0, 0, 0, 0), which must read as glass, not as black tissue. Straight alpha:
+         ``c' = (c * a + M * (M - a) + M // 2) // M`` in integers (``M`` the dtype's maximum, 255
+         for uint8), ``c * a + M - a`` for floats; premultiplied: ``min(c + M - a, M)``. The
+         source then has one channel less; ``alpha="keep"`` keeps the channel as stored.
+Rule I6. Every source states its ``levels`` (height, width, downsample and µm/px of each level of
+         its file; one level for arrays), the ``level`` it reads, its ``mpp`` (µm/px along y and x,
+         ``None`` where the file does not say) and its ``backend``. ``mpp=`` picks the level whose
+         µm/px is nearest (by ratio) to the one asked for, if within ``mpp_tolerance`` (relative);
+         otherwise the error lists every level's µm/px. ``level=`` and ``mpp=`` exclude each other.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
-import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,10 +48,22 @@ from .geometry import Interval
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["ImageSource", "open_image"]
+__all__ = ["ImageSource", "Level", "open_image"]
 
 LAYOUTS = ("HWC", "CHW")
 READ_ALL_MAX_PIXELS = 64 * 2**20  # read_all refuses levels larger than this (Rule I1)
+MPP_TOLERANCE = 0.1  # mpp= accepts a level within 10 % of the µm/px asked for (Rule I6)
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level of a source's file (Rule I6): size, downsample from level 0 and µm/px
+    as (y, x); ``mpp`` is ``None`` where the file does not state it."""
+
+    height: int
+    width: int
+    downsample: tuple[float, float]
+    mpp: tuple[float, float] | None
 
 
 class ImageSource:
@@ -50,6 +74,11 @@ class ImageSource:
     dtype: torch.dtype
     device = torch.device("cpu")
     name: str  # for messages
+    backend: str = "array"  # what reads the pixels: tifffile, openslide, array, pyvips (Rule I6)
+    levels: tuple[Level, ...] = ()  # every level of the file; the source's own for arrays
+    level: int = 0  # which of ``levels`` this source reads
+    mpp: tuple[float, float] | None = None  # µm/px (y, x) of this level, if known
+    _alpha: str | None = None  # "straight" or "premultiplied": the last stored channel (Rule I5)
 
     def _read(self, rows: Interval, cols: Interval) -> np.ndarray:
         """The stored pixels of one region, in the stored layout (subclasses)."""
@@ -84,6 +113,8 @@ class ImageSource:
                 f"({self.height} x {self.width} px)"
             )
         stored = self._read(rows, cols)
+        if self._alpha is not None:
+            stored = _onto_white(stored, self.layout, self._alpha)
         if self.layout == "HWC":
             stored = stored[..., : self.channels].transpose(2, 0, 1)
         else:
@@ -123,7 +154,74 @@ class ImageSource:
         return f"{type(self).__name__}({self.name}, {h} x {w} px, {c} channels, {self.layout}, {self.dtype})"
 
 
-def _torch_dtype(dtype: Any, name: str) -> torch.dtype:
+def _onto_white(stored: np.ndarray, layout: str, kind: str) -> np.ndarray:
+    """Colour channels composited onto white by the last channel, alpha (Rule I5)."""
+    import numpy as np
+
+    if layout == "HWC":
+        colour, a = stored[..., :-1], stored[..., -1:]
+    else:
+        colour, a = stored[:-1], stored[-1:]
+    if colour.dtype.kind == "f":
+        return colour + (1 - a) if kind == "premultiplied" else colour * a + (1 - a)
+    top = np.iinfo(colour.dtype).max
+    wide = colour.astype(np.int64)
+    a64 = a.astype(np.int64)
+    if kind == "premultiplied":
+        out = np.minimum(wide + (top - a64), top)
+    else:
+        out = (wide * a64 + top * (top - a64) + top // 2) // top
+    return out.astype(colour.dtype)
+
+
+def choose_level(
+    levels: Sequence[Level], *, level: int | None, mpp: float | None, tolerance: float, name: str
+) -> int:
+    """The index of the level asked for by number or by µm/px (Rule I6), or an error."""
+    table = "; ".join(
+        f"{i}: {lv.height} x {lv.width} px"
+        + (f", {lv.mpp[1]:.4g} µm/px" if lv.mpp is not None else "")
+        for i, lv in enumerate(levels)
+    )
+    if level is not None and mpp is not None:
+        raise StreamcheckError(
+            f"streamcheck: level={level} and mpp={mpp} both given for {name}; give one "
+            f"(levels: {table})"
+        )
+    if mpp is None:
+        level = 0 if level is None else level
+        if not -len(levels) <= level < len(levels):
+            raise StreamcheckError(
+                f"streamcheck: level {level} does not exist in {name}, which has "
+                f"{len(levels)} level(s) ({table}). Fix: level=0..{len(levels) - 1} "
+                "(-1 is the smallest)"
+            )
+        return level % len(levels)
+    if not (mpp > 0 and tolerance >= 0):
+        raise StreamcheckError(
+            f"streamcheck: mpp={mpp}, mpp_tolerance={tolerance}; both must be positive"
+        )
+    stated = [(i, lv.mpp) for i, lv in enumerate(levels) if lv.mpp is not None]
+    if not stated:
+        raise StreamcheckError(
+            f"streamcheck: mpp={mpp} asked of {name}, which does not state its µm/px "
+            f"(levels: {table}). Fix: choose by level=..."
+        )
+
+    def distance(item: tuple[int, tuple[float, float]]) -> float:
+        return max(abs(math.log(m / mpp)) for m in item[1])
+
+    best, best_mpp = min(stated, key=distance)
+    if distance((best, best_mpp)) > math.log1p(tolerance):
+        raise StreamcheckError(
+            f"streamcheck: no level of {name} has {mpp} µm/px within "
+            f"{tolerance:.0%} (levels: {table}). Fix: one of those µm/px, a larger "
+            "mpp_tolerance=, or resample the level (e.g. with torch.nn.functional.interpolate)"
+        )
+    return best
+
+
+def torch_dtype(dtype: Any, name: str) -> torch.dtype:
     import numpy as np
 
     try:
@@ -135,7 +233,7 @@ def _torch_dtype(dtype: Any, name: str) -> torch.dtype:
         ) from e
 
 
-def _checked_shape(
+def checked_shape(
     stored: Sequence[int], layout: str, channels: int | None, name: str
 ) -> tuple[int, int, int, int]:
     """(1, C, H, W) from a stored HWC/CHW shape, with the checks of Rule I3."""
@@ -174,8 +272,11 @@ class ArraySource(ImageSource):
         self.array = array
         self.layout = layout
         self.name = name
-        self.shape = _checked_shape(array.shape, layout, channels, name)
-        self.dtype = _torch_dtype(array.dtype, name)
+        self.shape = checked_shape(array.shape, layout, channels, name)
+        self.dtype = torch_dtype(array.dtype, name)
+        self.levels = (
+            Level(height=self.height, width=self.width, downsample=(1.0, 1.0), mpp=None),
+        )
         self._file = _MemmapFile(array) if isinstance(array, np.memmap) else None
 
     def _read(self, rows: Interval, cols: Interval) -> np.ndarray:
@@ -226,124 +327,22 @@ class _MemmapFile:
         return np.ndarray(self.shape, self.dtype, buffer=flat, offset=-low, strides=self.strides)
 
 
-class TiffSource(ImageSource):
-    """One level of a (tiled, pyramidal) TIFF, read through tifffile's zarr store."""
-
-    def __init__(self, path: Path, *, level: int, series: int, channels: int | None) -> None:
-        self.path, self.series, self._channels = path, series, channels
-        self.name = f"'{path}'"
-        self._array: Any = None
-        self._tiff: Any = None
-        with self._open_tiff() as tiff:  # Rule I3: described now, read on first use
-            self._describe(tiff, level)
-
-    def _open_tiff(self) -> Any:
-        tifffile = _import("tifffile")
-        if not self.path.is_file():
-            raise StreamcheckError(
-                f"streamcheck: no file at {str(self.path)!r} (absolute: {str(self.path.absolute())!r}). "
-                "Fix: check the path"
-            )
-        try:
-            return tifffile.TiffFile(self.path)
-        except (tifffile.TiffFileError, ValueError, OSError) as e:
-            raise StreamcheckError(
-                f"streamcheck: {self.name} is not a TIFF file tifffile can read ({e}). Fix: convert "
-                "it to a tiled pyramidal TIFF (e.g. with vips tiffsave --tile --pyramid)"
-            ) from e
-
-    def _describe(self, tiff: Any, level: int) -> None:
-        """Shape, layout and index of the chosen level (Rule I3)."""
-        if not 0 <= self.series < len(tiff.series):
-            raise StreamcheckError(
-                f"streamcheck: series {self.series} does not exist in {self.name}, which has "
-                f"{len(tiff.series)}. Fix: series=0..{len(tiff.series) - 1}"
-            )
-        levels = tiff.series[self.series].levels
-        if not -len(levels) <= level < len(levels):
-            sizes = ", ".join(f"{i}: {_yx(lv)}" for i, lv in enumerate(levels))
-            raise StreamcheckError(
-                f"streamcheck: level {level} does not exist in {self.name}: series {self.series} "
-                f"has {len(levels)} level(s) ({sizes}). Fix: level=0..{len(levels) - 1} "
-                "(-1 is the smallest)"
-            )
-        self.level = level % len(levels)
-        chosen = levels[self.level]
-        axes, shape = chosen.axes, chosen.shape
-        if "Y" not in axes or "X" not in axes:
-            raise StreamcheckError(
-                f"streamcheck: {self.name} level {self.level} has axes {axes!r}; an image needs Y and X"
-            )
-        channel_axes = [a for a in axes if a in "SC"]
-        channel = next((a for a in channel_axes if shape[axes.index(a)] > 1), None)
-        channel = channel or (channel_axes[-1] if channel_axes else None)
-        extra = {a: n for a, n in zip(axes, shape, strict=True) if a not in "YX" and a != channel}
-        if any(n > 1 for n in extra.values()):
-            raise StreamcheckError(
-                f"streamcheck: {self.name} level {self.level} has axes {axes!r} of shape "
-                f"{tuple(shape)}; streamcheck streams one 2-D image, and "
-                f"{', '.join(f'{a}={n}' for a, n in extra.items() if n > 1)} holds several. Fix: "
-                "write each plane as its own series and pass series=..."
-            )
-        kept = [a for a in axes if a in "YX" or a == channel]
-        self._axes = axes
-        self._channel = channel
-        order = "".join(kept)
-        self.layout = "CHW" if order.startswith(("S", "C")) else "HWC"
-        c = shape[axes.index(channel)] if channel is not None else 1
-        stored = (shape[axes.index("Y")], shape[axes.index("X")], c)
-        if self.layout == "CHW":
-            stored = (c, stored[0], stored[1])
-        self.shape = _checked_shape(stored, self.layout, self._channels, self.name)
-        self.dtype = _torch_dtype(chosen.dtype, self.name)
-        self.name = f"'{self.path}' level {self.level}"
-
-    def _zarr(self) -> Any:
-        if self._array is None:
-            zarr = _import("zarr")
-            self._tiff = self._open_tiff()
-            weakref.finalize(self, self._tiff.close)  # the file closes with the source
-            store = self._tiff.series[self.series].aszarr(level=self.level)
-            self._array = zarr.open(store, mode="r")
-        return self._array
-
-    def _read(self, rows: Interval, cols: Interval) -> np.ndarray:
-        index: list[Any] = []
-        for a in self._axes:
-            if a == "Y":
-                index.append(slice(*rows))
-            elif a == "X":
-                index.append(slice(*cols))
-            elif a == self._channel:
-                index.append(slice(None))
-            else:
-                index.append(0)
-        pixels = self._zarr()[tuple(index)]
-        if self._channel is None:
-            pixels = pixels[..., None]
-        return pixels
-
-    def close(self) -> None:
-        """Close the file (it is opened again on the next read)."""
-        if self._tiff is not None:
-            self._tiff.close()
-        self._tiff = self._array = None
-
-    def __getstate__(self) -> dict[str, Any]:  # Rule I4
-        return {**vars(self), "_array": None, "_tiff": None}
-
-
 class VipsSource(ImageSource):
     """A ``pyvips.Image`` (bands last: HWC), cropped region by region."""
+
+    backend = "pyvips"
 
     def __init__(self, image: Any, *, channels: int | None) -> None:
         self.image = image
         self.layout = "HWC"
         self.name = f"pyvips image {image.get('filename') if 'filename' in image.get_fields() else ''}".strip()
-        self.shape = _checked_shape(
+        self.shape = checked_shape(
             (image.height, image.width, image.bands), "HWC", channels, self.name
         )
-        self.dtype = _torch_dtype(_vips_dtype(image), self.name)
+        self.dtype = torch_dtype(_vips_dtype(image), self.name)
+        self.levels = (
+            Level(height=self.height, width=self.width, downsample=(1.0, 1.0), mpp=None),
+        )
 
     def _read(self, rows: Interval, cols: Interval) -> np.ndarray:
         import numpy as np
@@ -378,43 +377,47 @@ def _vips_dtype(image: Any) -> str:
     return _VIPS_FORMATS.get(image.format, image.format)
 
 
-def _yx(level: Any) -> str:
-    axes, shape = level.axes, level.shape
-    return (
-        f"{shape[axes.index('Y')]} x {shape[axes.index('X')]}"
-        if "Y" in axes and "X" in axes
-        else str(shape)
-    )
-
-
-def _import(name: str) -> Any:
+def import_extra(name: str, extra: str) -> Any:
+    """Import ``name``, or an error naming the extra that installs it (slidefiles Rule SF1)."""
     import importlib
 
     try:
         return importlib.import_module(name)
     except ImportError as e:
         raise StreamcheckError(
-            f"streamcheck: reading slides needs {name}, which is not installed. Fix: "
-            "pip install 'streamcheck[slides]'"
+            f"streamcheck: this needs {name}, which is not installed ({e}). Fix: "
+            f"pip install 'streamcheck[{extra}]'"
         ) from e
 
 
 def open_image(
     obj: Any,
     *,
-    level: int = 0,
+    level: int | None = None,
+    mpp: float | None = None,
+    mpp_tolerance: float = MPP_TOLERANCE,
+    backend: str = "auto",
     layout: str | None = None,
     channels: int | None = None,
     series: int = 0,
+    alpha: str = "white",
+    decode_threads: int = 1,
+    cache_bytes: int = 0,
 ) -> ImageSource:
     """An image source that ``Streamed`` reads tile by tile, in place of a ``(1, C, H, W)`` tensor.
 
-    ``obj`` is a path to a TIFF (tiled, pyramidal, OME-TIFF or SVS-like; ``level`` picks the
-    pyramid level, ``-1`` the smallest, ``series`` the image in the file), a NumPy array or
-    ``np.memmap``, a zarr array (or a zarr group of levels ``"0"``, ``"1"``, ...), or a
-    ``pyvips.Image``. Arrays are HWC unless ``layout="CHW"`` (Rule I2); ``channels=3`` keeps the
-    first three channels (drops alpha). Tiles arrive in the stored dtype (uint8 for slides):
-    give ``Streamed`` a ``tile_transform``.
+    ``obj`` is a path to a slide file, a NumPy array or ``np.memmap``, a zarr array (or a zarr
+    group of levels ``"0"``, ``"1"``, ...), or a ``pyvips.Image``. Of a file, ``level`` picks the
+    pyramid level (``-1`` the smallest) or ``mpp`` the level nearest that many µm/px (Rule I6);
+    ``backend`` reads it: ``"tifffile"`` (TIFF-based: SVS, NDPI, OME-TIFF, generic pyramids; the
+    default for those), ``"openslide"`` (MIRAX and the other formats OpenSlide reads; extra
+    ``openslide``), see ``slidefiles.py``; ``series`` is the image in a multi-image TIFF.
+    ``decode_threads`` decode a region's tiles in parallel and ``cache_bytes`` keeps decoded tiles
+    for the next reads (backward reads forward's regions again; tifffile backend, Rules SF3, SF4).
+    Arrays are HWC unless ``layout="CHW"`` (Rule I2); ``channels=3`` keeps the first three
+    channels; an alpha channel a file states is composited onto white unless ``alpha="keep"``
+    (Rule I5). Tiles arrive in the stored dtype (uint8 for slides): give ``Streamed`` a
+    ``tile_transform``.
 
     >>> import numpy as np, torch, torch.nn as nn, streamcheck
     >>> pixels = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)  # HWC
@@ -430,11 +433,13 @@ def open_image(
     >>> torch.allclose(streamed(source), trunk(to_float(tensor)), rtol=1e-12, atol=0)
     True
     """
+    if alpha not in ("white", "keep"):
+        raise StreamcheckError(f"streamcheck: alpha={alpha!r}; use 'white' or 'keep' (Rule I5)")
     if isinstance(obj, ImageSource):
-        if level != 0 or layout is not None or channels is not None:
+        if level is not None or mpp is not None or layout is not None or channels is not None:
             raise StreamcheckError(
                 f"streamcheck: {obj!r} is already an image source; open the original with "
-                "level/layout/channels instead"
+                "level/mpp/layout/channels instead"
             )
         return obj
     if isinstance(obj, torch.Tensor):
@@ -445,9 +450,28 @@ def open_image(
     if isinstance(obj, (str, os.PathLike)):
         if layout is not None:
             raise StreamcheckError(
-                "streamcheck: a TIFF states its own layout (its axes); drop layout=..."
+                "streamcheck: a slide file states its own layout (its axes); drop layout=..."
             )
-        return TiffSource(Path(obj), level=level, series=series, channels=channels)
+        from .slidefiles import open_slide_file
+
+        return open_slide_file(
+            Path(obj),
+            level=level,
+            mpp=mpp,
+            mpp_tolerance=mpp_tolerance,
+            backend=backend,
+            series=series,
+            channels=channels,
+            alpha=alpha,
+            decode_threads=decode_threads,
+            cache_bytes=cache_bytes,
+        )
+    if mpp is not None or backend != "auto":
+        raise StreamcheckError(
+            "streamcheck: mpp= and backend= are for slide files; an array has one level and no "
+            "µm/px (pick the level you want before open_image)"
+        )
+    level = 0 if level is None else level
     module = type(obj).__module__.split(".")[0]
     if module == "pyvips":
         _only_level_zero(level, "a pyvips image (load the level with pyvips)")

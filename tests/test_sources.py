@@ -308,7 +308,7 @@ def test_a_level_that_does_not_exist_lists_the_levels(tmp_path: Path) -> None:
     write_pyramid(tmp_path / "slide.tif", pixels(64, 48))
     with pytest.raises(
         StreamcheckError,
-        match=r"level 3 does not exist.*3 level\(s\) \(0: 64 x 48, 1: 32 x 24, 2: 16 x 12\).*level=0\.\.2",
+        match=r"level 3 does not exist.*3 level\(s\) \(0: 64 x 48 px; 1: 32 x 24 px; 2: 16 x 12 px\).*level=0\.\.2",
     ):
         open_image(tmp_path / "slide.tif", level=3)
     with pytest.raises(StreamcheckError, match="only level 0 exists"):
