@@ -12,35 +12,119 @@ Rule FD1. Tiles keep the image's memory layout unless ``channels_last=True`` (th
           settings" and "Second network"), while an earlier host measured channels-last faster
           for the first. The layout changes which kernels run, not what any output element is
           (feed Rule F4).
-Rule FD2. ``keep_host_memory=None`` (the default) applies ``keep_freed_host_memory()`` (host memory
-          Rules H1-H3) once per process, when a call first streams on a CPU, unless the
-          environment variable ``STREAMCHECK_KEEP_FREED_HOST_MEMORY`` is ``0``. Without it glibc
-          unmaps every freed tile buffer of 32 MiB or more and the next tile faults it in again,
-          4 KiB at a time. The setting is the whole process's (freed blocks below 1 GiB stay
-          mapped for reuse, so resident memory stays at its high-water mark); ``False`` (or the
-          variable) opts out; a setting once taken is never undone.
+Rule FD2. On a CPU each tile loop of a streamed call (forward's, backward's) runs inside
+          ``host_memory_scope``: freed host memory is reused while its tiles run and handed back
+          to the system when the loop ends (host memory Rules H3-H4), so no allocator setting
+          outlives the call. Without it glibc unmaps every freed tile buffer of 32 MiB or more and
+          the next tile faults it in again, 4 KiB at a time.
+Rule FD3. Whether the scope reuses memory is one process-level setting, ``host_memory_reuse()``:
+          the last ``set_host_memory_reuse(True/False)`` (a call sets it; a ``with`` block sets
+          it and restores the previous value on leaving, like ``torch.set_grad_enabled``), else
+          the environment variable ``STREAMCHECK_REUSE_HOST_MEMORY`` (``1`` or ``0``), else on.
+          A setting given to the scope itself (``True``/``False``) wins over it. Keeping freed
+          memory for the whole process is the explicit opt-in ``keep_freed_host_memory()``.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager, nullcontext
+from types import TracebackType
 
 import torch
 
-from .host_memory import keep_freed_host_memory
+from .errors import StreamcheckError
+from .host_memory import keep_freed_host_memory, reusing_freed_host_memory
 
-__all__ = ["ENV_KEEP_FREED", "keep_host_memory_for"]
+__all__ = [
+    "ENV_REUSE_HOST_MEMORY",
+    "host_memory_reuse",
+    "host_memory_scope",
+    "keep_host_memory_for",
+    "set_host_memory_reuse",
+]
 
-ENV_KEEP_FREED = "STREAMCHECK_KEEP_FREED_HOST_MEMORY"
-_kept = False  # Rule FD2: taken at most once per process
+ENV_REUSE_HOST_MEMORY = "STREAMCHECK_REUSE_HOST_MEMORY"
+_reuse: bool | None = None  # Rule FD3: set_host_memory_reuse's value; None: the environment's
+
+
+def host_memory_reuse() -> bool:
+    """Rule FD3: whether streamed CPU calls reuse freed host memory while their tiles run.
+
+    >>> host_memory_reuse()  # on, unless STREAMCHECK_REUSE_HOST_MEMORY=0 or set otherwise
+    True
+    """
+    if _reuse is not None:
+        return _reuse
+    value = os.environ.get(ENV_REUSE_HOST_MEMORY, "1")
+    if value not in ("0", "1"):
+        raise StreamcheckError(
+            f"streamcheck: {ENV_REUSE_HOST_MEMORY}={value!r} is neither 1 (reuse freed host "
+            f"memory while tiles stream, the default) nor 0 (never). Fix: set it to 1 or 0, or "
+            "unset it"
+        )
+    return value == "1"
+
+
+class set_host_memory_reuse:  # lower case: used like a function, as torch.set_grad_enabled
+    """Set Rule FD3's process-level setting; as a context manager, restore the previous value.
+
+    ``None`` goes back to the environment variable's value (or the default).
+
+    >>> with set_host_memory_reuse(False):   # inside: off
+    ...     host_memory_reuse()
+    False
+    >>> host_memory_reuse()                  # after: the previous value again
+    True
+    """
+
+    def __init__(self, enabled: bool | None) -> None:
+        global _reuse
+        if enabled not in (True, False, None):
+            raise StreamcheckError(
+                f"streamcheck: set_host_memory_reuse takes True, False or None, got {enabled!r}"
+            )
+        self._previous = _reuse
+        _reuse = enabled
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        global _reuse
+        _reuse = self._previous
+
+
+def host_memory_scope(
+    setting: bool | None, *, device: torch.device
+) -> AbstractContextManager[None]:
+    """Rule FD2: the context one tile loop on ``device`` runs in; ``setting`` None follows FD3.
+
+    >>> import torch
+    >>> with host_memory_scope(None, device=torch.device("cpu")):   # reuse inside, hand back after
+    ...     _ = [torch.ones(2**24) for _ in range(2)]                # two 64 MiB buffers in turn
+    """
+    enabled = host_memory_reuse() if setting is None else setting
+    if device.type != "cpu" or not enabled:
+        return nullcontext()
+    return reusing_freed_host_memory()
+
+
+_kept = False  # keep_host_memory_for: taken at most once per process
 
 
 def keep_host_memory_for(setting: bool | None, *, device: torch.device) -> None:
-    """Rule FD2: take ``keep_freed_host_memory()`` once, on the first CPU call that may."""
+    """Transitional, until streaming.py wraps its tile loops in ``host_memory_scope``: take
+    ``keep_freed_host_memory()`` for the whole process on the first CPU call that may (FD3 decides
+    for ``setting`` None). Delete it then."""
     global _kept
-    if _kept or device.type != "cpu" or setting is False:
-        return
-    if setting is None and os.environ.get(ENV_KEEP_FREED, "1") == "0":
+    enabled = host_memory_reuse() if setting is None else setting
+    if _kept or device.type != "cpu" or not enabled:
         return
     keep_freed_host_memory()
     _kept = True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -34,11 +36,13 @@ def _layouts(
 
 @pytest.fixture
 def fresh_process_setting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Rule FD2's once-per-process flag reset, and ``keep_freed_host_memory`` counted."""
+    """Rule FD3's setting and the transitional once-per-process flag reset, the environment
+    variable unset, and ``keep_freed_host_memory`` counted."""
     calls: list[int] = []
     monkeypatch.setattr(defaults, "_kept", False)
+    monkeypatch.setattr(defaults, "_reuse", None)
     monkeypatch.setattr(defaults, "keep_freed_host_memory", lambda: calls.append(1) or True)
-    monkeypatch.delenv(defaults.ENV_KEEP_FREED, raising=False)
+    monkeypatch.delenv(defaults.ENV_REUSE_HOST_MEMORY, raising=False)
     return calls
 
 
@@ -75,6 +79,7 @@ def test_channels_last_tiles_give_the_plain_modules_result() -> None:
 def test_freed_host_memory_is_kept_once_on_the_first_cpu_call(
     fresh_process_setting: list[int],
 ) -> None:
+    """The transitional ``keep_host_memory_for`` (until streaming.py uses ``host_memory_scope``)."""
     streamed = streamcheck.Streamed(nn.Conv2d(1, 1, 3), tile=8)
     streamcheck.Streamed(nn.Conv2d(1, 1, 3), tile=8)  # constructing changes nothing
     assert fresh_process_setting == []
@@ -83,18 +88,91 @@ def test_freed_host_memory_is_kept_once_on_the_first_cpu_call(
     assert fresh_process_setting == [1]
 
 
-@pytest.mark.parametrize("how", ["argument", "environment"])
+@pytest.mark.parametrize("how", ["argument", "environment", "setting"])
 def test_keeping_freed_host_memory_can_be_declined(
     fresh_process_setting: list[int], monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
     options: dict[str, Any] = {}
     if how == "argument":
         options["keep_host_memory"] = False
-    else:
-        monkeypatch.setenv(defaults.ENV_KEEP_FREED, "0")
-    streamcheck.Streamed(nn.Conv2d(1, 1, 3), tile=8, **options)(torch.randn(1, 1, 20, 20))
+    elif how == "environment":
+        monkeypatch.setenv(defaults.ENV_REUSE_HOST_MEMORY, "0")
+    with defaults.set_host_memory_reuse(False if how == "setting" else None):
+        streamcheck.Streamed(nn.Conv2d(1, 1, 3), tile=8, **options)(torch.randn(1, 1, 20, 20))
     assert fresh_process_setting == []
     streamcheck.Streamed(nn.Conv2d(1, 1, 3), tile=8, keep_host_memory=True)(
         torch.randn(1, 1, 20, 20)
     )
     assert fresh_process_setting == [1]  # asked for explicitly: taken even against the variable
+
+
+def test_the_process_setting_as_a_call_and_as_a_block(
+    fresh_process_setting: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rule FD3: a call sets it until the next; a block restores the previous value, nested
+    blocks included and when the block raises; None goes back to the environment variable."""
+    assert defaults.host_memory_reuse() is True  # the default
+    defaults.set_host_memory_reuse(False)
+    assert defaults.host_memory_reuse() is False
+    with defaults.set_host_memory_reuse(True):
+        assert defaults.host_memory_reuse() is True
+        with pytest.raises(KeyError), defaults.set_host_memory_reuse(False):
+            assert defaults.host_memory_reuse() is False
+            raise KeyError("inside")
+        assert defaults.host_memory_reuse() is True
+    assert defaults.host_memory_reuse() is False
+    monkeypatch.setenv(defaults.ENV_REUSE_HOST_MEMORY, "0")
+    defaults.set_host_memory_reuse(None)
+    assert defaults.host_memory_reuse() is False  # the environment's
+    monkeypatch.setenv(defaults.ENV_REUSE_HOST_MEMORY, "1")
+    assert defaults.host_memory_reuse() is True
+    with defaults.set_host_memory_reuse(False):
+        assert defaults.host_memory_reuse() is False  # a set value wins over the environment
+
+
+@pytest.mark.parametrize("value", ["yes", "", "2"])
+def test_a_bad_environment_value_is_an_error(
+    fresh_process_setting: list[int], monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv(defaults.ENV_REUSE_HOST_MEMORY, value)
+    with pytest.raises(streamcheck.StreamcheckError, match="set it to 1 or 0"):
+        defaults.host_memory_reuse()
+    with pytest.raises(streamcheck.StreamcheckError, match="True, False or None"):
+        defaults.set_host_memory_reuse("no")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("setting", "process", "device", "reused"),
+    [
+        (None, True, "cpu", True),
+        (None, False, "cpu", False),
+        (True, False, "cpu", True),
+        (False, True, "cpu", False),
+        (None, True, "meta", False),  # not a CPU: host memory is not the tiles'
+        (True, True, "meta", False),
+    ],
+)
+def test_the_scope_reuses_host_memory_on_a_cpu_when_the_settings_say_so(
+    fresh_process_setting: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+    setting: bool | None,
+    process: bool,
+    device: str,
+    reused: bool,
+) -> None:
+    """Rules FD2-FD3: the scope's own setting, else the process's; only on a CPU."""
+    entered: list[int] = []
+
+    @contextmanager
+    def spy() -> Iterator[None]:
+        entered.append(1)
+        yield
+
+    monkeypatch.setattr(defaults, "reusing_freed_host_memory", spy)
+    with (
+        defaults.set_host_memory_reuse(process),
+        defaults.host_memory_scope(setting, device=torch.device(device)),
+    ):
+        pass
+    assert entered == ([1] if reused else [])
+    assert fresh_process_setting == []  # nothing for the whole process
