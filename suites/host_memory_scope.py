@@ -1,0 +1,206 @@
+"""What scoping the host-memory setting to a call costs and saves (issue 27 item 1), on a CPU.
+
+    OMP_WAIT_POLICY=PASSIVE python -m suites.host_memory_scope [--rounds 2] [--out DIR]
+
+The Figs 2-3 network at 2048², tile 512, float32, one training step (loss = output.sum()) per
+timed repeat, each mode in a fresh process (``suites/fresh.py``), the modes interleaved A B C ..
+C B A per round. Modes:
+
+- ``off``: glibc's defaults (``keep_host_memory=False``): every tile faults its buffers in.
+- ``process``: the old default, ``keep_freed_host_memory()`` for the whole process.
+- ``scope``: each tile loop (forward's, backward's) inside ``host_memory_scope``, as streaming.py
+  will call it: patched in here around ``_StreamFunction.forward`` / ``.backward``.
+- ``scope_step``: one ``reusing_freed_host_memory()`` block around the whole training step.
+- ``conventional``: the plain network, PyTorch defaults (the denominator of the RSS ratio).
+
+Per process: one warm-up step, freed memory handed back (``malloc_trim``) and the peak-RSS mark
+reset, then the timed steps under ``RssMeter`` (peak RSS over the baseline); ``rss_after_bytes``
+is what stays resident after the last step over that baseline. Rows go to
+``<out>/results.jsonl`` (``suites/rows.py``), the table to ``<out>/SUMMARY.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .environment import environment
+from .fresh import child, run
+from .rows import append_row, read_rows, results_path
+
+MODES = ("off", "process", "scope", "scope_step", "conventional")
+OUT = Path(__file__).resolve().parents[1] / "reports" / "host_memory"
+
+
+def _streamed_step(mode: str, network: Any, image: Any, tile: int) -> Callable[[], None]:
+    import torch
+
+    import streamcheck
+    from streamcheck import streaming
+    from streamcheck.defaults import host_memory_scope
+    from streamcheck.host_memory import reusing_freed_host_memory
+
+    cpu = torch.device("cpu")
+    if mode == "scope":  # the wiring streaming.py is to get: one scope per tile loop
+        function = streaming._StreamFunction
+        forward, backward = function.forward, function.backward
+
+        def scoped_forward(ctx: Any, *args: Any) -> Any:
+            with host_memory_scope(None, device=cpu):
+                return forward(ctx, *args)
+
+        def scoped_backward(ctx: Any, *grads: Any) -> Any:
+            with host_memory_scope(None, device=cpu):
+                return backward(ctx, *grads)
+
+        function.forward = staticmethod(scoped_forward)  # type: ignore[method-assign]
+        function.backward = staticmethod(scoped_backward)  # type: ignore[method-assign]
+    if mode == "process":
+        streamcheck.keep_freed_host_memory()
+    streamed = streamcheck.Streamed(network, tile=tile, keep_host_memory=False)
+
+    def step() -> None:
+        for p in network.parameters():
+            p.grad = None
+        if mode == "scope_step":
+            with reusing_freed_host_memory():
+                streamed(image).sum().backward()
+        else:
+            streamed(image).sum().backward()
+
+    return step
+
+
+def measure(payload: dict[str, Any], partial: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """One mode in this (fresh) process: the child of ``suites/fresh.py``."""
+    import torch
+
+    from .benchmark.workload import paper_network
+    from .meters import RssMeter, current_rss_bytes, release_free_memory
+
+    mode, size, tile, repeats = (payload[k] for k in ("mode", "size", "tile", "repeats"))
+    torch.manual_seed(0)
+    network = paper_network()
+    image = torch.randn(1, 3, size, size)
+    if mode == "conventional":
+
+        def step() -> None:
+            for p in network.parameters():
+                p.grad = None
+            network(image).sum().backward()
+
+    else:
+        step = _streamed_step(mode, network, image, tile)
+    t0 = time.perf_counter()
+    step()  # warm-up
+    warmup_s = time.perf_counter() - t0
+    times = []
+    with RssMeter() as meter:  # releases freed memory and resets the peak mark first
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        after = current_rss_bytes()
+    assert meter.reading is not None
+    release_free_memory()
+    return {
+        "warmup_s": warmup_s,
+        "time_s_all": times,
+        "time_s_median": statistics.median(times),
+        "peak_rss_bytes": meter.reading.peak_rss_bytes,
+        "rss_delta_bytes": meter.reading.delta_bytes,
+        "rss_after_bytes": after - meter.reading.baseline_rss_bytes,
+        "rss_meter": "VmHWM over the RSS after warm-up and malloc_trim (suites/meters.py)",
+        "environment": environment("cpu"),
+    }
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """Medians per mode over the rounds, and ratios to ``off`` (time) and conventional (RSS)."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            by.setdefault(r["params"]["mode"], []).append(r["metrics"])
+    if not by:
+        return "no finished rows\n"
+
+    def med(mode: str, field: str) -> float:
+        return statistics.median(m[field] for m in by[mode])
+
+    env = rows[-1]["environment"] or {}
+    conventional = med("conventional", "rss_delta_bytes") if "conventional" in by else None
+    lines = [
+        "# Host memory: scoped to the call vs for the process vs off",
+        "",
+        f"Figs 2-3 network, {rows[-1]['params']['size']}² tile {rows[-1]['params']['tile']}, "
+        f"float32; CPU {env.get('cpu')}, {env.get('threads')} threads, torch {env.get('torch')}, "
+        f"commit {env.get('git_commit')}; fresh process per row, modes interleaved "
+        f"(A B .. B A), {max(len(v) for v in by.values())} processes per mode; medians over them.",
+        f"Command: `{rows[-1]['run']['command']}`. Load (1 min) at the rows: "
+        f"{min(r['environment']['load_1min'] or 0 for r in rows if r['environment'])}-"
+        f"{max(r['environment']['load_1min'] or 0 for r in rows if r['environment'])}.",
+        "",
+        "| mode | step s (median) | / off | peak RSS over baseline MiB | / conventional "
+        "| resident after the step MiB |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for mode in MODES:
+        if mode not in by:
+            continue
+        t = med(mode, "time_s_median")
+        rss = med(mode, "rss_delta_bytes")
+        off = f"{t / med('off', 'time_s_median'):.2f}" if "off" in by else "–"
+        ratio = f"{rss / conventional:.3f}" if conventional else "–"
+        lines.append(
+            f"| {mode} | {t:.2f} | {off} | {rss / 2**20:.0f} "
+            f"(range {min(m['rss_delta_bytes'] for m in by[mode]) / 2**20:.0f}-"
+            f"{max(m['rss_delta_bytes'] for m in by[mode]) / 2**20:.0f}) | {ratio} | "
+            f"{med(mode, 'rss_after_bytes') / 2**20:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m suites.host_memory_scope", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=2, help="A B .. B A rounds (default 2)")
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    path = results_path(args.out)
+    command = "python -m suites.host_memory_scope " + " ".join(argv or sys.argv[1:])
+    for r in range(args.rounds):
+        order = args.modes if r % 2 == 0 else args.modes[::-1]
+        for mode in [*order, *order[::-1]]:
+            payload = {"mode": mode, "size": args.size, "tile": args.tile}
+            payload["repeats"] = args.repeats
+            start = time.time()
+            done = run("suites.host_memory_scope", payload)
+            metrics = dict(done.result or {})
+            env = metrics.pop("environment", None)
+            status = "ok" if done.returncode == 0 and done.result else "error"
+            key = f"{mode}|{args.size}|{args.tile}|{r}"
+            row = {"key": key, "status": status, "params": payload, "environment": env}
+            row |= {"metrics": metrics, "reason": None if status == "ok" else done.stderr[-800:]}
+            row["run"] = {"command": command, "start": start, "wall_s": time.time() - start}
+            append_row(path, row)
+            t = metrics.get("time_s_median", float("nan"))
+            rss = metrics.get("rss_delta_bytes", 0) / 2**20
+            print(f"{key}: {status} {t:.2f} s, RSS +{rss:.0f} MiB", flush=True)
+    text = summary([r for r in read_rows(path) if r["run"]["command"] == command])
+    (args.out / "SUMMARY.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    if "--json" in sys.argv:
+        sys.exit(child(measure))
+    sys.exit(main())
