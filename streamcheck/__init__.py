@@ -7,6 +7,7 @@
 torch.Size([1, 8, 128, 128])
 """
 
+from .annotations import load_mask
 from .errors import StreamcheckError
 from .host_memory import keep_freed_host_memory
 from .lsuv import lsuv_init
@@ -27,6 +28,7 @@ __all__ = [
     "Tile",
     "__version__",
     "keep_freed_host_memory",
+    "load_mask",
     "lsuv_init",
     "open_image",
     "plan",

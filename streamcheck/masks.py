@@ -17,6 +17,13 @@ Rule T3. The contract: on computed tiles the output equals the plain module's; t
 Rule T4. ``tissue_mask`` makes a mask from a low-resolution level with scikit-image: Otsu's
          threshold on the saturation (HSV) channel, or a fixed saturation threshold. Background in
          a bright-field slide is white or grey (low saturation), stained tissue is coloured.
+Rule T5. Per-image masks. For a batch, the mask may be one per image: ``(N, *spatial)``,
+         ``(N, 1, *spatial)`` or a list of N masks (each of any resolution with the image's aspect
+         ratio). The tiles are shared by the batch (one tile is cut from all N images at once), so a
+         tile is computed when its input box touches a True pixel of *any* image's mask, and the
+         contract of Rule T3 holds with ``computed`` shared by all images: an image whose own mask
+         is empty on a computed tile still gets its true output there. One mask (no batch axis)
+         applies to every image.
 """
 
 from __future__ import annotations
@@ -29,55 +36,103 @@ import torch
 from .errors import StreamcheckError
 from .geometry import Box
 
-__all__ = ["ScaledMask", "tissue_mask"]
+__all__ = ["ScaledMask", "check_aspect", "tissue_mask"]
 
 
 class ScaledMask:
-    """A boolean mask laid over an image of ``spatial`` pixels (Rule T1)."""
+    """A boolean mask laid over an image of ``spatial`` pixels (Rule T1), or one mask per image of
+    a batch (Rule T5): ``(N, *spatial)``, ``(N, 1, *spatial)`` or a list of N masks."""
 
-    def __init__(self, mask: Any, spatial: Sequence[int]) -> None:
-        if not isinstance(mask, torch.Tensor):
-            if not (hasattr(mask, "shape") and hasattr(mask, "dtype")):
-                raise StreamcheckError(
-                    f"streamcheck: mask must be a boolean tensor or NumPy array, got "
-                    f"{type(mask).__module__}.{type(mask).__name__}"
-                )
-            mask = torch.from_numpy(_as_numpy(mask))
-        if mask.dtype != torch.bool:
-            raise StreamcheckError(
-                f"streamcheck: mask must be boolean, got {mask.dtype}. Fix: pass mask > 0 "
-                "(or streamcheck.tissue_mask(...))"
-            )
+    def __init__(self, mask: Any, spatial: Sequence[int], *, batch: int | None = None) -> None:
         spatial = tuple(int(n) for n in spatial)
-        if mask.dim() != len(spatial):
-            raise StreamcheckError(
-                f"streamcheck: mask of shape {tuple(mask.shape)} has {mask.dim()} axes; the image "
-                f"has {len(spatial)} spatial axes ({' x '.join(map(str, spatial))} px). Fix: one "
-                "mask axis per spatial axis (drop batch and channel axes)"
-            )
-        sizes = tuple(mask.shape)
-        for axis, (m, n) in enumerate(zip(sizes, spatial, strict=True)):
-            for other, (m2, n2) in enumerate(zip(sizes, spatial, strict=True)):
-                if other != axis and abs(m - n * m2 / n2) > 1:  # Rule T1
+        if isinstance(mask, (list, tuple)):
+            masks = [_as_bool_tensor(m) for m in mask]
+            per_image = True
+        else:
+            one = _as_bool_tensor(mask)
+            per_image = one.dim() in (len(spatial) + 1, len(spatial) + 2)
+            if one.dim() == len(spatial) + 2:
+                if one.shape[1] != 1:
                     raise StreamcheckError(
-                        f"streamcheck: mask {' x '.join(map(str, sizes))} does not have the "
-                        f"aspect ratio of the image {' x '.join(map(str, spatial))} px (scaled by "
-                        f"its axis {other}, the mask's axis {axis} should be "
-                        f"{n * m2 / n2:.1f}, not {m}). Fix: make the mask from this image (or a "
-                        "pyramid level of it), e.g. streamcheck.tissue_mask(open_image(path, level=-1))"
+                        f"streamcheck: mask of shape {tuple(one.shape)} has {one.shape[1]} "
+                        f"channels; a per-image mask is (N, {', '.join('...' for _ in spatial)}) "
+                        "or (N, 1, ...). Fix: one boolean channel, e.g. mask.any(dim=1)"
                     )
-            if m == 0:
-                raise StreamcheckError(f"streamcheck: mask of shape {sizes} is empty")
-        self.mask = mask.cpu()
+                one = one[:, 0]
+            masks = list(one) if per_image else [one]
+        if per_image and batch is not None and len(masks) != batch:
+            raise StreamcheckError(
+                f"streamcheck: {len(masks)} per-image masks for a batch of {batch} images. "
+                "Fix: one mask per image, in the batch's order"
+            )
+        if not masks:
+            raise StreamcheckError("streamcheck: an empty list of masks")
+        for m in masks:
+            if m.dim() != len(spatial):
+                raise StreamcheckError(
+                    f"streamcheck: mask of shape {tuple(m.shape)} has {m.dim()} axes; the image "
+                    f"has {len(spatial)} spatial axes ({' x '.join(map(str, spatial))} px). Fix: "
+                    "one mask axis per spatial axis, with a batch axis first for one mask per "
+                    "image: (N, *spatial), (N, 1, *spatial) or a list"
+                )
+            check_aspect(tuple(m.shape), spatial, what="mask")
+        self.masks = [m.cpu() for m in masks]
         self.spatial = spatial
 
+    @property
+    def mask(self) -> torch.Tensor:
+        """The mask of a single image (one mask for the batch)."""
+        if len(self.masks) != 1:
+            raise StreamcheckError(
+                "streamcheck: this ScaledMask holds one mask per image; use .masks"
+            )
+        return self.masks[0]
+
     def touches(self, box: Box) -> bool:
-        """Whether the image box ``box`` touches a True mask pixel (Rule T2)."""
+        """Whether the image box ``box`` touches a True pixel of any image's mask (Rules T2, T5)."""
+        return any(self.touches_image(n, box) for n in range(len(self.masks)))
+
+    def touches_image(self, n: int, box: Box) -> bool:
+        """Whether ``box`` touches a True pixel of image ``n``'s mask (Rule T2)."""
+        mask = self.masks[n]
         index = tuple(
-            slice(start * m // n, -(-stop * m // n))
-            for (start, stop), m, n in zip(box, self.mask.shape, self.spatial, strict=True)
+            slice(start * m // size, -(-stop * m // size))
+            for (start, stop), m, size in zip(box, mask.shape, self.spatial, strict=True)
         )
-        return bool(self.mask[index].any())
+        return bool(mask[index].any())
+
+
+def check_aspect(sizes: Sequence[int], spatial: Sequence[int], *, what: str) -> None:
+    """A mask of ``sizes`` fits an image of ``spatial`` px (Rule T1), or an error."""
+    sizes = tuple(int(n) for n in sizes)
+    for axis, (m, n) in enumerate(zip(sizes, spatial, strict=True)):
+        if m == 0:
+            raise StreamcheckError(f"streamcheck: {what} of shape {sizes} is empty")
+        for other, (m2, n2) in enumerate(zip(sizes, spatial, strict=True)):
+            if other != axis and abs(m - n * m2 / n2) > 1:  # Rule T1
+                raise StreamcheckError(
+                    f"streamcheck: {what} {' x '.join(map(str, sizes))} does not have the "
+                    f"aspect ratio of the image {' x '.join(map(str, spatial))} px (scaled by "
+                    f"its axis {other}, the mask's axis {axis} should be "
+                    f"{n * m2 / n2:.1f}, not {m}). Fix: make the mask from this image (or a "
+                    "pyramid level of it), e.g. streamcheck.tissue_mask(open_image(path, level=-1))"
+                )
+
+
+def _as_bool_tensor(mask: Any) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        if not (hasattr(mask, "shape") and hasattr(mask, "dtype")):
+            raise StreamcheckError(
+                f"streamcheck: mask must be a boolean tensor or NumPy array, got "
+                f"{type(mask).__module__}.{type(mask).__name__}"
+            )
+        mask = torch.from_numpy(_as_numpy(mask))
+    if mask.dtype != torch.bool:
+        raise StreamcheckError(
+            f"streamcheck: mask must be boolean, got {mask.dtype}. Fix: pass mask > 0 "
+            "(or streamcheck.tissue_mask(...))"
+        )
+    return mask
 
 
 def _as_numpy(array: Any) -> Any:

@@ -85,10 +85,12 @@ def test_a_box_touches_the_mask_pixels_whose_area_it_overlaps(mask_shape, scale,
             r"mask 10 x 20 does not have the aspect ratio of the image 96 x 80",
         ),
         (torch.ones(12, 10), r"boolean, got torch\.float32.*mask > 0"),
-        (torch.ones(1, 12, 10, dtype=torch.bool), r"3 axes; the image has 2 spatial axes"),
+        (torch.ones(1, 1, 1, 12, 10, dtype=torch.bool), r"5 axes; the image has 2 spatial axes"),
+        (torch.ones(1, 3, 12, 10, dtype=torch.bool), r"3 channels; a per-image mask is"),
+        ([torch.ones(12, 10, dtype=torch.bool), torch.ones(10, 3, dtype=torch.bool)], "aspect"),
         ("tissue", r"boolean tensor or NumPy array, got builtins\.str"),
     ],
-    ids=["aspect", "dtype", "axes", "type"],
+    ids=["aspect", "dtype", "axes", "channels", "per-image aspect", "type"],
 )
 def test_bad_masks_are_refused_before_any_tile(mask, message) -> None:
     counting = Counting()
