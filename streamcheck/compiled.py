@@ -133,14 +133,18 @@ class TilePrograms:
         x: torch.Tensor,
         *,
         stop_at_output_input: bool = False,
+        globals: dict[str, torch.Tensor] | None = None,
     ) -> Any:
-        """``run_tile(graph, schedule, x)``, through the program of the schedule's class."""
+        """``run_tile(graph, schedule, x)``, through the program of the schedule's class; global
+        values (program Rule P8) are inputs of the program."""
         entry = self._for(graph, schedules)
-        if entry.failed is not None:
-            return run_tile(graph, schedule, x, stop_at_output_input=stop_at_output_input)
-        cls = entry.classes.get(id(schedule))
-        if cls is None:  # not one of the plan's schedules: no class to share
-            return run_tile(graph, schedule, x, stop_at_output_input=stop_at_output_input)
+        bound = globals or {}
+        if entry.failed is not None or entry.classes.get(id(schedule)) is None:
+            # failed before, or not one of the plan's schedules: no class to share
+            return run_tile(
+                graph, schedule, x, stop_at_output_input=stop_at_output_input, globals=bound
+            )
+        cls = entry.classes[id(schedule)]
         device = x.device.type
         key = (
             cls,
@@ -154,17 +158,17 @@ class TilePrograms:
         )
         program = entry.programs.get(key)
         if program is not None:
-            return program(x)
+            return program(x, bound)
         first = schedule  # Rule C2: the class's program runs its first schedule
 
-        def tile_program(t: torch.Tensor) -> Any:
-            return run_tile(graph, first, t, stop_at_output_input=stop_at_output_input)
+        def tile_program(t: torch.Tensor, g: dict[str, torch.Tensor]) -> Any:
+            return run_tile(graph, first, t, stop_at_output_input=stop_at_output_input, globals=g)
 
         start = time.perf_counter()
         try:
             compiler = self._compiler or torch.compile
             program = compiler(_own_code(tile_program), dynamic=False, fullgraph=False)
-            result = program(x)
+            result = program(x, bound)
         except Exception as e:  # Rule C4: any failure to compile falls back, said once
             entry.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             warnings.warn(
@@ -177,7 +181,9 @@ class TilePrograms:
             entry.records.append(
                 CompileRecord(entry.counts[cls], key[1], time.perf_counter() - start, False)
             )
-            return run_tile(graph, schedule, x, stop_at_output_input=stop_at_output_input)
+            return run_tile(
+                graph, schedule, x, stop_at_output_input=stop_at_output_input, globals=bound
+            )
         entry.records.append(CompileRecord(entry.counts[cls], key[1], time.perf_counter() - start))
         entry.programs[key] = program
         return result

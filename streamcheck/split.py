@@ -29,6 +29,10 @@ Rule SP6. When the search ends before a module that is not opened, that module i
           traces it) and the search continues inside it, so the prefix ends at the deepest cut;
           when there is no cut inside, the module stays whole (the engine then names refused
           layers inside it by their paths).
+Rule SP8. Statistics over space stream (reductions Rules R1-R5), so a prefix may hold squeeze-
+          excite blocks and train-mode BatchNorm, within the engine's ``max_levels`` (plan Rule
+          PL2); but a trunk ends in a feature map: the cut after a global pooling is refused
+          (``Streamed(model)`` streams a whole classifier to its logits instead).
 Rule SP7. The default prefix *ends early* when a later cut is still a map: the head computes on
           space, not only on pooled features. ``split`` then warns, naming the refused layers by
           path; ``Split.stopped_by`` holds the same message in every case where the prefix stopped
@@ -49,7 +53,7 @@ from torch import nn
 from torch.fx.graph_module import _copy_attr
 
 from .errors import StreamcheckError, internal_error
-from .graph import _meta_values, build_graph
+from .graph import Graph, _meta_values, build_graph
 from .plan import _param_dtype, make_plan, normalize_tile
 
 __all__ = ["Part", "Split", "split"]
@@ -336,6 +340,7 @@ class _Cuts:
             trunk, _ = self.parts(k)
             try:
                 graph = build_graph(trunk, self.shape, dtype=_param_dtype(self.model))
+                _check_spatial_output(graph)
                 self._engine_strides[k] = make_plan(graph, edges).total_stride
                 self._refusals[k] = None
             except StreamcheckError as error:
@@ -504,6 +509,20 @@ def _in_both_modes(module: nn.Module, trace: Callable[[], fx.Graph]) -> dict[boo
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def _check_spatial_output(graph: Graph) -> None:
+    """Rule SP8: a trunk ends in a feature map, not in a statistic over it."""
+    nodes = graph.nodes
+    for o in graph.outputs or (graph.output,):
+        if not nodes[o].spatial:
+            last = nodes[graph.reductions[-1]]
+            raise StreamcheckError(
+                "streamcheck: cannot stream this module exactly; these layers break locality:\n"
+                f"  - '{last.path}': reduces over every spatial axis, so what follows has no "
+                "feature map to stream: the trunk ends before it. Fix: stream the whole model "
+                "with Streamed(model), which computes its outputs exactly through the statistic."
+            )
 
 
 def _stride(small: Any, big: Any, axes: int) -> tuple[int, ...] | None:

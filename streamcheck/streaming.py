@@ -311,8 +311,8 @@ def _check_maskable(plan: StreamPlan) -> None:
         )
     if graph.multiscale:
         raise StreamcheckError(
-            "streamcheck: mask= is not supported for modules that upsample or return several "
-            "outputs. Fix: stream without a mask"
+            "streamcheck: mask= (and computed_region) is not supported for modules that "
+            "upsample or return several outputs. Fix: stream without a mask"
         )
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 import streamcheck
 from streamcheck.testing.checker import assert_streaming_equivalent
-from suites.equivalence.trunks import randomize_norms
+from suites.trunks import randomize_norms
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -96,29 +96,45 @@ def test_the_default_is_the_longest_streamable_prefix(resnet18: nn.Module) -> No
         streamcheck.split(resnet18, until="avgpool", input_shape=SHAPE)  # the next cut
 
 
-def test_squeeze_excite_ends_the_prefix_early_with_a_warning(seresnet18: nn.Module) -> None:
-    with pytest.warns(
-        UserWarning, match=r"(?s)ends early, after 'maxpool'.*'layer1\.0\.se \(mean\)'"
-    ):
+def test_squeeze_excite_streams_so_the_prefix_reaches_the_global_pool(
+    seresnet18: nn.Module,
+) -> None:
+    """Rule SP8: squeeze-excite blocks are statistic levels now, not refusals."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         cut = streamcheck.split(seresnet18, input_shape=SHAPE)
-    assert cut.cut == "maxpool" and cut.total_stride == (4, 4)
-    assert cut.stopped_by is not None and "global pooling" in cut.stopped_by
+    assert cut.cut == "layer4" and cut.total_stride == (32, 32)
+    assert cut.stopped_by is not None and "'global_pool.pool'" in cut.stopped_by
     assert_pair_is_the_model(seresnet18, cut)
-    streamcheck.Streamed(cut.trunk, tile=32).plan((1, 3, 96, 96))  # the engine takes it
+    plan = streamcheck.Streamed(cut.trunk, tile=512).plan((1, 3, 512, 512))
+    assert plan.levels == 8  # one squeeze-excite per basic block
 
 
-def test_until_past_a_non_local_layer_names_it_and_the_fix(seresnet18: nn.Module) -> None:
+def test_until_past_the_global_pool_names_it_and_the_fix(seresnet18: nn.Module) -> None:
     with pytest.raises(streamcheck.StreamcheckError) as error:
-        streamcheck.split(seresnet18, until="layer2", input_shape=SHAPE)
+        streamcheck.split(seresnet18, until="global_pool", input_shape=SHAPE)
     message = str(error.value)
-    assert "'layer1.0.se (mean)'" in message and "until='maxpool'" in message
+    assert "'global_pool.pool'" in message and "until='layer4'" in message
+    assert "Streamed(model)" in message
 
 
-def test_a_cut_inside_a_block_before_its_squeeze_excite() -> None:
-    model = built(lambda: torchvision.models.mobilenet_v3_small(weights=None))
-    with pytest.warns(UserWarning, match="features.1.block.1.avgpool"):
-        cut = streamcheck.split(model, input_shape=SHAPE)
-    assert cut.cut == "features.1.block.0"  # inside features.1, which has no skip connection
+class RowMean(nn.Module):
+    """A block that averages over rows only: not a statistic of the whole map (Rule G13)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * x.mean(2, keepdim=True).sigmoid()
+
+
+def test_a_reduction_over_some_spatial_axes_ends_the_prefix_early_with_a_warning() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), RowMean(), nn.Conv2d(4, 2, 3))
+    with pytest.warns(UserWarning, match=r"(?s)ends early, after '1'.*only some spatial axes"):
+        cut = streamcheck.split(model.double(), input_shape=SHAPE)
+    assert cut.cut == "1"
     assert_pair_is_the_model(model, cut)
 
 
