@@ -9,6 +9,7 @@ torch.Size([1, 8, 128, 128])
 
 from .annotations import load_mask
 from .errors import StreamcheckError
+from .export import write_geojson, write_overlay
 from .host_memory import keep_freed_host_memory
 from .lsuv import lsuv_init
 from .masks import tissue_mask
@@ -34,4 +35,6 @@ __all__ = [
     "plan",
     "split",
     "tissue_mask",
+    "write_geojson",
+    "write_overlay",
 ]
