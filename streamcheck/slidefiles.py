@@ -112,7 +112,8 @@ class _TileCache:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
-        self.hits = self.misses = 0
+        self.hits = 0  # tiles served from the cache
+        self.decoded = 0  # tiles decoded (with or without a cache)
         self._tiles: OrderedDict[int, Any] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -120,7 +121,6 @@ class _TileCache:
         with self._lock:
             tile = self._tiles.get(index)
             if tile is None:
-                self.misses += 1
                 return None
             self.hits += 1
             self._tiles.move_to_end(index)
@@ -273,6 +273,7 @@ class TiffSource(ImageSource):
             return self._stored(out)
         tiles = {i: self._cache.get(i) for i in wanted} if self.cache_bytes else {}
         missing = [i for i in wanted if tiles.get(i) is None]
+        self._cache.decoded += len(missing)
         if missing:
             fh = self._tiff.filehandle
             raw = list(

@@ -195,7 +195,7 @@ def test_parallel_decoding_and_the_cache_give_the_same_pixels_and_decode_once(
         region = np.s_[:, :, slice(*rows), slice(*cols)]
         assert torch.equal(fast[region], plain[region])
     cache = fast._cache
-    assert cache.misses == 8 * 12  # every tile (32 px) decoded once, by the first read
+    assert cache.decoded == 8 * 12  # every tile (32 px) decoded once, by the first read
     assert cache.hits == 2 * (3 * 6)  # the two later reads: 3 x 6 tiles each, from the cache
     tiny = open_image(path, cache_bytes=32 * 32 * 3)  # room for one tile
     assert torch.equal(tiny.read_all(), plain.read_all())

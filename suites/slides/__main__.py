@@ -16,6 +16,10 @@ V3. Rows (``suites/rows.py``) are appended to ``results.jsonl`` as each point fi
     skips finished points (``--redo`` measures them again), so an interrupted run loses nothing.
     Every row carries ``suites.environment.environment("cpu")`` and the command that made it.
 V4. ``SUMMARY.md`` and ``slides.png`` are written from the rows alone (``summary.py``).
+V5. Decoding: a JPEG slide (256 px tiles, quality 90, as scanners write) streamed from its file
+    against its decoded pixels in a uint8 tensor, interleaved in one process, per setting of
+    ``decode_threads`` and ``cache_bytes`` (torch's default threads: wall-clock is what a user
+    waits for, and the decoding threads compete with torch's for the same cores).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from suites.slides.generate import write_slide
 from suites.slides.summary import ROW_KEYS, load, write_summary
 
 REPO = Path(__file__).resolve().parents[2]
-MEASURED = ("kind", "tile", "reps", "mode", "threads")  # what point.py is told
+MEASURED = ("kind", "tile", "reps", "mode", "threads", "decode_threads", "cache_mib")  # to point.py
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,17 @@ class Point:
     reps: int
     mode: str  # "train" (forward + backward) or "infer" (forward only)
     threads: int = 0  # torch intra-op threads; 0: torch's default
+    compression: str = "none"  # the slide's tiles: "none" or "jpeg" (quality 90)
+    decode_threads: int = 1  # open_image(decode_threads=...): a region's tiles decoded in parallel
+    cache_mib: int = 0  # open_image(cache_bytes=...): decoded tiles kept for backward's reads
 
     @property
     def key(self) -> str:
         key = f"{self.experiment}/{self.mode}/{self.kind}/{self.side}/{self.fraction}/{self.tile}"
-        return key + (f"/threads{self.threads}" if self.threads else "")
+        key += f"/threads{self.threads}" if self.threads else ""
+        if self.compression != "none":
+            key += f"/{self.compression}/decode{self.decode_threads}/cache{self.cache_mib}"
+        return key
 
 
 def grid(*, quick: bool) -> list[Point]:
@@ -72,6 +82,16 @@ def grid(*, quick: bool) -> list[Point]:
     points.append(Point("disk_vs_memory", "file_memory", side, 0.5, small_tile, pairs, "train", 1))
     for fraction in fractions:
         points.append(Point("skipping", "paired", side, fraction, small_tile, pairs, "train", 1))
+    # Rule V5: a JPEG slide from its file against its decoded pixels in memory, per setting
+    jpeg_side, jpeg_tile = (1024, 256) if quick else (8192, 1024)
+    settings = ((1, 0), (2, 0)) if quick else ((1, 0), (2, 0), (1, 256), (2, 256))
+    for decode_threads, cache_mib in settings:
+        points.append(
+            Point(
+                "decoding", "file_memory", jpeg_side, 0.5, jpeg_tile, min(pairs, 3), "train",
+                compression="jpeg", decode_threads=decode_threads, cache_mib=cache_mib,
+            )
+        )  # fmt: skip
     return points
 
 
@@ -98,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redo", action="store_true", help="measure finished points again")
     parser.add_argument(
         "--only",
-        choices=("rss", "disk_vs_memory", "skipping"),
+        choices=("rss", "disk_vs_memory", "skipping", "decoding"),
         action="append",
         help="run only these experiments (repeatable); rows from several runs merge by key",
     )
@@ -117,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     command += "".join(f" --only {e}" for e in args.only or ())
     workdir = Path(tempfile.mkdtemp(prefix="streamcheck-slides-", dir=args.workdir))
     try:
-        slides = sorted({(p.side, p.fraction) for p in points})
-        for number, (side, fraction) in enumerate(slides, 1):
+        slides = sorted({(p.side, p.fraction, p.compression) for p in points})
+        for number, (side, fraction, compression) in enumerate(slides, 1):
             need = side * side * 3 * 1.1
             free = shutil.disk_usage(workdir).free
             if free < 2 * need:  # Rule V2
@@ -127,14 +147,18 @@ def main(argv: list[str] | None = None) -> int:
                 )
             start = time.perf_counter()
             slide = write_slide(
-                workdir / f"slide-{side}-{fraction}.tif", side=side, fraction=fraction
+                workdir / f"slide-{side}-{fraction}-{compression}.tif",
+                side=side,
+                fraction=fraction,
+                compression=compression,
             )
             print(
                 f"[{number}/{len(slides)}] wrote {side}² px, {slide.file_bytes / 1e9:.2f} GB, "
                 f"tissue {slide.tissue_fraction:.2f} in {time.perf_counter() - start:.0f} s",
                 flush=True,
             )
-            for point in [p for p in points if (p.side, p.fraction) == (side, fraction)]:
+            here = (side, fraction, compression)
+            for point in [p for p in points if (p.side, p.fraction, p.compression) == here]:
                 start = time.perf_counter()
                 metrics = run_point(point, slide.path)
                 row = {

@@ -6,7 +6,8 @@ W1. Tissue is a smooth random field on the thumbnail grid (1/``THUMB`` of the sl
     thresholded at its ``1 - fraction`` quantile, so the thumbnail's tissue fraction is exact up to
     ties; every slide pixel takes its thumbnail pixel's class (blobs with ``THUMB``-pixel steps).
 W2. Pixels are stain or glass colours plus fixed noise tiles, so content is not constant and the
-    TIFF's uncompressed tiles are the file size: ``height * width * 3`` bytes plus the thumbnail.
+    TIFF's uncompressed tiles are the file size: ``height * width * 3`` bytes plus the thumbnail
+    (JPEG tiles, for the decoding experiment, are smaller).
 W3. The slide is written tile by tile from a generator: writing a 4 GB slide holds one tile row of
     the thumbnail and one 256 x 256 tile in memory, never the level.
 """
@@ -69,8 +70,11 @@ def _tiles(tissue: np.ndarray, noise: np.ndarray, scale: int) -> Iterator[np.nda
                 yield paint(np.repeat(np.repeat(block, scale, axis=0), scale, axis=1), k)
 
 
-def write_slide(path: Path, *, side: int, fraction: float, seed: int = 0) -> Slide:
-    """A ``side`` x ``side`` px slide (a multiple of 1024) with ``fraction`` of tissue."""
+def write_slide(
+    path: Path, *, side: int, fraction: float, seed: int = 0, compression: str = "none"
+) -> Slide:
+    """A ``side`` x ``side`` px slide (a multiple of 1024) with ``fraction`` of tissue, its tiles
+    uncompressed (``"none"``) or JPEG at quality 90 (``"jpeg"``, as scanners write)."""
     import tifffile
 
     if side % (4 * TILE):  # level 1 (1/4) is whole tiles too
@@ -79,7 +83,11 @@ def write_slide(path: Path, *, side: int, fraction: float, seed: int = 0) -> Sli
     tissue = tissue_field(thumb, thumb, fraction, seed)
     rng = np.random.default_rng(seed + 1)
     noise = rng.integers(-6, 7, (8, TILE, TILE, 3), dtype=np.int16)
-    options = {"tile": (TILE, TILE), "photometric": "rgb", "dtype": np.uint8}
+    options: dict = {"tile": (TILE, TILE), "photometric": "rgb", "dtype": np.uint8}
+    if compression == "jpeg":
+        options.update(compression="jpeg", compressionargs={"level": 90})
+    elif compression != "none":
+        raise ValueError(f"compression {compression!r}")
     with tifffile.TiffWriter(path, bigtiff=True) as tw:  # (tifffile reads steps of 4 as levels)
         tw.write(_tiles(tissue, noise, THUMB), shape=(side, side, 3), subifds=2, **options)
         tw.write(

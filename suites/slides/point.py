@@ -46,7 +46,14 @@ def normalise(t: torch.Tensor) -> torch.Tensor:
 
 
 def measure(
-    path: str, kind: str, tile: int, reps: int, mode: str, threads: int = 0
+    path: str,
+    kind: str,
+    tile: int,
+    reps: int,
+    mode: str,
+    threads: int = 0,
+    decode_threads: int = 1,
+    cache_mib: int = 0,
 ) -> dict[str, Any]:
     import tifffile
 
@@ -57,7 +64,9 @@ def measure(
 
     trunk, head = network()
     streamed = streamcheck.Streamed(trunk, tile=tile, tile_transform=normalise)
-    source = streamcheck.open_image(path)
+    source = streamcheck.open_image(
+        path, decode_threads=decode_threads, cache_bytes=cache_mib * 2**20
+    )
 
     def step(x: Any, m: Any = None) -> None:
         if mode == "infer":  # forward only, as when scoring a slide
@@ -83,7 +92,13 @@ def measure(
     if kind == "file_memory":  # the same pixels from the file and from a tensor
         image = read_whole()
         sides = {"file": lambda: step(source), "memory": lambda: step(image)}
-        return _paired(sides, reps) | {"tiles": plan.n_tiles, "nice": os.nice(0)}
+        cache = source._cache  # decoded tiles served from the cache / decoded (Rule SF4)
+        return _paired(sides, reps) | {
+            "tiles": plan.n_tiles,
+            "nice": os.nice(0),
+            "cache_hits": cache.hits,
+            "tiles_decoded": cache.decoded,
+        }
     if kind not in ("disk", "memory"):
         raise ValueError(f"unknown kind {kind!r}")
     image = read_whole() if kind == "memory" else source
@@ -155,4 +170,7 @@ if __name__ == "__main__":
     from suites.fresh import child
 
     options = ("path", "kind", "tile", "reps", "mode")
-    sys.exit(child(lambda a, _: measure(*(a[k] for k in options), threads=a.get("threads", 0))))
+    tuning = ("threads", "decode_threads", "cache_mib")
+    sys.exit(
+        child(lambda a, _: measure(*(a[k] for k in options), **{k: a[k] for k in tuning if k in a}))
+    )

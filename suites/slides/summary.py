@@ -198,7 +198,56 @@ def body(rows: list[dict[str, Any]], *, results_name: str, figure: str, level: s
         "head, the loss, scaling the mask) keeps the speed-up below the tiles ratio.",
         "",
     ]
-    return lines
+    return lines + _decoding(rows, level)
+
+
+def _decoding(rows: list[dict[str, Any]], level: str) -> list[str]:
+    """Rule V5: a JPEG slide from its file / from its decoded pixels in memory, per setting."""
+    decoding = sorted(
+        _by(rows, "decoding"),
+        key=lambda r: (r["params"]["decode_threads"], r["params"]["cache_mib"]),
+    )
+    if not decoding:
+        return []
+    first = decoding[0]
+    lines = [
+        f"{level} A JPEG slide from its file against its decoded pixels in memory (train steps)",
+        "",
+        f"{first['params']['side']}² px, JPEG tiles of 256 px at quality 90, tile "
+        f"{first['params']['tile']}, torch's default threads "
+        f"({first['metrics']['threads']}); each row one process running the two steps "
+        f"alternately ({len(first['metrics']['step_s']['file'])} of each after a warm-up of "
+        "each). `file / memory` is the median of the per-pair wall-clock ratios (what a user "
+        "waits for; the decoding threads compete with torch's for the same cores), then the ratio "
+        "of the least CPU times. Cache hits / decodes count the JPEG tiles served from the "
+        "decode-once cache / decoded over all steps of the process.",
+        "",
+    ]
+    lines += _table(
+        [
+            "decode threads",
+            "cache MiB",
+            "file / memory (wall, median pair)",
+            "file / memory (least CPU)",
+            "median step s, file / memory",
+            "cache hits / decodes",
+            "load",
+        ],
+        [
+            [
+                str(r["params"]["decode_threads"]),
+                str(r["params"]["cache_mib"]),
+                f"**{m['speedup_wall']:.2f}x**",
+                f"{m['speedup_cpu_min']:.2f}x",
+                f"{m['median_step_s']['file']:.2f} / {m['median_step_s']['memory']:.2f}",
+                f"{m['cache_hits']:,} / {m['tiles_decoded']:,}",
+                str(r["environment"]["load_1min"]),
+            ]
+            for r in decoding
+            for m in [r["metrics"]]
+        ],
+    )
+    return [*lines, ""]
 
 
 def _figure(
