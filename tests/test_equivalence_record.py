@@ -75,7 +75,7 @@ def test_trunk_entry_is_well_formed() -> None:
     import torch
 
     from suites.equivalence.record import check_trunk
-    from suites.equivalence.trunks import TRUNKS
+    from suites.trunks import TRUNKS
 
     trunk = next(t for t in TRUNKS if t.name == "MobileNetV2")
     row = check_trunk(trunk, torch.float64)

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from streamcheck.testing.checker import assert_streaming_equivalent
-from suites.equivalence.trunks import randomize_norms
-from suites.zoo.models import timm_trunk, torchvision_trunk
+from suites.trunks import randomize_norms, timm_trunk, torchvision_trunk
 from suites.zoo.run import input_and_tile
 
 pytest.importorskip("timm")

@@ -17,7 +17,14 @@ from torch import nn
 
 import streamcheck
 from streamcheck.testing.checker import assert_streaming_equivalent
-from suites.equivalence.trunks import randomize_norms
+from suites.trunks import (
+    RESNET,
+    checked,
+    randomize_norms,
+    torchvision_trunk,
+    tv_features,
+    vgg16_features,
+)
 
 torchvision = pytest.importorskip("torchvision")
 models = torchvision.models
@@ -25,42 +32,15 @@ models = torchvision.models
 
 def resnet_trunk(arch: str, *, up_to: str) -> nn.Module:
     """Stem + residual stages of a torchvision ResNet, keeping its module names."""
-    torch.manual_seed(0)
-    net = getattr(models, arch)(weights=None)
-    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-    names = names[: names.index(up_to) + 1]
-    return nn.Sequential(OrderedDict((name, getattr(net, name)) for name in names))
-
-
-def vgg16_trunk() -> nn.Module:
-    """``vgg16().features[:10]`` without building the 120M-parameter classifier (3 s)."""
-    torch.manual_seed(0)
-    return models.vgg.make_layers(models.vgg.cfgs["D"])[:10]
+    return torchvision_trunk(arch, RESNET[: RESNET.index(up_to) + 1])
 
 
 def mobilenet_v2_trunk() -> nn.Module:
-    torch.manual_seed(0)
-    return models.mobilenet_v2(weights=None).features[:4]
-
-
-def squeezenet1_1_trunk() -> nn.Module:
-    torch.manual_seed(0)
-    return models.squeezenet1_1(weights=None).features[:6]
-
-
-def densenet121_trunk() -> nn.Module:
-    torch.manual_seed(0)
-    return models.densenet121(weights=None).features[:5]
+    return tv_features("mobilenet_v2", 4)
 
 
 def convnext_tiny_trunk(stages: int) -> nn.Module:
-    torch.manual_seed(0)
-    trunk = models.convnext_tiny(weights=None).features[:stages]
-    with torch.no_grad():
-        for m in trunk.modules():
-            if isinstance(m, models.convnext.CNBlock):
-                m.layer_scale.fill_(1.0)
-    return trunk
+    return checked(tv_features("convnext_tiny", stages))
 
 
 # (builder, input shape, tile): inputs small enough for a loaded 2-core CPU, tiles giving >= 4
@@ -77,13 +57,13 @@ TRUNKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     # bottleneck layer2: +8 (stride-2 3x3), +48 -> 91 px [8]; downsample shortcut
     "resnet50-layer2": (lambda: resnet_trunk("resnet50", up_to="layer2"), (1, 3, 192, 192), 128),
     # conv conv pool conv conv pool: 16 px [4]
-    "vgg16-features10": (vgg16_trunk, (1, 3, 96, 96), 48),
+    "vgg16-features10": (vgg16_features, (1, 3, 96, 96), 48),
     # depthwise convs, ReLU6(inplace), an inverted residual with skip: 19 px [4]
     "mobilenet_v2-features4": (mobilenet_v2_trunk, (1, 3, 96, 96), 48),
     # fire modules (1x1 squeeze, 1x1 and 3x3 expand concatenated), ceil-mode max-pools: 39 px [4]
-    "squeezenet1_1-features6": (squeezenet1_1_trunk, (1, 3, 97, 97), 56),
+    "squeezenet1_1-features6": (lambda: tv_features("squeezenet1_1", 6), (1, 3, 97, 97), 56),
     # dense block: 6 x (BN, ReLU, 1x1, BN, ReLU, 3x3) concatenated, transition with avg-pool
-    "densenet121-features5": (densenet121_trunk, (1, 3, 96, 96), 80),
+    "densenet121-features5": (lambda: tv_features("densenet121", 5), (1, 3, 96, 96), 80),
     # patchify stem 4 px [4], 3 CNBlocks (7x7 depthwise, LayerNorm over channels, MLP,
     # layer scale, stochastic depth) +72 -> 76 px [4]
     "convnext_tiny-features2": (lambda: convnext_tiny_trunk(2), (1, 3, 160, 160), 112),

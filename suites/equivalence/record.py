@@ -63,9 +63,9 @@ from streamcheck.testing import (
     StreamingCase,
     check_streaming_equivalence,
 )
+from suites import trunks as T
 from suites.environment import environment
 
-from . import trunks as T
 from .draws import (
     FAMILIES,
     REFLECT_BUG,
@@ -158,7 +158,7 @@ def check_case(case: StreamingCase, dtype: torch.dtype, *, family: str = "chain"
 
 def check_trunk(trunk: T.Trunk, dtype: torch.dtype) -> dict[str, Any]:
     """Run the checker on a torchvision trunk (default tolerances)."""
-    module = T.build(trunk)
+    module = T.checked(trunk.build())
     x = torch.randn(trunk.input_shape, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     entry: dict[str, Any] = {

@@ -19,24 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 from streamcheck.state import module_state, tensor_versions
 from streamcheck.streaming import _placement
 from suites.environment import environment
+from suites.trunks import RESNET, torchvision_trunk, tv_features
 
 OUT = Path(__file__).resolve().parents[2] / "reports" / "revalidation"
 
 
 def trunks() -> dict[str, nn.Module]:
-    resnet = torchvision.models.resnet50()
-    convnext = torchvision.models.convnext_tiny()
     return {
-        "resnet50 to layer2": nn.Sequential(
-            resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1, resnet.layer2
-        ).eval(),
-        "convnext_tiny features[:4]": convnext.features[:4].eval(),
+        "resnet50 to layer2": torchvision_trunk("resnet50", RESNET[:6]).eval(),
+        "convnext_tiny features[:4]": tv_features("convnext_tiny", 4).eval(),
     }
 
 
@@ -92,6 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_summary(record, args.out)
+
+
+def write_summary(record: dict[str, Any], out: Path) -> None:
+    """``SUMMARY.md`` from the record alone (``results.json``)."""
     lines = [
         "# Plan-cache re-validation cost per call",
         "",
@@ -109,13 +110,13 @@ def main(argv: list[str] | None = None) -> None:
         "| checks / one tile |",
         "|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in record["rows"]:
         lines.append(
             f"| {r['model']} | {r['submodules']} | {r['tensors']} | {r['checks_ms']:.2f} ms | "
             f"{r['one_tile_forward_ms']:.0f} ms ({r['tile_px']}² px) | "
             f"{100 * r['checks_over_one_tile']:.2f} % |"
         )
-    (args.out / "SUMMARY.md").write_text("\n".join(lines) + "\n")
+    (out / "SUMMARY.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

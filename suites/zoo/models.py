@@ -8,8 +8,7 @@ Rule Z1. A timm trunk is the model's own feature extractor cut at its deepest fe
          extractor, ``feature_cls="getter"``). A torchvision trunk is the prefix of the model's
          own modules named in ``TORCHVISION`` (the stages to stride 8).
 Rule Z2. Every model is built with ``pretrained=False`` / ``weights=None`` and seed 0; BatchNorm and
-         LayerNorm get random statistics and affine parameters (``randomize_norms``: a fresh norm
-         is almost the identity, which would test little).
+         LayerNorm get random statistics and affine parameters (``suites/trunks.py`` Rules T1-T3).
 Rule Z3. ``expect`` is what a reader of the model's code expects: ``"exact"`` when every layer in
          the trunk is local, or the name of the genuinely non-local layer type the trunk contains
          (squeeze-excite's global pool, GroupNorm, attention). The run checks it (run.py Rule Z5).
@@ -17,12 +16,21 @@ Rule Z3. ``expect`` is what a reader of the model's code expects: ``"exact"`` wh
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from suites.trunks import (
+    RESNET,
+    THREE_D,
+    timm_trunk,
+    torchvision_model,
+    torchvision_trunk,
+    tv_features,
+    tv_layers,
+)
 
 
 @dataclass(frozen=True)
@@ -39,63 +47,7 @@ class ZooModel:
     shape_and_tile: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
 
-class Feature(nn.Module):
-    """The single feature map a timm feature extractor with one ``out_index`` returns."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)[0]
-
-
-def timm_trunk(name: str, *, stride: int = 8) -> nn.Module:
-    """Rule Z1 for timm: the model's features cut at the deepest reduction <= ``stride``."""
-    import timm
-
-    torch.manual_seed(0)
-    info = timm.create_model(name, pretrained=False, features_only=True).feature_info
-    index = max(i for i, r in enumerate(info.reduction()) if r <= stride)
-    torch.manual_seed(0)
-    net = timm.create_model(name, pretrained=False, features_only=True, out_indices=(index,))
-    if isinstance(net, timm.models.FeatureHookNet):  # hooks do not fire under fx: Rule Z1
-        torch.manual_seed(0)
-        net = timm.create_model(
-            name, pretrained=False, features_only=True, out_indices=(index,), feature_cls="getter"
-        )
-    return Feature(net)
-
-
-def prefix(model: nn.Module, names: list[str]) -> nn.Module:
-    """Rule Z1 for torchvision: the model's own top-level modules ``names``, in order."""
-    return nn.Sequential(OrderedDict((n.replace(".", "_"), model.get_submodule(n)) for n in names))
-
-
-def torchvision_trunk(arch: str, names: list[str], **kwargs: object) -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    where = torchvision.models.video if arch in _THREE_D else torchvision.models
-    return prefix(getattr(where, arch)(weights=None, **kwargs), names)
-
-
-def tv_features(arch: str, stop: int) -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    return getattr(torchvision.models, arch)(weights=None).features[:stop]
-
-
-def tv_layers(arch: str, stop: int) -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    return getattr(torchvision.models, arch)(weights=None).layers[:stop]
-
-
-_THREE_D = {"r3d_18", "mc3_18", "r2plus1d_18"}
-_RESNET = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"]
+_RESNET = RESNET[:6]
 _VIDEO = ["stem", "layer1", "layer2"]
 
 # torchvision: (name, family, expect, builder)
@@ -222,21 +174,18 @@ _CLASSIFIER_KWARGS: dict[str, dict[str, object]] = {
 def classifier(model: ZooModel) -> nn.Module:
     """The whole classifier a zoo trunk comes from (Rule Z2: random weights, seed 0), for split."""
     library, _, arch = model.name.partition(".")
-    torch.manual_seed(0)
     if library == "timm":
         import timm
 
+        torch.manual_seed(0)
         return timm.create_model(arch, pretrained=False)
-    import torchvision
-
-    where = torchvision.models.video if arch in _THREE_D else torchvision.models
-    return getattr(where, arch)(weights=None, **_CLASSIFIER_KWARGS.get(arch, {}))
+    return torchvision_model(arch, **_CLASSIFIER_KWARGS.get(arch, {}))
 
 
 def zoo() -> list[ZooModel]:
     """Every model of the zoo, torchvision first (Rules Z1-Z3)."""
     models = [
-        ZooModel(f"torchvision.{n}", "torchvision", f, e, b, 3 if n in _THREE_D else 2)
+        ZooModel(f"torchvision.{n}", "torchvision", f, e, b, 3 if n in THREE_D else 2)
         for n, f, e, b in TORCHVISION
     ]
     models += [

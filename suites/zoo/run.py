@@ -38,7 +38,7 @@ import torch
 
 import streamcheck
 from streamcheck.testing.checker import check_streaming_equivalence
-from suites.equivalence.trunks import randomize_norms
+from suites.trunks import randomize_norms
 
 from .models import READ_NON_LOCAL, ZooModel, classifier
 
