@@ -49,7 +49,7 @@ def test_a_point_row_has_every_field(tiny_run: tuple[Path, list[dict[str, Any]]]
         128,
         64,
     )
-    assert row["key"] == "streamcheck|cpu|float32|128|64|sum"
+    assert row["key"] == "streamcheck/paper/plain|cpu|float32|128|64|sum"  # Rule W1: settings
     assert m["n_tiles"] == 9  # ceil(128 / (64 - 3 - 3))^2
     assert m["overlap_px"] == [3, 3] and m["settings"] == "PyTorch defaults"
     assert p["device"] == "cpu" and p["dtype"] == "float32" and env["threads"] >= 1
@@ -126,10 +126,21 @@ def test_latest_row_per_key_wins_and_torn_lines_are_ignored(tmp_path: Path) -> N
     p = Point(name="conventional", input_px=8)
     assert not runner.is_done({"status": "error"}, p)
     assert runner.is_done({"status": "oom"}, p)
-    now = grid.CASES["conventional"].settings
-    assert runner.is_done({"status": "ok", "metrics": {"settings": now}}, p)
-    # measured under settings the case no longer has: measured again on resume
-    assert not runner.is_done({"status": "ok", "metrics": {"settings": "other defaults"}}, p)
+    assert runner.is_done({"status": "ok"}, p)
+
+
+def test_rows_are_keyed_by_resolved_settings_and_read_by_what_they_recorded() -> None:
+    # Rule W1: two names for one setting are one point; the engine's defaults resolved (FD1-FD2).
+    keep_freed = Point(name="streamcheck_keep_freed", input_px=8, tile_px=4)
+    assert replace(keep_freed, name="streamcheck_defaults").key == keep_freed.key
+    assert replace(keep_freed, name="streamcheck").key != keep_freed.key
+    # Rule W2: a committed row of the defaults of an earlier time (channels-last tiles) is read
+    # as what it measured, the tuned settings, not as today's defaults.
+    old = make_row("streamcheck_defaults", 8, 4)
+    old["metrics"]["settings"] = "streamcheck defaults: on a CPU channels-last float32 tiles + kept freed memory"  # fmt: skip
+    df = analysis.frame([old])
+    assert len(analysis.ok(df, "streamcheck_tuned")) == 1
+    assert len(analysis.ok(df, "streamcheck_defaults")) == 0
 
 
 def test_a_row_of_another_shape_is_an_error_that_names_its_place(tmp_path: Path) -> None:
@@ -245,11 +256,10 @@ def test_plots_and_summary_build_from_a_results_file(tmp_path: Path) -> None:
     tuned = "streamcheck_tuned (channels-last + keep_freed_host_memory()) / conventional_tuned"
     assert f"| {tuned} (channels-last + keep_freed_host_memory()) | 0.80 | – | 0.04 |" in text
     assert "| 0.012 | <= 0.05 | met | conventional estimated (linear fit in pixels) |" in text
-    assert (
-        "time streamcheck / lightstream (both PyTorch defaults), 2048², tile 512 | 0.75 |" in text
-    )
+    peer = "streamcheck (PyTorch defaults) / lightstream (PyTorch defaults)"
+    assert f"time {peer}, 2048², tile 512 | 0.75 |" in text
     assert "| 1.0000 | >= 0.99 | met |" in text  # time exactly linear in pixels
-    assert "conventional|cpu|float32|8192|-|sum" in text and "oom" in text
+    assert "conventional/paper/plain|cpu|float32|8192|-|sum" in text and "oom" in text
 
 
 def test_gate_passes_and_fails_against_the_ceilings(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@
     python -m suites.benchmark --gate          # CI gate vs suites/benchmark/ceilings.toml
 
 A rerun resumes: points already in ``<out>/results.jsonl`` are skipped (``--fresh`` starts over;
-``--redo 'streamcheck|cpu|float32|8192|'`` measures the points whose key contains that again, and
+``--redo 'streamcheck/paper/plain|cpu|float32|8192|'`` measures the points whose key or case
+name contains that again, and
 the new rows supersede the old, which stay in the file).
 """
 
@@ -64,8 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY_PART",
-        help="measure the points whose key (name|device|dtype|input|tile|loss) contains this "
-        "again, even if done (repeatable)",
+        help="measure the points whose key (settings|device|dtype|input|tile|loss) or case name "
+        "contains this again, even if done (repeatable)",
     )
     parser.add_argument("--plots-only", action="store_true", help="only rebuild figures + summary")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         out,
         command=command.strip(),
         progress=not args.no_progress,
-        redo=lambda point: any(part in point.key for part in args.redo),
+        redo=lambda point: any(part in f"{point.name} {point.key}" for part in args.redo),
     )
     print(f"results: {_display(results_path(out))}")
 

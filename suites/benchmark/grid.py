@@ -2,8 +2,8 @@
 
 A *point* is one (case, input, tile) measurement, run in a fresh process by ``point.py``; the
 cases (what is run, with which settings) are in ``workload.CASES``. A point's ``key`` names the
-workload, not the suite, so a point shared by two suites (conventional 2048^2, streaming 2048^2 at
-tile 512) is measured once and used by both figures.
+resolved settings (workload Rule W1), not the suite or the case, so a point shared by two suites
+or two case names is measured once and used by both.
 
 Modes: ``full`` (the committed sweep), ``quick`` (a few minutes: 1024^2 and 2048^2 only), ``gate``
 (the CI regression gate: the 2048^2 points of ``ceilings.toml``), ``tiny`` (tests: 128^2, tile 64).
@@ -56,8 +56,8 @@ class Point:
 
     @property
     def key(self) -> str:
-        tile = "-" if self.tile_px is None else str(self.tile_px)
-        return "|".join([self.name, self.device, self.dtype, str(self.input_px), tile, self.loss])
+        """Workload Rule W1: the case's resolved settings, not its name."""
+        return point_key(case(self.name).resolved().key, self.params())
 
     def params(self) -> dict[str, Any]:
         """The row's ``params``: every field but the name."""
@@ -70,6 +70,17 @@ class Point:
     def from_dict(cls, d: dict[str, Any]) -> Point:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def point_key(settings: str, params: dict[str, Any]) -> str:
+    """``settings|device|dtype|input|tile|loss``: what identifies a measurement (Rule W1).
+
+    >>> point_key("streamcheck/paper/plain", Point("streamcheck", 2048, 512).params())
+    'streamcheck/paper/plain|cpu|float32|2048|512|sum'
+    """
+    tile = "-" if params["tile_px"] is None else str(params["tile_px"])
+    fields = (params["device"], params["dtype"], str(params["input_px"]), tile, params["loss"])
+    return "|".join([settings, *fields])
 
 
 @dataclass(frozen=True)

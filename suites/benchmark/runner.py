@@ -12,9 +12,9 @@ from typing import Any
 
 from .. import fresh
 from ..environment import environment
-from ..rows import FINAL_STATUSES, append_row, latest_rows, read_rows, results_path
+from ..rows import FINAL_STATUSES, append_row, read_rows, results_path
 from . import analysis, peer, workload
-from .grid import Point
+from .grid import Point, point_key
 from .point import new_row
 
 MEM_SHARE = 0.7  # of MemAvailable at the start of a point: the cap given to its process
@@ -61,12 +61,9 @@ def skip_reason(point: Point) -> str | None:
 
 
 def is_done(row: dict[str, Any] | None, point: Point) -> bool:
-    """Whether ``row`` measured ``point`` already. A row whose recorded settings are not the
-    case's settings now (an engine default changed, say) measured something else: not done."""
+    """Whether ``row``, the latest of ``point``'s key (its resolved settings: workload Rule W1),
+    measured it already."""
     if row is None:
-        return False
-    recorded = (row.get("metrics") or {}).get("settings")
-    if recorded is not None and recorded != workload.case(point.name).settings:
         return False
     if row["status"] in FINAL_STATUSES:
         return True
@@ -110,7 +107,7 @@ def run_points(
     from tqdm import tqdm
 
     path = results_path(out)
-    previous = {r["key"]: r for r in latest_rows(read_rows(path))}
+    previous = {point_key(analysis.settings_key(r), r["params"]): r for r in read_rows(path)}
     todo = [p for p in points if redo(p) or not is_done(previous.get(p.key), p)]
     skipped_done = len(points) - len(todo)
     added = []

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import tomllib
 
 from ..report.format import table
 from ..report.sources import finite
@@ -17,7 +17,8 @@ from .analysis import (
     FIG3_TILE_PX,
     PAIRS,
     MiB,
-    conventional_at,
+    by_settings,
+    fastest_settings,
     linear_fit,
     load,
     loglog_exponent,
@@ -27,6 +28,7 @@ from .analysis import (
     settings,
     value_at,
 )
+from .gate import CEILINGS
 from .grid import MAX_TILES, ORDER, RESNET18_CASES, SPEED_CASES
 from .workload import CASES
 
@@ -56,140 +58,71 @@ def _mib(value: float | None) -> str:
     return _fmt(None if value is None else value / MiB, ",.0f")
 
 
-# Time ratio targets per pair (streaming, conventional); others: 1.30. Issue 17 asks streamcheck
-# with its defaults for <= 0.6x conventional with PyTorch's, and <= 0.75x with like settings.
-TIME_LIMITS = {
-    ("streamcheck_defaults", "conventional"): (0.60, "issue 17"),
-    ("streamcheck_tuned", "conventional_tuned"): (0.75, "issue 17"),
-    ("streamcheck_tuned", "conventional_compiled"): (0.75, "issue 17: against compiled"),
-    ("streamcheck_compiled", "conventional_compiled"): (0.75, "issue 17: both compiled"),
-}
+with CEILINGS.open("rb") as _f:
+    TARGETS = tomllib.load(_f)["target"]  # as data, beside the gate's ceilings
+METERS = {"time_s_median": "time", "peak_alloc_bytes": "allocator", "rss_delta_bytes": "RSS delta"}
 
 
 def targets(df: pd.DataFrame) -> list[Target]:
+    """``ceilings.toml``'s targets, measured: ratios (``pair_ratio``), best against best, and the
+    fits of memory in tile pixels and of time in input pixels."""
     n, t = FIG2_INPUT_PX, FIG3_TILE_PX
     out = []
-    for streaming, conventional in PAIRS:
-        r = pair_ratio(df, streaming, conventional, "time_s_median", input_px=n, tile_px=t)
-        limit, note = TIME_LIMITS.get((streaming, conventional), (1.30, ""))
-        out.append(Target(f"time {r.label}, {n}², tile {t}", r.value, limit, "<=", ".2f", note))
-    out.append(best_against_best(df, n, t))
-    defaults_rss = ratio(
-        value_at(df, "streamcheck_defaults", n, t, "rss_delta_bytes"),
-        conventional_at(df, n, "rss_delta_bytes")[0],
-    )
-    out.append(
-        Target(
-            f"memory streamcheck_defaults ({settings('streamcheck_defaults')}) / conventional "
-            f"({settings('conventional')}), {n}², tile {t} (RSS delta)",
-            defaults_rss,
-            0.20,
-            "<=",
-            ".3f",
-            "issue 17: kept freed memory must not cost the memory saving",
-        )
-    )
-    out.append(_against_peer(df, "streamcheck_defaults", "each its library's defaults", 0.30))
-    for px, limit in ((n, 0.20), (8192, 0.05)):
-        for metric, meter in (("peak_alloc_bytes", "allocator"), ("rss_delta_bytes", "RSS delta")):
-            conv, estimated = conventional_at(df, px, metric)
-            out.append(
-                Target(
-                    f"memory streamcheck / conventional (both {settings('conventional')}), "
-                    f"{px}², tile {t} ({meter})",
-                    ratio(value_at(df, "streamcheck", px, t, metric), conv),
-                    limit,
-                    "<=",
-                    ".3f",
-                    "conventional estimated (linear fit in pixels)" if estimated and conv else "",
-                )
-            )
-    out.append(_against_peer(df, "streamcheck", f"both {settings('streamcheck')}", 1.0))
-    tiles = ok(df, "streamcheck", input_px=n)
-    tile_fit = (
-        linear_fit(tiles["tile_px"].astype(float) ** 2, tiles["peak_alloc_bytes"])
-        if len(tiles)
-        else None
-    )
-    out.append(
-        Target(
-            f"memory linear in tile pixels (streamcheck, {n}², allocator): R² of mem = a + b·tile²",
-            None if tile_fit is None else tile_fit.r2,
-            0.99,
-            ">=",
-            ".4f",
-            ""
-            if tile_fit is None
-            else f"b = {tile_fit.slope:.1f} B per tile px, a = {tile_fit.intercept / MiB:.0f} MiB, "
-            f"{tile_fit.n} tiles",
-        )
-    )
-    for method in _streaming_methods(df):
-        stream = ok(df, method, tile_px=t)
-        fit = linear_fit(stream["pixels"], stream["time_s_median"]) if len(stream) else None
-        exponent = (
-            loglog_exponent(stream["pixels"], stream["time_s_median"]) if len(stream) else None
-        )
-        out.append(
-            Target(
-                f"time linear in input ({method}, tile {t}): R² of time = a + b·pixels",
-                None if fit is None else fit.r2,
-                0.99,
-                ">=",
-                ".4f",
-                ""
-                if fit is None
-                else f"b = {fit.slope * 1e6:.3g} s per Mpx, a = {fit.intercept:.3g} s, "
-                f"{fit.n} sizes; log-log exponent {_fmt(exponent, '.2f')}",
-            )
-        )
+    for spec in TARGETS:
+        note = spec.get("note", "")
+        if "fit" in spec:
+            out += _fit_targets(df, spec["fit"], spec["min_r2"], n, t)
+        elif spec.get("best"):
+            out.append(best_against_best(df, n, t, spec["max"], note))
+        else:
+            metric, px = spec.get("metric", "time_s_median"), spec.get("input_px", n)
+            r = pair_ratio(
+                df, spec["streaming"], spec["other"], metric, input_px=px, tile_px=t,
+                estimate=spec.get("estimate", False),
+            )  # fmt: skip
+            name = f"{METERS[metric]} {r.label}, {px}², tile {t}"
+            if r.estimated and r.value is not None:
+                note = "conventional estimated (linear fit in pixels)"
+            fmt = ".2f" if metric == "time_s_median" else ".3f"
+            out.append(Target(name, r.value, spec["max"], "<=", fmt, note))
     return out
 
 
-def _against_peer(df: pd.DataFrame, name: str, sides: str, limit: float) -> Target:
-    """Time of streamcheck case ``name`` / lightstream's at the paper's point (below 1: faster)."""
-    n, t = FIG2_INPUT_PX, FIG3_TILE_PX
-    return Target(
-        f"time {name} / lightstream ({sides}), {n}², tile {t}",
-        ratio(
-            value_at(df, name, n, t, "time_s_median"),
-            value_at(df, "lightstream", n, t, "time_s_median"),
-        ),
-        limit,
-        "<=",
-        ".2f",
-        "below 1: faster than the peer" + ("; issue 17" if limit < 1 else ""),
-    )
+def _fit_targets(df: pd.DataFrame, fit: str, min_r2: float, n: int, t: int) -> list[Target]:
+    """R² of memory = a + b·tile² (streamcheck at ``n``), or of time = a + b·pixels per method."""
+    if fit == "tile":
+        tiles = ok(df, "streamcheck", input_px=n)
+        f = (
+            linear_fit(tiles["tile_px"].astype(float) ** 2, tiles["peak_alloc_bytes"])
+            if len(tiles)
+            else None
+        )
+        what = (
+            f"memory linear in tile pixels (streamcheck, {n}², allocator): R² of mem = a + b·tile²"
+        )
+        how = (
+            f"b = {f.slope:.1f} B per tile px, a = {f.intercept / MiB:.0f} MiB, {f.n} tiles"
+            if f
+            else ""
+        )
+        return [Target(what, None if f is None else f.r2, min_r2, ">=", ".4f", how)]
+    out = []
+    for method in _streaming_methods(df):
+        stream = ok(df, method, tile_px=t)
+        f = linear_fit(stream["pixels"], stream["time_s_median"]) if len(stream) else None
+        slope = loglog_exponent(stream["pixels"], stream["time_s_median"]) if len(stream) else None
+        what = f"time linear in input ({method}, tile {t}): R² of time = a + b·pixels"
+        how = (
+            f"b = {f.slope * 1e6:.3g} s per Mpx, a = {f.intercept:.3g} s, {f.n} sizes; "
+            f"log-log exponent {_fmt(slope, '.2f')}"
+            if f
+            else ""
+        )
+        out.append(Target(what, None if f is None else f.r2, min_r2, ">=", ".4f", how))
+    return out
 
 
-def fastest_settings(df: pd.DataFrame, n: int, t: int) -> dict[str, tuple[float, list[str]]]:
-    """Per kind (streamcheck, conventional): the median step time of its fastest settings of the
-    benchmark network at (``n``, ``t``), and the cases that measured them.
-
-    Cases that run the same settings under two names (``Case.effective``) are pooled: their
-    timed steps together give one median, so that measuring a setting twice does not make
-    the better draw the headline (Rule B4). Migrated rows (another suite's run) are left out.
-    """
-    steps: dict[tuple[object, ...], tuple[list[float], list[str]]] = {}
-    for name in SPEED_CASES:
-        c = CASES[name]
-        rows = ok(df, name, input_px=n, tile_px=None if c.kind == "conventional" else t)
-        if not len(rows) or isinstance(rows.iloc[0].get("run_migrated"), str):
-            continue
-        times, names = steps.setdefault(c.effective(), ([], []))
-        row = rows.iloc[0]
-        every = row.get("time_s_all")
-        times += list(every) if isinstance(every, list) else [float(row["time_s_median"])]
-        names.append(name)
-    best: dict[str, tuple[float, list[str]]] = {}
-    for key, (times, names) in steps.items():
-        kind, median = str(key[0]), statistics.median(times)
-        if kind not in best or median < best[kind][0]:
-            best[kind] = (median, names)
-    return best
-
-
-def best_against_best(df: pd.DataFrame, n: int, t: int) -> Target:
+def best_against_best(df: pd.DataFrame, n: int, t: int, limit: float, note: str) -> Target:
     """The fastest streamcheck settings / the fastest conventional settings (``fastest_settings``),
     both sides named."""
     best = fastest_settings(df, n, t)
@@ -201,14 +134,8 @@ def best_against_best(df: pd.DataFrame, n: int, t: int) -> Target:
         return f"{' = '.join(names)} ({settings(names[0])}, {best[kind][0]:.2f} s)"
 
     value = best["streamcheck"][0] / best["conventional"][0] if len(best) == 2 else None
-    return Target(
-        f"time best / best: {side('streamcheck')} / {side('conventional')}, {n}², tile {t}",
-        value,
-        0.75,
-        "<=",
-        ".2f",
-        "issue 17: the fastest settings measured on each side (median of their timed steps)",
-    )
+    name = f"time best / best: {side('streamcheck')} / {side('conventional')}, {n}², tile {t}"
+    return Target(name, value, limit, "<=", ".2f", note)
 
 
 def _streaming_methods(df: pd.DataFrame) -> list[str]:
@@ -334,8 +261,8 @@ def speed_table(
     base = {kind: f"{prefix}{kind}" for kind in ("conventional", "streamcheck")}
     conventional_s = value_at(df, base["conventional"], n, None, "time_s_median")
     rows = []
-    for name in cases:
-        kind = CASES[name].kind
+    for names in by_settings(cases).values():
+        name, kind = names[0], CASES[names[0]].kind
         tile = None if kind == "conventional" else t
         found = ok(df, name, input_px=n, tile_px=tile)
         if not len(found):
@@ -347,7 +274,7 @@ def speed_table(
         computed = 1.0 if kind == "conventional" else computed
         rows.append(
             [
-                name,
+                " = ".join(names),
                 settings(name),
                 _fmt(time_s, ".2f"),
                 _fmt(r.get("cpu_s_median"), ".2f"),

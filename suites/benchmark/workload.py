@@ -4,6 +4,14 @@ Setup (network, input, memory format, compilation, wrappers) is built here apart
 body, the callable ``Workload.step``: one forward + backward (loss = output.sum()), parameter
 gradients left in ``.grad``. A case's settings are all named in its ``settings`` text, so that
 every ratio between two cases can say what each side ran with (Rule B2 in ``analysis.py``).
+
+Rules (workload):
+
+W1. A point is keyed by its case's *resolved* settings (``Settings.key``), never by the case's
+    name, which is a label: a rerun after an engine default changed measures again, and two names
+    for the same settings are one measurement.
+W2. A committed row is read by the settings it recorded (``recorded_settings``), so a row stays
+    what it measured whatever its name means today.
 """
 
 from __future__ import annotations
@@ -20,6 +28,57 @@ NETWORKS = ("paper", "table2", "resnet18", "unet2d", "unet3d")
 # Networks built as Sequential(streamed trunk, head).
 TWO_PART = ("table2", "resnet18")
 KINDS = ("conventional", "streamcheck", "lightstream")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings: what a row measured (Rule W1). Two case names with equal settings
+    measure the same thing; a case whose meaning changes (an engine default) gets other settings.
+
+    >>> case("streamcheck_defaults").resolved().key  # Rule FD2: kept freed memory; FD1: NCHW tiles
+    'streamcheck/paper/keep_freed'
+    """
+
+    kind: str
+    network: str
+    channels_last: bool
+    keep_freed: bool
+    huge_pages: bool
+    compile: bool
+
+    @property
+    def key(self) -> str:
+        on = [
+            f for f in ("channels_last", "keep_freed", "huge_pages", "compile") if getattr(self, f)
+        ]
+        return f"{self.kind}/{self.network}/{'+'.join(on) or 'plain'}"
+
+
+# Rule W2: a committed row's settings text -> the flags it names (texts of every era).
+SETTING_WORDS = {
+    "channels_last": ("channels-last",),
+    "keep_freed": ("keep_freed_host_memory()", "kept freed memory"),
+    "huge_pages": ("huge pages",),
+    "compile": ("torch.compile",),
+}
+
+
+def recorded_settings(name: str, text: str | None) -> Settings | None:
+    """Rule W2: the settings a row of case ``name`` was measured with: the ones its recorded
+    settings text names (what the name meant then), else the case's (a row from before texts
+    were recorded); None for a name no case has.
+
+    >>> text = "streamcheck defaults: on a CPU channels-last float32 tiles + kept freed memory"
+    >>> recorded_settings("streamcheck_defaults", text).key  # the defaults of that time
+    'streamcheck/paper/channels_last+keep_freed'
+    """
+    if name not in CASES:
+        return None
+    c = CASES[name]
+    if text is None:
+        return c.resolved()
+    flags = {f: any(w in text for w in words) for f, words in SETTING_WORDS.items()}
+    return Settings(c.kind, c.network, **flags)
 
 
 @dataclass(frozen=True)
@@ -58,14 +117,12 @@ class Case:
         """``name (settings)``: how a ratio names one side."""
         return f"{self.name} ({self.settings})"
 
-    def effective(self) -> tuple[Any, ...]:
+    def resolved(self) -> Settings:
         """What the case runs with on a CPU once streamcheck's defaults (None) are resolved
-        (engine Rules FD1-FD2: the image's layout, kept freed memory): equal for two cases that
-        measure the same settings under two names."""
-        streamed = self.kind == "streamcheck"
-        channels_last = bool(self.channels_last)
-        keep_freed = self.keep_freed if self.keep_freed is not None else streamed
-        return (self.kind, self.network, channels_last, keep_freed, self.huge_pages, self.compile)
+        (engine Rules FD1-FD2: the image's layout, kept freed memory)."""
+        keep_freed = self.keep_freed if self.keep_freed is not None else self.kind == "streamcheck"
+        flags = (bool(self.channels_last), keep_freed, self.huge_pages, self.compile)
+        return Settings(self.kind, self.network, *flags)
 
     def environment_variables(self) -> dict[str, str]:
         """What the case's fresh process needs in its environment (set before torch starts)."""

@@ -13,7 +13,6 @@ import pandas as pd
 
 from suites.benchmark import analysis as A
 from suites.benchmark.grid import ORDER
-from suites.benchmark.summary import fastest_settings
 
 from .format import PAPER, err, figure, mib, missing_note, relpath, sec, table
 from .sources import Source, finite
@@ -340,40 +339,31 @@ def memory_section(bench: Source, out_dir: Path) -> str:
 
 
 def headline_cost(bench: Source) -> str:
-    """The README's cost line (Rule B4): both pairs at the paper's size, and the memory saved."""
-    head = A.headline(bench.data["frame"])
+    """The README's cost line (Rule B4): three time ratios, each naming its settings once, and the
+    memory saved."""
+    df = bench.data["frame"]
+    head = A.headline(df)
     n, t = A.PAPER_INPUT_PX, A.PAPER_TILE_PX
     parts = []
-    for r in head["time"]:
-        both = f"both {A.settings(r.streaming)}" if r.same_settings else r.label
-        parts.append(
-            f"{r.value:.2f}x the conventional time ({r.streaming} / {r.conventional}, {both})"
+    for what, (s_settings, s_time), (c_settings, c_time), value in head["time"]:
+        sides = (
+            f"both {s_settings}, {s_time:.2f} s / {c_time:.2f} s"
+            if s_settings == c_settings
+            else f"{s_settings}, {s_time:.2f} s / {c_settings}, {c_time:.2f} s"
         )
-    best = fastest_settings(bench.data["frame"], n, t)
-    if len(best) == 2:
-        (s_time, s_names), (c_time, c_names) = best["streamcheck"], best["conventional"]
-        parts.append(
-            f"{s_time / c_time:.2f}x with each side's fastest settings measured ({s_names[0]}: "
-            f"{A.settings(s_names[0])}, {s_time:.2f} s; {c_names[0]}: {A.settings(c_names[0])}, "
-            f"{c_time:.2f} s)"
-        )
-    memory = head["memory"]
-    text = f"- **Cost?** At {n}², tile {t}: "
-    text += "; ".join(parts) if parts else "time not measured on both sides"
-    df = bench.data["frame"]
-    timed = [A.ok(df, r.streaming, input_px=n, tile_px=t) for r in head["time"]]
-    timed += [A.ok(df, r.conventional, input_px=n, tile_px=None) for r in head["time"]]
-    col = "other_processes_cores_busy"
-    busy = [float(x[col].iloc[0]) for x in timed if len(x) and col in x]
-    busy = [b for b in busy if finite(b)]
+        parts.append(f"**{value:.2f}x** with {what} ({sides})")
+    text = f"- **Cost?** One training step at {n}², tile {t}, streamed / conventional time: "
+    text += "; ".join(parts) if parts else "not measured on both sides"
+    timed = [A.ok(df, name, input_px=n) for name in head["names"]]
+    busy = [b for x in timed for b in x.get("other_processes_cores_busy", []) if finite(b)]
     if busy and max(busy) > 0.5:  # Rule E3 (suites/environment.py): the load is part of a timing
         text += (
-            f" (times measured on a shared 2-core CPU while other jobs kept {min(busy):.1f}-"
+            f" (measured on a shared 2-core CPU while other jobs kept {min(busy):.1f}-"
             f"{max(busy):.1f} cores busy)"
         )
-    if memory:
-        text += f"; {100 * memory[0].value:.0f} % of conventional's peak memory (allocator, both PyTorch defaults)"
-    large = head["memory_large"]
+    memory, large = head["memory"], head["memory_large"]
+    if memory is not None:
+        text += f". Peak memory (allocator, both PyTorch defaults): {100 * memory.value:.0f} % of conventional's"
     if large is not None and large.value is not None:
         how = (
             "an estimated conventional (linear in pixels; it did not run)"
