@@ -12,12 +12,10 @@ from typing import Any
 import pandas as pd
 
 from suites.benchmark import analysis as A
-from suites.benchmark.grid import ORDER
+from suites.benchmark.summary import like_with_like
 
-from .format import PAPER, err, figure, mib, missing_note, relpath, sec, table
+from .format import PAPER, err, figure, mib, missing_note, relpath, table
 from .sources import Source, finite
-
-TIME_SERIES = ORDER  # every series of the input sweep, each pair side by side
 
 
 def row_values(rows: list[dict[str, Any]], key: str) -> str:
@@ -36,12 +34,6 @@ def _bench_command(bench: Source) -> str | None:
 
 def _v(df: pd.DataFrame, name: str, px: int, tile: int | None, metric: str) -> float | None:
     return A.value_at(df, name, px, None if name.startswith("conventional") else tile, metric)
-
-
-def _status(df: pd.DataFrame, name: str, px: int) -> str:
-    """Why case ``name`` has no value at ``px``: its row's status, else not measured."""
-    rows = df[(df["name"] == name) & (df["input_px"] == px)] if len(df) else df
-    return str(rows["status"].iloc[-1]) if len(rows) else "not measured"
 
 
 def _ratio_text(r: A.Ratio) -> str:
@@ -135,145 +127,6 @@ def _claims_table(df: pd.DataFrame, tile: int) -> str:
     return table(["quantity", "paper (published, GPU)", "here (measured)"], rows, align="lll")
 
 
-def _per_input_tables(df: pd.DataFrame, tile: int) -> str:
-    """Time, memory and gradient error per input size: three small tables."""
-    inputs = sorted({int(p) for p in df["input_px"] if p == p}) if len(df) else []
-    inputs = [px for px in inputs if any(_v(df, n, px, tile, "time_s_median") for n in TIME_SERIES)]
-    series = [n for n in TIME_SERIES if len(A.ok(df, n))]
-    time_rows, memory_rows, grad_rows = [], [], []
-    for px in inputs:
-        cells: list[Any] = [px]
-        for name in series:
-            value = _v(df, name, px, tile, "time_s_median")
-            cells.append(sec(value) if value is not None else _status(df, name, px))
-        for s, c in A.PAIRS:
-            if s in series and c in series:
-                r = A.pair_ratio(df, s, c, "time_s_median", input_px=px, tile_px=tile)
-                cells.append(f"{r.value:.2f}" if r.value is not None else "-")
-        time_rows.append(cells)
-        mem: list[Any] = [px]
-        for meter in ("peak_alloc_bytes", "rss_delta_bytes"):
-            conv, stream = (
-                _v(df, "conventional", px, tile, meter),
-                _v(df, "streamcheck", px, tile, meter),
-            )
-            saved = 100 * (1 - stream / conv) if finite(conv) and finite(stream) and conv else None
-            mem += [
-                mib(conv) if conv is not None else _status(df, "conventional", px),
-                mib(stream) if stream is not None else _status(df, "streamcheck", px),
-                f"{saved:.1f}" if saved is not None else "-",
-                mib(_v(df, "lightstream", px, tile, meter)),
-            ]
-        memory_rows.append(mem)
-        grads = [
-            _v(df, "conventional", px, tile, "grad_rel_error_f64"),
-            _v(df, "streamcheck", px, tile, "grad_rel_error_f64"),
-            _v(df, "lightstream", px, tile, "grad_rel_error_f64"),
-            _v(df, "streamcheck", px, tile, "grad_rel_error"),
-            _v(df, "streamcheck_tuned", px, tile, "grad_rel_error"),
-            _v(df, "conventional_tuned", px, tile, "grad_rel_error"),
-        ]
-        if any(g is not None for g in grads):
-            grad_rows.append([px, *(err(g) if g is not None else "-" for g in grads)])
-    pair_headers = [f"{s} / {c}" for s, c in A.PAIRS if s in series and c in series]
-    parts = [
-        "Time per training step (median, seconds). Settings: "
-        + "; ".join(f"*{n}*: {A.settings(n)}" for n in series)
-        + ". Each ratio divides cases with the same settings, except the last, which sets "
-        "streaming's best against conventional's best:",
-        "",
-        table(["input px", *series, *pair_headers], time_rows),
-        "",
-        "Peak memory (MiB) and the share streaming saves (both PyTorch defaults):",
-        "",
-        table(
-            [
-                "input px",
-                "conv. alloc",
-                "streamcheck alloc",
-                "alloc saved %",
-                "lightstream alloc",
-                "conv. RSS",
-                "streamcheck RSS",
-                "RSS saved %",
-                "lightstream RSS",
-            ],
-            memory_rows,
-        ),
-    ]
-    if grad_rows:
-        parts += [
-            "",
-            "Weight-gradient error, max over parameters of max|g - g_ref| / max|g_ref| "
-            "(float64 reference: conventional training in float64; a conventional row against "
-            "it is float32's own rounding, the noise floor; *vs conventional*: against "
-            "conventional training with PyTorch defaults in the same dtype):",
-            "",
-            table(
-                [
-                    "input px",
-                    "conventional vs float64",
-                    "streamcheck vs float64",
-                    "lightstream vs float64",
-                    "streamcheck vs conventional",
-                    "streamcheck_tuned vs conventional",
-                    "conventional_tuned vs conventional",
-                ],
-                grad_rows,
-            ),
-        ]
-    return "\n".join(parts)
-
-
-def _tile_table(df: pd.DataFrame) -> str:
-    """Fig 2: the input size with the most streamcheck tiles measured, across tiles."""
-    px = A.fig2_input_px(df)
-    if px is None:
-        return ""
-    stream = A.ok(df, "streamcheck", input_px=px)
-    if len(stream) < 2:
-        return ""
-    body: list[list[Any]] = []
-    for _, r in stream.iterrows():
-        body.append(
-            [
-                int(r["tile_px"]),
-                int(r["n_tiles"]) if finite(r.get("n_tiles")) else "n/a",
-                sec(r.get("time_s_median")),
-                mib(r.get("peak_alloc_bytes")),
-                mib(r.get("rss_delta_bytes")),
-                err(r.get("grad_rel_error")),
-                err(r.get("grad_rel_error_f64")),
-            ]
-        )
-    conv = A.ok(df, "conventional", input_px=px)
-    if len(conv):
-        r = conv.iloc[0]
-        body.append(
-            [
-                "conventional",
-                1,
-                sec(r.get("time_s_median")),
-                mib(r.get("peak_alloc_bytes")),
-                mib(r.get("rss_delta_bytes")),
-                "-",
-                err(r.get("grad_rel_error_f64")),
-            ]
-        )
-    return f"Input {px} px, both PyTorch defaults.\n\n" + table(
-        [
-            "tile px",
-            "tiles",
-            "time s",
-            "alloc MiB",
-            "RSS MiB",
-            "grad error vs conventional",
-            "grad error vs float64",
-        ],
-        body,
-    )
-
-
 def memory_section(bench: Source, out_dir: Path) -> str:
     parts = ["## 3. Memory and time (paper Figs 2-3)", ""]
     if not bench.found:
@@ -301,13 +154,13 @@ def memory_section(bench: Source, out_dir: Path) -> str:
         "",
         _claims_table(df, tile),
         "",
-        f"### Per input size (streaming tile {tile} px)",
+        "### Like with like",
         "",
-        _per_input_tables(df, tile),
+        *like_with_like(df),
+        "",
+        "Every point, per input and tile size, with its load and gradient errors: the benchmark's "
+        "own summary (linked below).",
     ]
-    tile_table = _tile_table(df)
-    if tile_table:
-        parts += ["", "### Per tile size", "", tile_table]
     statuses = [r for r in rows if r.get("status", "ok") != "ok" and r.get("suite") != "speed"]
     if statuses:
         parts += [
