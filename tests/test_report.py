@@ -125,7 +125,7 @@ def equivalence_record() -> dict[str, Any]:
 
 
 def benchmark_rows() -> list[dict[str, Any]]:
-    """Rows as the benchmark pipeline writes them (``suites/benchmark/results.py`` Rule R1)."""
+    """Rows as the benchmark pipeline writes them (``suites/rows.py`` Rule J1)."""
     from suites.benchmark.grid import Point
     from suites.benchmark.point import new_row
 

@@ -2,7 +2,7 @@
 the report, never a crash and never a number from somewhere else.
 
 - ``equivalence/record.json``: written by ``python -m suites.equivalence``;
-- ``benchmark/results.jsonl``: one JSON row per measured point (``suites/benchmark/results.py``), plus
+- ``benchmark/results.jsonl``: one JSON row per measured point (``suites/rows.py``), plus
   any ``benchmark/*.json`` with run metadata, and the PNGs next to them;
 - ``imagenette/{label}_run.json``, ``_epochs.csv``, ``_steps.csv`` and PNGs
   (``suites/imagenette/train.py``, ``plots.py``); the real ImageNette run (``imagenette_``) is
