@@ -82,6 +82,16 @@ def gate(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def gpu(session: nox.Session) -> None:
+    """The GPU run's dry run on CPU, tiny sizes (CI): python -m suites.gpu --dry-run {posargs}."""
+    # What the lent GPU machines have preinstalled (PyTorch, torchvision, pytest, hypothesis, the
+    # bench libraries), in one resolver call as `install`: the dry run proves it needs no more.
+    bench = dict.fromkeys(nox.project.dependency_groups(PYPROJECT, "bench"))
+    session.install("-e", ".", "pytest>=8", "hypothesis>=6.100", *bench)
+    session.run("python", "-m", "suites.gpu", "--dry-run", *session.posargs)
+
+
+@nox.session(default=False)
 def reproduce(session: nox.Session) -> None:
     """Run the Imagenette training reproduction: python -m suites.imagenette {posargs}."""
     install(session, "bench")
