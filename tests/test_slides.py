@@ -46,12 +46,17 @@ def test_the_quick_suite_writes_rows_a_summary_and_a_figure_and_deletes_its_slid
     rows = [
         json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()
     ]
-    assert {r["params"]["experiment"] for r in rows} == {"rss", "disk_vs_memory", "skipping"}
+    experiments = {"rss", "disk_vs_memory", "skipping", "decoding"}
+    assert {r["params"]["experiment"] for r in rows} == experiments
     assert all(r["environment"]["torch"] and r["run"]["quick"] for r in rows)
     masked = next(r for r in rows if r["params"]["kind"] == "paired")
     assert 0 < masked["metrics"]["tiles_computed"] <= masked["metrics"]["tiles"]
+    jpeg = next(r for r in rows if r["params"]["experiment"] == "decoding")
+    # 1024² px of 256 px JPEG tiles: the cache (64 MiB) holds all 16, each decoded once
+    assert jpeg["metrics"]["tiles_decoded"] == 16 and jpeg["metrics"]["cache_hits"] > 0
     summary = (tmp_path / "out" / "SUMMARY.md").read_text()
     assert "--quick: tiny slides, not evidence" in summary and "speed-up" in summary
+    assert "A JPEG slide from its file" in summary
     assert (tmp_path / "out" / "slides.png").stat().st_size > 0
     assert not list(work.rglob("*.tif"))  # Rule V2
     assert main(["--quick", "--out", str(tmp_path / "out"), "--workdir", str(work)]) == 0
