@@ -11,8 +11,8 @@ FP2. The parent passes the point as ``--json PAYLOAD`` and a file as ``--result`
 
 Example (the child side is :func:`child`; ``suites/meters.py`` is such a child):
 
->>> done = run("suites.meters", {"setup": "", "code": "x = bytearray(2**20)"})  # doctest: +SKIP
->>> done.returncode, done.result["delta_bytes"] >= 0  # doctest: +SKIP
+>>> done = run("suites.meters", {"setup": "", "code": "x = bytearray(2**20)"})
+>>> done.returncode, done.result["delta_bytes"] >= 0
 (0, True)
 """
 

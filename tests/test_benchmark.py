@@ -49,7 +49,7 @@ def test_a_point_row_has_every_field(tiny_run: tuple[Path, list[dict[str, Any]]]
         128,
         64,
     )
-    assert row["key"] == "streamcheck/paper/plain|cpu|float32|128|64|sum"  # Rule W1: settings
+    assert row["key"] == "streamcheck/paper/plain|cpu|float32|128|64|sum"  # Rule KS1: settings
     assert m["n_tiles"] == 9  # ceil(128 / (64 - 3 - 3))^2
     assert m["overlap_px"] == [3, 3] and m["settings"] == "PyTorch defaults"
     assert p["device"] == "cpu" and p["dtype"] == "float32" and env["threads"] >= 1
@@ -130,11 +130,11 @@ def test_latest_row_per_key_wins_and_torn_lines_are_ignored(tmp_path: Path) -> N
 
 
 def test_rows_are_keyed_by_resolved_settings_and_read_by_what_they_recorded() -> None:
-    # Rule W1: two names for one setting are one point; the engine's defaults resolved (FD1-FD2).
+    # Rule KS1: two names for one setting are one point; the engine's defaults resolved (FD1-FD2).
     keep_freed = Point(name="streamcheck_keep_freed", input_px=8, tile_px=4)
     assert replace(keep_freed, name="streamcheck_defaults").key == keep_freed.key
     assert replace(keep_freed, name="streamcheck").key != keep_freed.key
-    # Rule W2: a committed row of the defaults of an earlier time (channels-last tiles) is read
+    # Rule KS2: a committed row of the defaults of an earlier time (channels-last tiles) is read
     # as what it measured, the tuned settings, not as today's defaults.
     old = make_row("streamcheck_defaults", 8, 4)
     old["metrics"]["settings"] = "streamcheck defaults: on a CPU channels-last float32 tiles + kept freed memory"  # fmt: skip

@@ -6,7 +6,7 @@
 Rules (benchmark analysis):
 
 B1. The latest row per resolved-settings key is the point's value (``suites/rows.py`` Rule J2,
-    workload Rules W1-W2: a committed row by the settings it recorded); rows are flattened to one
+    workload Rules KS1-KS2: a committed row by the settings it recorded); rows are flattened to one
     column per parameter and metric, with the settings key in column ``settings_key``. A case
     name selects the rows of its resolved settings, whatever name they were measured under.
 B2. A ratio names the case and settings of both sides (``Ratio.label``), and compares only cases
@@ -108,22 +108,24 @@ def ok(df: pd.DataFrame, name: str, **where: Any) -> pd.DataFrame:
     return df[sel].sort_values(["input_px", "tile_px"], na_position="first")
 
 
-def fig2_input_px(df: pd.DataFrame) -> int | None:
-    """The input of the tile sweep: 2048 if measured, else the input with the most tiles tried."""
+def _most_measured(df: pd.DataFrame, fixed: str, varied: str, preferred: int) -> int | None:
+    """The value of ``fixed`` a sweep of streamcheck over ``varied`` used: ``preferred`` if
+    measured, else the value with the most distinct ``varied`` values."""
     stream = ok(df, "streamcheck")
     if stream.empty:
         return None
-    counts = stream.groupby("input_px")["tile_px"].nunique()
-    return FIG2_INPUT_PX if FIG2_INPUT_PX in counts.index else int(counts.idxmax())
+    counts = stream.groupby(fixed)[varied].nunique()
+    return preferred if preferred in counts.index else int(counts.idxmax())
+
+
+def fig2_input_px(df: pd.DataFrame) -> int | None:
+    """The input of the tile sweep: 2048 if measured, else the input with the most tiles tried."""
+    return _most_measured(df, "input_px", "tile_px", FIG2_INPUT_PX)
 
 
 def fig3_tile_px(df: pd.DataFrame) -> int | None:
     """The tile of the input sweep: 512 if measured, else the tile used at the most input sizes."""
-    stream = ok(df, "streamcheck")
-    if stream.empty:
-        return None
-    counts = stream.groupby("tile_px")["input_px"].nunique()
-    return FIG3_TILE_PX if FIG3_TILE_PX in counts.index else int(counts.idxmax())
+    return _most_measured(df, "tile_px", "input_px", FIG3_TILE_PX)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 A *point* is one (case, input, tile) measurement, run in a fresh process by ``point.py``; the
 cases (what is run, with which settings) are in ``workload.CASES``. A point's ``key`` names the
-resolved settings (workload Rule W1), not the suite or the case, so a point shared by two suites
+resolved settings (workload Rule KS1), not the suite or the case, so a point shared by two suites
 or two case names is measured once and used by both.
 
 Modes: ``full`` (the committed sweep), ``quick`` (a few minutes: 1024^2 and 2048^2 only), ``gate``
@@ -56,7 +56,7 @@ class Point:
 
     @property
     def key(self) -> str:
-        """Workload Rule W1: the case's resolved settings, not its name."""
+        """Workload Rule KS1: the case's resolved settings, not its name."""
         return point_key(case(self.name).resolved().key, self.params())
 
     def params(self) -> dict[str, Any]:
@@ -73,7 +73,7 @@ class Point:
 
 
 def point_key(settings: str, params: dict[str, Any]) -> str:
-    """``settings|device|dtype|input|tile|loss``: what identifies a measurement (Rule W1).
+    """``settings|device|dtype|input|tile|loss``: what identifies a measurement (Rule KS1).
 
     >>> point_key("streamcheck/paper/plain", Point("streamcheck", 2048, 512).params())
     'streamcheck/paper/plain|cpu|float32|2048|512|sum'

@@ -61,7 +61,7 @@ def skip_reason(point: Point) -> str | None:
 
 
 def is_done(row: dict[str, Any] | None, point: Point) -> bool:
-    """Whether ``row``, the latest of ``point``'s key (its resolved settings: workload Rule W1),
+    """Whether ``row``, the latest of ``point``'s key (its resolved settings: workload Rule KS1),
     measured it already."""
     if row is None:
         return False

@@ -7,10 +7,10 @@ every ratio between two cases can say what each side ran with (Rule B2 in ``anal
 
 Rules (workload):
 
-W1. A point is keyed by its case's *resolved* settings (``Settings.key``), never by the case's
+KS1. A point is keyed by its case's *resolved* settings (``Settings.key``), never by the case's
     name, which is a label: a rerun after an engine default changed measures again, and two names
     for the same settings are one measurement.
-W2. A committed row is read by the settings it recorded (``recorded_settings``), so a row stays
+KS2. A committed row is read by the settings it recorded (``recorded_settings``), so a row stays
     what it measured whatever its name means today.
 """
 
@@ -32,7 +32,7 @@ KINDS = ("conventional", "streamcheck", "lightstream")
 
 @dataclass(frozen=True)
 class Settings:
-    """Resolved settings: what a row measured (Rule W1). Two case names with equal settings
+    """Resolved settings: what a row measured (Rule KS1). Two case names with equal settings
     measure the same thing; a case whose meaning changes (an engine default) gets other settings.
 
     >>> case("streamcheck_defaults").resolved().key  # Rule FD2: kept freed memory; FD1: NCHW tiles
@@ -54,7 +54,7 @@ class Settings:
         return f"{self.kind}/{self.network}/{'+'.join(on) or 'plain'}"
 
 
-# Rule W2: a committed row's settings text -> the flags it names (texts of every era).
+# Rule KS2: a committed row's settings text -> the flags it names (texts of every era).
 SETTING_WORDS = {
     "channels_last": ("channels-last",),
     "keep_freed": ("keep_freed_host_memory()", "kept freed memory"),
@@ -64,7 +64,7 @@ SETTING_WORDS = {
 
 
 def recorded_settings(name: str, text: str | None) -> Settings | None:
-    """Rule W2: the settings a row of case ``name`` was measured with: the ones its recorded
+    """Rule KS2: the settings a row of case ``name`` was measured with: the ones its recorded
     settings text names (what the name meant then), else the case's (a row from before texts
     were recorded); None for a name no case has.
 

@@ -202,25 +202,16 @@ def _fmt(x: float) -> str:
     return f"{x:.1e}"
 
 
-def write_summary(out_dir: Path | str, label: str) -> Path:
-    """{label}_SUMMARY.md: the run's facts and a two-sentence reading, all read from the files."""
+def reading(out_dir: Path | str, label: str) -> str:
+    """The run's two-sentence reading, from its files alone (its SUMMARY's and the report's)."""
     out_dir = Path(out_dir)
     steps = pd.read_csv(out_dir / f"{label}_steps.csv")
     epochs = pd.read_csv(out_dir / f"{label}_epochs.csv")
     meta = json.loads((out_dir / f"{label}_run.json").read_text())
-    env, cfg, st, tm = meta["environment"], meta["config"], meta["streaming"], meta["timing"]
-    lib = meta["libraries"]
-    data = meta["dataset"] + (
-        " -- random views of scikit-image's sample photographs in ImageNette layout, NOT ImageNette"
-        if meta["synthetic"]
-        else ""
-    )
-    spe = meta["steps_per_epoch"]
+    env, cfg = meta["environment"], meta["config"]
     first = steps[steps["epoch"] == steps["epoch"].min()]
     last = steps[steps["epoch"] == steps["epoch"].max()]
-    n_equal = int((steps["loss_abs_diff"] == 0).sum())
     final = epochs.iloc[-1]
-    unit = 2.0**-24 if cfg["dtype"] == "float32" else 2.0**-53
     tw = steps["trunk_weight_rel_diff"]
     where = "the photograph STAND-IN" if meta["synthetic"] else "ImageNette"
     if "trunk_weight_rel_diff_reordered" in steps:
@@ -258,6 +249,26 @@ def write_summary(out_dir: Path | str, label: str) -> Path:
         + f", as the paper says of its Fig. 4 -- here on {where}, {_n(meta['epochs_completed'], 'epoch')} on {on}, "
         "not 200 epochs of ImageNette on a GPU."
     )
+    return reading
+
+
+def write_summary(out_dir: Path | str, label: str) -> Path:
+    """{label}_SUMMARY.md: the run's facts and a two-sentence reading, all read from the files."""
+    out_dir = Path(out_dir)
+    steps = pd.read_csv(out_dir / f"{label}_steps.csv")
+    epochs = pd.read_csv(out_dir / f"{label}_epochs.csv")
+    meta = json.loads((out_dir / f"{label}_run.json").read_text())
+    env, cfg, st, tm = meta["environment"], meta["config"], meta["streaming"], meta["timing"]
+    lib = meta["libraries"]
+    data = meta["dataset"] + (
+        " -- random views of scikit-image's sample photographs in ImageNette layout, NOT ImageNette"
+        if meta["synthetic"]
+        else ""
+    )
+    spe = meta["steps_per_epoch"]
+    n_equal = int((steps["loss_abs_diff"] == 0).sum())
+    unit = 2.0**-24 if cfg["dtype"] == "float32" else 2.0**-53
+    on = "CPU" if env["device"] == "cpu" else env["device"]
     lines = [
         f"# ImageNette reproduction (paper Section 5, Table 1, Fig. 4): {meta['dataset']} data",
         "",
@@ -265,7 +276,7 @@ def write_summary(out_dir: Path | str, label: str) -> Path:
         "",
         "## Reading",
         "",
-        reading,
+        reading(out_dir, label),
         "",
         f"![loss and accuracy]({label}_fig4_curves.png)",
         "",

@@ -26,10 +26,11 @@ def row_values(rows: list[dict[str, Any]], key: str) -> str:
     return ", ".join(found) if found else "n/a"
 
 
-def _bench_command(bench: Source) -> str | None:
-    rows = bench.data.get("rows", [])
-    commands = sorted({str(r["run_command"]) for r in rows if r.get("run_command")})
-    return "; ".join(commands) if commands else None
+def bench_commands(bench: Source) -> list[str]:
+    """The commands that measured the benchmark rows (``run.command`` of each row)."""
+    return sorted(
+        {str(r["run_command"]) for r in bench.data.get("rows", []) if r.get("run_command")}
+    )
 
 
 def _v(df: pd.DataFrame, name: str, px: int, tile: int | None, metric: str) -> float | None:
@@ -135,7 +136,7 @@ def memory_section(bench: Source, out_dir: Path) -> str:
         return "\n".join(parts)
     df: pd.DataFrame = bench.data["frame"]
     rows = bench.data["rows"]
-    command = _bench_command(bench)
+    command = "; ".join(bench_commands(bench)) or None
     tile = A.fig3_tile_px(df) or A.PAPER_TILE_PX
     measured = [r for r in rows if r.get("status") == "ok"] or rows
     devices = sorted(

@@ -46,10 +46,6 @@ def mib(b: Any) -> str:
     return f"{b / MiB:.1f}" if finite(b) else "n/a"
 
 
-def sec(t: Any) -> str:
-    return f"{t:.3g}" if finite(t) else "n/a"
-
-
 def code(text: Any) -> str:
     return f"`{text}`" if text else "(not recorded)"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..environment import environment
-from .benchmark import headline_cost, memory_section, row_values
+from .benchmark import bench_commands, headline_cost, memory_section, row_values
 from .equivalence import equivalence_section
 from .format import PAPER, commit, err, plural, table
 from .resolution import resolution_section
@@ -302,8 +302,7 @@ def commands_section(eq: Source, bench: Source, imn: Source, this: str) -> str:
             ["equivalence record", f"`{get(eq.data, 'metadata', 'command', default='n/a')}`"]
         )
     if bench.found:
-        commands = sorted({str(r["command"]) for r in bench.data["rows"] if r.get("command")})
-        rows += [["benchmark", f"`{c}`"] for c in commands]
+        rows += [["benchmark", f"`{c}`"] for c in bench_commands(bench)]
     if imn.found:
         rows.append(["training", f"`{get(imn.data, 'run', 'command', default='n/a')}`"])
         rows += [
