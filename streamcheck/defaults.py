@@ -34,13 +34,12 @@ from types import TracebackType
 import torch
 
 from .errors import StreamcheckError
-from .host_memory import keep_freed_host_memory, reusing_freed_host_memory
+from .host_memory import reusing_freed_host_memory
 
 __all__ = [
     "ENV_REUSE_HOST_MEMORY",
     "host_memory_reuse",
     "host_memory_scope",
-    "keep_host_memory_for",
     "set_host_memory_reuse",
 ]
 
@@ -113,18 +112,3 @@ def host_memory_scope(
     if device.type != "cpu" or not enabled:
         return nullcontext()
     return reusing_freed_host_memory()
-
-
-_kept = False  # keep_host_memory_for: taken at most once per process
-
-
-def keep_host_memory_for(setting: bool | None, *, device: torch.device) -> None:
-    """Transitional, until streaming.py wraps its tile loops in ``host_memory_scope``: take
-    ``keep_freed_host_memory()`` for the whole process on the first CPU call that may (FD3 decides
-    for ``setting`` None). Delete it then."""
-    global _kept
-    enabled = host_memory_reuse() if setting is None else setting
-    if _kept or device.type != "cpu" or not enabled:
-        return
-    keep_freed_host_memory()
-    _kept = True

@@ -71,7 +71,7 @@ from torch import nn
 from torch.fx.immutable_collections import immutable_dict
 from torch.utils import _pytree as pytree
 
-from .errors import StreamcheckError
+from .errors import Problem, StreamcheckError
 from .geometry import scale_after
 from .layers import (
     KNOWN_MODULES,
@@ -86,7 +86,14 @@ from .layers import (
     indexed_layout,
     reshaped_layout,
 )
-from .reductions import Reduction, desugar_norms, reduction_of, spatial_dims_of, with_rank
+from .reductions import (
+    Reduction,
+    check_count,
+    desugar_norms,
+    reduction_of,
+    spatial_dims_of,
+    with_rank,
+)
 from .resampling import Rescale
 
 __all__ = ["Graph", "Node", "build_graph", "unflatten"]
@@ -324,7 +331,7 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
     _check_rank(gm, input_shape)
     metas, failure = _meta_values(gm, input_shape, dtype)
     spatial_axes = len(input_shape) - 2
-    problems: list[str] = []
+    problems: list[Problem] = []
     nodes: list[Node] = []
     index: dict[str, int] = {}
     fixed: dict[str, Any] = {}  # values fixed at build time (Rule G7), by node name
@@ -346,11 +353,13 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
             if fxn.op == "call_module":
                 verdict = classify_module(gm.get_submodule(str(fxn.target)))
                 if isinstance(verdict, Rejected):
-                    problems.append(f"  - '{_path(fxn)}': {verdict.reason}. Fix: {verdict.fix}.")
+                    problems.append(Problem(f"{_path(fxn)}", f"{verdict.reason}", f"{verdict.fix}"))
             break
         if fxn.op == "placeholder":
             if nodes:
-                problems.append(f"  - the module takes several inputs ({fxn.name}); pass one image")
+                problems.append(
+                    Problem("", f"the module takes several inputs ({fxn.name})", "pass one image")
+                )
                 continue
             add(Node(fxn.name, "input", fxn, "input", shape=tuple(input_shape)))
             nodes[0].layout = tuple(range(2, 2 + spatial_axes))
@@ -372,8 +381,12 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
                 for leaf in leaves
             ):
                 problems.append(
-                    "  - the module must return one tensor computed from its input, or a tuple, "
-                    "list or dict of them"
+                    Problem(
+                        "",
+                        "the module must return one tensor computed from its input, or a "
+                        "tuple, list or dict of them",
+                        "return the feature maps",
+                    )
                 )
             else:
                 outputs = tuple(index[leaf.name] for leaf in leaves)
@@ -394,9 +407,12 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
             kind = "once" if _writes_buffer(fxn) else "constant"  # Rule G15
             if kind == "once" and not str(fxn.args[0].target).endswith("num_batches_tracked"):  # type: ignore[union-attr]
                 problems.append(
-                    f"  - '{path}': writes the buffer '{fxn.args[0].target}' in place during "  # type: ignore[union-attr]
-                    "forward, which tiles and passes would repeat. Fix: update it outside "
-                    "forward, or move the layer into the head."
+                    Problem(
+                        path,
+                        f"writes the buffer '{fxn.args[0].target}' in place during forward, "  # type: ignore[union-attr]
+                        "which tiles and passes would repeat",
+                        "update it outside forward, or move the layer into the head",
+                    )
                 )
             add(Node(fxn.name, path, fxn, kind, shape=_shape(meta)))
             continue
@@ -433,6 +449,7 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
             layer, submodule = _classify(fxn, gm, known, metas, spatial_axes)
             layer = _as_reduction(fxn, layer, streamed[0], known)
         if isinstance(layer, Reduction):  # Rule G13
+            check_count(layer, streamed[0].shape)
             add(
                 Node(
                     fxn.name,
@@ -448,7 +465,7 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
             )
             continue
         if isinstance(layer, Rejected):
-            problems.append(f"  - '{path}': {layer.reason}. Fix: {layer.fix}.")
+            problems.append(Problem(f"{path}", f"{layer.reason}", f"{layer.fix}"))
             kind = "rejected"  # kept with a layout: later layers are checked too
         else:
             kind = {Window: "window", Rescale: "rescale"}.get(type(layer), "pointwise")
@@ -475,9 +492,11 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
         if node.kind in ("pointwise", "rejected") and not _keeps_sizes(node, nodes):
             if node.kind == "pointwise":  # a safety net: pointwise layers keep spatial sizes
                 problems.append(
-                    f"  - '{path}': changes the spatial sizes {nodes[node.sources[0]].sizes} "
-                    f"(shape {node.shape}, spatial axes in dimensions {node.layout}), which a "
-                    "layer applied per position cannot. Fix: move it into the head."
+                    Problem(
+                        f"{path}",
+                        f"changes the spatial sizes {nodes[node.sources[0]].sizes} (shape {node.shape}, spatial axes in dimensions {node.layout}), which a layer applied per position cannot",
+                        "move it into the head",
+                    )
                 )
             rank = len(node.shape)
             node.layout = tuple(range(rank - spatial_axes, rank)) if rank >= spatial_axes else ()
@@ -526,7 +545,7 @@ def _as_reduction(
         kwargs = dict(fx.node.map_arg(fxn.kwargs, lambda n: known.get(n.name, n)))
         found = reduction_of(name, args, kwargs, rank)
         if isinstance(found, str):
-            return Rejected(found, f"move it into the head, {_REDUCE_FIX}")
+            return Rejected(found, f"move it into the head, or {_REDUCE_FIX}")
         layer = found
     if not isinstance(layer, Reduction):
         return layer
@@ -541,7 +560,7 @@ def _as_reduction(
     return layer
 
 
-_REDUCE_FIX = "or stream only the layers before it (streamcheck.split)"
+_REDUCE_FIX = "stream only the layers before it (streamcheck.split)"
 
 
 def _attach_levels(nodes: list[Node]) -> None:
@@ -625,7 +644,7 @@ def _reads_sizes_as_geometry(node: Node) -> bool:
     )
 
 
-def _attach_scale(node: Node, nodes: list[Node], problems: list[str]) -> bool:
+def _attach_scale(node: Node, nodes: list[Node], problems: list[Problem]) -> bool:
     """The node's scale from its sources' (geometry Rule MS1); False, with a problem, when it
     merges maps of different scale."""
     first = nodes[node.sources[0]]
@@ -649,10 +668,11 @@ def _attach_scale(node: Node, nodes: list[Node], problems: list[str]) -> bool:
         other = nodes[s]
         if other.scale != first.scale and other.sizes == first.sizes:
             problems.append(
-                f"  - '{node.path}': merges feature maps at different scales "
-                f"({_scales(first.scale)} of the input from '{first.path}', "
-                f"{_scales(other.scale)} from '{other.path}'), whose pixels are not at the same "
-                "places. Fix: only merge maps reached by the same total stride and upsampling."
+                Problem(
+                    f"{node.path}",
+                    f"merges feature maps at different scales ({_scales(first.scale)} of the input from '{first.path}', {_scales(other.scale)} from '{other.path}'), whose pixels are not at the same places",
+                    "only merge maps reached by the same total stride and upsampling",
+                )
             )
             return False
     return True
@@ -662,12 +682,13 @@ def _scales(scale: tuple[Fraction, ...]) -> str:
     return " x ".join(str(s) for s in scale)
 
 
-def _spatial_size_problem(fxn: fx.Node, path: str, size: Node, lines: _Lines) -> str:
+def _spatial_size_problem(fxn: fx.Node, path: str, size: Node, lines: _Lines) -> Problem:
     line = lines(fxn.name) or lines(size.name)
-    return (
-        f"  - '{path}': computes with the spatial size read at '{size.path}'{line}, which differs "
-        "per tile. Fix: use only the channel and batch sizes (x.shape[1], x.size(0), x.ndim) in "
-        "the streamed part, or move this layer into the head."
+    return Problem(
+        path,
+        f"computes with the spatial size read at '{size.path}'{line}, which differs per tile",
+        "use only the channel and batch sizes (x.shape[1], x.size(0), x.ndim) in the streamed "
+        "part, or move this layer into the head",
     )
 
 
@@ -723,27 +744,31 @@ def _check_rank(gm: fx.GraphModule, input_shape: Sequence[int]) -> None:
     )
 
 
-def _check_inplace_and_hooks(module: nn.Module, nodes: list[Node], problems: list[str]) -> None:
+def _check_inplace_and_hooks(module: nn.Module, nodes: list[Node], problems: list[Problem]) -> None:
     """Rule G5."""
     for node in nodes:
         if node.inplace and node.sources and len(nodes[node.sources[0]].consumers) > 1:
             problems.append(
-                f"  - '{node.path}': works in place on a feature map that other layers also read, "
-                "so the result depends on the order of reads and writes. Fix: use the "
-                "out-of-place form (inplace=False, or assign the result)."
+                Problem(
+                    f"{node.path}",
+                    "works in place on a feature map that other layers also read, so the result depends on the order of reads and writes",
+                    "use the out-of-place form (inplace=False, or assign the result)",
+                )
             )
     for name, m in module.named_modules():
         hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
         if any(hooks):
             problems.append(
-                f"  - '{name or type(module).__name__}': has forward or backward hooks, which "
-                "would run on tiles instead of the image. Fix: remove them from the streamed "
-                "part, or register them on the Streamed wrapper or the head."
+                Problem(
+                    f"{name or type(module).__name__}",
+                    "has forward or backward hooks, which would run on tiles instead of the image",
+                    "remove them from the streamed part, or register them on the Streamed wrapper or the head",
+                )
             )
 
 
 def _attach_layout(
-    node: Node, nodes: list[Node], spatial_axes: int, fixed: dict[str, Any], problems: list[str]
+    node: Node, nodes: list[Node], spatial_axes: int, fixed: dict[str, Any], problems: list[Problem]
 ) -> None:
     """Which tensor dimension holds each spatial axis after ``node`` (Rule G3), and whether the
     node keeps them apart (Rules G4, G8, G9, locality Rule L3)."""
@@ -758,21 +783,26 @@ def _attach_layout(
         expected = tuple(range(ndim - spatial_axes, ndim))
         if first.layout != expected or node.layer.ndim != spatial_axes:
             problems.append(
-                f"  - '{node.path}': a {node.layer.ndim}-D window layer applied to tensor "
-                f"dimensions {first.layout} that hold the {spatial_axes} spatial axes. Fix: "
-                "keep spatial axes last (undo permutes) before conv and pooling layers."
+                Problem(
+                    f"{node.path}",
+                    f"a {node.layer.ndim}-D window layer applied to tensor dimensions {first.layout} that hold the {spatial_axes} spatial axes",
+                    "keep spatial axes last (undo permutes) before conv and pooling layers",
+                )
             )
             return
         if isinstance(node.layer, Rescale):  # Rule G10
             fitted = node.layer.fitted(first.sizes, node.sizes)
             if isinstance(fitted, str):
-                problems.append(f"  - '{node.path}': {fitted}. Fix: {_RESAMPLE_FIX}.")
+                problems.append(Problem(f"{node.path}", f"{fitted}", f"{_RESAMPLE_FIX}"))
                 return
             node.layer = fitted
         if len(node.sources) > 1 or node.reads:
             problems.append(
-                f"  - '{node.path}': a convolution whose weight is computed from the image. Fix: "
-                "compute weights from parameters and buffers only."
+                Problem(
+                    f"{node.path}",
+                    "a convolution whose weight is computed from the image",
+                    "compute weights from parameters and buffers only",
+                )
             )
         return
     assert isinstance(node.layer, Pointwise)
@@ -781,9 +811,11 @@ def _attach_layout(
         if moved is None:
             what = type(node.module).__name__ if node.module is not None else _op_name(fxn)
             problems.append(
-                f"  - '{node.path}': {what} reshapes spatial axes (shape {first.shape} to {node.shape}, "
-                f"spatial axes in dimensions {first.layout}): merges or splits them with other "
-                "dimensions. Fix: only split or merge channel dimensions, or move it into the head."
+                Problem(
+                    f"{node.path}",
+                    f"{what} reshapes spatial axes (shape {first.shape} to {node.shape}, spatial axes in dimensions {first.layout}): merges or splits them with other dimensions",
+                    "only split or merge channel dimensions, or move it into the head",
+                )
             )
             return
         node.layout = moved
@@ -793,8 +825,11 @@ def _attach_layout(
         moved_or_why = indexed_layout(position, ndim, first.layout)
         if isinstance(moved_or_why, str):
             problems.append(
-                f"  - '{node.path}': {moved_or_why}, which holds a spatial axis. Fix: index "
-                "channels only, or move it into the head."
+                Problem(
+                    f"{node.path}",
+                    f"{moved_or_why}, which holds a spatial axis",
+                    "index channels only, or move it into the head",
+                )
             )
             return
         node.layout = moved_or_why
@@ -810,33 +845,46 @@ def _attach_layout(
     clash = sorted(mixed & set(first.layout))
     if clash and node.layer.reduction:
         problems.append(
-            f"  - '{node.path}': {_op_name(fxn)} reduces over tensor dimension(s) {clash}, which "
-            "hold spatial axes here: a global pooling, which needs the whole image. Fix: move it "
-            "into the head, or reduce over channels only."
+            Problem(
+                f"{node.path}",
+                f"{_op_name(fxn)} reduces over tensor dimension(s) {clash}, which hold spatial axes here: a global pooling, which needs the whole image",
+                "move it into the head, or reduce over channels only",
+            )
         )
         return
     if clash:
         problems.append(
-            f"  - '{node.path}': mixes or indexes parameters by tensor dimension(s) {clash}, "
-            "which hold spatial axes here. Fix: apply it over channels only (permute spatial "
-            "axes out of those dimensions)."
+            Problem(
+                f"{node.path}",
+                f"mixes or indexes parameters by tensor dimension(s) {clash}, which hold spatial axes here",
+                "apply it over channels only (permute spatial axes out of those dimensions)",
+            )
         )
         return
     if node.layer.reduces:
         node.layout = tuple(d - sum(m < d for m in mixed) for d in node.layout)
     for s in node.sources[1:]:
         other = nodes[s]
+        if "rejected" in (first.kind, other.kind):  # reported already
+            continue
         if other.layout != first.layout or other.sizes != first.sizes:
             problems.append(
-                f"  - '{node.path}': combines feature maps of different spatial layout or size "
-                f"({first.sizes} and {other.sizes}). Fix: only combine maps of equal size."
+                Problem(
+                    f"{node.path}",
+                    f"combines feature maps of different spatial layout or size ({first.sizes} and {other.sizes})",
+                    "only combine maps of equal size",
+                )
             )
     if not node.layer.broadcast:
         return
     out_ndim = len(node.shape)
     for arg in fxn.all_input_nodes:
         const = next(
-            (n for n in nodes if n.name == arg.name and n.kind in ("constant", "global", "reduction")),
+            (
+                n
+                for n in nodes
+                if n.name == arg.name and n.kind in ("constant", "global", "reduction")
+            ),
             None,
         )
         if const is None or not const.shape:
@@ -844,9 +892,11 @@ def _attach_layout(
         offset = out_ndim - len(const.shape)
         if any(d - offset >= 0 and const.shape[d - offset] != 1 for d in node.layout):
             problems.append(
-                f"  - '{node.path}': combines the feature map with the constant "
-                f"'{const.path}' of shape {const.shape}, which varies along a spatial axis. "
-                "Fix: only use per-channel constants in the streamed part."
+                Problem(
+                    f"{node.path}",
+                    f"combines the feature map with the constant '{const.path}' of shape {const.shape}, which varies along a spatial axis",
+                    "only use per-channel constants in the streamed part",
+                )
             )
 
 
@@ -864,9 +914,6 @@ def _op_name(fxn: fx.Node) -> str:
     return f"{getattr(fxn.target, '__name__', fxn.target)}()"
 
 
-def _raise(problems: list[str]) -> None:
+def _raise(problems: list[Problem]) -> None:
     if problems:
-        raise StreamcheckError(
-            "streamcheck: cannot stream this module exactly; these layers break locality:\n"
-            + "\n".join(problems)
-        )
+        raise StreamcheckError.of(problems)

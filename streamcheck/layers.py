@@ -588,9 +588,7 @@ _STATS_FIX = (
 _AFTER = "move it after the streamed part (into the head)"
 
 
-def _adaptive(
-    kind: str, size: Any, ndim: int, indices: bool
-) -> Reduction | Rejected:
+def _adaptive(kind: str, size: Any, ndim: int, indices: bool) -> Reduction | Rejected:
     """Adaptive pooling to size 1 is a global pooling (reductions Rule R1); to more, refused."""
     sizes = size if isinstance(size, (tuple, list)) else (size,) * ndim
     if indices or any(s != 1 for s in sizes):
@@ -666,7 +664,9 @@ def classify_module(
         dim = m.dim
         return Pointwise(mixed_dims=lambda ndim: (dim % ndim,))
     if isinstance(m, _ADAPTIVE):
-        return _adaptive(kind, m.output_size, _POOL_NDIM.get(type(m), 2), getattr(m, "return_indices", False))
+        return _adaptive(
+            kind, m.output_size, _POOL_NDIM.get(type(m), 2), getattr(m, "return_indices", False)
+        )
     if isinstance(m, (nn.Flatten, nn.Unflatten)):
         return _RESHAPE  # graph Rule G8 decides from the shapes
     if isinstance(m, nn.MultiheadAttention):
@@ -917,7 +917,8 @@ def classify_function(
         if shape is None:
             return Rejected("moments() of an input of unknown shape", "report this model")
         dims = stat_dims(str(kwargs["kind"]), len(shape))
-        return Reduction("moments", dims, groups=groups, running=running)
+        kind = str(kwargs["kind"])
+        return Reduction("moments", dims, groups=groups, running=running, norm=kind)
     if target is normalize:
         return _INDEXED_BY_IMAGE_AND_CHANNEL
     if target in _ADAPTIVE_FUNCTIONS:

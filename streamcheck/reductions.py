@@ -36,7 +36,7 @@ Rule R5. Running statistics are updated once per forward, from S, as PyTorch doe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 from typing import Any
 
@@ -128,6 +128,7 @@ class Reduction:
     p: float = 2.0
     correction: int = 0
     running: Running | None = None
+    norm: str = ""  # moments: the norm layer's kind ("batch", "instance", "group")
 
     def view(self, a: torch.Tensor) -> torch.Tensor:
         if self.groups:
@@ -232,7 +233,9 @@ class Accumulator:
             return
         better = top > self.total
         tie = top == self.total
-        self.first = torch.where(better, first, torch.where(tie, self.first.minimum(first), self.first))
+        self.first = torch.where(
+            better, first, torch.where(tie, self.first.minimum(first), self.first)
+        )
         self.total = torch.maximum(self.total, top)
 
     def result(self) -> torch.Tensor:
@@ -271,6 +274,23 @@ def _flat_positions(
         coords = torch.arange(start, stop, device=v.device).reshape(at)
         flat = flat * shape[dim] + coords
     return flat
+
+
+def check_count(reduction: Reduction, shape: tuple[int, ...]) -> None:
+    """PyTorch's own refusal of batch statistics of one value (BatchNorm in training mode) or of
+    one spatial element (InstanceNorm with input statistics), before any work."""
+    count = reduction.count(shape)
+    if reduction.norm == "batch" and count <= 1:
+        raise StreamcheckError(
+            "streamcheck: expected more than 1 value per channel when training, got input size "
+            f"{tuple(shape)} (as PyTorch's BatchNorm says). Fix: a larger batch or image, or "
+            ".eval() on the BatchNorm"
+        )
+    if reduction.norm == "instance" and count <= 1:
+        raise StreamcheckError(
+            "streamcheck: expected more than 1 spatial element when training, got input size "
+            f"{tuple(shape)} (as PyTorch's InstanceNorm says). Fix: a larger image"
+        )
 
 
 def update_running(root: nn.Module, running: Running, stats: torch.Tensor, count: int) -> None:
@@ -373,7 +393,9 @@ def _norm_call(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | None:
     args, kwargs = node.args, node.kwargs
 
     def arg(position: int, name: str, default: Any) -> Any:
-        return kwargs[name] if name in kwargs else args[position] if len(args) > position else default
+        return (
+            kwargs[name] if name in kwargs else args[position] if len(args) > position else default
+        )
 
     if node.target is F.batch_norm:
         rm, rv = arg(1, "running_mean", None), arg(2, "running_var", None)
@@ -381,7 +403,9 @@ def _norm_call(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | None:
             return None
         running = None
         if isinstance(rm, fx.Node) and isinstance(rv, fx.Node) and rm.op == rv.op == "get_attr":
-            running = Running(str(rm.target), str(rv.target), "batch", momentum=arg(6, "momentum", 0.1))
+            running = Running(
+                str(rm.target), str(rv.target), "batch", momentum=arg(6, "momentum", 0.1)
+            )
         elif rm is not None:
             return None  # running statistics that are not buffers: left to the locality check
         eps = arg(7, "eps", 1e-5)
@@ -402,7 +426,14 @@ def _norm_call(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | None:
     return None
 
 
-_SPATIAL_OPS = {"sum": "sum", "mean": "mean", "amax": "amax", "norm": "norm", "var": "var", "std": "std"}
+_SPATIAL_OPS = {
+    "sum": "sum",
+    "mean": "mean",
+    "amax": "amax",
+    "norm": "norm",
+    "var": "var",
+    "std": "std",
+}
 
 
 def reduction_of(
@@ -458,20 +489,10 @@ def pooling_reduction(kind: str, ndim: int) -> Reduction:
 def with_rank(reduction: Reduction, rank: int) -> Reduction:
     """``reduction`` with negative dims made absolute for an input of ``rank`` dimensions."""
     rank += 1 if reduction.groups else 0
-    dims = tuple(sorted(d % rank for d in reduction.dims))
-    return Reduction(
-        reduction.op,
-        dims,
-        reduction.keepdim,
-        reduction.groups,
-        reduction.p,
-        reduction.correction,
-        reduction.running,
-    )
+    return replace(reduction, dims=tuple(sorted(d % rank for d in reduction.dims)))
 
 
 def spatial_dims_of(reduction: Reduction, layout: tuple[int, ...]) -> tuple[int, ...]:
     """The reduced dims that hold spatial axes, in the input's own numbering."""
     shift = 1 if reduction.groups else 0
     return tuple(d - shift for d in reduction.dims if d - shift in layout)
-

@@ -41,10 +41,9 @@ Rule SP7. The default prefix *ends early* when a later cut is still a map: the h
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -52,7 +51,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.graph_module import _copy_attr
 
-from .errors import StreamcheckError, internal_error
+from .errors import Problem, StreamcheckError, internal_error
 from .graph import Graph, _meta_values, build_graph
 from .plan import _param_dtype, make_plan, normalize_tile
 
@@ -344,7 +343,7 @@ class _Cuts:
                 self._engine_strides[k] = make_plan(graph, edges).total_stride
                 self._refusals[k] = None
             except StreamcheckError as error:
-                self._refusals[k] = StreamcheckError(_with_paths(str(error), trunk.graph))
+                self._refusals[k] = _with_paths(error, trunk.graph)
         return self._refusals[k]
 
     def split(self, k: int, *, stopped_by: str | None) -> Split:
@@ -517,11 +516,16 @@ def _check_spatial_output(graph: Graph) -> None:
     for o in graph.outputs or (graph.output,):
         if not nodes[o].spatial:
             last = nodes[graph.reductions[-1]]
-            raise StreamcheckError(
-                "streamcheck: cannot stream this module exactly; these layers break locality:\n"
-                f"  - '{last.path}': reduces over every spatial axis, so what follows has no "
-                "feature map to stream: the trunk ends before it. Fix: stream the whole model "
-                "with Streamed(model), which computes its outputs exactly through the statistic."
+            raise StreamcheckError.of(
+                [
+                    Problem(
+                        last.path,
+                        "reduces over every spatial axis, so what follows has no feature map to "
+                        "stream: the trunk ends before it",
+                        "stream the whole model with Streamed(model), which computes its outputs "
+                        "exactly through the statistic",
+                    )
+                ]
             )
 
 
@@ -541,20 +545,19 @@ def _axes(values: Sequence[int] | None) -> str:
     return " x ".join(str(v) for v in values or ())
 
 
-_BARE = re.compile(r"^  - '(?P<name>[\w]+)':", re.MULTILINE)
-
-
-def _with_paths(message: str, graph: fx.Graph) -> str:
+def _with_paths(error: StreamcheckError, graph: fx.Graph) -> StreamcheckError:
     """The engine names a layer traced in the trunk's own code (the code of an opened module) by
     its node alone; put the path of the module it comes from in front, as for other layers."""
+    if not error.problems:
+        return error
     stacks = {
         n.name: list(n.meta.get("nn_module_stack") or ())
         for n in graph.nodes
         if n.op != "call_module"  # named by its path already
     }
 
-    def named(match: re.Match[str]) -> str:
-        stack = stacks.get(match["name"])
-        return f"  - '{stack[-1]} ({match['name']})':" if stack else match[0]
+    def named(problem: Problem) -> Problem:
+        stack = stacks.get(problem.path)
+        return replace(problem, path=f"{stack[-1]} ({problem.path})") if stack else problem
 
-    return _BARE.sub(named, message)
+    return StreamcheckError.of([named(p) for p in error.problems])

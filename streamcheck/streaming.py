@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .compiled import CompileRecord, TilePrograms
-from .defaults import keep_host_memory_for
+from .defaults import host_memory_scope
 from .errors import StreamcheckError, internal_error
 from .feed import TileFeed, laid_out_like
 from .graph import Graph, build_graph, unflatten
@@ -78,8 +78,13 @@ class Streamed(nn.Module):
     ``tile_transform`` runs on each tile after it reaches the module's device: keep the image in
     host memory as uint8 and convert per tile (docs/SCALING.md). Tiles keep the image's memory
     layout unless ``channels_last=True`` lays them out NHWC (NDHWC for 3-D), and on a CPU freed
-    tile buffers are kept for reuse (a process-wide glibc setting, ``keep_freed_host_memory``)
-    unless ``keep_host_memory=False`` (NOTE [ Fast defaults ]); results are unchanged.
+    tile buffers are reused while a call's tiles run and handed back to the system after it
+    (Rule FD2) unless ``keep_host_memory=False`` or ``set_host_memory_reuse(False)``
+    (NOTE [ Fast defaults ]); results are unchanged.
+
+    Statistics over the whole map (train-mode BatchNorm, GroupNorm, squeeze-excite, global
+    pooling: NOTE [ Global statistics ]) stream exactly in one tile pass per level
+    (NOTE [ Passes ]); ``max_levels`` refuses deeper networks before any work.
 
     ``compile=True`` compiles each tile program with ``torch.compile``, once per class of tiles
     that run the same arithmetic (interior tiles share one; NOTE [ Compiled tile programs ]);
@@ -182,14 +187,13 @@ class Streamed(nn.Module):
                 )
             sink = GradientSink(input_grad, x)
         params = tuple(p for p in self.module.parameters() if p.requires_grad)
-        keep_host_memory_for(self.keep_host_memory, device=device)  # Rule FD2
         feed = TileFeed(
             device,
             transform=self.tile_transform,
             channels_last=self.channels_last,  # Rule FD1
             dtype=None if autocast else dtype,
         )
-        call = _Call(plan, state, {}, params, tiles, sink, self._programs)
+        call = _Call(plan, state, {}, params, tiles, sink, self._programs, self.keep_host_memory)
         graph = plan.graph
         assert graph is not None
         outputs = _StreamFunction.apply(call, feed, x, *params)
@@ -391,6 +395,7 @@ class _Call:
     tiles: tuple[int, ...] | None = None  # those computed (masks Rule T2); None: all
     sink: GradientSink | None = None  # where a source's input gradient goes (Rule S8)
     programs: TilePrograms | None = None  # compile=True (NOTE [ Compiled tile programs ])
+    host_memory: bool | None = None  # Streamed(keep_host_memory=...) (Rule FD2)
 
     @property
     def graph(self) -> Graph:
@@ -447,6 +452,16 @@ class _Statistics:
         self.accumulators: dict[int, Accumulator] = {}
         self.values: dict[str, torch.Tensor] = {}
 
+    def leaves(self) -> dict[str, torch.Tensor]:
+        """The global values, detached, as leaves whose gradients backward collects (Rule S12)."""
+        return {
+            node.name: self.values[node.name].detach().requires_grad_()
+            for node in self.graph.nodes
+            if node.kind in ("global", "reduction")
+            and isinstance(self.values.get(node.name), torch.Tensor)
+            and self.values[node.name].is_floating_point()
+        }
+
     def start(self, tile_pass: StreamPlan) -> None:
         nodes = self.graph.nodes
         for r in tile_pass.reductions:
@@ -486,11 +501,7 @@ class _Statistics:
                 source = graph.nodes[node.sources[0]] if node.sources else None
                 shape = source.shape if source is not None else _input_shape(node, self.values)
                 layer = node.layer if isinstance(node.layer, Reduction) else None
-                count = (
-                    layer.count(shape)
-                    if layer is not None
-                    else _moments_count(node, shape)
-                )
+                count = layer.count(shape) if layer is not None else _moments_count(node, shape)
                 update_running(graph.root, running, self.values[node.name], count)
 
 
@@ -532,7 +543,7 @@ class _StreamFunction(torch.autograd.Function):
         _keep_for_backward(ctx, call, feed, x)
         stats = _Statistics(graph)
         stitched: dict[int, torch.Tensor] = {}
-        with torch.no_grad():  # Rule S1
+        with torch.no_grad(), host_memory_scope(call.host_memory, device=feed.device):  # S1, FD2
             if plan.passes:
                 run_once(graph)  # graph Rule G15
             for tile_pass in plan.tile_passes:
@@ -589,6 +600,18 @@ class _StreamFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         call, x, want_input, grad_x = _backward_start(ctx)
+        with host_memory_scope(call.host_memory, device=ctx.feed.device):  # Rule FD2
+            return _StreamFunction._backward(ctx, call, x, want_input, grad_x, grad_outputs)
+
+    @staticmethod
+    def _backward(
+        ctx: Any,
+        call: _Call,
+        x: Any,
+        want_input: bool,
+        grad_x: torch.Tensor | None,
+        grad_outputs: tuple[torch.Tensor, ...],
+    ) -> tuple[torch.Tensor | None, ...]:
         plan, graph, stats = call.plan, call.graph, ctx.stats
         run = _BackwardRun(ctx, call, x, want_input, grad_x)
         nodes = graph.nodes
@@ -636,7 +659,9 @@ class _BackwardRun:
         previous = self.upstream.get(name)
         self.upstream[name] = grad if previous is None else previous + grad
 
-    def _sinks(self, live: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _sinks(
+        self, live: dict[str, torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         names = [n for n in self.upstream if live[n].requires_grad]
         return [live[n] for n in names], [self.upstream[n].to(live[n].dtype) for n in names]
 
@@ -672,7 +697,12 @@ class _BackwardRun:
             ]
             for s in schedules
         ]
-        flat = [(grads[o], index) for row in slices for o, index in zip(outputs, row, strict=True) if index]
+        flat = [
+            (grads[o], index)
+            for row in slices
+            for o, index in zip(outputs, row, strict=True)
+            if index
+        ]
         flags = iter(_nonzero_slices_of(flat))  # Rule S9, one sync
         keep = [any([next(flags) for index in row if index]) for row in slices]
         last = nodes[graph.output]
@@ -741,7 +771,7 @@ class _BackwardRun:
         indices = [_slices(s.input_box, layout, x.dim()) for s, _ in work]
         arrivals = feed.arrivals(x.detach() if isinstance(x, torch.Tensor) else x, indices)
         device_type, autocast_on, autocast_dtype = ctx.autocast
-        bound = {n: v.detach().requires_grad_() for n, v in ctx.stats.values.items()}
+        bound = ctx.stats.leaves()
         for (schedule, row), index, arrived in zip(work, indices, arrivals, strict=True):
             if self.want_input and not arrived.is_floating_point():  # saliency Rule A4
                 arrived = arrived.to(feed.dtype or torch.float32)
@@ -769,7 +799,9 @@ class _BackwardRun:
         added into ``grad_params``, global values' gradients into ``upstream`` (Rule S12); the
         tile's input gradient returned."""
         params = self.call.params
-        inputs = [leaf, *params, *bound.values()] if leaf.requires_grad else [*params, *bound.values()]
+        inputs = (
+            [leaf, *params, *bound.values()] if leaf.requires_grad else [*params, *bound.values()]
+        )
         wanted = [t for t in inputs if t.requires_grad]
         found = dict(
             zip(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytest
@@ -36,12 +36,13 @@ def _layouts(
 
 @pytest.fixture
 def fresh_process_setting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Rule FD3's setting and the transitional once-per-process flag reset, the environment
-    variable unset, and ``keep_freed_host_memory`` counted."""
+    """Rule FD3's setting reset, the environment variable unset, and the scopes that reuse freed
+    memory counted."""
     calls: list[int] = []
-    monkeypatch.setattr(defaults, "_kept", False)
     monkeypatch.setattr(defaults, "_reuse", None)
-    monkeypatch.setattr(defaults, "keep_freed_host_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(
+        defaults, "reusing_freed_host_memory", lambda: calls.append(1) or nullcontext()
+    )
     monkeypatch.delenv(defaults.ENV_REUSE_HOST_MEMORY, raising=False)
     return calls
 
@@ -76,16 +77,20 @@ def test_channels_last_tiles_give_the_plain_modules_result() -> None:
     torch.testing.assert_close(streamed(x), net(x), rtol=27 * 2**-24, atol=1e-6)
 
 
-def test_freed_host_memory_is_kept_once_on_the_first_cpu_call(
+def test_each_tile_loop_of_a_call_runs_in_its_own_scope(
     fresh_process_setting: list[int],
 ) -> None:
-    """The transitional ``keep_host_memory_for`` (until streaming.py uses ``host_memory_scope``)."""
-    streamed = streamcheck.Streamed(nn.Conv2d(1, 1, 3), tile=8)
+    """Rule FD2: forward's and backward's tile loops each run in ``host_memory_scope``; nothing
+    is applied process-wide."""
+    conv = nn.Conv2d(1, 1, 3)
+    streamed = streamcheck.Streamed(conv, tile=8)
     streamcheck.Streamed(nn.Conv2d(1, 1, 3), tile=8)  # constructing changes nothing
     assert fresh_process_setting == []
     for _ in range(3):
         streamed(torch.randn(1, 1, 20, 20))
-    assert fresh_process_setting == [1]
+    assert fresh_process_setting == [1, 1, 1]
+    streamed(torch.randn(1, 1, 20, 20)).sum().backward()
+    assert len(fresh_process_setting) == 5
 
 
 @pytest.mark.parametrize("how", ["argument", "environment", "setting"])
@@ -103,7 +108,7 @@ def test_keeping_freed_host_memory_can_be_declined(
     streamcheck.Streamed(nn.Conv2d(1, 1, 3), tile=8, keep_host_memory=True)(
         torch.randn(1, 1, 20, 20)
     )
-    assert fresh_process_setting == [1]  # asked for explicitly: taken even against the variable
+    assert fresh_process_setting == [1]  # asked for explicitly: taken even against the setting
 
 
 def test_the_process_setting_as_a_call_and_as_a_block(

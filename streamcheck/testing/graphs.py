@@ -53,6 +53,8 @@ from streamcheck.testing.strategies import (
     conv_stacks,
 )
 
+from .statistics import statistic_layers
+
 __all__ = [
     "BLOCKS",
     "Branches",
@@ -323,13 +325,22 @@ def _size_preserving_conv(
 
 
 def _pointwise(
-    draw: st.DrawFn, *, ndim: int, channels: int, activations: Sequence[Callable[[], nn.Module]]
+    draw: st.DrawFn,
+    *,
+    ndim: int,
+    channels: int,
+    activations: Sequence[Callable[[], nn.Module]],
+    statistics: bool = False,
 ) -> nn.Module:
     """An activation, an eval BatchNorm or Dropout, a FrozenBatchNorm, or a LayerNorm over
-    channels (keeps the channel count)."""
+    channels (keeps the channel count); with ``statistics`` also a layer with statistics over
+    the whole map (``statistics.statistic_layers``)."""
     # LayerNorm over one channel is degenerate: x - mean is rounding noise, amplified 1/sqrt(eps).
     kinds = ["activation", "activation", "eval", "frozen"] + (["norm"] if channels > 1 else [])
+    kinds += ["statistic", "statistic"] if statistics else []
     kind = draw(st.sampled_from(kinds))
+    if kind == "statistic":
+        return draw(statistic_layers(ndim=ndim, channels=channels))
     if kind == "activation":
         return draw(st.sampled_from(activations))()
     if kind == "eval":
@@ -381,7 +392,13 @@ def _body(
         channels = mid
         if draw(st.booleans()):
             layers.append(
-                _pointwise(draw, ndim=ndim, channels=channels, activations=options["activations"])
+                _pointwise(
+                    draw,
+                    ndim=ndim,
+                    channels=channels,
+                    activations=options["activations"],
+                    statistics=options["statistics"],
+                )
             )
     if min(left) >= 2 and options["pools"] and draw(st.booleans()):  # 3-wide, stride 1, padding 1
         kind = draw(st.sampled_from(options["pools"]))
@@ -428,7 +445,13 @@ def _block(
         return ChannelMix(
             nn.Linear(channels, draw(st.integers(1, options["max_channels"]))), ndim=ndim
         )
-    return _pointwise(draw, ndim=ndim, channels=channels, activations=options["activations"])
+    return _pointwise(
+        draw,
+        ndim=ndim,
+        channels=channels,
+        activations=options["activations"],
+        statistics=options["statistics"],
+    )
 
 
 @st.composite
@@ -448,6 +471,7 @@ def dag_networks(
     pools: Sequence[str] = ("max", "avg"),
     activations: Sequence[Callable[[], nn.Module]] = ACTIVATIONS,
     padding_modes: Sequence[str] = ("zeros", "reflect", "replicate"),
+    statistics: bool = False,
 ) -> nn.Sequential:
     """Networks with joins: ``conv_stacks`` segments (strides, pools, any padding) and blocks.
 
@@ -457,6 +481,7 @@ def dag_networks(
     (``ChannelMix`` permutes channels last and back). Block bodies are drawn size-preserving, so
     the branches always rejoin; strided layers sit in the segments between blocks. The
     receptive field stays within ``max_receptive_field_px`` (Rule D4); parameters are float32.
+    ``statistics`` also draws layers with statistics over the map (in segments and bodies).
 
     >>> from hypothesis import given, settings
     >>> @settings(max_examples=5, deadline=None, database=None)
@@ -472,6 +497,7 @@ def dag_networks(
         "pools": tuple(pools),
         "activations": tuple(activations),
         "padding_modes": tuple(padding_modes),
+        "statistics": statistics,
     }
     seed = draw(st.integers(0, 2**32 - 1))
     channels = in_channels if in_channels is not None else draw(st.integers(1, max_channels))
@@ -499,6 +525,7 @@ def dag_networks(
                         pools=pools,
                         activations=activations,
                         padding_modes=padding_modes,
+                        statistics=statistics,
                         nested=False,
                     )
                 )

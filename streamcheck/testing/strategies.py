@@ -35,6 +35,8 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
+from .statistics import statistic_layers
+
 __all__ = [
     "SMOOTH_ACTIVATIONS",
     "ACTIVATIONS",
@@ -361,6 +363,7 @@ def conv_stacks(
     padding_modes: Sequence[str] = ("zeros", "reflect", "replicate"),
     wide_padding: bool = False,
     eval_layers: bool = True,
+    statistics: bool = False,
     nested: bool = True,
 ) -> nn.Sequential:
     """Random streamable stacks: ConvNd, MaxPoolNd, AvgPoolNd, pointwise and eval-mode layers.
@@ -373,7 +376,8 @@ def conv_stacks(
     ``dilation * (kernel - 1)`` (every output sees a pixel) unless ``wide_padding``, which adds one
     more: outputs at the border then see padding only. ``eval_layers`` adds layers that are
     pointwise in eval mode: BatchNorm (random running statistics, affine or not) and Dropout.
-    Parameters are float32.
+    ``statistics`` adds layers with statistics over the whole map, in training mode
+    (``testing.statistics.statistic_layers``). Parameters are float32.
 
     >>> from hypothesis import given, settings
     >>> @settings(max_examples=5, deadline=None, database=None)
@@ -386,6 +390,7 @@ def conv_stacks(
     n_layers = draw(st.integers(min_layers, max_layers))
     kinds = ["conv", "activation"] + [f"{kind}_pool" for kind in pools]
     kinds += ["eval"] if eval_layers else []
+    kinds += ["statistic", "statistic"] if statistics else []
     channels = in_channels if in_channels is not None else draw(st.integers(1, max_channels))
     rf, jump = [1] * ndim, [1] * ndim
     layers: list[nn.Module] = []
@@ -401,6 +406,8 @@ def conv_stacks(
                 layer = draw(st.sampled_from(activations))()
             elif kind == "eval":
                 layer = _eval_layer(draw, ndim=ndim, channels=channels)
+            elif kind == "statistic":
+                layer = draw(statistic_layers(ndim=ndim, channels=channels))
             elif kind == "conv":
                 layer = draw(
                     _conv(

@@ -71,6 +71,8 @@ from streamcheck.testing.strategies import (
     _windows,
 )
 
+from .statistics import statistic_layers
+
 __all__ = [
     "DOWNSAMPLINGS",
     "MERGES",
@@ -590,6 +592,7 @@ class _Drawing:
     activations: tuple[Callable[[], nn.Module], ...]
     padding_modes: tuple[str, ...]
     eval_layers: bool
+    statistics: bool = False
 
     def channels(self) -> int:
         return self.draw(st.integers(1, self.max_channels))
@@ -600,7 +603,10 @@ class _Drawing:
 
     def pointwise(self, channels: int) -> list[nn.Module]:
         """Nothing, an activation, or (``eval_layers``) an eval-mode BatchNorm or Dropout."""
-        kind = self.draw(st.sampled_from(["none", "activation", "activation", "eval"]))
+        kinds = ["none", "activation", "activation", "eval"] + (["stat"] if self.statistics else [])
+        kind = self.draw(st.sampled_from(kinds))
+        if kind == "stat":
+            return [self.draw(statistic_layers(ndim=self.ndim, channels=channels))]
         if kind == "activation" or (kind == "eval" and not self.eval_layers):
             return [self.draw(st.sampled_from(self.activations))()]
         if kind == "eval":
@@ -831,6 +837,7 @@ def _start(
     activations: Sequence[Callable[[], nn.Module]],
     padding_modes: Sequence[str],
     eval_layers: bool,
+    statistics: bool = False,
 ) -> tuple[list[int], _Drawing]:
     """What ``unet_networks`` and ``pyramid_networks`` start from: the per-level sampling factors
     (``_factors``, up to ``depth`` levels) and the drawing state, unset bounds from ``_DEFAULTS``."""
@@ -851,6 +858,7 @@ def _start(
         tuple(activations),
         tuple(padding_modes),
         eval_layers,
+        statistics,
     )
     return levels, d
 
@@ -876,6 +884,7 @@ def unet_networks(
     activations: Sequence[Callable[[], nn.Module]] = ACTIVATIONS,
     padding_modes: Sequence[str] = ("zeros", "replicate", "reflect"),
     eval_layers: bool = True,
+    statistics: bool = False,
 ) -> UNet:
     """Random U-Nets for an image of ``spatial_shape`` (the merges need its sizes, Rule U7).
 
@@ -911,6 +920,7 @@ def unet_networks(
         activations=activations,
         padding_modes=padding_modes,
         eval_layers=eval_layers,
+        statistics=statistics,
     )
     with _seeded(draw(st.integers(0, 2**32 - 1))):  # Rule U8
         c = d.channels()
@@ -969,6 +979,7 @@ def pyramid_networks(
     activations: Sequence[Callable[[], nn.Module]] = ACTIVATIONS,
     padding_modes: Sequence[str] = ("zeros", "replicate", "reflect"),
     eval_layers: bool = True,
+    statistics: bool = False,
 ) -> Pyramid:
     """Random FPN-like pyramids for an image of ``spatial_shape``: ``min_levels``..``max_levels``
     backbone stages (each down by a factor from ``factors``, kinds as ``unet_networks``), lateral
@@ -997,6 +1008,7 @@ def pyramid_networks(
         activations=activations,
         padding_modes=padding_modes,
         eval_layers=eval_layers,
+        statistics=statistics,
     )
     n_levels = len(levels)
     returns = draw(st.sampled_from(structures))

@@ -1,0 +1,138 @@
+"""``python -m suites.levels``: what statistics over space cost (issue "exact through global
+statistics", evidence), written to ``reports/levels/``.
+
+Rules (levels):
+
+LV1. Time against statistic levels: the Figs 2-3 network with k = 0, 1, 2, 4, 8 squeeze-excite
+     blocks (each a level, graph Rule G14) between its convs, and real trunks: torchvision's
+     ResNet-18 to layer1 with train-mode BatchNorm (5 levels) and EfficientNet-B0's features to
+     stage 3 with squeeze-excite (eval BatchNorm, 5 levels). Each is measured against its *twin
+     with the statistics known* (each statistic read from a buffer: BatchNorm in eval mode, the
+     squeeze a constant), which streams in one pass: the lower bound. The measured factor is
+     the ratio of their training-step times; the plan's estimate (plan Rule PL3) sits beside it.
+LV2. Memory: a whole classifier streamed to its logits (no stitched map, Rule PL1) against its
+     trunk streamed with a stitched output and the head run plainly, peak RSS over the baseline.
+LV3. Every point runs in a fresh process (suites/fresh.py Rules FP1-FP2), pairs interleaved
+     (A B B A), one OpenMP thread with passive waiting (the cores are shared: say so), float32,
+     one warm-up step then the median of ``--steps``; rows are appended as they finish and a
+     rerun skips recorded keys (suites/rows.py Rules J1-J2), ``--fresh`` starts over.
+
+    python -m suites.levels                # every point, then SUMMARY.md
+    python -m suites.levels --quick        # tiny sizes (the test's path)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # Rule LV3, before torch starts OpenMP
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from suites.environment import environment  # noqa: E402
+from suites.fresh import run  # noqa: E402
+from suites.rows import append_row, latest_rows, read_rows, results_path, start_fresh  # noqa: E402
+
+OUT = Path(__file__).resolve().parents[2] / "reports" / "levels"
+CHILD = "suites.levels.point"
+
+SE_COUNTS = (0, 1, 2, 4, 8)
+TRUNKS = ("resnet18_train_bn", "efficientnet_b0_se")
+
+
+def points(*, quick: bool) -> list[dict[str, Any]]:
+    """Rule LV1-LV2: every (network, known) pair, then the memory pair."""
+    size, tile = (96, 48) if quick else (1024, 256)
+    trunk_size, trunk_tile = (96, 64) if quick else (512, 256)
+    out: list[dict[str, Any]] = []
+    for k in SE_COUNTS[:2] if quick else SE_COUNTS:
+        for known in (False, True):
+            out.append(
+                {
+                    "network": f"paper_se{k}",
+                    "known": known,
+                    "size": size,
+                    "tile": tile,
+                    "kind": "time",
+                }
+            )
+    for name in TRUNKS[:1] if quick else TRUNKS:
+        for known in (False, True):
+            out.append(
+                {
+                    "network": name,
+                    "known": known,
+                    "size": trunk_size,
+                    "tile": trunk_tile,
+                    "kind": "time",
+                }
+            )
+    memory_size, memory_tile = (96, 64) if quick else (2048, 512)
+    for whole in (True, False):
+        out.append(
+            {
+                "network": "resnet18_classifier",
+                "whole": whole,
+                "size": memory_size,
+                "tile": memory_tile,
+                "kind": "memory",
+            }
+        )
+    return out
+
+
+def key(point: dict[str, Any]) -> str:
+    return "/".join(f"{k}={point[k]}" for k in sorted(point))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m suites.levels", description=__doc__)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--fresh", action="store_true", help="move old results aside first")
+    args = parser.parse_args(argv)
+    path = results_path(args.out)
+    if args.fresh:
+        start_fresh(path)
+    done = {row["key"] for row in latest_rows(read_rows(path)) if row["status"] == "ok"}
+    todo = [p for p in points(quick=args.quick) if key(p) not in done]
+    # Rule LV3: pairs interleaved A B B A
+    pairs = [todo[i : i + 2] for i in range(0, len(todo), 2)]
+    order = [p for i, pair in enumerate(pairs) for p in (pair if i % 2 == 0 else pair[::-1])]
+    command = shlex.join([sys.executable, "-m", "suites.levels", *(argv or sys.argv[1:])])
+    for n, point in enumerate(order, 1):
+        print(f"[{n}/{len(order)}] {key(point)}", flush=True)
+        start = time.time()
+        done_point = run(CHILD, {**point, "steps": args.steps}, timeout_s=3600)
+        result = done_point.result or {}
+        status = "ok" if done_point.returncode == 0 and result else "error"
+        append_row(
+            path,
+            {
+                "key": key(point),
+                "status": status,
+                "params": point,
+                "environment": environment("cpu"),
+                "metrics": result,
+                "run": {
+                    "command": command,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
+                    "seconds": round(time.time() - start, 1),
+                    "stderr": "" if status == "ok" else done_point.stderr[-2000:],
+                },
+            },
+        )
+    from .summary import write_summary
+
+    write_summary(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

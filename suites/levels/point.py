@@ -1,0 +1,158 @@
+"""One point of ``suites.levels``, in a fresh process (suites/fresh.py Rule FP2)."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import streamcheck
+from suites.fresh import child
+from suites.meters import RssMeter
+from suites.trunks import randomize_norms
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-excite over the channels of a map; ``known`` reads the squeeze from a buffer (the
+    statistic known beforehand: Rule LV1's twin, which streams in one pass)."""
+
+    def __init__(self, channels: int, *, known: bool) -> None:
+        super().__init__()
+        self.known = known
+        self.fc1 = nn.Conv2d(channels, channels // 4, 1)
+        self.fc2 = nn.Conv2d(channels // 4, channels, 1)
+        self.register_buffer("squeeze", torch.rand(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.squeeze if self.known else x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(m))))
+
+
+class KnownPool(nn.Module):
+    """Global average pooling replaced by its (known) value."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("value", torch.rand(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value
+
+
+def paper_se(k: int, *, known: bool) -> nn.Module:
+    """The Figs 2-3 network with ``k`` squeeze-excite blocks in series on its 64-channel map."""
+    return nn.Sequential(
+        nn.Conv2d(3, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(),
+        *(SqueezeExcite(64, known=known) for _ in range(k)),
+        nn.Conv2d(64, 3, 3, padding=1),
+    )
+
+
+def resnet18_train_bn(*, known: bool) -> nn.Module:
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None)
+    trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1)
+    return randomize_norms(trunk).train(not known)  # known: eval BatchNorm (running statistics)
+
+
+def efficientnet_b0_se(*, known: bool) -> nn.Module:
+    import torchvision
+    from torchvision.ops.misc import SqueezeExcitation
+
+    trunk = randomize_norms(torchvision.models.efficientnet_b0(weights=None).features[:4]).eval()
+    if known:
+        for m in trunk.modules():
+            if isinstance(m, SqueezeExcitation):
+                m.avgpool = KnownPool(m.fc1.in_channels)
+    return trunk
+
+
+def build(network: str, known: bool) -> nn.Module:
+    torch.manual_seed(0)
+    if network.startswith("paper_se"):
+        return paper_se(int(network.removeprefix("paper_se")), known=known)
+    return {"resnet18_train_bn": resnet18_train_bn, "efficientnet_b0_se": efficientnet_b0_se}[
+        network
+    ](known=known)
+
+
+def _median_step(step: Callable[[], None], steps: int) -> tuple[float, list[float]]:
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def measure(point: dict[str, Any], partial: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    torch.manual_seed(0)
+    size, tile = point["size"], point["tile"]
+    x = torch.randn(1, 3, size, size)
+    if point["kind"] == "memory":
+        return _memory(point, x)
+    net = build(point["network"], point["known"])
+    streamed = streamcheck.Streamed(net, tile=tile)
+    plan = streamed.plan(tuple(x.shape))
+
+    def step() -> None:
+        net.zero_grad(set_to_none=True)
+        streamed(x).sum().backward()
+
+    seconds, times = _median_step(step, point["steps"])
+    return {
+        "seconds": seconds,
+        "times": times,
+        "levels": plan.levels,
+        "passes_training": plan.passes_training,
+        "time_factor_estimate": plan.time_factor,
+        "macs": plan.macs,
+        "tiles": [p.n_tiles for p in plan.tile_passes],
+    }
+
+
+def _memory(point: dict[str, Any], x: torch.Tensor) -> dict[str, Any]:
+    """Rule LV2: peak RSS of one training step, whole classifier or trunk + head."""
+    import torchvision
+
+    model = randomize_norms(torchvision.models.resnet18(weights=None)).eval()
+    if point["whole"]:
+        streamed = streamcheck.Streamed(model, tile=point["tile"])
+        plan = streamed.plan(tuple(x.shape))
+
+        def forward() -> torch.Tensor:
+            return streamed(x)
+    else:
+        trunk, head = streamcheck.split(model, until="layer4", input_shape=tuple(x.shape))
+        streamed = streamcheck.Streamed(trunk, tile=point["tile"])
+        plan = streamed.plan(tuple(x.shape))
+
+        def forward() -> torch.Tensor:
+            return head(streamed(x))
+
+    with RssMeter() as meter:
+        start = time.perf_counter()
+        forward().sum().backward()
+        seconds = time.perf_counter() - start
+    assert meter.reading is not None
+    return {
+        "peak_rss_over_baseline_bytes": meter.reading.delta_bytes,
+        "seconds": seconds,
+        "plan_output_bytes": plan.output_bytes,
+        "plan_peak_bytes_estimate": plan.peak_bytes_estimate,
+        "passes_training": plan.passes_training,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(child(measure))
