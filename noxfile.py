@@ -130,3 +130,54 @@ def unet(session: nox.Session) -> None:
     install(session, "bench")
     # The cores are shared: the run is niced (each row records the load).
     session.run("nice", "-n", "10", "python", "-m", "suites.unet", *session.posargs, external=True)
+
+
+def interpreter(version: str) -> str:
+    """``python3.X`` from PATH, else pyenv's install of it (3.12 and 3.13 live under pyenv here)."""
+    import shutil
+    import subprocess
+
+    if shutil.which(f"python{version}") and not shutil.which("pyenv"):
+        return version
+    found = subprocess.run(["pyenv", "prefix", version], capture_output=True, text=True)
+    prefix = found.stdout.strip().splitlines()[-1:] if found.returncode == 0 else []
+    return f"{prefix[0]}/bin/python{version}" if prefix else version
+
+
+def oldest_pins(*extras: str) -> list[str]:
+    """``name==lowest`` for each ``name>=lowest`` of the extras: the oldest versions allowed."""
+    found = PYPROJECT["project"]["optional-dependencies"]
+    return [r.replace(">=", "==") for e in extras for r in found[e] if ">=" in r]
+
+
+SOURCES_TESTS = (
+    "tests/test_sources.py",
+    "tests/test_sources_files.py",
+    "tests/test_masks_annotations.py",
+    "tests/test_export.py",
+    "streamcheck/sources.py",
+    "streamcheck/slidefiles.py",
+    "streamcheck/annotations.py",
+    "streamcheck/export.py",
+)
+
+
+@nox.session(default=False)
+@nox.parametrize(
+    ("python", "versions"),
+    [(interpreter("3.11"), "oldest"), (interpreter("3.13"), "newest")],
+    ids=["3.11-oldest", "3.13-newest"],
+)
+def sources(session: nox.Session, versions: str) -> None:
+    """Image sources, masks and export in a fresh env of the slides and openslide extras only,
+    with the oldest (Python 3.11) and newest (3.13) tifffile/zarr/imagecodecs allowed."""
+    extras = ("slides", "openslide")
+    pins = oldest_pins(*extras) if versions == "oldest" else []
+    # one resolver call (as `install`); the test tools only, no dependency group
+    session.install("-e", f".[{','.join(extras)}]", "pytest>=8", "hypothesis>=6.100", *pins)
+    session.run(
+        "python",
+        "-c",
+        "import tifffile, zarr, imagecodecs; print('tifffile', tifffile.__version__, 'zarr', zarr.__version__, 'imagecodecs', imagecodecs.__version__)",
+    )
+    session.run("pytest", "-p", "no:cacheprovider", *(session.posargs or SOURCES_TESTS))
