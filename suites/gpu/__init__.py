@@ -11,7 +11,7 @@ Rules (GPU run):
 
 GR1. Steps run in order, each in a fresh process killed at its own time budget (``points.STEPS``):
      tests, equality, figs23, resnet34, table2. A step gets the lesser of its budget and what is
-     left of the run's (``--budget-s``, 460 s: with the kill grace, 8 minutes at most).
+     left of the run's (``--budget-s``, 450 s: with the kill grace and the start, 8 minutes).
 GR2. Rows go to ``<out>/gpu_run.jsonl`` as each point finishes (``suites/rows.py``), so a run cut
      off keeps every finished point. A rerun skips the points whose last row, in ``<out>`` or in
      ``--resume`` (default ``reports/benchmark/cuda/gpu_run.jsonl``), is final (ok, oom).

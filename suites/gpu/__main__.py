@@ -23,7 +23,7 @@ from .points import STEPS, Point, Step, equality, grad_error, measure
 
 ROWS_NAME = "gpu_run.jsonl"
 RESUME = REPO / "reports" / "benchmark" / "cuda" / ROWS_NAME
-BUDGET_S = 460.0
+BUDGET_S = 450.0
 KILL_GRACE_S = 20.0  # Rule GR1: a step's process is killed this long after its deadline
 DRY_STEP_S = 300.0
 
@@ -198,7 +198,11 @@ def run_tests(step: Step, allowed_s: float, context: dict[str, Any]) -> None:
     nodes = gpu_tests()
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodes]
+        # Files and names, not node ids: a module skipped at import (test_sources.py without
+        # zarr, which the lent machines lack) is then a skip, not a usage error.
+        files = sorted({n.split("::")[0] for n in nodes})
+        names = " or ".join(n.split("::")[1] for n in nodes)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", names]
         cmd += ["--continue-on-collection-errors", f"--junitxml={xml}"]
         env_vars = {"HYPOTHESIS_PROFILE": "ci"}
         try:
