@@ -79,15 +79,6 @@ class ScaledMask:
         self.masks = [m.cpu() for m in masks]
         self.spatial = spatial
 
-    @property
-    def mask(self) -> torch.Tensor:
-        """The mask of a single image (one mask for the batch)."""
-        if len(self.masks) != 1:
-            raise StreamcheckError(
-                "streamcheck: this ScaledMask holds one mask per image; use .masks"
-            )
-        return self.masks[0]
-
     def touches(self, box: Box) -> bool:
         """Whether the image box ``box`` touches a True pixel of any image's mask (Rules T2, T5)."""
         return any(self.touches_image(n, box) for n in range(len(self.masks)))
