@@ -138,35 +138,22 @@ def plot_run(out_dir: Path | str, label: str) -> list[Path]:
             label=f"exactly equal ({int(zero.sum())} steps), drawn at {floor:g}",
         )
     ax_l.set(xlabel="epoch", ylabel="|loss conventional - loss other run|", title="loss difference")
-    ax_w.semilogy(
-        x_steps,
-        steps["trunk_weight_rel_diff"].clip(lower=floor),
-        color="tab:orange",
-        label="streaming run: trunk (conv16, conv32, streamed)",
-    )
-    ax_w.semilogy(
-        x_steps,
-        steps["head_weight_rel_diff"].clip(lower=floor),
-        color="tab:blue",
-        label="streaming run: head (conv64..fc10)",
-    )
+    # (column, style, label): the streaming run's weight distance, then the control's
+    curves = [
+        (
+            "trunk_weight_rel_diff",
+            {"color": "tab:orange"},
+            "streaming run: trunk (conv16, conv32, streamed)",
+        ),
+        ("head_weight_rel_diff", {"color": "tab:blue"}, "streaming run: head (conv64..fc10)"),
+    ]
     if control:
-        ax_w.semilogy(
-            x_steps,
-            steps["trunk_weight_rel_diff_reordered"].clip(lower=floor),
-            color="black",
-            lw=1.2,
-            ls="-.",
-            label="control (half-batch sums), trunk",
-        )
-        ax_w.semilogy(
-            x_steps,
-            steps["head_weight_rel_diff_reordered"].clip(lower=floor),
-            color="grey",
-            lw=1.2,
-            ls=":",
-            label="control (half-batch sums), head",
-        )
+        curves += [
+            ("trunk_weight_rel_diff_reordered", {"color": "black", "lw": 1.2, "ls": "-."}, "control (half-batch sums), trunk"),
+            ("head_weight_rel_diff_reordered", {"color": "grey", "lw": 1.2, "ls": ":"}, "control (half-batch sums), head"),
+        ]  # fmt: skip
+    for column, style, text in curves:
+        ax_w.semilogy(x_steps, steps[column].clip(lower=floor), **style, label=text)
     ax_w.semilogy(
         x_steps,
         steps["trunk_update_rel_streaming"],
