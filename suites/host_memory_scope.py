@@ -7,10 +7,10 @@ timed repeat, each mode in a fresh process (``suites/fresh.py``), the modes inte
 C B A per round. Modes:
 
 - ``off``: glibc's defaults (``keep_host_memory=False``): every tile faults its buffers in.
-- ``process``: the old default, ``keep_freed_host_memory()`` for the whole process.
-- ``scope``: each tile loop (forward's, backward's) inside ``host_memory_scope``, as streaming.py
-  will call it: patched in here around ``_StreamFunction.forward`` / ``.backward``.
-- ``scope_step``: one ``reusing_freed_host_memory()`` block around the whole training step.
+- ``process``: the old default, ``keep_freed_host_memory()`` for the whole process (and
+  ``keep_host_memory=False``, so that no scope undoes it).
+- ``scope``: the engine's default: each tile loop (forward's, backward's) runs in
+  ``host_memory_scope``, freed memory reused inside and handed back after (Rule FD2).
 - ``conventional``: the plain network, PyTorch defaults (the denominator of the RSS ratio).
 
 Per process: one warm-up step, freed memory handed back (``malloc_trim``) and the peak-RSS mark
@@ -33,45 +33,23 @@ from .environment import environment
 from .fresh import child, run
 from .rows import append_row, read_rows, results_path
 
-MODES = ("off", "process", "scope", "scope_step", "conventional")
+MODES = ("off", "process", "scope", "conventional")
 OUT = Path(__file__).resolve().parents[1] / "reports" / "host_memory"
 
 
 def _streamed_step(mode: str, network: Any, image: Any, tile: int) -> Callable[[], None]:
-    import torch
-
     import streamcheck
-    from streamcheck import streaming
-    from streamcheck.defaults import host_memory_scope
-    from streamcheck.host_memory import reusing_freed_host_memory
 
-    cpu = torch.device("cpu")
-    if mode == "scope":  # the wiring streaming.py is to get: one scope per tile loop
-        function = streaming._StreamFunction
-        forward, backward = function.forward, function.backward
-
-        def scoped_forward(ctx: Any, *args: Any) -> Any:
-            with host_memory_scope(None, device=cpu):
-                return forward(ctx, *args)
-
-        def scoped_backward(ctx: Any, *grads: Any) -> Any:
-            with host_memory_scope(None, device=cpu):
-                return backward(ctx, *grads)
-
-        function.forward = staticmethod(scoped_forward)  # type: ignore[method-assign]
-        function.backward = staticmethod(scoped_backward)  # type: ignore[method-assign]
     if mode == "process":
         streamcheck.keep_freed_host_memory()
-    streamed = streamcheck.Streamed(network, tile=tile, keep_host_memory=False)
+    # scope: the engine's default (its tile loops run in host_memory_scope, Rule FD2)
+    options = {} if mode == "scope" else {"keep_host_memory": False}
+    streamed = streamcheck.Streamed(network, tile=tile, **options)
 
     def step() -> None:
         for p in network.parameters():
             p.grad = None
-        if mode == "scope_step":
-            with reusing_freed_host_memory():
-                streamed(image).sum().backward()
-        else:
-            streamed(image).sum().backward()
+        streamed(image).sum().backward()
 
     return step
 
