@@ -220,7 +220,8 @@ def run_tests(step: Step, allowed_s: float, context: dict[str, Any]) -> None:
         counts = _junit_counts(xml) if xml.exists() else {}
     failed = counts.get("failures", 0) + counts.get("errors", 0)
     ran = counts.get("tests", 0)
-    status = "ok" if returncode is not None and ran > 0 and failed == 0 else "error"
+    # pytest's exit status 0: every test collected passed or skipped (4: a usage error)
+    status = "ok" if returncode == 0 and ran > 0 and failed == 0 else "error"
     if returncode is None:
         status = "timeout"
     print(output[-3000:], flush=True)
