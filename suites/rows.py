@@ -10,7 +10,7 @@ J1. ``<out>/results.jsonl`` is append-only. A row is ``{key, status, params, env
     by guessing; the zoo's committed rows predate the schema and are read by their own ``name``.
 J2. When a key appears more than once (a point re-run), the last row wins (``latest_rows``). A
     rerun skips the points whose last row is final; ``--fresh`` moves the old file aside first. A
-    torn last line (a killed run) is ignored.
+    torn last line (a killed run) is ignored; a line that is not JSON anywhere else is an error.
 
 >>> rows = [{"key": "a", "v": 1}, {"key": "b", "v": 2}, {"key": "a", "v": 3}]
 >>> [r["v"] for r in latest_rows(rows)]  # Rule J2: the last row of a key, in first-seen order
@@ -58,13 +58,14 @@ def read_rows(path: Path, *, required: Sequence[str] = ROW_KEYS) -> list[dict[st
     if not path.exists():
         return []
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    for number, line in lines:
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+        except json.JSONDecodeError as error:
+            if number == lines[-1][0]:
+                continue  # torn by a killed run
+            raise ValueError(f"{path}:{number}: not JSON; only a last line may be torn") from error
         check_row(row, where=f"{path}:{number}", required=required)
         rows.append(row)
     return rows

@@ -40,3 +40,13 @@ def test_revalidation_quick_path_and_its_summary_from_the_record(tmp_path: Path)
     (tmp_path / "SUMMARY.md").unlink()
     write_summary(record, tmp_path)
     assert (tmp_path / "SUMMARY.md").read_text() == summary
+
+
+def test_only_a_last_line_may_be_torn(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    row = {"key": "a", "status": "ok", "params": {}, "environment": {}, "metrics": {}, "run": {}}
+    path.write_text(json.dumps(row) + "\n" + '{"key": "b", "sta')  # a run killed mid-write
+    assert rows.read_rows(path) == [row]
+    path.write_text('{"key": "b", "sta\n' + json.dumps(row) + "\n")  # damage, not a killed run
+    with pytest.raises(ValueError, match=r"results.jsonl:1: not JSON"):
+        rows.read_rows(path)

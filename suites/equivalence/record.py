@@ -65,6 +65,7 @@ from streamcheck.testing import (
 )
 from suites import trunks as T
 from suites.environment import environment
+from suites.rows import read_rows
 
 from .draws import (
     FAMILIES,
@@ -503,8 +504,8 @@ def _has(cases: list[dict[str, Any]], family: str) -> bool:
 def read_record(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``record.json`` and the cases of ``cases.jsonl`` (their ``case`` index dropped)."""
     record = json.loads((out / "record.json").read_text())
-    lines = (out / "cases.jsonl").read_text().splitlines()
-    cases = [{k: v for k, v in json.loads(line).items() if k != "case"} for line in lines]
+    rows = read_rows(out / "cases.jsonl", required=("case",))  # the suites' one JSONL reader
+    cases = [{k: v for k, v in row.items() if k != "case"} for row in rows]
     return record, cases
 
 
