@@ -7,10 +7,29 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
-from suites.zoo.models import zoo
-from suites.zoo.run import check_model, check_split, reclassify, refusal_class, refused_layers
-from suites.zoo.summary import counts, split_counts, write_summary
+import streamcheck
+from streamcheck.errors import Problem
+from suites.zoo.models import ZooModel, zoo
+from suites.zoo.run import (
+    check_model,
+    check_split,
+    check_whole,
+    problem_layers,
+    reclassify,
+    refusal_class,
+    refused_layers,
+)
+from suites.zoo.summary import (
+    counts,
+    latest,
+    split_counts,
+    train_counts,
+    whole_counts,
+    write_summary,
+)
 
 pytest.importorskip("timm")
 pytest.importorskip("torchvision")
@@ -28,17 +47,20 @@ def test_the_zoo_has_at_least_60_models_across_families_and_3d() -> None:
     assert any(m.spatial_axes == 3 for m in models)
 
 
-def test_a_local_trunk_is_exact_and_an_se_trunk_is_a_legitimate_refusal(tmp_path: Path) -> None:
-    exact = check_model(by_name("timm.regnetx_002"))
+def test_an_se_trunk_streams_its_statistics_and_attention_is_a_legitimate_refusal(
+    tmp_path: Path,
+) -> None:
+    exact = check_model(by_name("torchvision.regnet_y_400mf"))  # squeeze-excite in every block
     assert exact["status"] == "exact", exact
     assert exact["worst_rel_error"] <= 1e-10 and exact["n_tiles"] >= 4
-    se = check_model(by_name("timm.seresnet18"))
-    assert se["status"] == "refused" and se["refusal"] == "non-local", se
-    assert se["layers"][0]["path"].startswith("net.layer1.0.se")
+    assert exact["levels"] >= 1 and exact["passes_inference"] == exact["levels"] + 1
+    swin = check_model(by_name("torchvision.swin_t"))
+    assert swin["status"] == "refused" and swin["refusal"] == "non-local", swin
+    assert swin["layers"][0]["path"].startswith("1.0.attn")
     results = tmp_path / "results.jsonl"
     rows = [
         exact | {"command": "test", "environment": {}},
-        se | {"command": "test", "environment": {}},
+        swin | {"command": "test", "environment": {}},
     ]
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_summary(results, tmp_path / "SUMMARY.md")
@@ -95,9 +117,89 @@ def test_split_of_a_zoo_classifier_equals_the_whole_model(tmp_path: Path) -> Non
     assert split["status"] == "equal" and split["max_abs_difference"] == 0.0, split
     assert split["cut"] == "final_conv" and split["total_stride"] == [32, 32]
     assert split["stopped_by"][0]["kind"] == "non-local" and not split["early"]
-    se = check_split(by_name("timm.seresnet18"))
-    assert se["status"] == "equal" and se["cut"] == "maxpool" and se["early"], se
-    assert se["stopped_by"][0]["path"] == "layer1.0.se (mean)"
+    se = check_split(by_name("timm.seresnet18"))  # squeeze-excite streams (split Rule SP8)
+    assert se["status"] == "equal" and se["cut"] == "layer4" and not se["early"], se
+    assert se["stopped_by"][0]["path"] == "global_pool.pool"
     rows = [{"name": "timm.seresnet18", "status": "exact", "split": se}]
     assert split_counts(rows)["head(trunk(x)) == model(x)"] == 1
-    assert split_counts(rows)["ends early"] == 1
+    assert split_counts(rows)["ends early"] == 0
+
+
+def _toy(name: str, build):  # type: ignore[no-untyped-def]
+    return ZooModel(name, "torchvision", "toy", "exact", build)
+
+
+def _bn_chain(n: int) -> nn.Module:
+    """``n`` conv + BatchNorm + ReLU blocks: ``n`` statistic levels in training mode."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 4, 3, padding=1)]
+    for _ in range(n):
+        layers += [nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)]
+    return nn.Sequential(*layers)
+
+
+def test_train_mode_is_exact_with_running_statistics_or_refused_by_budget(tmp_path: Path) -> None:
+    exact = check_model(_toy("toy.bn2", lambda: _bn_chain(2)), mode="train")
+    assert exact["status"] == "exact", exact
+    assert exact["levels"] == 2 and exact["passes_training"] == 6  # 2 * (2 levels + output)
+    assert exact["n_tiles"] >= 4 and exact["worst_rel_error"] <= 1e-10
+    deep = check_model(_toy("toy.bn17", lambda: _bn_chain(17)), mode="train")
+    assert deep["status"] == "budget" and deep["levels"] == 17 > deep["max_levels"], deep
+    assert "input_shape" not in deep  # a plan only
+    # Rule Z13: eval and train rows of one model are two keys; rows without a mode are eval rows
+    results = tmp_path / "results.jsonl"
+    old = {"name": "toy.bn2", "status": "exact", "worst_rel_error": 0.0, "n_tiles": 4}
+    rows = [old, exact, deep]
+    results.write_text(
+        "".join(json.dumps(r | {"command": "t", "environment": {}}) + "\n" for r in rows)
+    )
+    assert [r["name"] for r in latest(results, mode="eval")] == ["toy.bn2"]
+    assert [r["status"] for r in latest(results, mode="train")] == ["exact", "budget"]
+    assert train_counts(latest(results, mode="train"))["budget"] == 1
+    write_summary(results, tmp_path / "SUMMARY.md")
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert "exact: **1** | budget: **1**" in text and "| toy.bn17 | 17 | 36 / 18 |" in text
+
+
+class _Classifier(nn.Module):
+    """A toy classifier: conv, squeeze-excite, conv, global pool, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.se = nn.Conv2d(4, 4, 1)
+        self.last = nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        y = self.last(y * torch.sigmoid(self.se(y.mean((2, 3), keepdim=True))))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_whole_classifier_streams_to_its_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    monkeypatch.setattr("suites.zoo.run.classifier", lambda model: _Classifier())
+    whole = check_whole(_toy("toy.classifier", _Classifier))
+    assert whole["status"] == "equal" and whole["rel_error"] <= 1e-10, whole
+    assert whole["levels"] == 2 and whole["passes_inference"] == 2  # SE, then the pool
+    assert whole["logits_shape"] == [1, 5] and min(whole["n_tiles"]) >= 2
+    rows = [{"name": "toy.classifier", "status": "exact", "whole": whole}]
+    assert whole_counts(rows) == {
+        "classifiers": 1, "equal": 1, "different": 0, "refused": 0, "crash": 0,
+    }  # fmt: skip
+
+
+def test_refusals_are_read_from_the_problems_and_the_budget_is_its_own_class() -> None:
+    error = streamcheck.StreamcheckError(
+        "x", problems=[Problem("se (expand_as)", ".expand_as() is not a method", "move it")]
+    )
+    assert problem_layers(error, name="") == [
+        {"path": "se (expand_as)", "reason": ".expand_as() is not a method", "kind": "gap"}
+    ]
+    budget = streamcheck.StreamcheckError(
+        "streamcheck: this module has 17 levels of statistics over space that depend on each "
+        "other (...)\nmore"
+    )
+    layers = problem_layers(budget, name="")
+    assert layers[0]["path"] == "" and refusal_class(layers) == "budget"

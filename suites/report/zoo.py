@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from suites.zoo.summary import counts, latest, split_counts, verdict
+from suites.zoo.run import EVAL, TRAIN
+from suites.zoo.summary import counts, latest, split_counts, train_counts, verdict, whole_counts
 
 
 def zoo_section(reports: Path) -> str:
@@ -21,7 +22,7 @@ def zoo_section(reports: Path) -> str:
             "Not measured: reports/zoo/results.jsonl is missing (run `python -m suites.zoo`)."
         )
         return "\n".join(lines)
-    rows = latest(results)
+    rows = latest(results, mode=EVAL)
     env = rows[-1]["environment"] if rows else {}
     c = counts(rows)
     lines += [
@@ -46,6 +47,24 @@ def zoo_section(reports: Path) -> str:
             f"{split['different']}, refused {split['refused']}, crashed {split['crash']}; the "
             f"prefix ends early (a non-local layer before the last feature map) in "
             f"{split['ends early']}.",
+            "",
+        ]
+    train = latest(results, mode=TRAIN)
+    if train:
+        t = train_counts(train)
+        lines += [
+            f"In training mode (BatchNorm on batch statistics, `python -m suites.zoo --train`), "
+            f"of {t['trunks']} trunks {t['exact']} stream exactly (running statistics included), "
+            f"{t['budget']} have more statistic levels than the default budget (a plan only), "
+            f"{t['refused']} are refused, {t['wrong']} wrong, {t['crash']} crashed.",
+            "",
+        ]
+    whole = whole_counts(rows)
+    if whole["classifiers"]:
+        lines += [
+            f"Whole classifiers streamed to their logits (`python -m suites.zoo --whole`): "
+            f"{whole['equal']} of {whole['classifiers']} equal `model(x)` within 1e-10, "
+            f"{whole['different']} differ, {whole['refused']} refused, {whole['crash']} crashed.",
             "",
         ]
     worst = max((r["worst_rel_error"] for r in rows if r["status"] == "exact"), default=None)

@@ -8,6 +8,8 @@ Rule Z7. One JSONL row per model (``results.jsonl``), each with the shared envir
     python -m suites.zoo                      # every model (Rule Z6 sizes), then the summary
     python -m suites.zoo --only resnet mobilenet   # models whose name contains one of these
     python -m suites.zoo --split              # add run.py Rule Z8's split check to rows without it
+    python -m suites.zoo --train              # run.py Rule Z11: every trunk in training mode
+    python -m suites.zoo --whole              # add run.py Rule Z12's whole classifier check
 
 Rule Z10. OpenMP's worker threads sleep rather than spin while they wait (``OMP_WAIT_POLICY=PASSIVE``,
           set before torch starts, as in suites/resolution Rule X4): on shared cores spinning
@@ -16,7 +18,10 @@ Rule Z10. OpenMP's worker threads sleep rather than spin while they wait (``OMP_
 Rule Z9. ``--split`` appends, for every selected model whose latest row has no ``split`` field
          (all of them with ``--redo``), that row with the field added: the split check's own
          environment record and command go inside the field, the streaming check's stay where
-         they are.
+         they are. ``--whole`` does the same with a ``whole`` field (run.py Rule Z12).
+Rule Z13. A row is keyed by (name, mode): ``mode`` is ``"eval"`` (rows written before the mode was
+          recorded are eval rows) or ``"train"`` (``--train``, run.py Rule Z11). ``--split`` and
+          ``--whole`` add to the eval rows.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ from suites.environment import environment
 from suites.rows import append_row
 
 from .models import ZooModel, zoo
-from .run import check_model, check_split
-from .summary import ROW_KEYS, latest, write_summary
+from .run import EVAL, TRAIN, check_model, check_split, check_whole
+from .summary import ROW_KEYS, latest, mode_of, write_summary
 
 OUT = Path(__file__).resolve().parents[2] / "reports" / "zoo"
 
@@ -57,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--split", action="store_true", help="add the split check to recorded rows (Rule Z9)"
     )
+    parser.add_argument("--train", action="store_true", help="trunks in training mode (Rule Z11)")
+    parser.add_argument(
+        "--whole", action="store_true", help="add the whole classifier check (Rules Z9, Z12)"
+    )
     args = parser.parse_args(argv)
+    mode = TRAIN if args.train else EVAL
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -68,21 +78,22 @@ def main(argv: list[str] | None = None) -> int:
         done = {
             r["name"]
             for r in latest(results)
-            if r["environment"]["git_commit"] == env["git_commit"]
+            if r["environment"]["git_commit"] == env["git_commit"] and mode_of(r) == mode
         }
     models = [m for m in zoo() if args.only is None or any(part in m.name for part in args.only)]
     if args.cheap_first:
         models.sort(key=cost)
     command = "python -m suites.zoo " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.split:
-        add_split(models, results, command.strip(), redo=args.redo)
+    if args.split or args.whole:
+        field = "split" if args.split else "whole"
+        add_field(models, results, command.strip(), field=field, redo=args.redo)
         write_summary(results, args.out / "SUMMARY.md", total=len(zoo()))
         return 0
     for i, model in enumerate(models, 1):
         if model.name in done:
             continue
-        print(f"[{i}/{len(models)}] {model.name} ...", end=" ", flush=True)
-        record = check_model(model)
+        print(f"[{i}/{len(models)}] {mode} {model.name} ...", end=" ", flush=True)
+        record = check_model(model, mode=mode)
         record["environment"] = environment("cpu")
         record["command"] = command.strip()
         append_row(results, record, required=ROW_KEYS)
@@ -91,15 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def add_split(models: list[ZooModel], results: Path, command: str, *, redo: bool) -> None:
-    """Rule Z9."""
-    rows = {row["name"]: row for row in latest(results)}
-    todo = [m for m in models if m.name in rows and (redo or "split" not in rows[m.name])]
+def add_field(
+    models: list[ZooModel], results: Path, command: str, *, field: str, redo: bool
+) -> None:
+    """Rule Z9: ``field`` is ``"split"`` (Rule Z8) or ``"whole"`` (Rule Z12)."""
+    check = check_split if field == "split" else check_whole
+    rows = {row["name"]: row for row in latest(results) if mode_of(row) == EVAL}
+    todo = [m for m in models if m.name in rows and (redo or field not in rows[m.name])]
     for i, model in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] split {model.name} ...", end=" ", flush=True)
-        split = check_split(model) | {"environment": environment("cpu"), "command": command}
-        append_row(results, rows[model.name] | {"split": split}, required=ROW_KEYS)
-        print(split["status"], split.get("cut", ""), f"{split['seconds']} s", flush=True)
+        print(f"[{i}/{len(todo)}] {field} {model.name} ...", end=" ", flush=True)
+        found = check(model) | {"environment": environment("cpu"), "command": command}
+        append_row(results, rows[model.name] | {field: found}, required=ROW_KEYS)
+        print(found["status"], found.get("cut", ""), f"{found['seconds']} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,19 @@ Rule Z4. Every model gets one record: ``exact`` (output, input gradient and ever
          ``wrong`` (streamed but outside 1e-10) or ``crash`` (any other exception, with its type
          and message).
 Rule Z5. A refused layer is *non-local* when its reason is a genuinely non-local operation
-         (``NON_LOCAL``: statistics or pooling over space, attention, resampling) or it lies in a
-         module that reading the model's code shows to be one (``models.READ_NON_LOCAL``, with
-         the reason); *after non-local* when it is inside the module of such an operation and
-         uses its result (squeeze-excite's ``x * scale`` combines the map with the pooled 1 x 1
-         one); else a *gap* of the engine. A refusal is *non-local* when its first refused layer
-         is (the engine lists them in execution order): no engine change streams past that
-         layer; gaps after it are kept in the record with their class. A refusal whose first
-         refused layer is a gap is a *gap*. The summary re-derives every class from the recorded
-         paths and reasons (``reclassify``), so a change of these rules needs no rerun.
+         (``NON_LOCAL``: attention, resampling, a reduction over only some spatial axes) or it lies
+         in a module that reading the model's code shows to be one (``models.READ_NON_LOCAL``,
+         with the reason); *after non-local* when it is inside the module of such an operation
+         and uses its result; else a *gap* of the engine. Statistics over every spatial axis
+         (squeeze-excite, GroupNorm, GRN, train-mode BatchNorm, global pooling) stream since
+         issue 23 (NOTE [ Global statistics ]): their old reasons stay in ``NON_LOCAL`` so that
+         old rows keep their class, and a refusal of one today would be an engine gap with
+         another reason. A refusal is *non-local* when its first refused layer is (the engine
+         lists them in execution order); a refusal whose first refused layer is a gap is a
+         *gap*; a plan refused for its levels of statistics (plan Rule PL2) is *budget*. The
+         layers come from ``StreamcheckError.problems`` (``Split.stopped_by`` is text: parsed).
+         The summary re-derives every class from the recorded paths and reasons
+         (``reclassify``), so a change of these rules needs no rerun.
 Rule Z8. ``check_split`` cuts the model's whole classifier (random weights, eval mode, float64)
          with ``streamcheck.split`` (its longest streamable prefix) and records where it cut,
          the total stride, what ended the prefix (the refused layers, classed by Rule Z5) and
@@ -22,8 +26,23 @@ Rule Z8. ``check_split`` cuts the model's whole classifier (random weights, eval
          ``model(x)`` bit for bit (``torch.equal``), on a 128 px image (3-D: 8 x 64 x 64; timm
          models of fixed input size: their own).
 Rule Z6. The input is as small as the trunk allows: a plan for a large image gives the receptive
-         field F and total stride S per axis; the tile is F + 3 S (4 output pixels per tile) and the
-         image F + 5 S, so that every axis has two tiles (4 tiles in 2-D, 8 in 3-D).
+         field F and total stride S per axis, the largest over its tile passes (plan Rule PL1: a
+         statistic pass may reach further than the output pass, and every pass must fit its
+         tiles); the tile is F + 3 S (4 output pixels per tile) and the image F + 5 S, so that
+         every axis has two tiles (4 tiles in 2-D, 8 in 3-D) in the pass that reaches furthest.
+Rule Z11. ``check_train`` is Rule Z4 in training mode (``trunk.train()``: BatchNorm normalises with
+          batch statistics and updates its running ones, compared too): ``exact``, ``wrong``,
+          ``refused``, ``crash``, or ``budget`` when the plan has more statistic levels than
+          ``streamcheck.plan``'s default ``max_levels`` (plan Rule PL2): then only a plan with
+          ``max_levels=None`` runs, and its levels and passes are recorded. Every train row
+          records ``levels``, ``passes_training`` and ``time_factor`` where a plan was made.
+Rule Z12. ``check_whole`` streams the model's whole classifier to its logits
+          (``Streamed(net, tile=...)``, random weights with Rule T3's norms, eval mode, float64)
+          on Rule Z6's input and tile for the whole classifier (its fixed input size, if timm
+          says it has one, with the tile F + S when that still gives two tiles), and compares
+          the logits with ``net(x)``: ``equal`` within relative error 1e-10 (the largest
+          absolute difference over the largest absolute logit), else ``different``; ``refused``
+          or ``crash`` otherwise. It records the levels, passes and tiles of the plan.
 """
 
 from __future__ import annotations
@@ -37,15 +56,18 @@ from typing import Any
 import torch
 
 import streamcheck
+from streamcheck.plan import MAX_LEVELS
 from streamcheck.testing.checker import check_streaming_equivalence
 from suites.trunks import randomize_norms
 
 from .models import READ_NON_LOCAL, ZooModel, classifier
 
 RTOL = 1e-10
+EVAL, TRAIN = "eval", "train"
 
 #: Reasons that name a genuinely non-local operation (Rule Z5).
 NON_LOCAL = (
+    "reduces over every spatial axis",  # split: a trunk ends at its global pool (Rule SP8)
     "pools over the whole image",
     "a global pooling",
     "statistics over space",
@@ -56,6 +78,9 @@ NON_LOCAL = (
     "mean() ",
     "averages over",
 )
+
+#: Plan Rule PL2's refusal (Rule Z5's *budget*).
+BUDGET = "levels of statistics over space"
 
 _PROBLEM = re.compile(r"^  - '(?P<path>[^']*)': (?P<reason>.*?)(?: Fix: .*)?$")
 
@@ -80,6 +105,13 @@ def refused_layers(message: str, *, name: str = "") -> list[dict[str, str]]:
     return _classify(layers, name)
 
 
+def problem_layers(error: streamcheck.StreamcheckError, *, name: str) -> list[dict[str, str]]:
+    """Each layer a StreamcheckError names (``error.problems``), with Rule Z5's class; an error
+    about no layer (a tile, a trace failure) is one layer with an empty path and the message."""
+    layers = [{"path": p.path, "reason": p.reason} for p in error.problems]
+    return _classify(layers or [{"path": "", "reason": str(error).splitlines()[0]}], name)
+
+
 def _classify(layers: list[dict[str, str]], name: str) -> list[dict[str, str]]:
     """Rule Z5's class of every refused layer."""
     read = READ_NON_LOCAL.get(name)
@@ -87,6 +119,8 @@ def _classify(layers: list[dict[str, str]], name: str) -> list[dict[str, str]]:
         by_reason = any(k in layer["reason"] for k in NON_LOCAL)
         by_reading = read is not None and _normal(layer["path"]).startswith(_normal(read[0]))
         layer["kind"] = "non-local" if by_reason or by_reading else "gap"
+        if BUDGET in layer["reason"]:
+            layer["kind"] = "budget"
     owners = [_owner(layer["path"]) for layer in layers if layer["kind"] == "non-local"]
     for layer in layers:
         inside = any(layer["path"].startswith(owner) for owner in owners if owner)
@@ -97,7 +131,8 @@ def _classify(layers: list[dict[str, str]], name: str) -> list[dict[str, str]]:
 
 def refusal_class(layers: list[dict[str, str]]) -> str:
     """Rule Z5: the class of a refusal, from its first refused layer."""
-    return "non-local" if layers and layers[0]["kind"] == "non-local" else "gap"
+    first = layers[0]["kind"] if layers else "gap"
+    return first if first in ("non-local", "budget") else "gap"
 
 
 def reclassify(row: dict[str, Any]) -> dict[str, Any]:
@@ -128,33 +163,63 @@ def _owner(path: str) -> str:
     return path.split(" (")[0] if " (" in path else path.rpartition(".")[0]
 
 
+def reach(
+    net: torch.nn.Module, spatial_axes: int
+) -> tuple[tuple[int, ...], tuple[int, ...], streamcheck.StreamPlan]:
+    """Rule Z6: the receptive field and total stride per axis, the largest over the tile passes
+    of a plan for a large image (any number of levels), and that plan."""
+    big: tuple[int, ...] = (1, 3, 2048, 2048) if spatial_axes == 2 else (1, 3, 64, 512, 512)
+    probe = streamcheck.plan(net, big, tile=big[2:], dtype=torch.float64, max_levels=None)
+    passes = probe.tile_passes
+    fields = tuple(max(p.receptive_field_px[a] for p in passes) for a in range(spatial_axes))
+    strides = tuple(max(p.total_stride[a] for p in passes) for a in range(spatial_axes))
+    return fields, strides, probe
+
+
 def input_and_tile(
-    trunk: torch.nn.Module, spatial_axes: int
+    fields: tuple[int, ...], strides: tuple[int, ...]
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Rule Z6: the input shape and the tile."""
-    big = (1, 3, *([16] * (spatial_axes - 2)), *([1024] * min(spatial_axes, 2)))[: 2 + spatial_axes]
-    if spatial_axes == 3:
-        big = (1, 3, 64, 512, 512)
-    probe = streamcheck.plan(trunk, big, tile=big[2:], dtype=torch.float64)
-    fields, strides = probe.receptive_field_px, probe.total_stride
+    """Rule Z6: the input shape and the tile.
+
+    >>> input_and_tile((43, 43), (8, 8))  # 67 = 43 + 3 * 8, 83 = 43 + 5 * 8
+    ((1, 3, 83, 83), (67, 67))
+    """
     tile = tuple(f + 3 * s for f, s in zip(fields, strides, strict=True))
     image = tuple(f + 5 * s for f, s in zip(fields, strides, strict=True))
     return (1, 3, *image), tile
 
 
-def check_model(model: ZooModel) -> dict[str, Any]:
-    """Build, plan and check one trunk (Rules Z4-Z6); never raises."""
+def plan_record(plan: streamcheck.StreamPlan) -> dict[str, Any]:
+    """What a plan says a model costs (plan Rules PL1-PL3)."""
+    return {
+        "levels": plan.levels,
+        "passes_training": plan.passes_training,
+        "passes_inference": plan.passes_inference,
+        "time_factor": round(plan.time_factor, 3),
+    }
+
+
+def check_model(model: ZooModel, *, mode: str = EVAL) -> dict[str, Any]:
+    """Build, plan and check one trunk (Rules Z4-Z6; Rule Z11 with ``mode="train"``); never
+    raises."""
     record: dict[str, Any] = {
         "name": model.name,
+        "mode": mode,
         "library": model.library,
         "family": model.family,
         "expect": model.expect,
     }
     start = time.perf_counter()
     try:
-        trunk = randomize_norms(model.build()).eval().double()
+        trunk = randomize_norms(model.build()).train(mode == TRAIN).double()
         record["parameters"] = sum(p.numel() for p in trunk.parameters())
-        shape, tile = model.shape_and_tile or input_and_tile(trunk, model.spatial_axes)
+        fields, strides, probe = reach(trunk, model.spatial_axes)
+        record.update(plan_record(probe))
+        if mode == TRAIN and probe.levels > MAX_LEVELS:  # Rule Z11: a plan only
+            record.update(status="budget", max_levels=MAX_LEVELS)
+            record["seconds"] = round(time.perf_counter() - start, 2)
+            return record
+        shape, tile = model.shape_and_tile or input_and_tile(fields, strides)
         record["input_shape"], record["tile"] = list(shape), list(tile)
         report = check_streaming_equivalence(trunk, shape, tile=tile, rtol=RTOL, atol=0.0)
         worst = max(row.max_rel_error for row in report.rows)
@@ -167,7 +232,7 @@ def check_model(model: ZooModel) -> dict[str, Any]:
         if not report.passed:
             record["failures"] = [row.name for row in report.failures][:10]
     except streamcheck.StreamcheckError as error:
-        layers = refused_layers(str(error), name=model.name)
+        layers = problem_layers(error, name=model.name)
         record.update(status="refused", refusal=refusal_class(layers), layers=layers)
     except Exception as error:  # Rule Z4: a crash is recorded, not raised
         record.update(crashed(error))
@@ -222,7 +287,49 @@ def check_split(model: ZooModel) -> dict[str, Any]:
             max_abs_difference=float((whole - pair).abs().max()),
         )
     except streamcheck.StreamcheckError as error:
-        record.update(status="refused", layers=refused_layers(str(error), name=model.name))
+        record.update(status="refused", layers=problem_layers(error, name=model.name))
+    except Exception as error:  # Rule Z4: a crash is recorded, not raised
+        record.update(crashed(error))
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    return record
+
+
+def whole_input_and_tile(
+    model: ZooModel, net: torch.nn.Module
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Rule Z12's input shape and tile (Rule Z6 on the whole classifier, or its fixed size)."""
+    fields, strides, _ = reach(net, model.spatial_axes)
+    config = getattr(net, "pretrained_cfg", None) or {}
+    if config.get("fixed_input_size"):
+        return (1, *config["input_size"]), tuple(
+            f + s for f, s in zip(fields, strides, strict=True)
+        )
+    return input_and_tile(fields, strides)
+
+
+def check_whole(model: ZooModel) -> dict[str, Any]:
+    """Rule Z12 for one model; never raises."""
+    record: dict[str, Any] = {}
+    start = time.perf_counter()
+    try:
+        net = randomize_norms(classifier(model)).eval().double()
+        shape, tile = whole_input_and_tile(model, net)
+        record.update(input_shape=list(shape), tile=list(tile))
+        streamed = streamcheck.Streamed(net, tile=tile)
+        plan = streamed.plan(shape)
+        record.update(plan_record(plan), n_tiles=[p.n_tiles for p in plan.tile_passes])
+        x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            plain, logits = net(x), streamed(x)
+        error = float((logits - plain).abs().max() / plain.abs().max())
+        record.update(
+            status="equal" if error <= RTOL else "different",
+            rel_error=error,
+            logits_shape=list(plain.shape),
+        )
+    except streamcheck.StreamcheckError as error:
+        layers = problem_layers(error, name=model.name)
+        record.update(status="refused", refusal=refusal_class(layers), layers=layers)
     except Exception as error:  # Rule Z4: a crash is recorded, not raised
         record.update(crashed(error))
     record["seconds"] = round(time.perf_counter() - start, 2)

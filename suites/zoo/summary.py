@@ -3,7 +3,7 @@
 >>> rows = [{"name": "a", "status": "exact", "worst_rel_error": 1e-15},
 ...         {"name": "b", "status": "refused", "refusal": "non-local"}]
 >>> counts(rows)
-{'models': 2, 'exact': 1, 'refused (non-local)': 1, 'refused (gap)': 0, 'wrong': 0, 'crash': 0}
+{'models': 2, 'exact': 1, 'refused (non-local)': 1, 'refused (gap)': 0, 'refused (budget)': 0, 'wrong': 0, 'crash': 0}
 """
 
 from __future__ import annotations
@@ -13,16 +13,23 @@ from typing import Any
 
 from suites.rows import latest_rows, read_rows
 
-from .run import reclassify
+from .run import EVAL, TRAIN, reclassify
 
 # The zoo's rows predate the kit's schema (suites/rows.py Rule J1): flat, one per model.
 ROW_KEYS = ("name", "status", "environment", "command")
 
 
-def latest(results: Path) -> list[dict[str, Any]]:
-    """The last row of every model, in first-seen order, classed by run.py Rule Z5 again."""
+def mode_of(row: dict[str, Any]) -> str:
+    """Rule Z13: a row's mode; rows from before the mode was recorded are eval rows."""
+    return str(row.get("mode", EVAL))
+
+
+def latest(results: Path, *, mode: str | None = None) -> list[dict[str, Any]]:
+    """The last row of every (model, mode) (Rule Z13), in first-seen order, classed by run.py
+    Rule Z5 again; only ``mode``'s rows if given."""
     rows = read_rows(results, required=ROW_KEYS)
-    return [reclassify(row) for row in latest_rows(rows, key=lambda r: r["name"])]
+    last = latest_rows(rows, key=lambda r: (r["name"], mode_of(r)))
+    return [reclassify(row) for row in last if mode is None or mode_of(row) == mode]
 
 
 def counts(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -36,6 +43,7 @@ def counts(rows: list[dict[str, Any]]) -> dict[str, int]:
         "exact": n("exact"),
         "refused (non-local)": n("refused", "non-local"),
         "refused (gap)": n("refused", "gap"),
+        "refused (budget)": n("refused", "budget"),
         "wrong": n("wrong"),
         "crash": n("crash"),
     }
@@ -51,7 +59,8 @@ def verdict(row: dict[str, Any]) -> str:
             row["layers"][0],
         )
         more = len(row["layers"]) - 1
-        return f"`{first['path']}`: {first['reason']}" + (f" (+{more} more)" if more else "")
+        where = f"`{first['path']}`: " if first["path"] else ""
+        return where + first["reason"] + (f" (+{more} more)" if more else "")
     return row.get("error", "")
 
 
@@ -87,8 +96,103 @@ def split_cell(row: dict[str, Any]) -> str:
     return cell + ("; equal" if split["status"] == "equal" else "; **different**")
 
 
+def train_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Run.py Rule Z11's results: train rows per status."""
+    return {"trunks": len(rows)} | {
+        status: sum(r["status"] == status for r in rows)
+        for status in ("exact", "budget", "refused", "wrong", "crash")
+    }
+
+
+def whole_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Run.py Rule Z12's results: whole classifiers per status."""
+    wholes = [r["whole"] for r in rows if "whole" in r]
+    return {"classifiers": len(wholes)} | {
+        status: sum(w["status"] == status for w in wholes)
+        for status in ("equal", "different", "refused", "crash")
+    }
+
+
+def cost_cells(record: dict[str, Any]) -> str:
+    """Levels, passes and the plan's time factor (plan Rules PL1-PL3), where a plan was made."""
+    if "levels" not in record:
+        return " | | "
+    return (
+        f"{record['levels']} | {record['passes_training']} / {record['passes_inference']} | "
+        f"{record['time_factor']:.2f}"
+    )
+
+
+def provenance(records: list[dict[str, Any]]) -> str:
+    """The commands and commits that made ``records``."""
+    commands = ", ".join(sorted({f"`{r['command']}`" for r in records}))
+    commits = ", ".join(sorted({r["environment"].get("git_commit", "?") for r in records}))
+    cpus = ", ".join(sorted({str(r["environment"].get("cpu")) for r in records}))
+    return f"commands {commands}; commits {commits}; CPU {cpus}"
+
+
+def train_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Run.py Rule Z11's table."""
+    if not rows:
+        return ["## Training mode", "", "Not run yet (`python -m suites.zoo --train`).", ""]
+    lines = [
+        "## Training mode (BatchNorm on batch statistics)",
+        "",
+        "Every trunk in `.train()` mode, streamed in float64 against the plain module (output, "
+        "input gradient, every parameter gradient and the running statistics at rtol 1e-10; "
+        "suites/zoo/run.py Rule Z11). *budget*: more statistic levels than the default "
+        "`max_levels` (plan Rule PL2), so only a plan with `max_levels=None` ran. Passes are "
+        "training / inference; the time factor is the plan's estimate against plain streaming "
+        f"(plan Rule PL3). {provenance(rows)}.",
+        "",
+        " | ".join(f"{k}: **{v}**" for k, v in train_counts(rows).items()),
+        "",
+        "| model | levels | passes | time factor | result | detail |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        detail = f"max_levels {r['max_levels']}" if r["status"] == "budget" else verdict(r)
+        lines.append(
+            f"| {r['name']} | {cost_cells(r)} | {r['status']} | {detail.replace('|', '/')} |"
+        )
+    return [*lines, ""]
+
+
+def whole_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Run.py Rule Z12's table."""
+    wholes = [r for r in rows if "whole" in r]
+    if not wholes:
+        return ["## Whole classifiers", "", "Not run yet (`python -m suites.zoo --whole`).", ""]
+    lines = [
+        "## Whole classifiers, streamed to their logits",
+        "",
+        "`Streamed(model, tile=...)` on the whole torchvision/timm classifier (random weights, "
+        "eval mode, float64), its logits against `model(x)` (relative error: the largest "
+        "absolute difference over the largest absolute logit; *equal* within 1e-10; "
+        f"suites/zoo/run.py Rule Z12). {provenance([r['whole'] for r in wholes])}.",
+        "",
+        " | ".join(f"{k}: **{v}**" for k, v in whole_counts(rows).items()),
+        "",
+        "| model | input | tile | levels | passes | time factor | result | detail |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in wholes:
+        w = r["whole"]
+        size = "x".join(str(n) for n in w.get("input_shape", [])[2:])
+        tile = "x".join(str(n) for n in w.get("tile", []))
+        if w["status"] in ("equal", "different"):
+            detail = f"relative error {w['rel_error']:.1e}"
+        else:
+            detail = verdict(w)
+        lines.append(
+            f"| {r['name']} | {size} | {tile} | {cost_cells(w)} | {w['status']} | "
+            f"{detail.replace('|', '/')} |"
+        )
+    return [*lines, ""]
+
+
 def write_summary(results: Path, out: Path, *, total: int | None = None) -> None:
-    rows = latest(results)
+    rows = latest(results, mode=EVAL)
     env = rows[-1]["environment"] if rows else {}
     c = counts(rows)
     lines = [
@@ -145,4 +249,5 @@ def write_summary(results: Path, out: Path, *, total: int | None = None) -> None
             "",
         ]
         lines += [f"- {r['name']}: {r['reading']}" for r in readings]
-    out.write_text("\n".join(lines) + "\n")
+    lines += ["", *train_section(latest(results, mode=TRAIN)), *whole_section(rows)]
+    out.write_text("\n".join(lines).rstrip("\n") + "\n")
