@@ -101,7 +101,9 @@ class _GraphPrograms:
     absolute: frozenset[int]
     classes: dict[int, Hashable] = field(default_factory=dict)  # id(schedule) -> class
     counts: dict[Hashable, int] = field(default_factory=dict)  # class -> tiles
-    programs: dict[Hashable, Callable[[torch.Tensor], Any]] = field(default_factory=dict)
+    programs: dict[Hashable, Callable[[torch.Tensor, dict[str, torch.Tensor]], Any]] = field(
+        default_factory=dict
+    )
     records: list[CompileRecord] = field(default_factory=list)
     failed: str | None = None
 

@@ -259,7 +259,7 @@ def _classify(
     fixed: dict[str, Any],
     metas: dict[str, Any],
     spatial_axes: int,
-) -> tuple[Window | Pointwise | Rescale | Rejected, nn.Module | None]:
+) -> tuple[Window | Pointwise | Rescale | Reduction | Rejected, nn.Module | None]:
     if fxn.op == "call_module":
         module = gm.get_submodule(str(fxn.target))
         return classify_module(module, spatial_axes), module
@@ -405,11 +405,12 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
                 )
                 continue
             kind = "once" if _writes_buffer(fxn) else "constant"  # Rule G15
-            if kind == "once" and not str(fxn.args[0].target).endswith("num_batches_tracked"):  # type: ignore[union-attr]
+            written = str(getattr(fxn.args[0], "target", "")) if fxn.args else ""
+            if kind == "once" and not written.endswith("num_batches_tracked"):
                 problems.append(
                     Problem(
                         path,
-                        f"writes the buffer '{fxn.args[0].target}' in place during forward, "  # type: ignore[union-attr]
+                        f"writes the buffer '{written}' in place during forward, "
                         "which tiles and passes would repeat",
                         "update it outside forward, or move the layer into the head",
                     )
@@ -441,7 +442,7 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
             _add_size(add, known, fixed, Node(fxn.name, path, fxn, "constant"), meta, entries)
             continue
         if fxn.op == "call_function" and fxn.target is operator.getitem:
-            layer: Window | Pointwise | Rescale | Rejected = (
+            layer: Window | Pointwise | Rescale | Reduction | Rejected = (
                 Pointwise()
             )  # Rule G9 in _attach_layout
             submodule = None

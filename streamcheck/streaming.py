@@ -322,7 +322,7 @@ def _check_maskable(plan: StreamPlan) -> None:
 
 def _masked_tiles(plan: StreamPlan, mask: Any) -> tuple[int, ...]:
     """The tiles whose input box touches the mask (masks Rule T2)."""
-    scaled = ScaledMask(mask, plan.input_shape[2:])
+    scaled = ScaledMask(mask, plan.input_shape[2:], batch=plan.input_shape[0])
     return tuple(i for i, s in enumerate(plan.schedules) if scaled.touches(s.input_box))
 
 
@@ -585,17 +585,17 @@ class _StreamFunction(torch.autograd.Function):
             if call.tiles is None
             else tuple(plan.tile_passes[-1].schedules[i] for i in call.tiles)
         )
-        outputs = []
+        returned: list[torch.Tensor] = []
         for o in graph.outputs or (graph.output,):
             node = graph.nodes[o]
             if node.spatial:
                 if o not in stitched:  # every tile masked out
                     dtype = _compute_dtype_of(ctx, feed, plan)
                     stitched[o] = torch.zeros(node.shape, dtype=dtype, device=feed.device)
-                outputs.append(stitched[o])
+                returned.append(stitched[o])
             else:
-                outputs.append(stats.values[node.name].clone())
-        return tuple(outputs)
+                returned.append(stats.values[node.name].clone())
+        return tuple(returned)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

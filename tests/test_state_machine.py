@@ -29,6 +29,7 @@ from streamcheck.testing.graphs import (
     Residual,
     SharedTwice,
 )
+from streamcheck.testing.statistics import SqueezeExcite
 from streamcheck.testing.strategies import stack_geometry
 
 pytestmark = [pytest.mark.property, pytest.mark.usefixtures("one_thread")]
@@ -99,7 +100,21 @@ def dag_3d() -> nn.Module:
     )
 
 
+def statistics_2d() -> nn.Module:
+    """BatchNorm that train()/eval() switch between batch and running statistics (one pass or
+    several), squeeze-excite and GroupNorm: statistics over the whole map."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        SqueezeExcite(4, ndim=2, squeeze="mean"),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.GroupNorm(2, 4),
+    )
+
+
 MODELS = {
+    "statistics_2d": (statistics_2d, (2, 3, 20, 18), 10),
     "chain_2d": (chain_2d, (1, 3, 24, 20), 12),
     "dag_2d": (dag_2d, (1, 2, 24, 22), 16),
     "torchvision_frozen_2d": (torchvision_frozen_2d, (1, 3, 20, 20), 10),

@@ -23,8 +23,9 @@ Rule M2. The rules (M2a-M2k) are what users do: (a) swap a leaf for a legal othe
 Rule M3. After every rule (a hypothesis invariant) ``checker.check_streamed`` compares the wrapper
          with a deep copy of the model run plainly: output, input gradient, every trainable
          parameter gradient and the buffers, float64 with rtol 1e-10.
-Rule M4. Where the model is no longer local -- BatchNorm or InstanceNorm using batch statistics,
-         GroupNorm, Dropout with p > 0 in training mode -- or the tile is below the receptive field
+Rule M4. Where the model is no longer local -- Dropout with p > 0 or SyncBatchNorm in training
+         mode (BatchNorm on batch statistics, GroupNorm and InstanceNorm stream in passes, their
+         running statistics compared as buffers by Rule M3) -- or the tile is below the receptive field
          (computed independently of the engine: ``receptive_field``, by default
          ``strategies.stack_geometry``), the wrapper must raise ``StreamcheckError`` instead, and
          leave every buffer as it was; for a tile, the message names the receptive field.
@@ -78,25 +79,23 @@ RULES = (
     "new_image_shape",
 )
 
-_NORMS_WITH_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 _POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
 _ELEMENTWISE = tuple(type(factory()) for factory in ACTIVATIONS)
 _SEEDS = st.integers(0, 2**32 - 1)
 
 
 def non_local_parts(model: nn.Module) -> list[str]:
-    """Paths of the parts that make ``model`` non-local in their current mode (Rule M4).
+    """Paths of the parts that make ``model`` non-local in their current mode (Rule M4): Dropout
+    in training mode and SyncBatchNorm in training mode. BatchNorm in either mode, GroupNorm and
+    InstanceNorm stream (reductions Rules R1-R5).
 
-    >>> model = nn.Sequential(nn.Conv2d(1, 1, 3), nn.BatchNorm2d(1), nn.Dropout(0.0))
+    >>> model = nn.Sequential(nn.Conv2d(1, 1, 3), nn.BatchNorm2d(1), nn.Dropout(0.5))
     >>> non_local_parts(model), non_local_parts(model.eval())
-    (['1'], [])
+    (['2'], [])
     """
     found = []
     for name, m in model.named_modules():
-        if isinstance(m, _NORMS_WITH_STATS):
-            if m.training or m.running_mean is None:  # statistics of the batch and image
-                found.append(name)
-        elif isinstance(m, nn.GroupNorm) or (
+        if (isinstance(m, nn.SyncBatchNorm) and m.training) or (
             isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
         ):
             found.append(name)
