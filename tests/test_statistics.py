@@ -9,6 +9,7 @@ after one or several training steps. Ties of maxima are checked against PyTorch'
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -262,7 +263,9 @@ def test_what_is_not_a_whole_map_statistic_stays_refused_by_path(
 
 def test_a_mask_with_a_statistic_is_refused() -> None:
     streamed = streamcheck.Streamed(network(2, nn.GroupNorm(2, 4)), tile=9)
-    with pytest.raises(streamcheck.StreamcheckError, match=r"mask= with a statistic.*'3 \(moments\)'"):
+    with pytest.raises(
+        streamcheck.StreamcheckError, match=r"mask= with a statistic.*'3 \(moments\)'"
+    ):
         streamed(torch.randn(1, 3, 20, 20), mask=torch.ones(4, 4, dtype=torch.bool))
 
 
@@ -301,7 +304,9 @@ def _exact_case(module: nn.Module, shape: tuple[int, ...], tile: object, seed: i
         with pytest.raises(ValueError, match="more than 1"):
             module(torch.zeros(shape, dtype=torch.float64))
         return
-    report = check_streaming_equivalence(module, shape, tile=tile, seed=seed)  # type: ignore[arg-type]
+    with warnings.catch_warnings():  # a drawn tile may cover the image: still a valid check
+        warnings.filterwarnings("ignore", "streamcheck: tile .* covers the whole")
+        report = check_streaming_equivalence(module, shape, tile=tile, seed=seed)  # type: ignore[arg-type]
     assert report.passed, str(report)
 
 

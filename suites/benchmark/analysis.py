@@ -9,6 +9,10 @@ B1. The latest row per resolved-settings key is the point's value (``suites/rows
     workload Rules KS1-KS2: a committed row by the settings it recorded); rows are flattened to one
     column per parameter and metric, with the settings key in column ``settings_key``. A case
     name selects the rows of its resolved settings, whatever name they were measured under.
+B1b. Rows of one key measured at the same commit (a working tree with uncommitted changes, commit
+    ``+dirty``, counts as its commit) are draws of one measurement (two case names that resolve
+    to the same settings, or a rerun): the point's time is the median of their times
+    (``pooled_rows`` says how many), so that the luckier draw is never the value.
 B2. A ratio names the case and settings of both sides (``Ratio.label``), and compares only cases
     of the same kind of settings: defaults with defaults, tuned with tuned (``PAIRS``).
 B3. A conventional value that was not measured (out of memory) may be estimated from the linear
@@ -79,10 +83,34 @@ def settings_key(row: dict[str, Any]) -> str:
     return s.key if s is not None else row["name"]
 
 
+def _commit(row: dict[str, Any]) -> str:
+    return str((row.get("environment") or {}).get("git_commit") or "").removesuffix("+dirty")
+
+
 def frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """Rule B1: the latest row per key, flat, as a DataFrame (empty if there are no rows)."""
-    latest = latest_rows(rows, key=lambda r: point_key(settings_key(r), r["params"]))
-    df = pd.DataFrame([flat(r) | {"settings_key": settings_key(r)} for r in latest])
+    """Rules B1-B1b: the latest row per key, flat, as a DataFrame (empty if there are no rows)."""
+    rows = list(rows)
+
+    def key(r: dict[str, Any]) -> str:
+        return point_key(settings_key(r), r["params"])
+
+    latest = latest_rows(rows, key=key)
+    records = []
+    for row in latest:
+        record = flat(row) | {"settings_key": settings_key(row), "pooled_rows": 1}
+        commit = _commit(row)
+        draws = [
+            r["metrics"]["time_s_median"]
+            for r in rows
+            if key(r) == key(row)
+            and r["status"] == "ok"
+            and _commit(r) == commit
+            and r["metrics"].get("time_s_median") is not None
+        ]
+        if row["status"] == "ok" and len(draws) > 1:  # Rule B1b
+            record |= {"time_s_median": float(np.median(draws)), "pooled_rows": len(draws)}
+        records.append(record)
+    df = pd.DataFrame(records)
     if df.empty:
         return df
     for col in NUMERIC:
