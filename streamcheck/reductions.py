@@ -367,24 +367,16 @@ def _norm_call(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | None:
             with graph.inserting_before(node):
                 return graph.get_attr(f"{path}.{name}") if getattr(m, name) is not None else None
 
-        if isinstance(m, _BATCH_NORMS):
+        if isinstance(m, _BATCH_NORMS + _INSTANCE_NORMS):
             if not (m.training or m.running_mean is None):
-                return None
+                return None  # running statistics: pointwise (locality Rule L3)
+            kind = "batch" if isinstance(m, _BATCH_NORMS) else "instance"
             running = (
-                Running(f"{path}.running_mean", f"{path}.running_var", "batch", module=path)
+                Running(f"{path}.running_mean", f"{path}.running_var", kind, module=path)
                 if m.training and m.running_mean is not None
                 else None
             )
-            return node.args[0], attr("weight"), attr("bias"), m.eps, "batch", 0, running
-        if isinstance(m, _INSTANCE_NORMS):
-            if not (m.training or m.running_mean is None):
-                return None
-            running = (
-                Running(f"{path}.running_mean", f"{path}.running_var", "instance", module=path)
-                if m.training and m.running_mean is not None
-                else None
-            )
-            return node.args[0], attr("weight"), attr("bias"), m.eps, "instance", 0, running
+            return node.args[0], attr("weight"), attr("bias"), m.eps, kind, 0, running
         if isinstance(m, nn.GroupNorm):
             return node.args[0], attr("weight"), attr("bias"), m.eps, "group", m.num_groups, None
         return None

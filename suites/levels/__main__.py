@@ -61,7 +61,7 @@ def points(*, quick: bool) -> list[dict[str, Any]]:
                     "kind": "time",
                 }
             )
-    for name in TRUNKS[:1] if quick else TRUNKS:
+    for name in () if quick else TRUNKS:
         for known in (False, True):
             out.append(
                 {

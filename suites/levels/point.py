@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import streamcheck
+from suites.benchmark.workload import paper_network
 from suites.fresh import child
 from suites.meters import RssMeter
 from suites.trunks import randomize_norms
@@ -46,14 +47,9 @@ class KnownPool(nn.Module):
 
 def paper_se(k: int, *, known: bool) -> nn.Module:
     """The Figs 2-3 network with ``k`` squeeze-excite blocks in series on its 64-channel map."""
-    return nn.Sequential(
-        nn.Conv2d(3, 3, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(3, 64, 3, padding=1),
-        nn.ReLU(),
-        *(SqueezeExcite(64, known=known) for _ in range(k)),
-        nn.Conv2d(64, 3, 3, padding=1),
-    )
+    layers = list(paper_network())
+    blocks = [SqueezeExcite(64, known=known) for _ in range(k)]
+    return nn.Sequential(*layers[:4], *blocks, *layers[4:])
 
 
 def resnet18_train_bn(*, known: bool) -> nn.Module:
