@@ -37,16 +37,19 @@ Rule Z11. ``check_train`` is Rule Z4 in training mode (``trunk.train()``: BatchN
           ``max_levels=None`` runs, and its levels and passes are recorded. Every train row
           records ``levels``, ``passes_training`` and ``time_factor`` where a plan was made.
 Rule Z12. ``check_whole`` streams the model's whole classifier to its logits
-          (``Streamed(net, tile=...)``, random weights with Rule T3's norms, eval mode, float64)
-          on Rule Z6's input and tile for the whole classifier (its fixed input size, if timm
-          says it has one, with the tile F + S when that still gives two tiles), and compares
-          the logits with ``net(x)``: ``equal`` within relative error 1e-10 (the largest
-          absolute difference over the largest absolute logit), else ``different``; ``refused``
-          or ``crash`` otherwise. It records the levels, passes and tiles of the plan.
+          (``Streamed(net, tile=..., max_levels=None)``: the levels are recorded, not limited;
+          random weights with Rule T3's norms, eval mode, float64) and compares them with
+          ``net(x)``: ``equal`` within relative error 1e-10 (the largest absolute difference over
+          the largest absolute logit), else ``different``; ``refused`` or ``crash`` otherwise.
+          The image is 2 (F + S) per axis (Rule Z6's F and S of the whole classifier), or timm's
+          fixed input size; the tile is the whole image but along the first spatial axis, where
+          it makes about half the output (F + (ceil(ceil(image / S) / 2) - 1) S): two or more
+          tiles in every pass. It records the levels, passes and tiles of every pass.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import traceback
@@ -297,14 +300,22 @@ def check_split(model: ZooModel) -> dict[str, Any]:
 def whole_input_and_tile(
     model: ZooModel, net: torch.nn.Module
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Rule Z12's input shape and tile (Rule Z6 on the whole classifier, or its fixed size)."""
+    """Rule Z12's input shape and tile: two tiles along the first spatial axis, one along the
+    others.
+
+    >>> from suites.zoo.models import zoo
+    >>> resnet = next(m for m in zoo() if m.name == "timm.resnet10t")
+    >>> whole_input_and_tile(resnet, classifier(resnet))   # 462 = 2 * (199 + 32), 423 = 199 + 7 * 32
+    ((1, 3, 462, 462), (423, 462))
+    """
     fields, strides, _ = reach(net, model.spatial_axes)
     config = getattr(net, "pretrained_cfg", None) or {}
     if config.get("fixed_input_size"):
-        return (1, *config["input_size"]), tuple(
-            f + s for f, s in zip(fields, strides, strict=True)
-        )
-    return input_and_tile(fields, strides)
+        image = tuple(config["input_size"][1:])
+    else:
+        image = tuple(2 * (f + s) for f, s in zip(fields, strides, strict=True))
+    half = math.ceil(math.ceil(image[0] / strides[0]) / 2)  # ceil(ceil(462 / 32) / 2) = 8 px
+    return (1, 3, *image), (fields[0] + (half - 1) * strides[0], *image[1:])
 
 
 def check_whole(model: ZooModel) -> dict[str, Any]:
@@ -315,7 +326,7 @@ def check_whole(model: ZooModel) -> dict[str, Any]:
         net = randomize_norms(classifier(model)).eval().double()
         shape, tile = whole_input_and_tile(model, net)
         record.update(input_shape=list(shape), tile=list(tile))
-        streamed = streamcheck.Streamed(net, tile=tile)
+        streamed = streamcheck.Streamed(net, tile=tile, max_levels=None)
         plan = streamed.plan(shape)
         record.update(plan_record(plan), n_tiles=[p.n_tiles for p in plan.tile_passes])
         x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
