@@ -109,12 +109,14 @@ def add_field(
 ) -> None:
     """Rule Z9: ``field`` is ``"split"`` (Rule Z8) or ``"whole"`` (Rule Z12)."""
     check = check_split if field == "split" else check_whole
-    rows = {row["name"]: row for row in latest(results) if mode_of(row) == EVAL}
+    rows = {row["name"]: row for row in latest(results, mode=EVAL)}
     todo = [m for m in models if m.name in rows and (redo or field not in rows[m.name])]
     for i, model in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {field} {model.name} ...", end=" ", flush=True)
         found = check(model) | {"environment": environment("cpu"), "command": command}
-        append_row(results, rows[model.name] | {field: found}, required=ROW_KEYS)
+        # the row as it is now: a run beside this one may have appended a newer one meanwhile
+        row = next(r for r in latest(results, mode=EVAL) if r["name"] == model.name)
+        append_row(results, row | {field: found}, required=ROW_KEYS)
         print(found["status"], found.get("cut", ""), f"{found['seconds']} s", flush=True)
 
 
