@@ -117,7 +117,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
         "",
         f"Figs 2-3 network, {rows[-1]['params']['size']}² tile {rows[-1]['params']['tile']}, "
         f"float32; CPU {env.get('cpu')}, {env.get('threads')} threads, torch {env.get('torch')}, "
-        f"commit {env.get('git_commit')}; fresh process per row, modes interleaved "
+        f"commits {', '.join(sorted({r['environment']['git_commit'][:9] for r in rows}))} "
+        "(each row's own: others committed during the run); fresh process per row, modes interleaved "
         f"(A B .. B A), {max(len(v) for v in by.values())} processes per mode; medians over them.",
         f"Command: `{rows[-1]['run']['command']}`. Load (1 min) at the rows: "
         f"{min(r['environment']['load_1min'] or 0 for r in rows if r['environment'])}-"
@@ -151,10 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--summarize", action="store_true", help="only rewrite SUMMARY.md")
     args = parser.parse_args(argv)
     path = results_path(args.out)
     command = "python -m suites.host_memory_scope " + " ".join(argv or sys.argv[1:])
-    for r in range(args.rounds):
+    if args.summarize:  # the last run's rows
+        command = read_rows(path)[-1]["run"]["command"]
+    for r in range(0 if args.summarize else args.rounds):
         order = args.modes if r % 2 == 0 else args.modes[::-1]
         for mode in [*order, *order[::-1]]:
             payload = {"mode": mode, "size": args.size, "tile": args.tile}
