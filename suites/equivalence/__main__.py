@@ -24,6 +24,8 @@ QUICK_EXAMPLES = 6
 QUICK_DAG_EXAMPLES = 3
 DEFAULT_MULTISCALE_EXAMPLES = 100  # U-Nets and pyramids, each
 QUICK_MULTISCALE_EXAMPLES = 3
+DEFAULT_STATISTICS_EXAMPLES = 170  # per dtype and statistics family: 1020 networks
+STATISTICS = ("statistics_chain", "statistics_dag", "statistics_unet")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,6 +63,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"{QUICK_MULTISCALE_EXAMPLES}; 0: none)",
         )
     p.add_argument(
+        "--statistics-examples",
+        type=int,
+        metavar="N",
+        help="networks with statistics over the map (streamcheck.testing.statistics) per dtype "
+        f"and family (statistics_chain, _dag, _unet), split like --examples (default "
+        f"{DEFAULT_STATISTICS_EXAMPLES}, --quick {QUICK_MULTISCALE_EXAMPLES}; 0: none)",
+    )
+    p.add_argument(
         "--only",
         action="append",
         choices=list(FAMILIES),
@@ -88,10 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     examples = args.examples or (QUICK_EXAMPLES if args.quick else DEFAULT_EXAMPLES)
     counts = {"chain": examples, "dag": args.dag_examples}
     counts |= {"unet": args.unet_examples, "pyramid": args.pyramid_examples}
+    counts |= {f: args.statistics_examples for f in STATISTICS}
     for family, quick, default in (
         ("dag", QUICK_DAG_EXAMPLES, DEFAULT_DAG_EXAMPLES),
         ("unet", QUICK_MULTISCALE_EXAMPLES, DEFAULT_MULTISCALE_EXAMPLES),
         ("pyramid", QUICK_MULTISCALE_EXAMPLES, DEFAULT_MULTISCALE_EXAMPLES),
+        *((f, QUICK_MULTISCALE_EXAMPLES, DEFAULT_STATISTICS_EXAMPLES) for f in STATISTICS),
     ):
         if counts[family] is None:
             counts[family] = quick if args.quick else default
@@ -105,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         record = make_record(
-            examples=counts["chain"],
-            dag_examples=counts["dag"],
-            unet_examples=counts["unet"],
-            pyramid_examples=counts["pyramid"],
+            examples=counts,
             seed=args.seed,
             with_trunks=not (args.quick or args.no_trunks or args.only),
             command=main_command(argv),

@@ -5,6 +5,7 @@ The rules (R1, R2, R2b, R4) are NOTE [ The equivalence record ] in ``record.py``
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -28,8 +29,17 @@ FAMILIES = {
     "dag": graphs.dag_cases,
     "unet": unets.unet_cases,
     "pyramid": unets.pyramid_cases,
+    # statistics over the whole map (reductions Rules R1-R5), in training mode; batches of 2 or
+    # more, so that a BatchNorm has more than one value per channel more often
+    "statistics_chain": functools.partial(streaming_cases, statistics=True, min_batch=2),
+    "statistics_dag": functools.partial(graphs.dag_cases, statistics=True, min_batch=2),
+    "statistics_unet": functools.partial(unets.unet_cases, statistics=True, min_batch=2),
 }
-MULTISCALE = ("unet", "pyramid")  # streamcheck.testing.unets: they name their pools otherwise
+MULTISCALE = (
+    "unet",
+    "pyramid",
+    "statistics_unet",
+)  # streamcheck.testing.unets: they name their pools otherwise
 
 # Rule R4: the options each dtype draws with (passed to streaming_cases).
 PADDING_MODES = ("zeros", "replicate")
@@ -78,7 +88,9 @@ def examples_per_ndim(total: int) -> dict[int, int]:
 
 
 def ill_posed(case: StreamingCase | unets.MultiScaleCase) -> str | None:
-    """The first layer whose plain output is non-finite on a finite input (Rule R2b), or None."""
+    """The first layer whose plain output is non-finite on a finite input, or the plain module's
+    own refusal of the input (a BatchNorm with one value per channel in training mode) (Rule
+    R2b), or None."""
     found: list[str] = []
     named = [(name, m) for name, m in named_leaves(case.module)]
     handles = [
@@ -93,6 +105,8 @@ def ill_posed(case: StreamingCase | unets.MultiScaleCase) -> str | None:
         with torch.no_grad():
             x = torch.randn(case.image_shape, generator=torch.Generator().manual_seed(case.seed))
             case.module(x)
+    except ValueError as error:  # PyTorch's own refusal of the input
+        return f"the plain module refuses the input: {error}"
     finally:
         for handle in handles:
             handle.remove()
