@@ -39,7 +39,7 @@ class SqueezeExcite(nn.Module):
 
     def __init__(self, channels: int, *, ndim: int, squeeze: str, eca: bool = False) -> None:
         super().__init__()
-        self.ndim, self.squeeze, self.eca = ndim, squeeze, eca
+        self.channels, self.ndim, self.squeeze, self.eca = channels, ndim, squeeze, eca
         hidden = max(1, channels // 2)
         if eca:
             self.weight = nn.Parameter(torch.randn(1, 1, 3) / 2)
@@ -83,7 +83,7 @@ class ResponseNorm(nn.Module):
 
     def __init__(self, channels: int, *, ndim: int, eps: float = 1e-6) -> None:
         super().__init__()
-        self.ndim, self.eps = ndim, eps
+        self.channels, self.ndim, self.eps = channels, ndim, eps
         self.weight = nn.Parameter(torch.randn(channels) / 2)
         self.bias = nn.Parameter(torch.randn(channels) / 2)
 

@@ -234,12 +234,19 @@ def _axis_valid(chain: list[tuple[_Window, ...]], axis: int, n: int) -> bool:
 
 
 def _in_channels(module: nn.Module) -> int | None:
-    """Channels the stack expects: those of its first convolution or batch norm, if any."""
+    """Channels the stack expects: those of its first convolution, norm or statistic layer, if
+    any (a statistic layer says them as ``channels``)."""
     for layer in _leaves(module):
         if isinstance(layer, nn.modules.conv._ConvNd):
             return int(layer.in_channels)
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        if isinstance(
+            layer, nn.modules.batchnorm._BatchNorm | nn.modules.instancenorm._InstanceNorm
+        ):
             return int(layer.num_features)
+        if isinstance(layer, nn.GroupNorm):
+            return int(layer.num_channels)
+        if hasattr(layer, "channels"):
+            return int(layer.channels)
     return None
 
 
