@@ -15,7 +15,8 @@ Rule Z5. A refused layer is *non-local* when its reason is a genuinely non-local
          old rows keep their class, and a refusal of one today would be an engine gap with
          another reason. A refusal is *non-local* when its first refused layer is (the engine
          lists them in execution order); a refusal whose first refused layer is a gap is a
-         *gap*; a plan refused for its levels of statistics (plan Rule PL2) is *budget*. The
+         *gap*; a plan refused for its levels of statistics (plan Rule PL2) is *budget*, a
+         random layer in training mode (stochastic depth, dropout) is *random*. The
          layers come from ``StreamcheckError.problems`` (``Split.stopped_by`` is text: parsed).
          The summary re-derives every class from the recorded paths and reasons
          (``reclassify``), so a change of these rules needs no rerun.
@@ -36,6 +37,8 @@ Rule Z11. ``check_train`` is Rule Z4 in training mode (``trunk.train()``: BatchN
           ``streamcheck.plan``'s default ``max_levels`` (plan Rule PL2): then only a plan with
           ``max_levels=None`` runs, and its levels and passes are recorded. Every train row
           records ``levels``, ``passes_training`` and ``time_factor`` where a plan was made.
+          The batch is one image, two where PyTorch itself refuses one (a BatchNorm on pooled
+          features, as in ResNeSt's and SKNet's attention: "more than 1 value per channel").
 Rule Z12. ``check_whole`` streams the model's whole classifier to its logits
           (``Streamed(net, tile=..., max_levels=None)``: the levels are recorded, not limited;
           random weights with Rule T3's norms, eval mode, float64) and compares them with
@@ -78,12 +81,17 @@ NON_LOCAL = (
     "attention mixes every position",
     "attention() is not",  # a function named attention (torchvision's shifted_window_attention)
     "resamples space",
+    "with windows that depend on the image size",  # adaptive pooling to a fixed grid (VGG)
     "mean() ",
     "averages over",
 )
 
-#: Plan Rule PL2's refusal (Rule Z5's *budget*).
+#: Rule Z5's classes that are neither non-local nor a gap, by what their reason says: plan
+#: Rule PL2's refusal, and random layers in training mode (drawn per call, not per tile).
 BUDGET = "levels of statistics over space"
+SPECIAL = {"budget": BUDGET, "random": "random dropping in training mode"}
+#: PyTorch's own refusal of a batch statistic of one value (run Rule Z11 again with 2 images).
+ONE_VALUE = "more than 1 value per channel"
 
 _PROBLEM = re.compile(r"^  - '(?P<path>[^']*)': (?P<reason>.*?)(?: Fix: .*)?$")
 
@@ -122,8 +130,7 @@ def _classify(layers: list[dict[str, str]], name: str) -> list[dict[str, str]]:
         by_reason = any(k in layer["reason"] for k in NON_LOCAL)
         by_reading = read is not None and _normal(layer["path"]).startswith(_normal(read[0]))
         layer["kind"] = "non-local" if by_reason or by_reading else "gap"
-        if BUDGET in layer["reason"]:
-            layer["kind"] = "budget"
+        layer["kind"] = next((k for k, v in SPECIAL.items() if v in layer["reason"]), layer["kind"])
     owners = [_owner(layer["path"]) for layer in layers if layer["kind"] == "non-local"]
     for layer in layers:
         inside = any(layer["path"].startswith(owner) for owner in owners if owner)
@@ -135,7 +142,7 @@ def _classify(layers: list[dict[str, str]], name: str) -> list[dict[str, str]]:
 def refusal_class(layers: list[dict[str, str]]) -> str:
     """Rule Z5: the class of a refusal, from its first refused layer."""
     first = layers[0]["kind"] if layers else "gap"
-    return first if first in ("non-local", "budget") else "gap"
+    return first if first in ("non-local", *SPECIAL) else "gap"
 
 
 def reclassify(row: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +231,14 @@ def check_model(model: ZooModel, *, mode: str = EVAL) -> dict[str, Any]:
             return record
         shape, tile = model.shape_and_tile or input_and_tile(fields, strides)
         record["input_shape"], record["tile"] = list(shape), list(tile)
-        report = check_streaming_equivalence(trunk, shape, tile=tile, rtol=RTOL, atol=0.0)
+        try:
+            report = check_streaming_equivalence(trunk, shape, tile=tile, rtol=RTOL, atol=0.0)
+        except streamcheck.StreamcheckError as error:
+            if mode != TRAIN or ONE_VALUE not in str(error):
+                raise
+            shape = (2, *shape[1:])  # Rule Z11: a BatchNorm on pooled features needs 2 images
+            record["input_shape"] = list(shape)
+            report = check_streaming_equivalence(trunk, shape, tile=tile, rtol=RTOL, atol=0.0)
         worst = max(row.max_rel_error for row in report.rows)
         record.update(
             status="exact" if report.passed else "wrong",

@@ -3,7 +3,7 @@
 >>> rows = [{"name": "a", "status": "exact", "worst_rel_error": 1e-15},
 ...         {"name": "b", "status": "refused", "refusal": "non-local"}]
 >>> counts(rows)
-{'models': 2, 'exact': 1, 'refused (non-local)': 1, 'refused (gap)': 0, 'refused (budget)': 0, 'wrong': 0, 'crash': 0}
+{'models': 2, 'exact': 1, 'refused (non-local)': 1, 'refused (gap)': 0, 'refused (budget)': 0, 'refused (random)': 0, 'wrong': 0, 'crash': 0}
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def counts(rows: list[dict[str, Any]]) -> dict[str, int]:
         "refused (non-local)": n("refused", "non-local"),
         "refused (gap)": n("refused", "gap"),
         "refused (budget)": n("refused", "budget"),
+        "refused (random)": n("refused", "random"),
         "wrong": n("wrong"),
         "crash": n("crash"),
     }
@@ -62,6 +63,11 @@ def verdict(row: dict[str, Any]) -> str:
         where = f"`{first['path']}`: " if first["path"] else ""
         return where + first["reason"] + (f" (+{more} more)" if more else "")
     return row.get("error", "")
+
+
+def result(row: dict[str, Any]) -> str:
+    """One cell: the status, and a refusal's class (run.py Rule Z5)."""
+    return row["status"] + (f" ({row['refusal']})" if row["status"] == "refused" else "")
 
 
 def split_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -153,7 +159,7 @@ def train_section(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         detail = f"max_levels {r['max_levels']}" if r["status"] == "budget" else verdict(r)
         lines.append(
-            f"| {r['name']} | {cost_cells(r)} | {r['status']} | {detail.replace('|', '/')} |"
+            f"| {r['name']} | {cost_cells(r)} | {result(r)} | {detail.replace('|', '/')} |"
         )
     return [*lines, ""]
 
@@ -236,9 +242,8 @@ def write_summary(results: Path, out: Path, *, total: int | None = None) -> None
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        result = r["status"] + (f" ({r['refusal']})" if r["status"] == "refused" else "")
         lines.append(
-            f"| {r['name']} | {r.get('family', '')} | {r.get('expect', '')} | {result} | "
+            f"| {r['name']} | {r.get('family', '')} | {r.get('expect', '')} | {result(r)} | "
             f"{verdict(r).replace('|', '/')} | {split_cell(r).replace('|', '/')} |"
         )
     readings = [r for r in rows if "reading" in r]
