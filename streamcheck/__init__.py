@@ -8,7 +8,8 @@ torch.Size([1, 8, 128, 128])
 """
 
 from .annotations import load_mask
-from .errors import StreamcheckError
+from .defaults import host_memory_reuse, set_host_memory_reuse
+from .errors import Problem, StreamcheckError
 from .export import write_geojson, write_overlay
 from .host_memory import keep_freed_host_memory
 from .lsuv import lsuv_init
@@ -22,17 +23,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ImageSource",
+    "Problem",
     "StreamPlan",
     "Split",
     "StreamcheckError",
     "Streamed",
     "Tile",
     "__version__",
+    "host_memory_reuse",
     "keep_freed_host_memory",
     "load_mask",
     "lsuv_init",
     "open_image",
     "plan",
+    "set_host_memory_reuse",
     "split",
     "tissue_mask",
     "write_geojson",

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .compiled import CompileRecord, TilePrograms
-from .defaults import host_memory_scope
+from .defaults import host_memory_reuse, host_memory_scope
 from .errors import StreamcheckError, internal_error
 from .feed import TileFeed, laid_out_like
 from .graph import Graph, build_graph, unflatten
@@ -193,7 +193,8 @@ class Streamed(nn.Module):
             channels_last=self.channels_last,  # Rule FD1
             dtype=None if autocast else dtype,
         )
-        call = _Call(plan, state, {}, params, tiles, sink, self._programs, self.keep_host_memory)
+        reuse = host_memory_reuse() if self.keep_host_memory is None else self.keep_host_memory
+        call = _Call(plan, state, {}, params, tiles, sink, self._programs, reuse)  # Rule FD3
         graph = plan.graph
         assert graph is not None
         outputs = _StreamFunction.apply(call, feed, x, *params)
@@ -395,7 +396,7 @@ class _Call:
     tiles: tuple[int, ...] | None = None  # those computed (masks Rule T2); None: all
     sink: GradientSink | None = None  # where a source's input gradient goes (Rule S8)
     programs: TilePrograms | None = None  # compile=True (NOTE [ Compiled tile programs ])
-    host_memory: bool | None = None  # Streamed(keep_host_memory=...) (Rule FD2)
+    host_memory: bool | None = None  # resolved at forward, for both tile loops (Rules FD2-FD3)
 
     @property
     def graph(self) -> Graph:
