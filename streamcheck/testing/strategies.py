@@ -246,7 +246,7 @@ def _in_channels(module: nn.Module) -> int | None:
         if isinstance(layer, nn.GroupNorm):
             return int(layer.num_channels)
         if hasattr(layer, "channels"):
-            return int(layer.channels)
+            return int(getattr(layer, "channels"))  # noqa: B009
     return None
 
 
