@@ -137,25 +137,35 @@ def provenance(records: list[dict[str, Any]]) -> str:
     return f"commands {commands}; commits {commits}; CPU {cpus}"
 
 
+def heading(title: str, prose: str, count: dict[str, int], columns: list[str]) -> list[str]:
+    """A section's title, prose, counts and table header."""
+    return [
+        f"## {title}",
+        "",
+        prose,
+        "",
+        " | ".join(f"{k}: **{v}**" for k, v in count.items()),
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+
+
 def train_section(rows: list[dict[str, Any]]) -> list[str]:
     """Run.py Rule Z11's table."""
     if not rows:
         return ["## Training mode", "", "Not run yet (`python -m suites.zoo --train`).", ""]
-    lines = [
-        "## Training mode (BatchNorm on batch statistics)",
-        "",
+    lines = heading(
+        "Training mode (BatchNorm on batch statistics)",
         "Every trunk in `.train()` mode, streamed in float64 against the plain module (output, "
         "input gradient, every parameter gradient and the running statistics at rtol 1e-10; "
         "suites/zoo/run.py Rule Z11). *budget*: more statistic levels than the default "
         "`max_levels` (plan Rule PL2), so only a plan with `max_levels=None` ran. Passes are "
         "training / inference; the time factor is the plan's estimate against plain streaming "
         f"(plan Rule PL3). {provenance(rows)}.",
-        "",
-        " | ".join(f"{k}: **{v}**" for k, v in train_counts(rows).items()),
-        "",
-        "| model | levels | passes | time factor | result | detail |",
-        "|---|---|---|---|---|---|",
-    ]
+        train_counts(rows),
+        ["model", "levels", "passes", "time factor", "result", "detail"],
+    )
     for r in rows:
         detail = f"max_levels {r['max_levels']}" if r["status"] == "budget" else verdict(r)
         lines.append(
@@ -169,19 +179,15 @@ def whole_section(rows: list[dict[str, Any]]) -> list[str]:
     wholes = [r for r in rows if "whole" in r]
     if not wholes:
         return ["## Whole classifiers", "", "Not run yet (`python -m suites.zoo --whole`).", ""]
-    lines = [
-        "## Whole classifiers, streamed to their logits",
-        "",
+    lines = heading(
+        "Whole classifiers, streamed to their logits",
         "`Streamed(model, tile=...)` on the whole torchvision/timm classifier (random weights, "
         "eval mode, float64), its logits against `model(x)` (relative error: the largest "
         "absolute difference over the largest absolute logit; *equal* within 1e-10; "
         f"suites/zoo/run.py Rule Z12). {provenance([r['whole'] for r in wholes])}.",
-        "",
-        " | ".join(f"{k}: **{v}**" for k, v in whole_counts(rows).items()),
-        "",
-        "| model | input | tile | levels | passes | time factor | result | detail |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        whole_counts(rows),
+        ["model", "input", "tile", "levels", "passes", "time factor", "result", "detail"],
+    )
     for r in wholes:
         w = r["whole"]
         size = "x".join(str(n) for n in w.get("input_shape", [])[2:])
