@@ -10,8 +10,10 @@ Rule Z1. A timm trunk is the model's own feature extractor cut at its deepest fe
 Rule Z2. Every model is built with ``pretrained=False`` / ``weights=None`` and seed 0; BatchNorm and
          LayerNorm get random statistics and affine parameters (``suites/trunks.py`` Rules T1-T3).
 Rule Z3. ``expect`` is what a reader of the model's code expects: ``"exact"`` when every layer in
-         the trunk is local, or the name of the genuinely non-local layer type the trunk contains
-         (squeeze-excite's global pool, GroupNorm, attention). The run checks it (run.py Rule Z5).
+         the trunk is local; ``"exact (statistics: <kind>)"`` when it also holds statistics over
+         the whole map that stream in passes (squeeze-excite's global pool, split attention,
+         GRN, GroupNorm: reductions Rules R1-R5); else the name of the genuinely non-local layer
+         type it contains (attention). The run checks it (run.py Rule Z5).
 """
 
 from __future__ import annotations
