@@ -161,6 +161,25 @@ def test_train_mode_is_exact_with_running_statistics_or_refused_by_budget(tmp_pa
     assert "exact: **1** | budget: **1**" in text and "| toy.bn17 | 17 | 36 / 18 |" in text
 
 
+class _PooledNorm(nn.Module):
+    """A BatchNorm on pooled features (ResNeSt's, SKNet's attention): PyTorch needs 2 images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y * torch.sigmoid(self.norm(y.mean((2, 3), keepdim=True)))
+
+
+def test_train_mode_takes_two_images_where_pytorch_needs_two_values_per_channel() -> None:
+    torch.manual_seed(0)
+    row = check_model(_toy("toy.pooled_norm", _PooledNorm), mode="train")
+    assert row["status"] == "exact" and row["input_shape"][0] == 2, row
+
+
 class _Classifier(nn.Module):
     """A toy classifier: conv, squeeze-excite, conv, global pool, linear."""
 
