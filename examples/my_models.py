@@ -49,8 +49,22 @@ def paper_fig2() -> nn.Module:
 
 
 def batchnorm_in_training() -> nn.Module:
-    """Cannot be streamed: BatchNorm in training mode mixes statistics over the whole image."""
+    """Streams in two passes: BatchNorm in training mode normalises with statistics over the
+    whole image, which a first pass accumulates (NOTE [ Global statistics ])."""
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+
+class RowGate(nn.Module):
+    """Gates each row by its mean over the row: a statistic over one spatial axis only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x.mean(-1, keepdim=True).sigmoid()
+
+
+def row_gate() -> nn.Module:
+    """Cannot be streamed: a mean over one spatial axis is neither local nor a whole-map
+    statistic."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), RowGate(), nn.ReLU())
 
 
 def not_a_module() -> str:

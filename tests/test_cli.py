@@ -76,12 +76,21 @@ def test_not_equivalent_exits_1(
 
 
 def test_unstreamable_model_exits_2_naming_the_module(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["verify", "examples.my_models:batchnorm_in_training", *SMALL])
+    code = main(["verify", "examples.my_models:row_gate", *SMALL])
     assert code == 2
     err = capsys.readouterr().err
-    assert "'1'" in err  # the BatchNorm's path in the Sequential
+    assert "'1 (mean)'" in err  # the gate's mean, by its path in the Sequential
     assert "Traceback" not in err
-    assert main(["plan", "examples.my_models:batchnorm_in_training", *SMALL]) == 2
+    assert main(["plan", "examples.my_models:row_gate", *SMALL]) == 2
+
+
+def test_a_train_mode_batchnorm_verifies_and_plans_its_passes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["verify", "examples.my_models:batchnorm_in_training", *SMALL]) == 0
+    assert main(["plan", "examples.my_models:batchnorm_in_training", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "statistic levels" in out and "4 training, 2 inference" in out
 
 
 def test_tile_below_the_receptive_field_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -148,9 +157,11 @@ def test_plan_split_says_what_stopped_the_prefix(capsys: pytest.CaptureFixture[s
     args = ["timm.models:seresnet18", "--input", "1x3x128x128", "--tile", "64", "--split"]
     assert main(["plan", *args]) == 0
     captured = capsys.readouterr()
-    assert captured.out.startswith("split after 'maxpool' (total stride 4 x 4")
-    assert "stopped: the prefix up to 'layer1.0' is refused" in captured.err
-    assert "'layer1.0.se (mean)'" in captured.err
+    # squeeze-excite streams (two statistic levels in layer1); the 64 px tile stops the prefix
+    assert captured.out.startswith("split after 'layer1' (total stride 4 x 4")
+    assert "statistic levels             2" in captured.out
+    assert "stopped: the prefix up to 'layer2.0' is refused" in captured.err
+    assert "receptive field" in captured.err
 
 
 def test_plan_until_an_unknown_module_lists_the_cuts(capsys: pytest.CaptureFixture[str]) -> None:
