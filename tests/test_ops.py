@@ -82,9 +82,9 @@ def test_a_batchnorm_subclass_with_its_own_forward_is_exact() -> None:
     exact(conv_bn_act(), (2, 3, 30, 30), 14)
 
 
-def test_a_batchnorm_subclass_in_training_mode_is_refused_by_path() -> None:
-    with pytest.raises(StreamcheckError, match=r"'1 \(batch_norm\)': batch_norm\(\) in training"):
-        streamcheck.plan(conv_bn_act().train(), (1, 3, 30, 30), tile=14)
+def test_a_batchnorm_subclass_in_training_mode_is_exact() -> None:
+    """Its F.batch_norm(training=True) becomes a statistic (reductions Rule R4)."""
+    exact(conv_bn_act().train(), (2, 3, 30, 30), 14)
 
 
 def test_timm_batchnorm_act_is_exact() -> None:

@@ -216,12 +216,11 @@ def _locality_breakers(ndim: int, channels: int, width: int) -> dict[str, nn.Mod
 
     ``width`` is the last spatial size where the layer sits (Linear acts on that axis).
     """
-    batch_norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[ndim](channels)
     adaptive = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[ndim]
     return {
-        "batch_norm_train": batch_norm.train(),
-        "group_norm": nn.GroupNorm(1, channels),
-        "adaptive_avg_pool": adaptive(1),
+        "sync_batch_norm_train": nn.SyncBatchNorm(channels).train(),
+        "softmax_over_space": nn.Softmax(dim=-1),
+        "adaptive_avg_pool": adaptive(2),
         "flatten": nn.Flatten(),
         "linear_over_space": nn.Linear(width, width),
         "dropout_train": nn.Dropout(0.5).train(),
@@ -285,7 +284,8 @@ class _LayerOps(TorchDispatchMode):
 
 @given(illegal_cases())
 def test_locality_breaking_layers_raise(case: tuple) -> None:
-    """Property 5a: BatchNorm (train), GroupNorm, AdaptiveAvgPool, Flatten, Linear over a spatial
+    """Property 5a: SyncBatchNorm (train), softmax over space, adaptive pooling to more than one
+    cell, Flatten, Linear over a spatial
     axis and Dropout (train) raise StreamcheckError naming the layer, before computing anything."""
     module, shape, tile, path = case
     x = torch.randn(shape)
