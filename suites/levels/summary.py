@@ -21,8 +21,9 @@ def factor_rows(rows: list[dict[str, Any]]) -> list[str]:
     }
     lines = [
         "| network | size, tile | levels | passes (training) | step, statistics known | "
-        "step, streamed through them | measured factor | plan's estimate | estimate / measured |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "step, streamed through them | measured factor | plan's estimate | estimate / measured | "
+        "steps' spread (max / min, both sides) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (network, known), row in times.items():
         if known or (network, True) not in times:
@@ -34,9 +35,18 @@ def factor_rows(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {network} | {p['size']}², {p['tile']} | {m['levels']} | {m['passes_training']} | "
             f"{twin['metrics']['seconds']:.2f} s | {m['seconds']:.2f} s | {measured:.2f}x | "
-            f"{estimate:.2f}x | {estimate / measured:.2f} |"
+            f"{estimate:.2f}x | {estimate / measured:.2f} | {_spread(row)}, {_spread(twin)}"
+            f"{' (disturbed)' if max(_spread(row), _spread(twin)) > DISTURBED else ''} |"
         )
     return lines
+
+
+DISTURBED = 1.25  # steps of one point spread more than this: the machine's load, not the method
+
+
+def _spread(row: dict[str, Any]) -> float:
+    times = row["metrics"].get("times") or [row["metrics"]["seconds"]]
+    return round(max(times) / min(times), 2)
 
 
 def memory_rows(rows: list[dict[str, Any]]) -> list[str]:
@@ -76,7 +86,9 @@ def write_summary(out: Path) -> Path:
         "",
         "The twin reads every statistic from a buffer (BatchNorm in eval mode, the squeeze a "
         "constant) and streams in one pass: the lower bound. The plan's estimate counts "
-        "multiply-accumulates per pass over the last pass (plan Rule PL3).",
+        "multiply-accumulates per pass over the last pass (plan Rule PL3). A point whose steps "
+        f"spread more than {DISTURBED}x (max / min) on either side is marked disturbed: on "
+        "shared cores its factor measures the other processes, not the passes.",
         "",
         *factor_rows(rows),
         "",
