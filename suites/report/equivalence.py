@@ -67,8 +67,20 @@ _FAMILY_LABELS = {
     "permute + LayerNorm/Linear)",
     "unet": "U-Nets (ConvTranspose and upsampling, concatenated or added skips)",
     "pyramid": "pyramids (FPN-like, several outputs)",
+    "statistics_chain": "chains with statistics over the map in training mode (BatchNorm, "
+    "GroupNorm, InstanceNorm, GRN, squeeze-excite and ECA with every reduction)",
+    "statistics_dag": "DAGs with statistics over the map in training mode",
+    "statistics_unet": "U-Nets with statistics over the map in training mode",
 }
-_FAMILY_SHORT = {"chain": "chains", "dag": "DAGs", "unet": "U-Nets", "pyramid": "pyramids"}
+_FAMILY_SHORT = {
+    "chain": "chains",
+    "dag": "DAGs",
+    "unet": "U-Nets",
+    "pyramid": "pyramids",
+    "statistics_chain": "chains + statistics",
+    "statistics_dag": "DAGs + statistics",
+    "statistics_unet": "U-Nets + statistics",
+}
 
 
 def _results_table(
