@@ -44,7 +44,8 @@ Rule Z12. ``check_whole`` streams the model's whole classifier to its logits
           random weights with Rule T3's norms, eval mode, float64) and compares them with
           ``net(x)``: ``equal`` within relative error 1e-10 (the largest absolute difference over
           the largest absolute logit), else ``different``; ``refused`` or ``crash`` otherwise.
-          The image is 2 (F + S) per axis (Rule Z6's F and S of the whole classifier), or timm's
+          The image is 2 (F + S) per axis rounded up to a multiple of S (multi-branch networks
+          that upsample need one; Rule Z6's F and S of the whole classifier), or timm's
           fixed input size; the tile is the whole image but along the first spatial axis, where
           it makes about half the output (F + (ceil(ceil(image / S) / 2) - 1) S): two or more
           tiles in every pass. It records the levels, passes and tiles of every pass.
@@ -178,7 +179,7 @@ def reach(
 ) -> tuple[tuple[int, ...], tuple[int, ...], streamcheck.StreamPlan]:
     """Rule Z6: the receptive field and total stride per axis, the largest over the tile passes
     of a plan for a large image (any number of levels), and that plan."""
-    big: tuple[int, ...] = (1, 3, 2048, 2048) if spatial_axes == 2 else (1, 3, 64, 512, 512)
+    big: tuple[int, ...] = (1, 3, 4096, 4096) if spatial_axes == 2 else (1, 3, 64, 512, 512)
     probe = streamcheck.plan(net, big, tile=big[2:], dtype=torch.float64, max_levels=None)
     passes = probe.tile_passes
     fields = tuple(max(p.receptive_field_px[a] for p in passes) for a in range(spatial_axes))
@@ -319,16 +320,16 @@ def whole_input_and_tile(
 
     >>> from suites.zoo.models import zoo
     >>> resnet = next(m for m in zoo() if m.name == "timm.resnet10t")
-    >>> whole_input_and_tile(resnet, classifier(resnet))   # 462 = 2 * (199 + 32), 423 = 199 + 7 * 32
-    ((1, 3, 462, 462), (423, 462))
+    >>> whole_input_and_tile(resnet, classifier(resnet))   # 480 >= 2 * (199 + 32), 423 = 199 + 7 * 32
+    ((1, 3, 480, 480), (423, 480))
     """
     fields, strides, _ = reach(net, model.spatial_axes)
     config = getattr(net, "pretrained_cfg", None) or {}
     if config.get("fixed_input_size"):
         image = tuple(config["input_size"][1:])
     else:
-        image = tuple(2 * (f + s) for f, s in zip(fields, strides, strict=True))
-    half = math.ceil(math.ceil(image[0] / strides[0]) / 2)  # ceil(ceil(462 / 32) / 2) = 8 px
+        image = tuple(s * math.ceil(2 * (f + s) / s) for f, s in zip(fields, strides, strict=True))
+    half = math.ceil(math.ceil(image[0] / strides[0]) / 2)  # ceil(ceil(480 / 32) / 2) = 8 px
     return (1, 3, *image), (fields[0] + (half - 1) * strides[0], *image[1:])
 
 
