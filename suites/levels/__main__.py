@@ -72,7 +72,7 @@ def points(*, quick: bool) -> list[dict[str, Any]]:
                     "kind": "time",
                 }
             )
-    memory_size, memory_tile = (96, 64) if quick else (2048, 512)
+    memory_size, memory_tile = (576, 512) if quick else (2048, 512)  # tile >= its receptive field
     for whole in (True, False):
         out.append(
             {
