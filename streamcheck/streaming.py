@@ -439,7 +439,7 @@ class _Call:
             )
 
 
-def _owned(tile_pass: StreamPlan, schedule: Schedule) -> tuple[Any, ...]:
+def _owned(schedule: Schedule) -> tuple[Any, ...]:
     """The box of each of the pass's outputs that ``schedule`` owns (None: nothing)."""
     return schedule.output_boxes or (schedule.output_box,)
 
@@ -560,7 +560,7 @@ class _StreamFunction(torch.autograd.Function):
                     results = call.run_tile(
                         tile_pass, schedule, feed.prepare(arrived), globals=stats.values
                     )
-                    owned = _owned(tile_pass, schedule)
+                    owned = _owned(schedule)
                     if tile_pass.level:  # Rule S11: accumulate the owned boxes
                         for r, j in taps:
                             result, box = results[j], owned[j]
@@ -694,7 +694,7 @@ class _BackwardRun:
         slices = [
             [
                 None if box is None else _slices(box, nodes[o].layout, grads[o].dim())
-                for o, box in zip(outputs, _owned(tile_pass, s), strict=True)
+                for o, box in zip(outputs, _owned(s), strict=True)
             ]
             for s in schedules
         ]
@@ -749,7 +749,7 @@ class _BackwardRun:
             schedule: Schedule, tile: torch.Tensor, bound: dict[str, torch.Tensor], row: Any
         ) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
             results = self.call.run_tile(tile_pass, schedule, tile, globals=bound)
-            owned = _owned(tile_pass, schedule)
+            owned = _owned(schedule)
             targets, wanted = [], []
             for r, j in taps:
                 crop, box = results[j], owned[j]
