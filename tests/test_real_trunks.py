@@ -12,7 +12,7 @@ import torch
 
 from streamcheck.testing.checker import assert_streaming_equivalent
 from suites.trunks import randomize_norms, timm_trunk, torchvision_trunk
-from suites.zoo.run import input_and_tile
+from suites.zoo.run import input_and_tile, reach
 
 pytest.importorskip("timm")
 pytest.importorskip("torchvision")
@@ -32,7 +32,8 @@ TORCHVISION = {
 
 def check(trunk: torch.nn.Module) -> None:
     trunk = randomize_norms(trunk).eval().double()
-    shape, tile = input_and_tile(trunk, 2)
+    fields, strides, _ = reach(trunk, 2)
+    shape, tile = input_and_tile(fields, strides)
     report = assert_streaming_equivalent(trunk, shape, tile=tile, rtol=1e-10)
     assert report.n_tiles >= 4, str(report)
     n_parameters = sum(1 for p in trunk.parameters() if p.requires_grad)
