@@ -320,7 +320,8 @@ def test_unused_parameter_must_stay_unused(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_unstreamable_module_raises_streamcheck_error() -> None:
-    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    # SyncBatchNorm's statistics span processes: no single-device pass can see them
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SyncBatchNorm(8), nn.ReLU())
     trunk.train()
     with pytest.raises(streamcheck.StreamcheckError, match="'1'"):
         assert_streaming_equivalent(trunk, small_input(), tile=32)
