@@ -302,8 +302,9 @@ def _passes(
         sources = [c for c in made if c < min(taps)]
         source = sources[-1] if sources else 0
         try:
-            return _pass_plan(graph.cut(taps, source=source), _tile_at(graph, source, tile),
-                              stitched=stitched)
+            return _pass_plan(
+                graph.cut(taps, source=source), _tile_at(graph, source, tile), stitched=stitched
+            )
         except StreamcheckError:
             if not source:
                 raise

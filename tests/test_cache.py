@@ -192,7 +192,9 @@ def _forced_exact(module: nn.Module, shape: tuple[int, ...], tile: object, data:
 
     with mock.patch.object(plan_module, "_choose", forced):
         streamed = streamcheck.Streamed(
-            module, tile=tile, cache=streamcheck.HostCache(bytes=2**40)  # type: ignore[arg-type]
+            module,
+            tile=tile,
+            cache=streamcheck.HostCache(bytes=2**40),  # type: ignore[arg-type]
         )
         event(f"kept maps: {len(streamed.plan(shape).cuts)} of {len(points)} cut points")
         assert_exact(streamed, shape)
@@ -211,7 +213,9 @@ def _budget_exact(module: nn.Module, shape: tuple[int, ...], tile: object, data:
     fraction = data.draw(st.sampled_from([0.0, 1.0]) | st.floats(0, 1))  # type: ignore[attr-defined]
     budget = int(fraction * most)
     streamed = streamcheck.Streamed(
-        module, tile=tile, cache=streamcheck.HostCache(bytes=budget)  # type: ignore[arg-type]
+        module,
+        tile=tile,
+        cache=streamcheck.HostCache(bytes=budget),  # type: ignore[arg-type]
     )
     p = streamed.plan(shape)
     assert p.cache_bytes <= budget
@@ -280,7 +284,9 @@ def _cost(candidates: list[Candidate], passes: list[Target], chosen: tuple[int, 
     total = 0
     for p in passes:
         sources = [
-            candidates[k] for k in chosen if candidates[k].node < p.first and candidates[k].level < p.level
+            candidates[k]
+            for k in chosen
+            if candidates[k].node < p.first and candidates[k].level < p.level
         ]
         total += p.macs - (sources[-1].macs if sources else 0)
     previous = 0
