@@ -29,3 +29,13 @@ def test_quick_run_writes_rows_and_a_summary(tmp_path: Path) -> None:
     assert "| paper_se1 |" in summary and "streamed whole, to its logits" in summary
     assert main(["--quick", "--steps", "1", "--out", str(tmp_path)]) == 0  # resumes: nothing new
     assert len(read_rows(results_path(tmp_path))) == 6
+
+
+def test_quick_cache_run_writes_three_points_per_trunk_and_a_summary(tmp_path: Path) -> None:
+    assert main(["--cache", "--quick", "--steps", "1", "--out", str(tmp_path)]) == 0
+    rows = read_rows(results_path(tmp_path / "cache"))
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    cached = [r for r in rows if r["params"]["cache"]]
+    assert len(cached) == 1 and cached[0]["metrics"]["kept_maps"]
+    assert cached[0]["metrics"]["kept_bytes"] <= cached[0]["params"]["cache"]
+    assert "| resnet18_train_bn |" in (tmp_path / "cache" / "SUMMARY.md").read_text()

@@ -12,6 +12,10 @@ LV1. Time against statistic levels: the Figs 2-3 network with k = 0, 1, 2, 4, 8 
      the ratio of their training-step times; the plan's estimate (plan Rule PL3) sits beside it.
 LV2. Memory: a whole classifier streamed to its logits (no stitched map, Rule PL1) against its
      trunk streamed with a stitched output and the head run plainly, peak RSS over the baseline.
+LV4. Kept maps (``--cache``, written to ``reports/levels/cache/``): each real trunk three times
+     in one run, groups interleaved (A B C, C B A): statistics known (the lower bound), streamed
+     through them without a cache, and with ``cache=HostCache(bytes=8 x the image's bytes)``
+     (kept Rules KM1-KM6); the plan's kept maps, bytes and estimate beside the measured factors.
 LV3. Every point runs in a fresh process (suites/fresh.py Rules FP1-FP2), pairs interleaved
      (A B B A), one OpenMP thread with passive waiting (the cores are shared: say so), float32,
      one warm-up step then the median of ``--steps``; rows are appended as they finish and a
@@ -19,6 +23,7 @@ LV3. Every point runs in a fresh process (suites/fresh.py Rules FP1-FP2), pairs 
 
     python -m suites.levels                # every point, then SUMMARY.md
     python -m suites.levels --quick        # tiny sizes (the test's path)
+    python -m suites.levels --cache        # Rule LV4
 """
 
 from __future__ import annotations
@@ -43,6 +48,24 @@ CHILD = "suites.levels.point"
 
 SE_COUNTS = (0, 1, 2, 4, 8)
 TRUNKS = ("resnet18_train_bn", "efficientnet_b0_se")
+
+
+def cache_points(*, quick: bool) -> list[dict[str, Any]]:
+    """Rule LV4: per trunk, statistics known, streamed without and with a cache budget."""
+    size, tile = (96, 64) if quick else (512, 256)
+    budget = 8 * 3 * size * size * 4  # 8 x the image's float32 bytes
+    return [
+        {
+            "network": name,
+            "known": known,
+            "cache": cache,
+            "size": size,
+            "tile": tile,
+            "kind": "time",
+        }
+        for name in (TRUNKS[:1] if quick else TRUNKS)
+        for known, cache in ((True, 0), (False, 0), (False, budget))
+    ]
 
 
 def points(*, quick: bool) -> list[dict[str, Any]]:
@@ -96,15 +119,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--fresh", action="store_true", help="move old results aside first")
+    parser.add_argument("--cache", action="store_true", help="Rule LV4, into OUT/cache")
     args = parser.parse_args(argv)
-    path = results_path(args.out)
+    out = args.out / "cache" if args.cache else args.out
+    path = results_path(out)
     if args.fresh:
         start_fresh(path)
     done = {row["key"] for row in latest_rows(read_rows(path)) if row["status"] == "ok"}
-    todo = [p for p in points(quick=args.quick) if key(p) not in done]
-    # Rule LV3: pairs interleaved A B B A
-    pairs = [todo[i : i + 2] for i in range(0, len(todo), 2)]
-    order = [p for i, pair in enumerate(pairs) for p in (pair if i % 2 == 0 else pair[::-1])]
+    grid = cache_points if args.cache else points
+    todo = [p for p in grid(quick=args.quick) if key(p) not in done]
+    # Rules LV3-LV4: each network's points together, groups interleaved A B B A / A B C C B A
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for p in todo:
+        groups.setdefault(f"{p['network']}/{p['kind']}", []).append(p)
+    order = [
+        p for i, group in enumerate(groups.values()) for p in (group if i % 2 == 0 else group[::-1])
+    ]
     command = shlex.join([sys.executable, "-m", "suites.levels", *(argv or sys.argv[1:])])
     for n, point in enumerate(order, 1):
         print(f"[{n}/{len(order)}] {key(point)}", flush=True)
@@ -128,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                 },
             },
         )
-    from .summary import write_summary
+    from .summary import write_cache_summary, write_summary
 
-    write_summary(args.out)
+    (write_cache_summary if args.cache else write_summary)(out)
     return 0
 
 

@@ -98,7 +98,9 @@ def measure(point: dict[str, Any], partial: Callable[[dict[str, Any]], None]) ->
     if point["kind"] == "memory":
         return _memory(point, x)
     net = build(point["network"], point["known"])
-    streamed = streamcheck.Streamed(net, tile=tile)
+    budget = point.get("cache")  # Rule LV4
+    cache = streamcheck.HostCache(bytes=budget) if budget else None
+    streamed = streamcheck.Streamed(net, tile=tile, cache=cache)
     plan = streamed.plan(tuple(x.shape))
 
     def step() -> None:
@@ -114,6 +116,8 @@ def measure(point: dict[str, Any], partial: Callable[[dict[str, Any]], None]) ->
         "time_factor_estimate": plan.time_factor,
         "macs": plan.macs,
         "tiles": [p.n_tiles for p in plan.tile_passes],
+        "kept_maps": list(plan.cut_paths) if plan.graph is not None else [],
+        "kept_bytes": plan.cache_bytes,
     }
 
 
