@@ -3,9 +3,9 @@
 NOTE [ Kept maps ]
 Rule KM1. With ``Streamed(..., cache=HostCache(bytes=...))`` or ``DiskCache(path, bytes=...)`` the
           stitched map of a few cut points (graph Rule G16) is kept during one call: in host memory,
-          or in a file-backed ``np.memmap`` in ``path``, in the dtype the tiles computed it in.
-          The budget counts each map twice (the map and, in training, its gradient), in the
-          plan's dtype, and holds per call: two calls alive at once (gradient accumulation
+          or in a file-backed ``np.memmap`` in ``path``, in the dtype the tiles computed it in
+          (its gradient in float32 at least). The budget counts each map twice (the map and, in
+          training, its gradient), in the plan's dtype, and holds per call: two calls alive at once (gradient accumulation
           before one backward) keep two sets.
 Rule KM2. Forward: once the statistics of level l are known (plan Rule PL1), the map of each
           chosen cut that depends on no deeper statistics is made by a pass from the previous
@@ -126,8 +126,9 @@ class KeptMaps:
         """The gradient map of ``node``, zeros when first asked for (Rule KM4)."""
         self._check_live()
         if node not in self.grads:
-            kept = self.read(node)
-            self.grads[node] = self._array(tuple(kept.shape), kept.dtype, pin=False, zero=True)
+            kept = self.read(node)  # overlapping tiles add into it: float32 at least
+            dtype = torch.promote_types(kept.dtype, torch.float32)
+            self.grads[node] = self._array(tuple(kept.shape), dtype, pin=False, zero=True)
         return self.grads[node]
 
     def release(self) -> None:

@@ -762,14 +762,14 @@ class _BackwardRun:
                 )[0]
                 assert padded is not None
                 dtype = autocast_dtype if autocast_on else padded.dtype
-                grad_tile = grads[outputs[0]][row[0]]
+                grad_tile = grads[outputs[0]][row[0]].to(padded.device)  # a kept map's: host
                 return _conv_backward(last.module, last.layer, padded, grad_tile, dtype)
             results = self.call.run_tile(tile_pass, schedule, tile, globals=bound)
             targets, wanted = [], []
             for o, result, index in zip(outputs, results, row, strict=True):
                 if result is not None and index is not None and result.requires_grad:
                     targets.append(result)
-                    wanted.append(grads[o][index])
+                    wanted.append(grads[o][index].to(result.device, result.dtype))
             return {}, targets, wanted
 
         work = [(s, row) for s, row, k in zip(schedules, slices, keep, strict=True) if k]
