@@ -58,8 +58,8 @@ class HostCache:
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
     ...                     nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))  # train mode
     >>> p = streamcheck.plan(net, (1, 3, 256, 256), tile=64, cache=streamcheck.HostCache(bytes=2**22))
-    >>> [net_path for net_path in p.cut_paths], p.cache_bytes  # 2 * 8 * 256 * 256 * 4 bytes
-    (['2'], 4194304)
+    >>> p.cut_paths, p.cache_bytes   # after the first ReLU; 4194304 = 2 * 8 * 256 * 256 * 4 bytes
+    (('2',), 4194304)
     """
 
     bytes: int

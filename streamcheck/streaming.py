@@ -126,11 +126,6 @@ class Streamed(nn.Module):
     ) -> None:
         super().__init__()
         self.max_levels = max_levels  # plan Rule PL2
-        if cache is not None and not isinstance(cache, (HostCache, DiskCache)):
-            raise StreamcheckError(
-                f"streamcheck: cache must be HostCache(bytes=...) or DiskCache(path, bytes=...), "
-                f"got {cache!r}"
-            )
         self.cache = cache  # kept Rule KM1
         self.module = module
         self.tile = tile
@@ -141,6 +136,21 @@ class Streamed(nn.Module):
         self._plans: PlanCache[StreamPlan] = PlanCache()
         self._register_state_dict_hook(_hide_module_prefix)
         self._register_load_state_dict_pre_hook(_restore_module_prefix)
+
+    @property
+    def cache(self) -> Cache | None:
+        """Where stitched maps are kept (kept Rule KM1); may be changed between calls (plans are
+        keyed on it)."""
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache: Cache | None) -> None:
+        if cache is not None and not isinstance(cache, (HostCache, DiskCache)):
+            raise StreamcheckError(
+                f"streamcheck: cache must be HostCache(bytes=...) or DiskCache(path, bytes=...), "
+                f"got {cache!r}"
+            )
+        self._cache = cache
 
     def plan(self, input_shape: Sequence[int], *, dtype: torch.dtype | None = None) -> StreamPlan:
         """The tile plan for an input of ``input_shape``, in the module's dtype unless given."""

@@ -104,6 +104,20 @@ def test_a_larger_budget_never_raises_the_estimate() -> None:
     assert factors[-1] < factors[0]
 
 
+def test_changing_the_budget_between_calls_replans_and_stays_exact() -> None:
+    streamed = streamcheck.Streamed(train_bn_chain(), tile=20)
+    seen = set()
+    for budget in (2**24, None, 0, 2**15, 2**24):
+        streamed.cache = None if budget is None else streamcheck.HostCache(bytes=budget)
+        p = streamed.plan(SHAPE)
+        assert p.cache_bytes <= (budget or 0)
+        seen.add(p.cuts)
+        assert_exact(streamed, SHAPE)
+    assert len(seen) >= 2
+    with pytest.raises(streamcheck.StreamcheckError, match="HostCache"):
+        streamed.cache = 2**20  # type: ignore[assignment]
+
+
 def test_a_second_backward_through_one_forward_is_an_error_not_stale_maps() -> None:
     module = train_bn_chain()
     streamed = streamcheck.Streamed(module, tile=20, cache=streamcheck.HostCache(bytes=2**24))

@@ -141,16 +141,11 @@ def write_cache_summary(out: Path) -> Path:
         *_runs(rows),
         "",
     ]
-    path = out / "SUMMARY.md"
-    path.write_text("\n".join(text))
-    return path
+    return _write(out, text)
 
 
 def write_summary(out: Path) -> Path:
     rows = latest_rows(read_rows(results_path(out)))
-    envs = {(r["environment"]["cpu"], r["environment"]["git_commit"]) for r in rows}
-    commands = sorted({r["run"]["command"] for r in rows})
-    loads = [r["environment"]["load_1min"] for r in rows if r["environment"].get("load_1min")]
     text = [
         "# What statistics over space cost",
         "",
@@ -175,11 +170,13 @@ def write_summary(out: Path) -> Path:
         "",
         "## Runs",
         "",
-        *(f"- CPU {cpu}, commit {commit}" for cpu, commit in sorted(envs)),
-        f"- 1-minute load while measuring: {min(loads):.1f} to {max(loads):.1f}" if loads else "",
-        *(f"- `{c}`" for c in commands),
+        *_runs(rows),
         "",
     ]
+    return _write(out, text)
+
+
+def _write(out: Path, text: list[str]) -> Path:
     path = out / "SUMMARY.md"
     path.write_text("\n".join(text))
     return path
