@@ -5,8 +5,8 @@ Rule KM1. With ``Streamed(..., cache=HostCache(bytes=...))`` or ``DiskCache(path
           stitched map of a few cut points (graph Rule G16) is kept during one call: in host memory,
           or in a file-backed ``np.memmap`` in ``path``, in the dtype the tiles computed it in
           (its gradient in float32 at least). The budget counts each map twice (the map and, in
-          training, its gradient), in the plan's dtype, and holds per call: two calls alive at once (gradient accumulation
-          before one backward) keep two sets.
+          training, its gradient), in the plan's dtype, and holds per call: two calls alive at
+          once (gradient accumulation before one backward) keep two sets.
 Rule KM2. Forward: once the statistics of level l are known (plan Rule PL1), the map of each
           chosen cut that depends on no deeper statistics is made by a pass from the previous
           kept cut (or the image) and stitched into its kept map; every later pass starts at the
@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import torch
 
 from .errors import StreamcheckError, internal_error
@@ -154,6 +153,8 @@ class KeptMaps:
             if zero:
                 return torch.zeros(shape, dtype=dtype, pin_memory=pin)
             return torch.empty(shape, dtype=dtype, pin_memory=pin)
+        import numpy as np  # only a DiskCache needs it
+
         try:
             np_dtype = torch.empty((), dtype=dtype).numpy().dtype
         except TypeError as error:
