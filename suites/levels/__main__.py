@@ -15,7 +15,8 @@ LV2. Memory: a whole classifier streamed to its logits (no stitched map, Rule PL
 LV3. Every point runs in a fresh process (suites/fresh.py Rules FP1-FP2), pairs interleaved
      (A B B A), one OpenMP thread with passive waiting (the cores are shared: say so), float32,
      one warm-up step then the median of ``--steps``; rows are appended as they finish and a
-     rerun skips recorded keys (suites/rows.py Rules J1-J2), ``--fresh`` starts over.
+     rerun skips recorded keys (suites/rows.py Rules J1-J2), ``--redo NETWORK ...`` measures those
+     networks again (a key's latest row is the one reported), ``--fresh`` starts over.
 
     python -m suites.levels                # every point, then SUMMARY.md
     python -m suites.levels --quick        # tiny sizes (the test's path)
@@ -96,11 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--fresh", action="store_true", help="move old results aside first")
+    parser.add_argument(
+        "--redo", nargs="*", default=[], metavar="NETWORK", help="measure these networks again"
+    )
     args = parser.parse_args(argv)
     path = results_path(args.out)
     if args.fresh:
         start_fresh(path)
-    done = {row["key"] for row in latest_rows(read_rows(path)) if row["status"] == "ok"}
+    done = {
+        row["key"]
+        for row in latest_rows(read_rows(path))
+        if row["status"] == "ok" and row["params"]["network"] not in args.redo
+    }
     todo = [p for p in points(quick=args.quick) if key(p) not in done]
     # Rule LV3: pairs interleaved A B B A
     pairs = [todo[i : i + 2] for i in range(0, len(todo), 2)]
