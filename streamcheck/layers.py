@@ -824,7 +824,7 @@ _ELEMENTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "add", "add_", "sub", "sub_", "mul",
     "mul_", "div", "div_", "neg", "clamp", "clamp_", "clamp_min", "clamp_min_", "contiguous", "exp",
     "abs", "sqrt", "rsqrt", "pow", "square", "float", "double", "half", "bfloat16", "to", "type_as",
-    "addcmul", "addcmul_", "clone", "detach", "erf", "log", "sign", "reciprocal",
+    "addcmul", "addcmul_", "clone", "detach", "erf", "log", "sign", "reciprocal", "expand_as",
 }  # fmt: skip
 _REDUCTIONS = ("sum", "mean", "amax", "amin", "prod", "std", "var", "logsumexp", "norm")
 _SPLIT_FUNCTIONS: dict[Any, Any] = {
