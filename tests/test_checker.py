@@ -131,6 +131,26 @@ def test_one_and_three_spatial_dims(
     assert len(report.tile) == len(shape) - 2
 
 
+def test_streamed_options_reach_the_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``**streamed_options`` go to ``Streamed`` (Rule 1b); a tile transform is applied to the
+    plain runs' whole input too, so a pixelwise one passes."""
+    seen: list[dict[str, object]] = []
+
+    class Recording(RealStreamed):  # type: ignore[misc, valid-type]
+        def __init__(self, module: nn.Module, **options: object) -> None:
+            seen.append(options)
+            super().__init__(module, **options)
+
+    monkeypatch.setattr(streamcheck, "Streamed", Recording)
+    report = assert_streaming_equivalent(
+        small_trunk(), small_input(), tile=32, channels_last=True, tile_transform=lambda t: 2 * t + 1
+    )
+    assert report.n_tiles > 1
+    assert seen[0]["channels_last"] is True and callable(seen[0]["tile_transform"])
+    with pytest.raises(TypeError, match="no_such_option"):
+        check_streaming_equivalence(small_trunk(), small_input(), tile=32, no_such_option=1)
+
+
 def test_float32_uses_the_accumulation_length_tolerance() -> None:
     report = assert_streaming_equivalent(small_trunk(), small_input(), tile=32, dtype=torch.float32)
     assert report.accumulation_length == 64 * 64

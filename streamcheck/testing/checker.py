@@ -8,6 +8,9 @@ parameter gradient.
 NOTE [ How the check works ]
   Rule 1. Two deep copies of the module (and of ``head`` if it is a module) are cast to ``dtype``;
           the caller's module is never touched. Gradients of the copies start at ``None``.
+  Rule 1b. Options for ``Streamed`` (``**streamed_options``) go to the streamed copy only; a
+          ``tile_transform`` (pixelwise, as ``Streamed`` requires) is applied to the whole input
+          of the plain runs, which then compute what each tile computes.
   Rule 2. The loss is ``head(y)`` if that is a scalar, else ``(head(y) * g).sum()`` with ``g`` a
           fixed standard-normal tensor drawn from ``seed`` (``head=None`` means ``head(y) = y``, a
           random projection of the output). A random ``g`` makes every output element matter; an
@@ -256,9 +259,16 @@ def check_streaming_equivalence(
     rtol: float | None = None,
     atol: float | None = None,
     seed: int = 0,
+    **streamed_options: Any,
 ) -> EquivalenceReport:
     """Compare ``head(module(x))`` run plainly and streamed; return the report, never raise on
     a mismatch (see :func:`assert_streaming_equivalent` for arguments and the method).
+
+    >>> from torch import nn
+    >>> trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    >>> report = check_streaming_equivalence(trunk, (1, 3, 40, 40), tile=16, channels_last=True)
+    >>> report.passed, report.n_tiles  # 40 px in tiles of 16 px, 1 px of overlap: 3 x 3 tiles
+    (True, 9)
     """
     x_ref = _example_tensor(example_input, dtype=dtype, seed=seed)
     device = x_ref.device
@@ -266,7 +276,7 @@ def check_streaming_equivalence(
     streamed_module = _cast_copy(module, dtype=dtype, device=device)
     with tf32_disabled(device):
         # Rule 6: construct and plan before any computation; errors propagate.
-        streamed = streamcheck.Streamed(streamed_module, tile=tile)
+        streamed = streamcheck.Streamed(streamed_module, tile=tile, **streamed_options)
         n_tiles = streamcheck.plan(streamed_module, tuple(x_ref.shape), tile=tile).n_tiles
     return _check(
         streamed, plain, x_ref, n_tiles=n_tiles, head=head, rtol=rtol, atol=atol, seed=seed
@@ -354,10 +364,13 @@ def _check(
 
     with tf32_disabled(device):
         streamed_run = _run(streamed, streamed_head, x_ref, seed=seed)
-        plain_run = _run(plain, plain_head, x_ref, seed=seed)
-        exact_run = None if exact is None else _run(*exact, x_ref.double(), seed=seed)
+        transform = streamed.tile_transform  # Rule 1b: the plain runs transform the whole input
+        plain_run = _run(plain, plain_head, x_ref, seed=seed, transform=transform)
+        exact_run = None
+        if exact is not None:
+            exact_run = _run(*exact, x_ref.double(), seed=seed, transform=transform)
         with _jittered(jittered, seed=seed):
-            jittered_run = _run(*jittered, x_ref, seed=seed)
+            jittered_run = _run(*jittered, x_ref, seed=seed, transform=transform)
     if n_tiles is None:  # check_streamed: the wrapper ran; a fresh plan must agree it may
         try:
             n_tiles = streamcheck.plan(plain, tuple(x_ref.shape), tile=streamed.tile).n_tiles
@@ -415,6 +428,7 @@ def assert_streaming_equivalent(
     rtol: float | None = None,
     atol: float | None = None,
     seed: int = 0,
+    **streamed_options: Any,
 ) -> EquivalenceReport:
     """Assert that streaming ``module`` gives the same output and gradients as running it plainly.
 
@@ -437,6 +451,9 @@ def assert_streaming_equivalent(
         rtol, atol: tolerances; ``None`` means :func:`default_tolerances` (which documents the
             float32 formula).
         seed: seeds the random upstream gradient (and the input when a shape is given).
+        streamed_options: passed on to :class:`streamcheck.Streamed` (``compile=``,
+            ``channels_last=``, ``tile_transform=``, ...), so the check runs the wrapper as it
+            will be used.
 
     Returns:
         The :class:`EquivalenceReport` (``passed`` is ``True``).
@@ -471,6 +488,7 @@ def assert_streaming_equivalent(
         rtol=rtol,
         atol=atol,
         seed=seed,
+        **streamed_options,
     )
     if not report.passed:
         raise AssertionError("\n" + str(report))
@@ -529,11 +547,12 @@ def _run(
     x_ref: torch.Tensor,
     *,
     seed: int,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, tuple[str, torch.Tensor]]:
     """Rules 2-2b, 4, 5: run, backpropagate the loss; every compared tensor by row name, with
     its kind (``output``, ``input_grad``, ``param_grad``, ``buffers``)."""
     x = x_ref.clone().requires_grad_(True)
-    y = module(x)
+    y = module(x if transform is None else transform(x))
     z = _flattened(y) if head is None else head(y)
     if z.dim() == 0:
         loss = z
