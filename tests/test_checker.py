@@ -143,7 +143,11 @@ def test_streamed_options_reach_the_wrapper(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(streamcheck, "Streamed", Recording)
     report = assert_streaming_equivalent(
-        small_trunk(), small_input(), tile=32, channels_last=True, tile_transform=lambda t: 2 * t + 1
+        small_trunk(),
+        small_input(),
+        tile=32,
+        channels_last=True,
+        tile_transform=lambda t: 2 * t + 1,
     )
     assert report.n_tiles > 1
     assert seen[0]["channels_last"] is True and callable(seen[0]["tile_transform"])
@@ -486,9 +490,15 @@ def test_checker_imports_without_hypothesis() -> None:
 
 
 def test_every_public_testing_name_resolves() -> None:
+    """A small public surface (at most 12 names), each with a docstring and a runnable example
+    (the examples run as doctests)."""
     import streamcheck.testing as testing
 
+    assert len(testing.__all__) <= 12
     for name in testing.__all__:
-        assert getattr(testing, name) is not None
+        value = getattr(testing, name)
+        doc = getattr(value, "__doc__", None) or ""
+        # a hypothesis strategy function keeps the wrapped function's docstring
+        assert ">>> " in doc, f"streamcheck.testing.{name} has no runnable example"
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         testing.nothing  # noqa: B018

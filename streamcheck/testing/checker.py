@@ -135,7 +135,14 @@ class TensorError:
 
 @dataclass(frozen=True)
 class EquivalenceReport:
-    """Result of :func:`check_streaming_equivalence`; ``str(report)`` is a table."""
+    """Result of :func:`check_streaming_equivalence`: one :class:`TensorError` row per compared
+    tensor; ``str(report)`` is a table, ``to_dict()`` its JSON form.
+
+    >>> from torch import nn
+    >>> report = check_streaming_equivalence(nn.Conv1d(1, 2, 3), (1, 1, 30), tile=12)
+    >>> [row.name for row in report.rows], report.failures
+    (['output', 'input.grad', 'weight', 'bias'], ())
+    """
 
     rows: tuple[TensorError, ...]
     passed: bool
