@@ -34,11 +34,11 @@ from .errors import StreamcheckError
 from .geometry import (
     Box,
     Interval,
+    chunks,
     input_tile_for,
     output_pieces,
     output_tile_for,
     period,
-    split,
     volume,
 )
 from .graph import Graph, build_graph
@@ -277,7 +277,7 @@ def _single_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
         used.append(input_tile_for(out_tile, receptive_field=field_px, stride=stride))
     boxes = [()]  # type: list[Box]
     for out_size, out_tile in zip(out.sizes, out_tiles, strict=True):
-        boxes = [box + (piece,) for box in boxes for piece in split(out_size, out_tile)]
+        boxes = [box + (piece,) for box in boxes for piece in chunks(out_size, out_tile)]
     schedules = tuple(schedule_tile(graph, box) for box in boxes)
     dtype = _dtype_of(graph)
     return StreamPlan(
