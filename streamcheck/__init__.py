@@ -12,6 +12,7 @@ from .defaults import host_memory_reuse, set_host_memory_reuse
 from .errors import Problem, StreamcheckError
 from .export import write_geojson, write_overlay
 from .host_memory import keep_freed_host_memory
+from .kept import DiskCache, HostCache
 from .lsuv import lsuv_init
 from .masks import tissue_mask
 from .opening import open_image
@@ -23,6 +24,8 @@ from .streaming import Streamed
 __version__ = "0.1.0"
 
 __all__ = [
+    "DiskCache",
+    "HostCache",
     "ImageSource",
     "Problem",
     "StreamPlan",

@@ -60,6 +60,11 @@ Rule G12. Code of other libraries that fx cannot trace but that is local: timm's
           kept as one call and becomes a fixed pad computed from the whole image (geometry Rule
           MS8); timm's SpaceToDepth and DepthToSpace stay whole (Rule MS4). Nothing is imported
           for this: only what the model's own code already imported is recognised.
+Rule G16. A *cut point* is a spatial node that every later spatial node reaches the image through
+          (no spatial node after it reads one before it; reductions are the passes' concern, plan
+          Rule KM3). A pass may start there and read a kept stitched map of it instead of the image
+          (``Graph.cut(taps, source=...)``): its nodes are the same objects at the same indices,
+          the ones before the cut are simply not computed.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ from torch import nn
 from torch.fx.immutable_collections import immutable_dict
 from torch.utils import _pytree as pytree
 
-from .errors import Problem, StreamcheckError
+from .errors import Problem, StreamcheckError, internal_error
 from .geometry import scale_after
 from .layers import (
     ELEMENTWISE_METHODS,
@@ -159,6 +164,7 @@ class Graph:
     #: Whether the plan needs geometry Rules MS5-MS6: several outputs or a layer that rescales;
     #: plain downsampling chains and DAGs keep geometry Rule 6.
     multiscale: bool = False
+    source: int = 0  # the node tiles read (Rule G16): the image, or a cut point's kept map
 
     def __post_init__(self) -> None:
         self.multiscale = self.spec is not None or any(n.kind == "rescale" for n in self.nodes)
@@ -173,16 +179,37 @@ class Graph:
         """How many statistic levels depend on each other (Rule G14); 0 for a local module."""
         return max((self.nodes[r].level for r in self.reductions), default=0)
 
-    def cut(self, taps: Sequence[int]) -> Graph:
+    def cut(self, taps: Sequence[int], *, source: int = 0) -> Graph:
         """This graph with ``taps`` (spatial nodes) as its outputs: what one tile pass computes
-        (Rule G14). One tap keeps geometry Rule 6; several are outputs of Rule G11."""
+        (Rule G14). One tap keeps geometry Rule 6; several are outputs of Rule G11. A pass
+        that reads a kept map starts at its cut point ``source`` (Rule G16) instead of the image."""
         taps = tuple(taps)
         spec = None if len(taps) == 1 else tuple(range(len(taps)))
-        return Graph(self.root, self.gm, self.nodes, max(taps), taps, spec)
+        if source and (source not in self.cut_points() or source >= min(taps)):
+            raise internal_error(f"node {source} is no cut point before {taps}")
+        return Graph(self.root, self.gm, self.nodes, max(taps), taps, spec, source=source)
+
+    def cut_points(self) -> tuple[int, ...]:
+        """Rule G16: the spatial nodes every later spatial node reaches the image through."""
+        nodes = self.nodes
+        lowest = len(nodes)  # the lowest source read by a spatial node after the candidate
+        found = []
+        for i in range(len(nodes) - 1, 0, -1):
+            node = nodes[i]
+            if node.spatial and node.kind != "rejected" and not node.splits and lowest >= i:
+                found.append(i)
+            if node.spatial and node.sources:
+                lowest = min(lowest, *node.sources)
+        return tuple(reversed(found))
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return self.nodes[0].shape
+
+    @property
+    def source_node(self) -> Node:
+        """What the tiles of this graph read: the image, or a kept map (Rule G16)."""
+        return self.nodes[self.source]
 
     @property
     def output_node(self) -> Node:

@@ -14,14 +14,21 @@ Rule PL1. A module without statistics over space streams in one tile pass. One w
 Rule PL2. The plan is refused before any work when the levels exceed ``max_levels`` (default
           ``MAX_LEVELS``), with the count and the fixes, so that a deep network does not
           silently cost many times plain streaming.
-Rule PL3. ``time_factor`` estimates the time against plain streaming (the last pass alone, as if
-          the statistics were known): the multiply-accumulates of every pass over those of the
-          last, counted per tile from the boxes each node computes, halo included.
+Rule PL3. ``time_factor`` estimates the time against plain streaming (the last pass alone, from
+          the image, as if the statistics were known): the multiply-accumulates of every pass
+          over those of that pass, counted per tile from the boxes each node computes, halo
+          included.
+Rule PL4. With a cache budget (``cache=``), passes may start at kept maps (NOTE [ Kept maps ] in
+          ``kept.py``, Rules KM1-KM5): the plan lists the cuts, their bytes, the passes that make
+          them and the passes that read them. A pass from a cut reads tiles of the cut's map of
+          the requested edge scaled by the cut's scale (rounded up), so that a tile covers about
+          the image region a tile of the image would. No budget: the passes of Rule PL1.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -43,6 +50,7 @@ from .geometry import (
     volume,
 )
 from .graph import Graph, build_graph
+from .kept import Cache, Candidate, Target, choose_cuts
 from .layers import Window
 from .program import Schedule, axis_walk, needed_interval, schedule_tile
 
@@ -92,6 +100,15 @@ class StreamPlan:
     reductions: tuple[int, ...] = ()  # of a statistic pass: the reduction nodes it accumulates
     time_factor: float = 1.0  # Rule PL3
     macs: int = 0  # Rule PL3: this pass's multiply-accumulates (of all passes, for a plan)
+    kept: int | None = None  # of a pass that makes a kept map: its cut point (Rule PL4)
+    cuts: tuple[int, ...] = ()  # of a plan: the cut points whose maps are kept (Rule PL4)
+    cache_bytes: int = 0  # of a plan: what the kept maps and their gradients take (Rule KM1)
+
+    @property
+    def cut_paths(self) -> tuple[str, ...]:
+        """The module paths of the kept cut points (Rule PL4)."""
+        assert self.graph is not None
+        return tuple(self.graph.nodes[c].path for c in self.cuts)
 
     @property
     def tile_passes(self) -> tuple[StreamPlan, ...]:
@@ -141,11 +158,14 @@ class StreamPlan:
             ("outputs and their gradients", f"{self.output_bytes / 2**20:.1f} MiB"),
             ("peak memory estimate", f"{self.peak_bytes_estimate / 2**20:.1f} MiB ({self.dtype})"),
         ]
-        if self.passes:  # Rules PL1, PL3
+        if self.passes:  # Rules PL1, PL3, PL4
             rows[3:5] = [
                 (f"pass {i + 1} {_role(p)}", f"{axes(p.tile_px_used)} px in, {p.n_tiles} tiles")
                 for i, p in enumerate(self.passes)
             ]
+            if self.cuts:
+                paths = ", ".join(f"'{path}'" for path in self.cut_paths)
+                rows.append(("kept maps", f"{paths}: {self.cache_bytes / 2**20:.1f} MiB"))
             rows += [
                 ("statistic levels", str(self.levels)),
                 (
@@ -187,7 +207,7 @@ def _receptive_field_and_stride(graph: Graph, axis: int) -> tuple[int, int, int]
 
 
 def _where_field_exceeds(graph: Graph, axis: int, tile: int) -> str:
-    for i, node in enumerate(graph.nodes[1 : graph.output + 1], 1):
+    for i, node in enumerate(graph.nodes[graph.source + 1 : graph.output + 1], graph.source + 1):
         if not node.spatial:
             continue
         start, stop = needed_interval(graph, i, axis, (0, 1))
@@ -197,9 +217,14 @@ def _where_field_exceeds(graph: Graph, axis: int, tile: int) -> str:
 
 
 def make_plan(
-    graph: Graph, tile: tuple[int, ...], *, max_levels: int | None = MAX_LEVELS
+    graph: Graph,
+    tile: tuple[int, ...],
+    *,
+    max_levels: int | None = MAX_LEVELS,
+    cache: Cache | None = None,
 ) -> StreamPlan:
-    """Plan the tile passes of ``graph`` for a requested input tile edge per axis (Rule PL1)."""
+    """Plan the tile passes of ``graph`` for a requested input tile edge per axis (Rules PL1,
+    PL4)."""
     if not graph.reductions:
         return _pass_plan(graph, tile)
     nodes = graph.nodes
@@ -213,20 +238,22 @@ def make_plan(
             "local), stream fewer layers (streamcheck.split(model, until=...)), or raise "
             f"Streamed(..., max_levels={graph.levels})"
         )
-    passes = []
-    for level in range(1, graph.levels + 1):
-        reductions = tuple(r for r in graph.reductions if nodes[r].level == level)
-        taps = sorted({nodes[r].sources[0] for r in reductions})
-        one = _pass_plan(graph.cut(taps), tile, stitched=False)
-        passes.append(replace(one, level=level, reductions=reductions))
-    spatial = [o for o in graph.outputs or (graph.output,) if nodes[o].spatial]
-    if spatial:
-        passes.append(_pass_plan(graph.cut(spatial), tile))
+    targets = _targets(graph)
+    excluded: set[int] = set()
+    while True:  # kept Rule KM5: a cut whose passes do not plan is left out
+        cuts = () if cache is None else _choose(graph, targets, cache.bytes, excluded)
+        try:
+            passes = _passes(graph, tile, targets, cuts)
+            break
+        except _Unplannable as failed:
+            excluded.add(failed.source)
     last = passes[-1]
+    plain = last if not last.graph or not last.graph.source else _plain_last(graph, tile, targets)
     outputs = graph.outputs or (graph.output,)
     dtype = _dtype_of(graph)
     return replace(
         last,
+        input_shape=graph.input_shape,
         output_shape=nodes[graph.output].shape,
         output_shapes=tuple(nodes[o].shape for o in outputs),
         output_bytes=_output_bytes(graph, dtype),
@@ -236,8 +263,10 @@ def make_plan(
         levels=graph.levels,
         level=0,
         reductions=(),
-        time_factor=sum(p.macs for p in passes) / max(last.macs, 1),
+        time_factor=sum(p.macs for p in passes) / max(plain.macs, 1),
         macs=sum(p.macs for p in passes),
+        cuts=cuts,
+        cache_bytes=sum(_kept_bytes(graph, c) for c in cuts),
     )
 
 
@@ -247,8 +276,127 @@ def _passes_peak_bytes(passes: Sequence[StreamPlan], output_bytes: int) -> int:
     return max(p.peak_bytes_estimate + (output_bytes if p.level else 0) for p in passes)
 
 
+def _targets(graph: Graph) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+    """Per tile pass of Rule PL1: (level, reductions, target nodes); the output pass's level is
+    one more than the deepest, its reductions none."""
+    nodes = graph.nodes
+    found = []
+    for level in range(1, graph.levels + 1):
+        reductions = tuple(r for r in graph.reductions if nodes[r].level == level)
+        found.append((level, reductions, tuple(sorted({nodes[r].sources[0] for r in reductions}))))
+    spatial = tuple(o for o in graph.outputs or (graph.output,) if nodes[o].spatial)
+    if spatial:
+        found.append((graph.levels + 1, (), spatial))
+    return found
+
+
+class _Unplannable(Exception):
+    def __init__(self, source: int) -> None:
+        self.source = source
+
+
+def _passes(
+    graph: Graph,
+    tile: tuple[int, ...],
+    targets: list[tuple[int, tuple[int, ...], tuple[int, ...]]],
+    cuts: tuple[int, ...],
+) -> list[StreamPlan]:
+    """The tile passes in forward order (Rule PL1; kept Rules KM2-KM3)."""
+    nodes = graph.nodes
+    made: list[int] = []
+
+    def one(taps: tuple[int, ...], *, stitched: bool) -> StreamPlan:
+        sources = [c for c in made if c < min(taps)]
+        source = sources[-1] if sources else 0
+        try:
+            return _pass_plan(
+                graph.cut(taps, source=source), _tile_at(graph, source, tile), stitched=stitched
+            )
+        except StreamcheckError:
+            if not source:
+                raise
+            raise _Unplannable(source) from None
+
+    def keep(level: int) -> list[StreamPlan]:
+        found = []
+        for c in cuts:
+            if nodes[c].level == level:
+                found.append(replace(one((c,), stitched=False), kept=c))
+                made.append(c)
+        return found
+
+    passes = keep(0)
+    for level, reductions, taps in targets:
+        if reductions:
+            passes.append(replace(one(taps, stitched=False), level=level, reductions=reductions))
+            passes += keep(level)
+        else:
+            passes.append(one(taps, stitched=True))
+    return passes
+
+
+def _tile_at(graph: Graph, source: int, tile: tuple[int, ...]) -> tuple[int, ...]:
+    """Rule PL4: the tile edge scaled to the source's pixels, rounded up."""
+    scale = graph.nodes[source].scale
+    return tuple(max(1, math.ceil(edge * s)) for edge, s in zip(tile, scale, strict=True))
+
+
+def _plain_last(
+    graph: Graph, tile: tuple[int, ...], targets: list[tuple[int, tuple[int, ...], tuple[int, ...]]]
+) -> StreamPlan:
+    """The last pass from the image: what plain streaming costs (Rule PL3)."""
+    return _pass_plan(graph.cut(targets[-1][2]), tile)
+
+
+def _kept_bytes(graph: Graph, node: int) -> int:
+    """A kept map and its gradient, in the plan's dtype (kept Rule KM1)."""
+    itemsize = torch.empty((), dtype=_dtype_of(graph)).element_size()
+    return 2 * itemsize * prod(graph.nodes[node].shape)
+
+
+def _choose(
+    graph: Graph,
+    targets: list[tuple[int, tuple[int, ...], tuple[int, ...]]],
+    budget: int,
+    excluded: set[int],
+) -> tuple[int, ...]:
+    """Kept Rule KM5 on this graph: the work of every node's whole map, summed over ancestors."""
+    nodes = graph.nodes
+    work = [
+        volume([(0, n) for n in node.sizes]) * cost if node.spatial else 0
+        for node, cost in zip(nodes, _node_costs(graph), strict=True)
+    ]
+    ancestors: list[int] = []  # bit sets
+    for i, node in enumerate(nodes):
+        bits = 1 << i
+        for s in node.sources if node.spatial else ():
+            bits |= ancestors[s]
+        ancestors.append(bits)
+
+    def below(bits: int) -> int:
+        return sum(w for i, w in enumerate(work) if bits >> i & 1)
+
+    candidates = [
+        Candidate(c, nodes[c].level, _kept_bytes(graph, c), below(ancestors[c]))
+        for c in graph.cut_points()
+        if c not in excluded
+    ]
+    passes = []
+    for level, _, taps in targets:
+        bits = 0
+        for t in taps:
+            bits |= ancestors[t]
+        passes.append(Target(level, min(taps), below(bits)))
+    chosen = choose_cuts(candidates, passes, budget=budget)
+    return tuple(candidates[k].node for k in chosen)
+
+
 def _role(p: StreamPlan) -> str:
-    return f"(level {p.level} statistics)" if p.level else "(outputs)"
+    graph = p.graph
+    start = f" from '{graph.source_node.path}'" if graph is not None and graph.source else ""
+    if p.kept is not None and graph is not None:
+        return f"(keeps '{graph.nodes[p.kept].path}'{start})"
+    return (f"(level {p.level} statistics" if p.level else "(outputs") + start + ")"
 
 
 def _pass_plan(graph: Graph, tile: tuple[int, ...], *, stitched: bool = True) -> StreamPlan:
@@ -288,7 +436,7 @@ def _single_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
     schedules = tuple(schedule_tile(graph, box) for box in boxes)
     dtype = _dtype_of(graph)
     return StreamPlan(
-        input_shape=graph.input_shape,
+        input_shape=graph.source_node.shape,
         output_shape=out.shape,
         tile_px=tile,
         tile_px_used=tuple(used),
@@ -317,8 +465,19 @@ def _output_bytes(graph: Graph, dtype: torch.dtype) -> int:
 
 
 def _macs(graph: Graph, schedules: Sequence[Schedule]) -> int:
-    """Rule PL3: multiply-accumulates of every tile, from the boxes its nodes compute (a
-    convolution's per output value: input channels per group x kernel; others: 1)."""
+    """Rule PL3: multiply-accumulates of every tile, from the boxes its nodes compute."""
+    costs = _node_costs(graph)
+    return sum(
+        volume(box) * cost
+        for s in schedules
+        for box, cost in zip(s.boxes, costs, strict=True)
+        if box is not None
+    )
+
+
+def _node_costs(graph: Graph) -> list[int]:
+    """Rule PL3: per node, multiply-accumulates per spatial position (a convolution's per output
+    value: input channels per group x kernel; others: 1)."""
     costs = []
     for node in graph.nodes:
         cost = 1
@@ -327,12 +486,7 @@ def _macs(graph: Graph, schedules: Sequence[Schedule]) -> int:
             cost = module.in_channels // module.groups * prod(layer.kernel)
         channels = prod(size for d, size in enumerate(node.shape) if d not in node.layout)
         costs.append(cost * channels)
-    return sum(
-        volume(box) * cost
-        for s in schedules
-        for box, cost in zip(s.boxes, costs, strict=True)
-        if box is not None
-    )
+    return costs
 
 
 def _multiscale_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
@@ -355,7 +509,8 @@ def _multiscale_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
                     "coarser than the finest by an integer factor"
                 )
             quotients.append(int(q))
-        stride = _plain(1 / reference.scale[axis])  # a fraction for outputs finer than the input
+        # a fraction for outputs finer than what the tiles read (graph Rule G16)
+        stride = _plain(graph.source_node.scale[axis] / reference.scale[axis])
         relative = [n.scale[axis] / reference.scale[axis] for n in nodes if n.scale]
         p = period([*relative, *(Fraction(1, q) for q in quotients)])
         cut = _AxisCut(
@@ -395,7 +550,7 @@ def _multiscale_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
         )
     dtype = _dtype_of(graph)
     return StreamPlan(
-        input_shape=graph.input_shape,
+        input_shape=graph.source_node.shape,
         output_shape=reference.shape,
         tile_px=tile,
         tile_px_used=tuple(used),
@@ -484,8 +639,10 @@ def plan(
     tile: int | Sequence[int],
     dtype: torch.dtype | None = None,
     max_levels: int | None = MAX_LEVELS,
+    cache: Cache | None = None,
 ) -> StreamPlan:
-    """Plan how ``Streamed(module, tile=tile)`` would stream an input of ``input_shape``.
+    """Plan how ``Streamed(module, tile=tile, cache=cache)`` would stream an input of
+    ``input_shape``.
 
     Nothing is computed: shapes come from a meta-device trace.
 
@@ -510,7 +667,7 @@ def plan(
     """
     edges = normalize_tile(tile, len(input_shape) - 2)
     graph = build_graph(module, input_shape, dtype=dtype or _param_dtype(module))
-    return make_plan(graph, edges, max_levels=max_levels)
+    return make_plan(graph, edges, max_levels=max_levels, cache=cache)
 
 
 def _param_dtype(module: nn.Module) -> torch.dtype:

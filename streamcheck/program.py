@@ -7,7 +7,8 @@ Rule P1. A schedule is computed once per tile from its output box by walking the
 Rule P2. Executing a tile walks the graph forwards and frees each feature map as soon as its last
          consumer has read it, so only the live frontier of one tile is held in memory.
 Rule P3. A layer that works in place gets a private copy when the tensor it would overwrite is the
-         caller's image (graph Rule G5 refuses in-place writes to maps that others read).
+         caller's image or a kept map (graph Rule G5 refuses in-place writes to maps that others
+         read).
 Rule P6. With several outputs (graph Rule G11) the walk of Rule P1 starts from every output's box
          (geometry Rule MS6); the tile returns, per output, the crop of that node's box it owns, or
          None where it owns nothing. Output nodes are kept until the tile ends.
@@ -66,10 +67,12 @@ class Schedule:
     edges: dict[tuple[int, int], Edge]  # (consumer, source) -> edge
     output_boxes: tuple[Box | None, ...] = ()  # per output (Rule P6); () for one output
     output_crops: tuple[tuple[Interval, ...] | None, ...] = ()  # relative to the node's box
+    source: int = 0  # the node the tile reads (graph Rule G16)
 
     @property
     def input_box(self) -> Box:
-        box = self.boxes[0]
+        """The box of what the tile reads: the image's, or a kept map's (graph Rule G16)."""
+        box = self.boxes[self.source]
         if box is None:
             raise internal_error("a tile that reads no input")
         return box
@@ -119,7 +122,7 @@ def schedule_tile(
                 requests[o].append(owned)
     else:
         boxes[graph.output] = output_box
-    for i in range(graph.output, -1, -1):
+    for i in range(graph.output, graph.source - 1, -1):
         node = nodes[i]
         if node.kind == "constant":
             continue
@@ -129,7 +132,7 @@ def schedule_tile(
             boxes[i] = tuple(hull(axis) for axis in zip(*requests[i], strict=True))
         box = boxes[i]
         assert box is not None
-        for s in node.sources:
+        for s in node.sources if i != graph.source else ():  # graph Rule G16: read, not computed
             wanted = _required(node, box)
             available, gathers = _available(node, wanted, nodes[s].sizes)
             unclipped[(i, s)] = (wanted, available, gathers)
@@ -156,7 +159,9 @@ def schedule_tile(
             if owned is None or computed is None
             else tuple((a - c, b - c) for (a, b), (c, _) in zip(owned, computed, strict=True))
         )
-    return Schedule(output_box, tuple(boxes), edges, tuple(output_boxes), tuple(crops))
+    return Schedule(
+        output_box, tuple(boxes), edges, tuple(output_boxes), tuple(crops), graph.source
+    )
 
 
 def axis_walk(graph: Graph, axis: int, owned: Sequence[Interval | None]) -> Interval:
@@ -167,7 +172,7 @@ def axis_walk(graph: Graph, axis: int, owned: Sequence[Interval | None]) -> Inte
     for o, interval in zip(graph.outputs, owned, strict=True):
         if interval is not None:
             requests[o].append(interval)
-    for i in range(graph.output, 0, -1):
+    for i in range(graph.output, graph.source, -1):
         node = nodes[i]
         if node.kind == "constant" or not requests[i]:
             continue
@@ -179,9 +184,9 @@ def axis_walk(graph: Graph, axis: int, owned: Sequence[Interval | None]) -> Inte
                 wanted = node.layer.input_interval(axis, own)
             single = _available(node, (wanted,), (nodes[s].sizes[axis],))[0][0]
             requests[s].append(single)
-    if not requests[0]:
+    if not requests[graph.source]:
         raise internal_error("a tile that reads no input")
-    return hull(requests[0])
+    return hull(requests[graph.source])
 
 
 def needed_interval(graph: Graph, node_index: int, axis: int, interval: Interval) -> Interval:
@@ -189,7 +194,7 @@ def needed_interval(graph: Graph, node_index: int, axis: int, interval: Interval
     nodes = graph.nodes
     requests: list[list[Interval]] = [[] for _ in nodes]
     requests[node_index].append(interval)
-    for i in range(node_index, 0, -1):
+    for i in range(node_index, graph.source, -1):
         node = nodes[i]
         if node.kind == "constant" or not requests[i]:
             continue
@@ -200,7 +205,7 @@ def needed_interval(graph: Graph, node_index: int, axis: int, interval: Interval
                 requests[s].append(node.layer.input_interval(axis, own))
             else:
                 requests[s].append(own)
-    return hull(requests[0])
+    return hull(requests[graph.source])
 
 
 def _crop(tensor: Any, layout: tuple[int, ...], crop: tuple[Interval, ...]) -> Any:
@@ -271,11 +276,11 @@ def run_tile(
     returned instead (the backward pass uses this for a trailing conv).
     """
     nodes = graph.nodes
-    env: dict[int, torch.Tensor] = {0: x}
+    env: dict[int, torch.Tensor] = {graph.source: x}  # graph Rule G16
     constants: dict[str, Any] = dict(globals or {})
     unread = [0] * len(nodes)
     for i, node in enumerate(nodes[: graph.output + 1]):
-        if schedule.boxes[i] is not None:  # Rule P8: consumers this tile computes
+        if schedule.boxes[i] is not None and i != graph.source:  # Rule P8: computed here
             for s in node.sources:
                 unread[s] += 1
     for o in graph.outputs if schedule.output_boxes else ():
@@ -288,14 +293,14 @@ def run_tile(
         if not node.spatial:  # once, global and reduction nodes: outside tiles (Rule P8)
             continue
         box = schedule.boxes[i]
-        if box is None:
+        if box is None or i <= graph.source:  # graph Rule G16: the source is read
             continue
         values = dict(constants)
         inputs = []
         for s in node.sources:
             edge = schedule.edges[(i, s)]
             tensor = _crop(env[s], nodes[s].layout, edge.crop)
-            if node.inplace and s == 0:
+            if node.inplace and s == graph.source:
                 tensor = tensor.clone()  # Rule P3
             values[nodes[s].name] = tensor
             inputs.append((tensor, edge))

@@ -59,6 +59,7 @@ from .defaults import host_memory_reuse, host_memory_scope
 from .errors import StreamcheckError, internal_error
 from .feed import TileFeed, laid_out_like
 from .graph import Graph, build_graph, unflatten
+from .kept import Cache, DiskCache, HostCache, KeptMaps
 from .layers import Window
 from .masks import ScaledMask
 from .plan import MAX_LEVELS, StreamPlan, make_plan, normalize_tile
@@ -87,7 +88,10 @@ class Streamed(nn.Module):
 
     Statistics over the whole map (train-mode BatchNorm, GroupNorm, squeeze-excite, global
     pooling: NOTE [ Global statistics ]) stream exactly in one tile pass per level
-    (NOTE [ Passes ]); ``max_levels`` refuses deeper networks before any work.
+    (NOTE [ Passes ]); ``max_levels`` refuses deeper networks before any work. With
+    ``cache=HostCache(bytes=...)`` (or ``DiskCache(path, bytes=...)``) the stitched maps of a few
+    cut points are kept within that budget, so that later passes start there instead of at the
+    image (NOTE [ Kept maps ]); ``plan`` shows the cuts and the time factor before any work.
 
     ``compile=True`` compiles each tile program with ``torch.compile``, once per class of tiles
     that run the same arithmetic (interior tiles share one; NOTE [ Compiled tile programs ]);
@@ -121,9 +125,16 @@ class Streamed(nn.Module):
         keep_host_memory: bool | None = None,
         compile: bool = False,
         max_levels: int | None = MAX_LEVELS,
+        cache: Cache | None = None,
     ) -> None:
         super().__init__()
         self.max_levels = max_levels  # plan Rule PL2
+        if cache is not None and not isinstance(cache, (HostCache, DiskCache)):
+            raise StreamcheckError(
+                f"streamcheck: cache must be HostCache(bytes=...) or DiskCache(path, bytes=...), "
+                f"got {cache!r}"
+            )
+        self.cache = cache  # kept Rule KM1
         self.module = module
         self.tile = tile
         self.tile_transform = tile_transform
@@ -153,9 +164,10 @@ class Streamed(nn.Module):
         def build() -> StreamPlan:
             graph = build_graph(self.module, shape, dtype=dtype)
             edges = normalize_tile(self.tile, len(shape) - 2)
-            return make_plan(graph, edges, max_levels=self.max_levels)
+            return make_plan(graph, edges, max_levels=self.max_levels, cache=self.cache)
 
-        return self._plans.get(state, (shape, dtype, tile, device, self.max_levels), build)
+        key = (shape, dtype, tile, device, self.max_levels, self.cache)
+        return self._plans.get(state, key, build)
 
     def forward(
         self,
@@ -197,7 +209,8 @@ class Streamed(nn.Module):
             dtype=None if autocast else dtype,
         )
         reuse = host_memory_reuse() if self.keep_host_memory is None else self.keep_host_memory
-        call = _Call(plan, state, {}, params, tiles, sink, self._programs, reuse)  # Rule FD3
+        kept = KeptMaps(self.cache) if plan.cuts and self.cache is not None else None
+        call = _Call(plan, state, {}, params, tiles, sink, self._programs, reuse, kept)  # FD3
         graph = plan.graph
         assert graph is not None
         outputs = _StreamFunction.apply(call, feed, x, *params)
@@ -256,6 +269,7 @@ class Streamed(nn.Module):
         options += (
             [] if self.keep_host_memory is None else [f"keep_host_memory={self.keep_host_memory}"]
         )
+        options += [] if self.cache is None else [f"cache={self.cache!r}"]
         return ", ".join(options + (["compile=True"] if self._programs is not None else []))
 
     def compile_report(self, input_shape: Sequence[int]) -> list[CompileRecord]:
@@ -400,6 +414,7 @@ class _Call:
     sink: GradientSink | None = None  # where a source's input gradient goes (Rule S8)
     programs: TilePrograms | None = None  # compile=True (NOTE [ Compiled tile programs ])
     host_memory: bool | None = None  # resolved at forward, for both tile loops (Rules FD2-FD3)
+    kept: KeptMaps | None = None  # this call's kept maps (kept Rules KM1, KM6)
 
     @property
     def graph(self) -> Graph:
@@ -558,10 +573,13 @@ class _StreamFunction(torch.autograd.Function):
                 taps = stats.taps(tile_pass)
                 pass_graph = tile_pass.graph
                 assert pass_graph is not None
-                indices = [_slices(s.input_box, graph.nodes[0].layout, x.dim()) for s in schedules]
-                for schedule, arrived in zip(schedules, feed.arrivals(x, indices), strict=True):
+                image, source_feed, _ = _source_of(ctx, call, tile_pass, x, feed, backward=False)
+                layout = pass_graph.source_node.layout
+                indices = [_slices(s.input_box, layout, image.dim()) for s in schedules]
+                arrivals = source_feed.arrivals(image, indices)
+                for schedule, arrived in zip(schedules, arrivals, strict=True):
                     results = call.run_tile(
-                        tile_pass, schedule, feed.prepare(arrived), globals=stats.values
+                        tile_pass, schedule, source_feed.prepare(arrived), globals=stats.values
                     )
                     owned = _owned(schedule)
                     if tile_pass.level:  # Rule S11: accumulate the owned boxes
@@ -569,6 +587,12 @@ class _StreamFunction(torch.autograd.Function):
                             result, box = results[j], owned[j]
                             if result is not None and box is not None:
                                 stats.accumulators[r].add(result, box)
+                        continue
+                    if tile_pass.kept is not None:  # kept Rule KM2: stitched into the kept map
+                        assert call.kept is not None and results[0] is not None
+                        node = graph.nodes[tile_pass.kept]
+                        kept = call.kept.writable(tile_pass.kept, results[0], node.shape)
+                        kept[_slices(owned[0], node.layout, kept.dim())] = results[0]
                         continue
                     outputs = pass_graph.outputs or (pass_graph.output,)
                     for o, result, box in zip(outputs, results, owned, strict=True):
@@ -582,6 +606,11 @@ class _StreamFunction(torch.autograd.Function):
                         stitched[o][_slices(box, node.layout, stitched[o].dim())] = result
                 if tile_pass.level:
                     stats.finish(tile_pass, _compute_dtype_of(ctx, feed, plan))
+                if tile_pass.kept is not None:
+                    assert call.kept is not None
+                    call.kept.finish(tile_pass.kept)
+        if call.kept is not None and not any(ctx.needs_input_grad):
+            call.kept.release()  # no backward will read them (kept Rule KM6)
         call.versions.update(tensor_versions(graph.root))  # Rule S13
         ctx.stats = stats
         ctx.schedules = (
@@ -635,16 +664,20 @@ class _StreamFunction(torch.autograd.Function):
                 spatial_grads[o] = grad
             elif grad is not None:
                 run.add_upstream(nodes[o].name, grad)
-        final = plan.tile_passes[-1]
-        if not final.level:  # B0: the output pass
-            run.output_pass(final, spatial_grads)
-        for tile_pass in reversed(plan.tile_passes):
-            if not tile_pass.level:
-                continue
-            wanted = [leaves[r] for r in tile_pass.reductions]
-            grads = run.pull(live, wanted)  # dL/dP of this level (reductions Rule R3)
-            run.statistic_pass(tile_pass, dict(zip(tile_pass.reductions, grads, strict=True)))
+        for tile_pass in reversed(plan.tile_passes):  # kept Rule KM4: reverse order
+            if tile_pass.kept is not None:  # the gradient of a kept map, back to its source
+                assert call.kept is not None
+                kept = {tile_pass.kept: call.kept.gradient(tile_pass.kept)}
+                run.output_pass(tile_pass, kept, tile_pass.schedules)
+            elif tile_pass.level:
+                wanted = [leaves[r] for r in tile_pass.reductions]
+                grads = run.pull(live, wanted)  # dL/dP of this level (reductions Rule R3)
+                run.statistic_pass(tile_pass, dict(zip(tile_pass.reductions, grads, strict=True)))
+            else:  # B0: the output pass
+                run.output_pass(tile_pass, spatial_grads, ctx.schedules)
         run.pull_parameters(live)
+        if call.kept is not None:
+            call.kept.release()  # kept Rule KM6
         return (None, None, grad_x, *run.grad_params)
 
 
@@ -687,13 +720,18 @@ class _BackwardRun:
         found = torch.autograd.grad(values, params, grads, allow_unused=True)
         _add_into(self.grad_params, found)
 
-    def output_pass(self, tile_pass: StreamPlan, grads: dict[int, torch.Tensor]) -> None:
-        """B0 (Rule S2): every tile whose slice of an output gradient is not all zeros."""
+    def output_pass(
+        self,
+        tile_pass: StreamPlan,
+        grads: dict[int, torch.Tensor],
+        schedules: Sequence[Schedule],
+    ) -> None:
+        """B0 (Rule S2): every tile whose slice of an output gradient is not all zeros; also a
+        kept map's pass, with the kept map's gradient (kept Rule KM4)."""
         graph = tile_pass.graph
         assert graph is not None
         outputs = graph.outputs or (graph.output,)
         nodes = graph.nodes
-        schedules = self.ctx.schedules
         slices = [
             [
                 None if box is None else _slices(box, nodes[o].layout, grads[o].dim())
@@ -769,16 +807,21 @@ class _BackwardRun:
 
     def _tiles(self, tile_pass: StreamPlan, work: list[tuple[Schedule, Any]], seed: Any) -> None:
         """Recompute each tile with grad, seed its targets, backpropagate (Rule S2)."""
-        call, ctx, x = self.call, self.ctx, self.x
-        feed, sink = ctx.feed, call.sink
-        layout = call.graph.nodes[0].layout
+        call, ctx = self.call, self.ctx
+        x, feed, kept_grad = _source_of(ctx, call, tile_pass, self.x, ctx.feed, backward=True)
+        sink = call.sink if kept_grad is None else None
+        grad_x = self.grad_x if kept_grad is None else kept_grad  # kept Rule KM4
+        want_input = self.want_input or kept_grad is not None
+        graph = tile_pass.graph
+        assert graph is not None
+        layout = graph.source_node.layout
         indices = [_slices(s.input_box, layout, x.dim()) for s, _ in work]
         arrivals = feed.arrivals(x.detach() if isinstance(x, torch.Tensor) else x, indices)
         bound = ctx.stats.leaves()
         for (schedule, row), index, arrived in zip(work, indices, arrivals, strict=True):
-            grad_tile_x = self._tile(schedule, row, arrived, seed, bound)  # Rule S14
-            if grad_tile_x is not None and self.grad_x is not None:
-                self.grad_x[index] += grad_tile_x.to(self.grad_x.device)
+            grad_tile_x = self._tile(schedule, row, arrived, seed, bound, feed, want_input)  # S14
+            if grad_tile_x is not None and grad_x is not None:
+                grad_x[index] += grad_tile_x.to(grad_x.device, grad_x.dtype)
             if grad_tile_x is not None and sink is not None:
                 sink.add(schedule.input_box, grad_tile_x)  # saliency Rule A3
             del grad_tile_x, arrived  # Rule S14
@@ -790,14 +833,15 @@ class _BackwardRun:
         arrived: torch.Tensor,
         seed: Any,
         bound: dict[str, torch.Tensor],
+        feed: TileFeed,
+        want_input: bool,
     ) -> torch.Tensor | None:
         """One tile of ``_tiles``: what it recomputes and its gradients are freed on return,
         before the next tile starts (Rule S14)."""
-        feed = self.ctx.feed
         device_type, autocast_on, autocast_dtype = self.ctx.autocast
-        if self.want_input and not arrived.is_floating_point():  # saliency Rule A4
+        if want_input and not arrived.is_floating_point():  # saliency Rule A4
             arrived = arrived.to(feed.dtype or torch.float32)
-        leaf = arrived.detach().requires_grad_(self.want_input)  # Rule S2; feed Rule F3
+        leaf = arrived.detach().requires_grad_(want_input)  # Rule S2; feed Rule F3
         with (
             torch.enable_grad(),
             torch.autocast(device_type, autocast_dtype, enabled=autocast_on),
@@ -837,6 +881,23 @@ class _BackwardRun:
             if g is not None:
                 self.add_upstream(name, g)
         return found.get(id(leaf))
+
+
+def _source_of(
+    ctx: Any, call: _Call, tile_pass: StreamPlan, x: Any, feed: TileFeed, *, backward: bool
+) -> tuple[Any, TileFeed, torch.Tensor | None]:
+    """What a pass's tiles read (kept Rule KM2): the image through ``feed``, or a kept map through
+    a feed without ``tile_transform``; and, in backward, the map's gradient (Rule KM4)."""
+    graph = tile_pass.graph
+    assert graph is not None
+    if not graph.source:
+        return x, feed, None
+    if call.kept is None:
+        raise internal_error("a pass from a cut point without kept maps")
+    source = call.kept.read(graph.source)
+    if not hasattr(ctx, "map_feed"):
+        ctx.map_feed = TileFeed(feed.device, channels_last=feed.channels_last)
+    return source, ctx.map_feed, call.kept.gradient(graph.source) if backward else None
 
 
 def _add_into(total: list[torch.Tensor | None], grads: Sequence[torch.Tensor | None]) -> None:

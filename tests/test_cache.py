@@ -1,0 +1,281 @@
+"""Kept stitched maps at cut points (kept Rules KM1-KM6, graph Rule G16, plan Rule PL4).
+
+The oracle is the plain module in float64 (``check_streamed``: outputs, the input gradient, every
+parameter gradient, the running statistics), for the statistic networks of the property suite
+with random budgets and with cuts forced at random subsets of the cut points (every one, none).
+The choice of cuts is checked against an exhaustive search of the same cost model, computed here
+from the passes it implies rather than by the dynamic programme.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import streamcheck
+from streamcheck import plan as plan_module
+from streamcheck.graph import build_graph
+from streamcheck.kept import Candidate, Target, choose_cuts
+from streamcheck.testing.checker import check_streamed
+from streamcheck.testing.graphs import dag_cases
+from streamcheck.testing.strategies import streaming_cases
+from streamcheck.testing.unets import unet_cases
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def train_bn_chain() -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 6, 3, padding=1)]
+    for stride in (1, 2, 1, 2):
+        layers += [nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3, stride=stride, padding=1)]
+    layers.append(nn.BatchNorm2d(6))
+    return nn.Sequential(*layers).double().train()
+
+
+SHAPE = (2, 3, 48, 40)
+
+
+def assert_exact(streamed: streamcheck.Streamed, shape: tuple[int, ...], seed: int = 0) -> None:
+    with warnings.catch_warnings():  # a drawn tile may cover the image: still a valid check
+        warnings.filterwarnings("ignore", "streamcheck: tile .* covers the whole")
+        report = check_streamed(streamed, shape, seed=seed)
+    assert report.passed, str(report)
+
+
+# ------------------------------------------------------------------------- the engine, exact
+
+
+@pytest.mark.parametrize("kind", ["host", "disk"])
+def test_kept_maps_give_the_plain_module_with_fewer_passes_from_the_image(
+    kind: str, tmp_path: object
+) -> None:
+    module = train_bn_chain()
+    cache = (
+        streamcheck.HostCache(bytes=2**24)
+        if kind == "host"
+        else streamcheck.DiskCache(tmp_path, bytes=2**24)  # type: ignore[arg-type]
+    )
+    streamed = streamcheck.Streamed(module, tile=20, cache=cache)
+    p = streamed.plan(SHAPE)
+    plain = streamcheck.plan(module, SHAPE, tile=20)
+    assert p.cuts and p.cache_bytes <= 2**24
+    assert p.time_factor < plain.time_factor
+    from_image = [q for q in p.passes if not q.graph.source]  # type: ignore[union-attr]
+    assert len(from_image) < len(plain.passes)
+    assert "kept maps" in str(p)
+    assert_exact(streamed, SHAPE)
+    if kind == "disk":  # Rule KM6: the files go with the call's backward
+        assert list(tmp_path.iterdir()) == []  # type: ignore[attr-defined]
+
+
+def test_no_budget_and_a_zero_budget_plan_the_passes_of_plain_multi_pass() -> None:
+    module = train_bn_chain()
+    plain = streamcheck.plan(module, SHAPE, tile=20)
+    empty = streamcheck.plan(module, SHAPE, tile=20, cache=streamcheck.HostCache(bytes=0))
+    assert plain.cuts == empty.cuts == ()
+    assert [q.n_tiles for q in plain.passes] == [q.n_tiles for q in empty.passes]
+    assert plain.time_factor == empty.time_factor
+
+
+def test_a_larger_budget_never_raises_the_estimate() -> None:
+    module = train_bn_chain()
+    factors = [
+        streamcheck.plan(module, SHAPE, tile=20, cache=streamcheck.HostCache(bytes=b)).time_factor
+        for b in (0, 2**14, 2**15, 2**16, 2**17, 2**20)
+    ]
+    assert factors == sorted(factors, reverse=True)
+    assert factors[-1] < factors[0]
+
+
+def test_a_second_backward_through_one_forward_is_an_error_not_stale_maps() -> None:
+    module = train_bn_chain()
+    streamed = streamcheck.Streamed(module, tile=20, cache=streamcheck.HostCache(bytes=2**24))
+    y = streamed(torch.randn(SHAPE, dtype=torch.float64, requires_grad=True))
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(streamcheck.StreamcheckError, match="released by its first backward"):
+        y.sum().backward()
+
+
+def test_inference_releases_the_kept_maps_at_once(tmp_path: object) -> None:
+    module = train_bn_chain()
+    plain = copy.deepcopy(module)
+    cache = streamcheck.DiskCache(tmp_path, bytes=2**24)  # type: ignore[arg-type]
+    streamed = streamcheck.Streamed(module, tile=20, cache=cache)
+    assert streamed.plan(SHAPE).cuts
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    with torch.no_grad():
+        y = streamed(x)
+        assert list(tmp_path.iterdir()) == []  # type: ignore[attr-defined]
+        torch.testing.assert_close(y, plain(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [
+        lambda tmp: streamcheck.HostCache(bytes=-1),
+        lambda tmp: streamcheck.HostCache(bytes=1.5),
+        lambda tmp: streamcheck.DiskCache(tmp / "missing", bytes=10),
+    ],
+)
+def test_bad_caches_are_refused_with_the_fix(cache: object, tmp_path: object) -> None:
+    with pytest.raises(streamcheck.StreamcheckError, match="Fix"):
+        cache(tmp_path)  # type: ignore[operator]
+
+
+def test_a_cache_that_is_not_one_is_refused() -> None:
+    with pytest.raises(streamcheck.StreamcheckError, match="HostCache"):
+        streamcheck.Streamed(nn.Conv2d(1, 1, 3), tile=8, cache=2**20)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------- properties
+
+
+EXAMPLES = max(5, settings.default.max_examples // 4)
+
+
+def _cut_points(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return build_graph(module, shape, dtype=torch.float64).cut_points()
+
+
+def _forced_exact(module: nn.Module, shape: tuple[int, ...], tile: object, data: object) -> None:
+    """Streamed with cuts at a drawn subset of the cut points (every one, none, any) equals the
+    plain module: the engine is exact whatever the choice (Rules KM2-KM4)."""
+    module = module.double()
+    try:
+        streamcheck.plan(module, shape, tile=tile)  # type: ignore[arg-type]
+    except streamcheck.StreamcheckError:
+        return  # refused without a cache too (a statistic of one value): not this test's concern
+    points = _cut_points(module, shape)
+    chosen = data.draw(  # type: ignore[attr-defined]
+        st.one_of(st.just(points), st.just(()), st.lists(st.sampled_from(points or (0,))))
+    )
+    chosen = tuple(sorted(set(chosen) & set(points)))
+
+    def forced(graph: object, targets: object, budget: int, excluded: set[int]) -> tuple[int, ...]:
+        return tuple(c for c in chosen if c not in excluded)
+
+    with mock.patch.object(plan_module, "_choose", forced):
+        streamed = streamcheck.Streamed(
+            module, tile=tile, cache=streamcheck.HostCache(bytes=2**40)  # type: ignore[arg-type]
+        )
+        assert_exact(streamed, shape)
+
+
+def _budget_exact(module: nn.Module, shape: tuple[int, ...], tile: object, data: object) -> None:
+    """Streamed with a drawn budget equals the plain module, and holds the budget."""
+    module = module.double()
+    try:
+        full = streamcheck.plan(module, shape, tile=tile)  # type: ignore[arg-type]
+    except streamcheck.StreamcheckError:
+        return
+    points = _cut_points(module, shape)
+    most = 2 * 8 * sum(int(torch.Size(full.graph.nodes[c].shape).numel()) for c in points)  # type: ignore[union-attr]
+    budget = data.draw(st.sampled_from([0, most]) | st.integers(0, most))  # type: ignore[attr-defined]
+    streamed = streamcheck.Streamed(
+        module, tile=tile, cache=streamcheck.HostCache(bytes=budget)  # type: ignore[arg-type]
+    )
+    p = streamed.plan(shape)
+    assert p.cache_bytes <= budget
+    assert_exact(streamed, shape)
+
+
+@settings(max_examples=EXAMPLES)
+@given(case=streaming_cases(ndim=2, statistics=True, min_batch=2), data=st.data())
+def test_chains_with_forced_cuts_equal_the_plain_module(case, data) -> None:  # type: ignore[no-untyped-def]
+    _forced_exact(case.module, case.image_shape, case.tile, data)
+
+
+@settings(max_examples=EXAMPLES)
+@given(case=streaming_cases(ndim=2, statistics=True, min_batch=2), data=st.data())
+def test_chains_with_random_budgets_equal_the_plain_module(case, data) -> None:  # type: ignore[no-untyped-def]
+    _budget_exact(case.module, case.image_shape, case.tile, data)
+
+
+@settings(max_examples=EXAMPLES)
+@given(
+    case=st.integers(1, 3).flatmap(lambda n: streaming_cases(ndim=n, statistics=True, min_batch=2)),
+    data=st.data(),
+)
+def test_chains_in_1d_to_3d_with_forced_cuts_equal_the_plain_module(case, data) -> None:  # type: ignore[no-untyped-def]
+    _forced_exact(case.module, case.image_shape, case.tile, data)
+
+
+@settings(max_examples=EXAMPLES)
+@given(case=dag_cases(ndim=2, statistics=True, min_batch=2), data=st.data())
+def test_dags_with_forced_cuts_equal_the_plain_module(case, data) -> None:  # type: ignore[no-untyped-def]
+    _forced_exact(case.module, case.image_shape, case.tile, data)
+
+
+@settings(max_examples=max(5, EXAMPLES // 2))
+@given(case=unet_cases(ndim=2, statistics=True), data=st.data())
+def test_unets_with_forced_cuts_equal_the_plain_module(case, data) -> None:  # type: ignore[no-untyped-def]
+    _forced_exact(case.module, case.image_shape, case.tile, data)
+
+
+def test_several_training_steps_with_a_cache_match_plain_training() -> None:
+    module = train_bn_chain()
+    plain = copy.deepcopy(module)
+    streamed = streamcheck.Streamed(module, tile=20, cache=streamcheck.HostCache(bytes=2**24))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (module, plain)]
+    torch.manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(SHAPE, dtype=torch.float64)
+        for run, optimizer in zip((streamed, plain), optimizers, strict=True):
+            optimizer.zero_grad()
+            run(x).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(module.state_dict().values(), plain.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------ the choice of cuts
+
+
+def _cost(candidates: list[Candidate], passes: list[Target], chosen: tuple[int, ...]) -> int:
+    """The work of Rule KM5 by simulating the passes: each pass from the latest chosen cut it may
+    start at, each kept map made from the previous chosen cut."""
+    total = 0
+    for p in passes:
+        sources = [
+            candidates[k] for k in chosen if candidates[k].node < p.first and candidates[k].level < p.level
+        ]
+        total += p.macs - (sources[-1].macs if sources else 0)
+    previous = 0
+    for k in chosen:
+        total += candidates[k].macs - previous
+        previous = candidates[k].macs
+    return total
+
+
+@settings(max_examples=200)
+@given(data=st.data())
+def test_the_chosen_cuts_are_the_cheapest_within_the_budget(data) -> None:  # type: ignore[no-untyped-def]
+    n = data.draw(st.integers(0, 6))
+    levels = sorted(data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n)))
+    work = sorted(data.draw(st.lists(st.integers(1, 1000), min_size=n, max_size=n, unique=True)))
+    candidates = [
+        Candidate(2 * k + 1, levels[k], data.draw(st.integers(0, 50)), work[k]) for k in range(n)
+    ]
+    passes = [
+        Target(level, data.draw(st.integers(1, 2 * n + 2)), data.draw(st.integers(1000, 5000)))
+        for level in range(1, data.draw(st.integers(1, 6)))
+    ]
+    budget = data.draw(st.integers(0, 120))
+    chosen = choose_cuts(candidates, passes, budget=budget)
+    assert sum(candidates[k].bytes for k in chosen) <= budget
+    best = min(
+        _cost(candidates, passes, subset)
+        for r in range(n + 1)
+        for subset in itertools.combinations(range(n), r)
+        if sum(candidates[k].bytes for k in subset) <= budget
+    )
+    assert _cost(candidates, passes, chosen) == best
