@@ -100,10 +100,11 @@ def _tile_bytes(graph: Graph, schedule: Schedule, dtype: torch.dtype) -> int:
     """Rules PM1-PM2 for one tile: the most held while any node is backpropagated."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     nodes = graph.nodes
+    start = graph.source  # the pass's input: the image, or a kept map (kept Rule KM2)
     boxes = {
         i: box
         for i, box in enumerate(schedule.boxes)
-        if box is not None and (i == 0 or nodes[i].spatial)
+        if box is not None and (i == start or nodes[i].spatial)
     }
     computed = list(boxes)
     values: dict[object, int] = {}  # bytes of every buffer: a map (by node) or a copy (by key)
@@ -111,7 +112,7 @@ def _tile_bytes(graph: Graph, schedule: Schedule, dtype: torch.dtype) -> int:
     for i, box in boxes.items():
         node = nodes[i]
         values[i] = volume(box) * _features(graph, i) * itemsize
-        saved: set[object] = {_storage(graph, i)} if _saves_output(node) or i == 0 else set()
+        saved: set[object] = {_storage(graph, i)} if _saves_output(node) or i == start else set()
         padded = False
         if node.kind == "window" and isinstance(node.layer, Window):
             source = node.sources[0]
@@ -140,7 +141,7 @@ def _tile_bytes(graph: Graph, schedule: Schedule, dtype: torch.dtype) -> int:
     }
     peak = 0
     for at, i in enumerate(computed):  # Rule PM2: backpropagating node i
-        sources = nodes[i].sources
+        sources = [s for s in nodes[i].sources if s in values]  # not those before the pass's input
         copy = values.get(("copy", i), 0)
         pending = sum(values[m] for m in computed if m < i and last_read[m] > i)
         frontier = values[i] + copy + sum(values[s] for s in sources)
