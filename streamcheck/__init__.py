@@ -15,9 +15,10 @@ from .host_memory import keep_freed_host_memory
 from .kept import DiskCache, HostCache
 from .lsuv import lsuv_init
 from .masks import tissue_mask
+from .opening import open_image
 from .plan import StreamPlan, Tile, plan
-from .sources import ImageSource, open_image
-from .split import Split, split
+from .sources import ImageSource
+from .splitting import Split, split
 from .streaming import Streamed
 
 __version__ = "0.1.0"

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import StreamcheckError
 from .masks import ScaledMask, check_aspect
-from .sources import ImageSource, open_image
+from .opening import open_image
+from .sources import ImageSource
 
 if TYPE_CHECKING:
     import numpy as np

@@ -91,6 +91,7 @@ __all__ = [
     "Box",
     "Interval",
     "avg_pool_divisors",
+    "chunks",
     "clip",
     "mirror",
     "hull",
@@ -99,7 +100,6 @@ __all__ = [
     "output_tile_for",
     "period",
     "scale_after",
-    "split",
     "transposed_input",
     "transposed_output",
     "window_input",
@@ -149,10 +149,10 @@ def hull(intervals: Iterable[Interval]) -> Interval:
     return (min(starts), max(stops))
 
 
-def split(size: int, piece: int) -> list[Interval]:
+def chunks(size: int, piece: int) -> list[Interval]:
     """Consecutive pieces of ``piece`` elements covering ``[0, size)`` (Rule 1).
 
-    >>> split(10, 4)
+    >>> chunks(10, 4)
     [(0, 4), (4, 8), (8, 10)]
     """
     return [(start, min(start + piece, size)) for start in range(0, size, piece)]

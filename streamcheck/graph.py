@@ -21,6 +21,13 @@ Rule G5. A layer that works in place may only overwrite a feature map that nothi
          otherwise the result depends on the order of reads and writes, which tiles do not keep.
          Hooks on streamed modules are refused: they would see tiles (or meta tensors) instead of
          the image.
+Rule G5b. An in-place elementwise method (``out.mul_(gain)``, NFNet's skip-init gain) on a map that
+          other layers read after it is rewritten into its out-of-place form, and the later
+          readers read the rewritten node, when the map's storage is provably its own: the map
+          comes from an operation that allocates its result, passed on only through layers that
+          return their input (``nn.Identity``, dropout in eval mode, in-place activations) each
+          read by the next alone, and no reader of the map aliases it. Readers before the write
+          keep the value before it, as in PyTorch. Anything else stays refused by Rule G5.
 Rule G6. Every violation is collected first, then all are raised together in one StreamcheckError
          naming each layer by its module path: before any computation happens. What every node
          computes for the whole image is known first, from one run on the meta device; if the
@@ -72,6 +79,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.immutable_collections import immutable_dict
 from torch.utils import _pytree as pytree
@@ -79,6 +87,7 @@ from torch.utils import _pytree as pytree
 from .errors import Problem, StreamcheckError, internal_error
 from .geometry import scale_after
 from .layers import (
+    ELEMENTWISE_METHODS,
     KNOWN_MODULES,
     Pointwise,
     Rejected,
@@ -355,6 +364,7 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
     root = nn.Sequential(module) if isinstance(module, KNOWN_MODULES) else module
     gm = _trace(root)
     desugar_norms(gm)  # reductions Rule R4
+    _functionalize_inplace(gm)  # Rule G5b
     _check_rank(gm, input_shape)
     metas, failure = _meta_values(gm, input_shape, dtype)
     spatial_axes = len(input_shape) - 2
@@ -770,6 +780,65 @@ def _check_rank(gm: fx.GraphModule, input_shape: Sequence[int]) -> None:
         f"input must be {_AXES[rank]}; got shape {tuple(input_shape)} ({len(input_shape)} "
         f"dimensions). Fix: {fix}"
     )
+
+
+_ALLOCATING_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+    torch.add, torch.sub, torch.mul, torch.div, torch.cat,
+    torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d,
+}  # fmt: skip
+_ALLOCATING_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_PASSING_METHODS = {"contiguous", "to", "float", "double", "half", "bfloat16", "type_as"}
+
+
+def _passes_input_on(gm: fx.GraphModule, fxn: fx.Node) -> bool:
+    """Whether ``fxn`` may return its input tensor itself (Rule G5b)."""
+    if fxn.op == "call_module":
+        module = gm.get_submodule(str(fxn.target))
+        dropout = isinstance(module, nn.modules.dropout._DropoutNd) and not module.training
+        return isinstance(module, nn.Identity) or dropout or bool(getattr(module, "inplace", False))
+    if fxn.op == "call_method":
+        name = str(fxn.target)
+        return name in _PASSING_METHODS or name.endswith("_")
+    return False
+
+
+def _owns_storage(gm: fx.GraphModule, fxn: fx.Node) -> bool:
+    """Rule G5b: ``fxn``'s result is a tensor no other node's value shares."""
+    while _passes_input_on(gm, fxn):
+        source = fxn.args[0] if fxn.args else None
+        if not isinstance(source, fx.Node) or len(source.users) != 1:
+            return False
+        fxn = source
+    if fxn.op == "call_module":
+        module = gm.get_submodule(str(fxn.target))
+        return isinstance(module, _ALLOCATING_MODULES)
+    return fxn.op == "call_function" and fxn.target in _ALLOCATING_FUNCTIONS
+
+
+def _functionalize_inplace(gm: fx.GraphModule) -> None:
+    """Rule G5b (in place on ``gm``)."""
+    order = {fxn: i for i, fxn in enumerate(gm.graph.nodes)}
+    changed = False
+    for fxn in list(gm.graph.nodes):
+        name = str(fxn.target)
+        if not (fxn.op == "call_method" and name.endswith("_")) or not fxn.args:
+            continue
+        target = fxn.args[0]
+        if name[:-1] not in ELEMENTWISE_METHODS or not isinstance(target, fx.Node):
+            continue
+        later = [u for u in target.users if u is not fxn and order[u] > order[fxn]]
+        if not later or not _owns_storage(gm, target):
+            continue
+        if any(_passes_input_on(gm, u) for u in target.users if u is not fxn):
+            continue
+        fxn.target = name[:-1]
+        for user in later:
+            user.replace_input_with(target, fxn)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _check_inplace_and_hooks(module: nn.Module, nodes: list[Node], problems: list[Problem]) -> None:

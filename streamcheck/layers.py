@@ -820,11 +820,11 @@ _ELEMENTWISE_FUNCTIONS: set[Any] = {
     F.hardsigmoid, F.hardtanh, F.mish, F.softplus, F.sigmoid, F.tanh, F.prelu, F.hardshrink,
     F.softsign, F.tanhshrink, F.logsigmoid, F.threshold,
 }  # fmt: skip
-_ELEMENTWISE_METHODS = {
+ELEMENTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "add", "add_", "sub", "sub_", "mul",
     "mul_", "div", "div_", "neg", "clamp", "clamp_", "clamp_min", "clamp_min_", "contiguous", "exp",
     "abs", "sqrt", "rsqrt", "pow", "square", "float", "double", "half", "bfloat16", "to", "type_as",
-    "addcmul", "addcmul_", "clone", "detach", "erf", "log", "sign", "reciprocal",
+    "addcmul", "addcmul_", "clone", "detach", "erf", "log", "sign", "reciprocal", "expand_as",
 }  # fmt: skip
 _REDUCTIONS = ("sum", "mean", "amax", "amin", "prod", "std", "var", "logsumexp", "norm")
 _SPLIT_FUNCTIONS: dict[Any, Any] = {
@@ -957,7 +957,7 @@ def classify_method(
     name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Pointwise | Rejected:
     """How a tensor method (an fx ``call_method`` node) acts on space."""
-    if name in _ELEMENTWISE_METHODS:
+    if name in ELEMENTWISE_METHODS:
         return _NO_DIMS
     if name in _METHODS_WITH_ARGS:
         return _METHODS_WITH_ARGS[name](args, kwargs)

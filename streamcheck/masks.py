@@ -156,7 +156,8 @@ def tissue_mask(
     from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
 
-    from .sources import ImageSource, open_image
+    from .opening import open_image
+    from .sources import ImageSource
 
     if not isinstance(image, ImageSource):
         image = open_image(image)

@@ -38,14 +38,15 @@ import torch
 from torch import nn
 
 from .errors import StreamcheckError
+from .footprint import peak_bytes
 from .geometry import (
     Box,
     Interval,
+    chunks,
     input_tile_for,
     output_pieces,
     output_tile_for,
     period,
-    split,
     volume,
 )
 from .graph import Graph, build_graph
@@ -256,7 +257,7 @@ def make_plan(
         output_shape=nodes[graph.output].shape,
         output_shapes=tuple(nodes[o].shape for o in outputs),
         output_bytes=_output_bytes(graph, dtype),
-        peak_bytes_estimate=max(p.peak_bytes_estimate for p in passes),
+        peak_bytes_estimate=_passes_peak_bytes(passes, _output_bytes(graph, dtype)),
         graph=graph,
         passes=tuple(passes),
         levels=graph.levels,
@@ -267,6 +268,12 @@ def make_plan(
         cuts=cuts,
         cache_bytes=sum(_kept_bytes(graph, c) for c in cuts),
     )
+
+
+def _passes_peak_bytes(passes: Sequence[StreamPlan], output_bytes: int) -> int:
+    """The peak over the passes (memory Rule PM3): a statistic pass's backward runs while the
+    stitched outputs and their gradients are held."""
+    return max(p.peak_bytes_estimate + (output_bytes if p.level else 0) for p in passes)
 
 
 def _targets(graph: Graph) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
@@ -401,7 +408,7 @@ def _pass_plan(graph: Graph, tile: tuple[int, ...], *, stitched: bool = True) ->
     return replace(
         plan,
         output_bytes=0,
-        peak_bytes_estimate=_peak_bytes(graph, plan.schedules, plan.dtype, stitched=False),
+        peak_bytes_estimate=peak_bytes(graph, plan.schedules, plan.dtype, stitched=False),
     )
 
 
@@ -425,7 +432,7 @@ def _single_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
         used.append(input_tile_for(out_tile, receptive_field=field_px, stride=stride))
     boxes = [()]  # type: list[Box]
     for out_size, out_tile in zip(out.sizes, out_tiles, strict=True):
-        boxes = [box + (piece,) for box in boxes for piece in split(out_size, out_tile)]
+        boxes = [box + (piece,) for box in boxes for piece in chunks(out_size, out_tile)]
     schedules = tuple(schedule_tile(graph, box) for box in boxes)
     dtype = _dtype_of(graph)
     return StreamPlan(
@@ -440,7 +447,7 @@ def _single_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
             (left, f - s - left) for left, f, s in zip(lefts, fields, strides, strict=True)
         ),
         tiles=tuple(Tile(i, s.input_box, s.output_box) for i, s in enumerate(schedules)),
-        peak_bytes_estimate=_peak_bytes(graph, schedules, dtype),
+        peak_bytes_estimate=peak_bytes(graph, schedules, dtype),
         dtype=dtype,
         schedules=schedules,
         graph=graph,
@@ -556,7 +563,7 @@ def _multiscale_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
         tiles=tuple(
             Tile(i, s.input_box, s.output_box, s.output_boxes) for i, s in enumerate(schedules)
         ),
-        peak_bytes_estimate=_peak_bytes(graph, schedules, dtype),
+        peak_bytes_estimate=peak_bytes(graph, schedules, dtype),
         dtype=dtype,
         schedules=tuple(schedules),
         graph=graph,
@@ -623,32 +630,6 @@ def _length(interval: Interval) -> int:
 def _dtype_of(graph: Graph) -> torch.dtype:
     first = next(iter(graph.root.parameters()), None)
     return first.dtype if first is not None and first.is_floating_point() else torch.float32
-
-
-def _peak_bytes(
-    graph: Graph, schedules: Sequence[Schedule], dtype: torch.dtype, *, stitched: bool = True
-) -> int:
-    """Rough peak: the stitched output and its gradient, plus one tile's activations and gradients."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-
-    def features(shape: tuple[int, ...], layout: tuple[int, ...]) -> int:
-        return prod(size for d, size in enumerate(shape) if d not in layout)
-
-    whole = sum(
-        volume([(0, n) for n in graph.nodes[o].sizes])
-        * features(graph.nodes[o].shape, graph.nodes[o].layout)
-        for o in graph.outputs or (graph.output,)
-        if stitched
-    )
-    tile = max(
-        sum(
-            volume(box) * features(node.shape, node.layout)
-            for node, box in zip(graph.nodes, s.boxes, strict=True)
-            if box is not None
-        )
-        for s in schedules
-    )
-    return int(2 * (whole + tile) * itemsize)
 
 
 def plan(

@@ -40,6 +40,9 @@ Rule S10. Several outputs (graph Rule G11; geometry Rules MS5-MS7): forward stit
           list, dict); backward gets one gradient per output (zeros for an output the loss does
           not use) and backpropagates each tile's slices of all of them at once; a tile is skipped
           only when all its slices are zero. The plain single-output path is unchanged.
+Rule S14. In backward nothing of a tile outlives it: its recomputed maps, their gradients and its
+          input tile are freed before the next tile is recomputed, so the peak holds one tile's
+          maps, not two (``plan``'s estimate, Rule PM1, counts one).
 """
 
 from __future__ import annotations
@@ -824,22 +827,37 @@ class _BackwardRun:
         layout = graph.source_node.layout
         indices = [_slices(s.input_box, layout, x.dim()) for s, _ in work]
         arrivals = feed.arrivals(x.detach() if isinstance(x, torch.Tensor) else x, indices)
-        device_type, autocast_on, autocast_dtype = ctx.autocast
         bound = ctx.stats.leaves()
         for (schedule, row), index, arrived in zip(work, indices, arrivals, strict=True):
-            if want_input and not arrived.is_floating_point():  # saliency Rule A4
-                arrived = arrived.to(feed.dtype or torch.float32)
-            leaf = arrived.detach().requires_grad_(want_input)  # Rule S2; feed Rule F3
-            with (
-                torch.enable_grad(),
-                torch.autocast(device_type, autocast_dtype, enabled=autocast_on),
-            ):
-                extra, targets, grads = seed(schedule, feed.prepare(leaf), bound, row)
-            grad_tile_x = self._backpropagate(targets, grads, leaf, extra, bound)
+            grad_tile_x = self._tile(schedule, row, arrived, seed, bound, feed, want_input)  # S14
             if grad_tile_x is not None and grad_x is not None:
                 grad_x[index] += grad_tile_x.to(grad_x.device, grad_x.dtype)
             if grad_tile_x is not None and sink is not None:
                 sink.add(schedule.input_box, grad_tile_x)  # saliency Rule A3
+            del grad_tile_x, arrived  # Rule S14
+
+    def _tile(
+        self,
+        schedule: Schedule,
+        row: Any,
+        arrived: torch.Tensor,
+        seed: Any,
+        bound: dict[str, torch.Tensor],
+        feed: TileFeed,
+        want_input: bool,
+    ) -> torch.Tensor | None:
+        """One tile of ``_tiles``: what it recomputes and its gradients are freed on return,
+        before the next tile starts (Rule S14)."""
+        device_type, autocast_on, autocast_dtype = self.ctx.autocast
+        if want_input and not arrived.is_floating_point():  # saliency Rule A4
+            arrived = arrived.to(feed.dtype or torch.float32)
+        leaf = arrived.detach().requires_grad_(want_input)  # Rule S2; feed Rule F3
+        with (
+            torch.enable_grad(),
+            torch.autocast(device_type, autocast_dtype, enabled=autocast_on),
+        ):
+            extra, targets, grads = seed(schedule, feed.prepare(leaf), bound, row)
+        return self._backpropagate(targets, grads, leaf, extra, bound)
 
     def _backpropagate(
         self,

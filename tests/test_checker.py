@@ -131,6 +131,30 @@ def test_one_and_three_spatial_dims(
     assert len(report.tile) == len(shape) - 2
 
 
+def test_streamed_options_reach_the_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``**streamed_options`` go to ``Streamed`` (Rule 1b); a tile transform is applied to the
+    plain runs' whole input too, so a pixelwise one passes."""
+    seen: list[dict[str, object]] = []
+
+    class Recording(RealStreamed):  # type: ignore[misc, valid-type]
+        def __init__(self, module: nn.Module, **options: object) -> None:
+            seen.append(options)
+            super().__init__(module, **options)
+
+    monkeypatch.setattr(streamcheck, "Streamed", Recording)
+    report = assert_streaming_equivalent(
+        small_trunk(),
+        small_input(),
+        tile=32,
+        channels_last=True,
+        tile_transform=lambda t: 2 * t + 1,
+    )
+    assert report.n_tiles > 1
+    assert seen[0]["channels_last"] is True and callable(seen[0]["tile_transform"])
+    with pytest.raises(TypeError, match="no_such_option"):
+        check_streaming_equivalence(small_trunk(), small_input(), tile=32, no_such_option=1)
+
+
 def test_float32_uses_the_accumulation_length_tolerance() -> None:
     report = assert_streaming_equivalent(small_trunk(), small_input(), tile=32, dtype=torch.float32)
     assert report.accumulation_length == 64 * 64
@@ -275,6 +299,62 @@ def test_float32_tolerance_widens_by_the_plain_runs_own_rounding_error() -> None
     assert not row(3e-5, None).passed  # without a float64 run (float64 checks): rtol only
 
 
+def cancelling_bias() -> nn.Module:
+    """A conv bias before a GroupNorm over its one channel: the norm removes any constant added
+    to the map, so the bias gradient is exactly 0 and both runs return rounding residue."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.GroupNorm(1, 1, affine=False))
+
+
+def test_a_cancelling_gradient_is_held_to_the_scale_of_its_terms() -> None:
+    """Rule 3c: the bias gradient's terms are the gradient at the conv output, ``g``; computed
+    here independently (``retain_grad``), their random-sign sum is ``~sqrt(sum g**2)``."""
+    module, x = cancelling_bias().double(), small_input()[:, :1].double()
+    report = check_streaming_equivalence(module, x, tile=24)
+    bias = next(row for row in report.rows if row.name == "0.bias")
+    assert report.passed, str(report)
+    conv_out = module[0](x.requires_grad_(True))
+    conv_out.retain_grad()
+    y = module[1](conv_out)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).double()
+    (y * g).sum().backward()
+    terms = float(conv_out.grad.square().sum().sqrt())
+    assert 0.05 * terms < bias.term_scale < 5 * terms
+    assert bias.reference_max_abs < 1e-12 * terms  # the sum itself is rounding residue
+
+
+def test_the_term_scale_allows_rounding_of_the_terms_not_more() -> None:
+    # Rule 3c on made-up numbers: a residue of 1e-17 whose terms are of order 1
+    from streamcheck.testing.checker import JITTER, _compare
+
+    b = torch.tensor([1e-17], dtype=torch.float64)
+    jittered = b + JITTER * 1.0
+
+    def row(streamed_off_by: float) -> object:
+        a = b + streamed_off_by
+        return _compare("bias", "param_grad", a, b, None, jittered, rtol=1e-10, atol=0.0)
+
+    assert row(1e-14).passed  # rounding of order-1 terms, 45 eps
+    assert not row(1e-9).passed  # anything a dropped term could give
+    assert not _compare("bias", "param_grad", b + 1e-14, b, None, rtol=1e-10, atol=0.0).passed
+
+
+def test_an_error_in_a_cancelling_gradient_still_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    class LeakyPixel(RealStreamed):  # type: ignore[misc, valid-type]
+        """One seam pixel carries 1e-6 of the bias past the normalisation (a wrong statistic
+        there): the bias gradient gets 1e-6 of one term, next to a sum of 64 * 64 * 2 terms."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = super().forward(x)
+            leak = torch.zeros_like(y)
+            leak[..., y.shape[-2] // 2, y.shape[-1] // 2] = 1e-6
+            return y + leak * self.module[0].bias
+
+    monkeypatch.setattr(streamcheck, "Streamed", LeakyPixel)
+    report = check_streaming_equivalence(cancelling_bias(), small_input()[:, :1], tile=24)
+    assert "0.bias" in {row.name for row in report.failures}
+
+
 def test_explicit_tolerance_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(streamcheck, "Streamed", PerturbedWeightStreamed)
     report = check_streaming_equivalence(small_trunk(), small_input(), tile=32, rtol=1e-6)
@@ -410,9 +490,15 @@ def test_checker_imports_without_hypothesis() -> None:
 
 
 def test_every_public_testing_name_resolves() -> None:
+    """A small public surface (at most 12 names), each with a docstring and a runnable example
+    (the examples run as doctests)."""
     import streamcheck.testing as testing
 
+    assert len(testing.__all__) <= 12
     for name in testing.__all__:
-        assert getattr(testing, name) is not None
+        value = getattr(testing, name)
+        doc = getattr(value, "__doc__", None) or ""
+        # a hypothesis strategy function keeps the wrapped function's docstring
+        assert ">>> " in doc, f"streamcheck.testing.{name} has no runnable example"
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         testing.nothing  # noqa: B018

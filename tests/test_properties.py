@@ -34,16 +34,19 @@ from torch.utils._pytree import tree_leaves
 
 import streamcheck
 from streamcheck.testing import (
-    SMOOTH_ACTIVATIONS,
     StreamingCase,
     conv_stacks,
-    image_shapes,
     relative_error,
-    stack_geometry,
     streaming_cases,
+)
+from streamcheck.testing.strategies import (
+    SMOOTH_ACTIVATIONS,
+    _leaves,
+    _windows,
+    image_shapes,
+    stack_geometry,
     tile_sizes,
 )
-from streamcheck.testing.strategies import _leaves, _windows
 
 pytestmark = [
     pytest.mark.property,

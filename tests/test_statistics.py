@@ -76,6 +76,16 @@ def test_squeeze_excite_with_every_reduction_is_exact(ndim: int, squeeze: str) -
     assert_exact(network(ndim, se), SHAPES[ndim], TILES[ndim])
 
 
+def test_a_gate_broadcast_with_expand_as_is_exact() -> None:
+    """timm's ECA writes ``x * y.expand_as(x)``: the global gate takes the tile's shape."""
+
+    class Gate(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * x.mean((2, 3), keepdim=True).sigmoid().expand_as(x)
+
+    assert_exact(network(2, Gate()), SHAPES[2], TILES[2])
+
+
 NORMS = {
     "batch_train": lambda ndim: BATCH_NORM[ndim](4),
     "batch_cumulative": lambda ndim: BATCH_NORM[ndim](4, momentum=None),

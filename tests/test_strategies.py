@@ -16,12 +16,15 @@ from streamcheck.testing import (
     StreamingCase,
     conv_stacks,
     graphs,
+    streaming_cases,
+)
+from streamcheck.testing.strategies import (
+    _in_channels,
+    _leaves,
     image_shapes,
     stack_geometry,
-    streaming_cases,
     tile_sizes,
 )
-from streamcheck.testing.strategies import _in_channels, _leaves
 
 # PyTorch warns when 'same' padding of an even kernel needs an asymmetric zero-padded copy; the
 # strategies draw that case on purpose.

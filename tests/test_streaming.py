@@ -331,19 +331,26 @@ def test_bfloat16_autocast_with_a_conv_first_and_last() -> None:
 
 
 class InPlaceOnSharedMap(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, *, alias: bool = False) -> None:
         super().__init__()
-        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, padding=1)
+        self.alias = alias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.a(x)
+        z = y.contiguous() if self.alias else y * 2  # contiguous() returns y itself
         y.relu_()  # in place, result not assigned: the conv below reads the overwritten map
-        return self.b(y)
+        return self.b(y) + z
 
 
-def test_in_place_write_to_a_map_others_read_is_rejected() -> None:
+def test_in_place_write_to_a_map_others_read_is_rewritten_out_of_place() -> None:
+    """graph Rule G5b: the conv's map is its own; the sum reads it before the write."""
+    assert_exact(InPlaceOnSharedMap(), (1, 3, 40, 40), 16)
+
+
+def test_in_place_write_to_a_map_an_alias_reads_is_rejected() -> None:
     with pytest.raises(StreamcheckError, match="works in place on a feature map"):
-        streamcheck.plan(InPlaceOnSharedMap(), (1, 3, 64, 64), tile=24)
+        streamcheck.plan(InPlaceOnSharedMap(alias=True), (1, 3, 64, 64), tile=24)
 
 
 def test_in_place_relu_in_a_sequential_is_exact() -> None:

@@ -8,6 +8,9 @@ parameter gradient.
 NOTE [ How the check works ]
   Rule 1. Two deep copies of the module (and of ``head`` if it is a module) are cast to ``dtype``;
           the caller's module is never touched. Gradients of the copies start at ``None``.
+  Rule 1b. Options for ``Streamed`` (``**streamed_options``) go to the streamed copy only; a
+          ``tile_transform`` (pixelwise, as ``Streamed`` requires) is applied to the whole input
+          of the plain runs, which then compute what each tile computes.
   Rule 2. The loss is ``head(y)`` if that is a scalar, else ``(head(y) * g).sum()`` with ``g`` a
           fixed standard-normal tensor drawn from ``seed`` (``head=None`` means ``head(y) = y``, a
           random projection of the output). A random ``g`` makes every output element matter; an
@@ -16,26 +19,40 @@ NOTE [ How the check works ]
           pyramid) is compared output by output (rows ``output[0]``, ``output['p2']``); without a
           head its outputs are flattened and concatenated (dicts in key order) before Rule 2.
   Rule 3. Errors are per tensor: ``max_abs_error = max|a - b|`` and
-          ``max_rel_error = max|a - b| / max|b|`` with ``b`` the plain (reference) run. A tensor
+          ``max_rel_error = max|a - b| / scale`` with ``b`` the plain (reference) run. A tensor
           passes when ``max|a - b| <= tolerance``, with
-          ``tolerance = atol + rtol * max|b| + NOISE_FACTOR * max|b - b64|`` (Rule 3b). If
-          ``max|b| == 0`` the relative error is 0 when ``a == b`` and infinite otherwise. NaN or
+          ``tolerance = atol + rtol * scale + NOISE_FACTOR * max|b - b64|`` (Rules 3b, 3c), with
+          ``scale = max|b|`` unless Rule 3c finds its terms larger. If ``scale == 0`` the
+          relative error is 0 when ``a == b`` and infinite otherwise. NaN or
           infinity where the reference has a different value is an infinite error; a shape
           mismatch fails the row.
   Rule 3b. Below float64, the plain run is repeated in float64 (``b64``, from the same rounded
           weights and input) and ``max|b - b64|``, the plain run's own rounding error, widens the
-          tolerance. ``rtol * max|b|`` alone assumes the rounding error is relative to the result;
-          when a gradient is a sum of large terms that cancel (a BatchNorm weight gradient, say),
-          both runs' rounding errors are relative to the terms instead, and the plain run's own
-          error measures that scale. The streamed run may be off by NOISE_FACTOR times as much.
+          tolerance: the streamed run may be off by NOISE_FACTOR times as much. It covers rounding
+          in the forward too (a LayerNorm over nearly equal channels), which Rule 3c does not
+          jitter. It does not measure the terms of a cancelling sum: PyTorch's CPU kernels sum
+          float32 reductions (BatchNorm's) in float64, so the plain run can be far closer to
+          ``b64`` than a float32 sum over tiles can be; Rule 3c measures the terms.
           For float64 checks ``b64 = b`` and the term is zero.
-  Rule 3c. A parameter gradient is compared at the scale of its module's largest parameter
-          gradient when that is larger (``tolerance = atol + rtol * max(max|b|, module scale) +
-          ...``). A normalisation over the map (BatchNorm in training mode, GroupNorm) makes the
-          gradient of a bias added just before it exactly zero in exact arithmetic; both runs
-          then return rounding residue of sums whose terms are of the size of the weight's
-          gradient terms, and their difference is rounding at that size, not at the residue's.
-          A real error (a missing tile, a wrong statistic) changes the weight's gradient too.
+  Rule 3c. The error bound of a sum is relative to the sum of the magnitudes of its terms, not
+          to the sum: adding ``L`` terms ``t_i`` in another order (tile by tile) differs by about
+          ``eps * sqrt(sum t_i**2)``, however small ``sum t_i`` is. ``rtol`` (and Rule 3's
+          relative error) therefore applies to ``scale = max(max|b|, term_scale)``, where
+          ``term_scale`` measures the terms: the plain run is repeated (``bj``) with the gradient
+          reaching every module's output multiplied by ``1 + JITTER * r``, ``r = +-1`` at random
+          per element, as rounding would (the forward is untouched, so the backward is linear in
+          these factors and no ReLU or max-pool decision changes), and ``term_scale =
+          max|bj - b| / JITTER``, the random-sign sum ``|sum r_i t_i|`` of each gradient's terms.
+          Where a gradient does not cancel, ``term_scale`` is about ``max|b|`` and nothing
+          changes. Where its terms cancel exactly (the bias of a conv before BatchNorm in training
+          mode, GroupNorm or InstanceNorm: the normalisation removes any constant added to the
+          map, so the true gradient is 0; an SE gate before a GroupNorm over its one channel,
+          which removes any scale), both runs return rounding residue of size ``eps *
+          term_scale``, and ``max|b|`` alone would hold that residue to ``rtol`` of itself. A real
+          error (a missing tile, a wrong statistic) drops or changes terms, not their rounding,
+          and the largest term is at least ``term_scale / sqrt(L)``: far above ``rtol *
+          term_scale`` for any ``L < rtol**-2``.
+          Output and buffer rows have ``bj = b`` (nothing in the forward is jittered).
   Rule 4. A gradient that is ``None`` counts as zeros (an unused parameter must stay unused
           when streamed; a streamed run that cuts the input gradient fails the ``input.grad``
           row). Parameters with ``requires_grad=False`` are not compared.
@@ -81,6 +98,9 @@ FLOAT64_RTOL = 1e-10
 # rounding error. |a - b| <= |a - exact| + |b - exact|, and the two runs round alike, so 2 is the
 # expectation; 4 leaves room for the maximum over elements landing on a different element.
 NOISE_FACTOR = 4.0
+# Rule 3c: the relative jitter of the gradients; any small power of two (the backward is linear in
+# it), large enough that rounding of ``bj - b`` is negligible next to ``JITTER * term_scale``.
+JITTER = 2.0**-10
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,7 @@ class TensorError:
     passed: bool
     reference_rounding_error: float = 0.0  # max|b - b64| (Rule 3b); 0 in float64 checks
     tolerance: float = math.nan  # the bound max_abs_error was held to (Rule 3)
+    term_scale: float = 0.0  # Rule 3c's measure of the terms; 0 for outputs and buffers
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -107,13 +128,21 @@ class TensorError:
             "reference_max_abs": _json_float(self.reference_max_abs),
             "reference_rounding_error": _json_float(self.reference_rounding_error),
             "tolerance": _json_float(self.tolerance),
+            "term_scale": _json_float(self.term_scale),
             "passed": self.passed,
         }
 
 
 @dataclass(frozen=True)
 class EquivalenceReport:
-    """Result of :func:`check_streaming_equivalence`; ``str(report)`` is a table."""
+    """Result of :func:`check_streaming_equivalence`: one :class:`TensorError` row per compared
+    tensor; ``str(report)`` is a table, ``to_dict()`` its JSON form.
+
+    >>> from torch import nn
+    >>> report = check_streaming_equivalence(nn.Conv1d(1, 2, 3), (1, 1, 30), tile=12)
+    >>> [row.name for row in report.rows], report.failures
+    (['output', 'input.grad', 'weight', 'bias'], ())
+    """
 
     rows: tuple[TensorError, ...]
     passed: bool
@@ -237,9 +266,16 @@ def check_streaming_equivalence(
     rtol: float | None = None,
     atol: float | None = None,
     seed: int = 0,
+    **streamed_options: Any,
 ) -> EquivalenceReport:
     """Compare ``head(module(x))`` run plainly and streamed; return the report, never raise on
     a mismatch (see :func:`assert_streaming_equivalent` for arguments and the method).
+
+    >>> from torch import nn
+    >>> trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    >>> report = check_streaming_equivalence(trunk, (1, 3, 40, 40), tile=16, channels_last=True)
+    >>> report.passed, report.n_tiles  # 40 px in tiles of 16 px, 1 px of overlap: 3 x 3 tiles
+    (True, 9)
     """
     x_ref = _example_tensor(example_input, dtype=dtype, seed=seed)
     device = x_ref.device
@@ -247,7 +283,7 @@ def check_streaming_equivalence(
     streamed_module = _cast_copy(module, dtype=dtype, device=device)
     with tf32_disabled(device):
         # Rule 6: construct and plan before any computation; errors propagate.
-        streamed = streamcheck.Streamed(streamed_module, tile=tile)
+        streamed = streamcheck.Streamed(streamed_module, tile=tile, **streamed_options)
         n_tiles = streamcheck.plan(streamed_module, tuple(x_ref.shape), tile=tile).n_tiles
     return _check(
         streamed, plain, x_ref, n_tiles=n_tiles, head=head, rtol=rtol, atol=atol, seed=seed
@@ -317,33 +353,31 @@ def _check(
 ) -> EquivalenceReport:
     """Run ``streamed`` and ``plain`` (with their heads) on ``x_ref`` and compare (Rules 2-5)."""
     dtype, device = x_ref.dtype, x_ref.device
-    streamed_module = streamed.module
     if rtol is None or atol is None:
         default_rtol, default_atol = default_tolerances(dtype, _accumulation_length(x_ref.shape))
         rtol = default_rtol if rtol is None else rtol
         atol = default_atol if atol is None else atol
-    plain_head = (
-        _cast_copy(head, dtype=dtype, device=device) if isinstance(head, nn.Module) else head
+
+    def copied(part: Any, dtype: torch.dtype) -> Any:
+        return _cast_copy(part, dtype=dtype, device=device) if isinstance(part, nn.Module) else part
+
+    plain_head, streamed_head = copied(head, dtype), copied(head, dtype)
+    exact = (  # Rule 3b: the plain run in float64, from the same rounded weights
+        (copied(plain, torch.float64), copied(plain_head, torch.float64))
+        if dtype != torch.float64
+        else None
     )
-    streamed_head = (
-        _cast_copy(head, dtype=dtype, device=device) if isinstance(head, nn.Module) else head
-    )
-    exact: tuple[nn.Module, Any] | None = None  # Rule 3b: the plain run in float64
-    if dtype != torch.float64:
-        exact_head = (
-            _cast_copy(plain_head, dtype=torch.float64, device=device)
-            if isinstance(plain_head, nn.Module)
-            else head
-        )
-        exact = (_cast_copy(plain, dtype=torch.float64, device=device), exact_head)
+    jittered = (copied(plain, dtype), copied(plain_head, dtype))  # Rule 3c
 
     with tf32_disabled(device):
-        y_streamed, x_grad_streamed = _forward_backward(streamed, streamed_head, x_ref, seed=seed)
-        y_plain, x_grad_plain = _forward_backward(plain, plain_head, x_ref, seed=seed)
-        y_exact: dict[str, torch.Tensor] | None = None
-        x_grad_exact: torch.Tensor | None = None
+        streamed_run = _run(streamed, streamed_head, x_ref, seed=seed)
+        transform = streamed.tile_transform  # Rule 1b: the plain runs transform the whole input
+        plain_run = _run(plain, plain_head, x_ref, seed=seed, transform=transform)
+        exact_run = None
         if exact is not None:
-            y_exact, x_grad_exact = _forward_backward(*exact, x_ref.double(), seed=seed)
+            exact_run = _run(*exact, x_ref.double(), seed=seed, transform=transform)
+        with _jittered(jittered, seed=seed):
+            jittered_run = _run(*jittered, x_ref, seed=seed, transform=transform)
     if n_tiles is None:  # check_streamed: the wrapper ran; a fresh plan must agree it may
         try:
             n_tiles = streamcheck.plan(plain, tuple(x_ref.shape), tile=streamed.tile).n_tiles
@@ -363,43 +397,18 @@ def _check(
             stacklevel=4,
         )
 
-    # Every compared tensor as (name, kind, streamed, plain, plain in float64 or None).
-    exact_module, exact_head = exact if exact is not None else (None, None)
-    tensors = [
-        *(
-            (
-                name,
-                "output",
-                y_streamed[name],
-                y_plain[name],
-                None if y_exact is None else y_exact[name],
-            )
-            for name in y_plain
-        ),
-        ("input.grad", "input_grad", x_grad_streamed, x_grad_plain, x_grad_exact),
-        *_parameter_gradients(streamed_module, plain, exact_module, prefix=""),
-    ]
-    if isinstance(head, nn.Module):
-        assert isinstance(plain_head, nn.Module) and isinstance(streamed_head, nn.Module)
-        tensors += _parameter_gradients(streamed_head, plain_head, exact_head, prefix="head.")
-    tensors += _buffers(streamed_module, plain, exact_module)
-    owners: dict[str, float] = {}  # Rule 3c
-    for name, kind, _, b, _ in tensors:
-        if kind == "param_grad":
-            owner = name.rpartition(".")[0]
-            owners[owner] = max(owners.get(owner, 0.0), _scale(b))
     rows = [
         _compare(
             name,
             kind,
-            a,
+            streamed_run[name][1],
             b,
-            b64,
+            None if exact_run is None else exact_run[name][1],
+            jittered_run[name][1],
             rtol=rtol,
             atol=atol,
-            floor=owners.get(name.rpartition(".")[0], 0.0) if kind == "param_grad" else 0.0,
         )
-        for name, kind, a, b, b64 in tensors
+        for name, (kind, b) in plain_run.items()
     ]
 
     return EquivalenceReport(
@@ -426,6 +435,7 @@ def assert_streaming_equivalent(
     rtol: float | None = None,
     atol: float | None = None,
     seed: int = 0,
+    **streamed_options: Any,
 ) -> EquivalenceReport:
     """Assert that streaming ``module`` gives the same output and gradients as running it plainly.
 
@@ -448,6 +458,9 @@ def assert_streaming_equivalent(
         rtol, atol: tolerances; ``None`` means :func:`default_tolerances` (which documents the
             float32 formula).
         seed: seeds the random upstream gradient (and the input when a shape is given).
+        streamed_options: passed on to :class:`streamcheck.Streamed` (``compile=``,
+            ``channels_last=``, ``tile_transform=``, ...), so the check runs the wrapper as it
+            will be used.
 
     Returns:
         The :class:`EquivalenceReport` (``passed`` is ``True``).
@@ -482,6 +495,7 @@ def assert_streaming_equivalent(
         rtol=rtol,
         atol=atol,
         seed=seed,
+        **streamed_options,
     )
     if not report.passed:
         raise AssertionError("\n" + str(report))
@@ -534,16 +548,18 @@ def _cast_copy(module: Any, *, dtype: torch.dtype, device: torch.device) -> Any:
     return clone
 
 
-def _forward_backward(
+def _run(
     module: Callable[[torch.Tensor], torch.Tensor],
     head: Callable[[torch.Tensor], torch.Tensor] | None,
     x_ref: torch.Tensor,
     *,
     seed: int,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Rules 2-2b: run, backpropagate the loss, return ``(outputs by row name, input gradient)``."""
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, tuple[str, torch.Tensor]]:
+    """Rules 2-2b, 4, 5: run, backpropagate the loss; every compared tensor by row name, with
+    its kind (``output``, ``input_grad``, ``param_grad``, ``buffers``)."""
     x = x_ref.clone().requires_grad_(True)
-    y = module(x)
+    y = module(x if transform is None else transform(x))
     z = _flattened(y) if head is None else head(y)
     if z.dim() == 0:
         loss = z
@@ -553,7 +569,68 @@ def _forward_backward(
         loss = (z * g).sum()
     loss.backward()
     x_grad = torch.zeros_like(x) if x.grad is None else x.grad  # Rule 4
-    return _outputs(y), x_grad.detach()
+    tensors = {name: ("output", value) for name, value in _outputs(y).items()}
+    tensors["input.grad"] = ("input_grad", x_grad.detach())
+    if isinstance(module, streamcheck.Streamed):
+        module = module.module
+    assert isinstance(module, nn.Module)
+    owners = [("", module)] + ([("head.", head)] if isinstance(head, nn.Module) else [])
+    for prefix, owner in owners:  # Rule 4: None gradients count as zeros
+        tensors |= {
+            prefix + name: ("param_grad", torch.zeros_like(p) if p.grad is None else p.grad)
+            for name, p in owner.named_parameters()
+            if p.requires_grad
+        }
+    buffers = [b.detach().flatten() for b in module.buffers() if b.is_floating_point()]
+    if buffers:  # Rule 5: one row
+        tensors[f"buffers ({len(buffers)} tensors)"] = ("buffers", torch.cat(buffers))
+    return tensors
+
+
+class _Jitter(torch.autograd.Function):
+    """Rule 3c: the identity forward; backward multiplies each element by ``1 +- JITTER``."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        ctx.generator = generator
+        return t.clone()  # a new tensor: an in-place layer after it must not write into ``t``
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        signs = torch.randint(0, 2, grad.shape, generator=ctx.generator).to(grad) * 2 - 1
+        return grad * (1 + JITTER * signs), None
+
+
+@contextmanager
+def _jittered(modules: Sequence[Any], *, seed: int) -> Iterator[None]:
+    """Rule 3c: while active, the output of every module in ``modules`` (a throw-away copy) passes
+    through :class:`_Jitter` (an ``nn.Sequential``'s output is its last layer's: skipped)."""
+    generator = torch.Generator().manual_seed(seed + 2)
+
+    def jitter(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad:
+            return _Jitter.apply(t, generator)
+        return t
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        if isinstance(output, dict):
+            return {key: jitter(value) for key, value in output.items()}
+        if type(output) in (tuple, list):
+            return type(output)(jitter(value) for value in output)
+        return jitter(output)
+
+    handles = [
+        layer.register_forward_hook(hook)
+        for root in modules
+        if isinstance(root, nn.Module)
+        for layer in root.modules()
+        if not isinstance(layer, nn.Sequential)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _outputs(y: Any) -> dict[str, torch.Tensor]:
@@ -570,40 +647,6 @@ def _flattened(y: Any) -> torch.Tensor:
         return y
     leaves = y.values() if isinstance(y, dict) else y
     return torch.cat([leaf.flatten(1) for leaf in leaves], dim=1)
-
-
-Compared = tuple[str, str, torch.Tensor, torch.Tensor, torch.Tensor | None]
-
-
-def _parameter_gradients(
-    streamed: nn.Module, plain: nn.Module, exact: nn.Module | None, *, prefix: str
-) -> list[Compared]:
-    """Rule 4: one row per trainable parameter; ``None`` gradients count as zeros."""
-
-    def gradients(module: nn.Module) -> dict[str, torch.Tensor]:
-        return {
-            name: torch.zeros_like(p) if p.grad is None else p.grad
-            for name, p in module.named_parameters()
-            if p.requires_grad
-        }
-
-    s, p = gradients(streamed), gradients(plain)
-    e = gradients(exact) if exact is not None else {}
-    return [(prefix + name, "param_grad", s[name], p[name], e.get(name)) for name in p]
-
-
-def _buffers(streamed: nn.Module, plain: nn.Module, exact: nn.Module | None) -> list[Compared]:
-    """Rule 5: all floating-point buffers, flattened into one row (none if there are none)."""
-
-    def flat(module: nn.Module) -> torch.Tensor:
-        found = [b.detach().flatten() for b in module.buffers() if b.is_floating_point()]
-        return torch.cat(found) if found else torch.empty(0)
-
-    count = sum(1 for b in plain.buffers() if b.is_floating_point())
-    if not count:
-        return []
-    e = flat(exact) if exact is not None else None
-    return [(f"buffers ({count} tensors)", "buffers", flat(streamed), flat(plain), e)]
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -649,32 +692,37 @@ def _compare(
     a: torch.Tensor,
     b: torch.Tensor,
     b_exact: torch.Tensor | None,
+    b_jittered: torch.Tensor | None = None,
     *,
     rtol: float,
     atol: float,
-    floor: float = 0.0,
 ) -> TensorError:
-    """Rule 3: streamed ``a`` against reference ``b`` (and ``b``'s own error against ``b_exact``);
-    ``floor`` is Rule 3c's module scale."""
+    """Rule 3: streamed ``a`` against reference ``b``; ``b``'s own error against ``b_exact``
+    (Rule 3b) and its jittered repeat ``b_jittered`` (Rule 3c) set the tolerance."""
     shape = tuple(b.shape)
     if a.shape != b.shape:
         return TensorError(name, kind, shape, math.inf, math.inf, math.nan, passed=False)
-    max_abs, scale = _max_abs_difference(a, b), max(_scale(b), floor)
-    max_rel = _relative(max_abs, scale)
-    rounding = 0.0 if b_exact is None else _max_abs_difference(b, b_exact)
-    if not math.isfinite(rounding):
-        rounding = 0.0  # the plain run itself is not finite where float64 is: no help from it
+
+    def finite_difference(x: torch.Tensor | None) -> float:
+        found = 0.0 if x is None else _max_abs_difference(b, x)
+        return found if math.isfinite(found) else 0.0  # a non-finite reference tells nothing
+
+    max_abs = _max_abs_difference(a, b)
+    term_scale = finite_difference(b_jittered) / JITTER
+    scale = max(_scale(b), term_scale)
+    rounding = finite_difference(b_exact)
     tolerance = atol + rtol * scale + NOISE_FACTOR * rounding
     return TensorError(
         name,
         kind,
         shape,
         max_abs,
-        max_rel,
-        scale,
+        _relative(max_abs, scale),
+        _scale(b),
         passed=max_abs <= tolerance,
         reference_rounding_error=rounding,
         tolerance=tolerance,
+        term_scale=term_scale,
     )
 
 

@@ -582,7 +582,12 @@ class _Case:
 
 @dataclass(frozen=True)
 class StreamingCase(_Case):
-    """A module, an image shape it accepts, a legal tile, and a seed for the data."""
+    """A module, an image shape it accepts, a legal tile, and a seed for the data.
+
+    >>> case = StreamingCase(nn.Sequential(nn.Conv2d(1, 1, 3)), (1, 1, 9, 7), tile=5, seed=0)
+    >>> case.ndim, case.geometry.receptive_field_px, case.geometry.min_input_px
+    (2, (3, 3), (3, 3))
+    """
 
     module: nn.Sequential
 
@@ -609,11 +614,15 @@ def streaming_cases(
     max_tiles: int | None = None,
     min_batch: int = 1,
     max_batch: int = 3,
+    networks: st.SearchStrategy[nn.Module] | None = None,
     **stack_options: object,
 ) -> StreamingCase:
-    """A stack, an image shape it accepts and a legal tile, drawn together.
+    """A network, an image shape it accepts and a legal tile, drawn together.
 
-    ``stack_options`` go to ``conv_stacks``. The defaults keep one example fast on a CPU core.
+    ``networks`` draws the network (by default ``conv_stacks(ndim=ndim, **stack_options)`` with
+    the receptive field bounded; any strategy of modules whose geometry the strategies know: the
+    stacks of ``conv_stacks``, the blocks of ``graphs``). The defaults keep one example fast on a
+    CPU core.
 
     >>> from hypothesis import given, settings
     >>> @settings(max_examples=5, deadline=None, database=None)
@@ -621,9 +630,20 @@ def streaming_cases(
     ... def check(case):
     ...     assert len(case.image_shape) == 5 and max(case.image_shape[2:]) <= 20
     >>> check()
+    >>> from hypothesis import strategies as st
+    >>> convs = st.sampled_from([nn.Conv1d(1, 2, 3), nn.Conv1d(1, 2, 5, padding=2)])
+    >>> @settings(max_examples=5, deadline=None, database=None)
+    ... @given(streaming_cases(ndim=1, networks=convs.map(nn.Sequential)))
+    ... def check(case):
+    ...     assert case.image_shape[1] == 1 and case.module[0].kernel_size[0] in (3, 5)
+    >>> check()
     """
     px, rf, tiles = _case_bounds(_DEFAULT_SIZES[ndim], max_px, max_receptive_field_px, max_tiles)
-    module = draw(conv_stacks(ndim=ndim, max_receptive_field_px=rf, **stack_options))  # type: ignore[arg-type]
+    if networks is not None and stack_options:
+        raise ValueError(f"options {sorted(stack_options)} are for conv_stacks, not networks=")
+    if networks is None:
+        networks = conv_stacks(ndim=ndim, max_receptive_field_px=rf, **stack_options)  # type: ignore[arg-type]
+    module = draw(networks)
     return _draw_case(
         draw,
         module,

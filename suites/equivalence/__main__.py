@@ -43,8 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--examples",
         type=int,
         metavar="N",
-        help=f"networks per dtype, split 1:2:1 over 1D/2D/3D (default {DEFAULT_EXAMPLES}, "
-        f"--quick {QUICK_EXAMPLES})",
+        help=f"chains per dtype, split 1:2:1 over 1D/2D/3D (default {DEFAULT_EXAMPLES}, "
+        f"--quick {QUICK_EXAMPLES}; 0: none)",
     )
     p.add_argument(
         "--dag-examples",
@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick
         else REPO / "reports" / "equivalence"
     )
-    examples = args.examples or (QUICK_EXAMPLES if args.quick else DEFAULT_EXAMPLES)
-    counts = {"chain": examples, "dag": args.dag_examples}
+    counts = {"chain": args.examples, "dag": args.dag_examples}
     counts |= {"unet": args.unet_examples, "pyramid": args.pyramid_examples}
     counts |= {f: args.statistics_examples for f in STATISTICS}
     for family, quick, default in (
+        ("chain", QUICK_EXAMPLES, DEFAULT_EXAMPLES),
         ("dag", QUICK_DAG_EXAMPLES, DEFAULT_DAG_EXAMPLES),
         ("unet", QUICK_MULTISCALE_EXAMPLES, DEFAULT_MULTISCALE_EXAMPLES),
         ("pyramid", QUICK_MULTISCALE_EXAMPLES, DEFAULT_MULTISCALE_EXAMPLES),

@@ -15,13 +15,13 @@ from torch import nn
 
 import streamcheck
 from streamcheck.testing import (
-    SMOOTH_ACTIVATIONS,
     StreamingCase,
     check_streaming_equivalence,
     graphs,
     streaming_cases,
     unets,
 )
+from streamcheck.testing.strategies import SMOOTH_ACTIVATIONS
 
 # Rule R1b: the families of drawn networks and the strategy that draws each.
 FAMILIES = {

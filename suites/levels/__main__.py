@@ -19,7 +19,8 @@ LV4. Kept maps (``--cache``, written to ``reports/levels/cache/``): each real tr
 LV3. Every point runs in a fresh process (suites/fresh.py Rules FP1-FP2), pairs interleaved
      (A B B A), one OpenMP thread with passive waiting (the cores are shared: say so), float32,
      one warm-up step then the median of ``--steps``; rows are appended as they finish and a
-     rerun skips recorded keys (suites/rows.py Rules J1-J2), ``--fresh`` starts over.
+     rerun skips recorded keys (suites/rows.py Rules J1-J2), ``--redo NETWORK ...`` measures those
+     networks again (a key's latest row is the one reported), ``--fresh`` starts over.
 
     python -m suites.levels                # every point, then SUMMARY.md
     python -m suites.levels --quick        # tiny sizes (the test's path)
@@ -120,12 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--fresh", action="store_true", help="move old results aside first")
     parser.add_argument("--cache", action="store_true", help="Rule LV4, into OUT/cache")
+    parser.add_argument(
+        "--redo", nargs="*", default=[], metavar="NETWORK", help="measure these networks again"
+    )
     args = parser.parse_args(argv)
     out = args.out / "cache" if args.cache else args.out
     path = results_path(out)
     if args.fresh:
         start_fresh(path)
-    done = {row["key"] for row in latest_rows(read_rows(path)) if row["status"] == "ok"}
+    done = {
+        row["key"]
+        for row in latest_rows(read_rows(path))
+        if row["status"] == "ok" and row["params"]["network"] not in args.redo
+    }
     grid = cache_points if args.cache else points
     todo = [p for p in grid(quick=args.quick) if key(p) not in done]
     # Rules LV3-LV4: each network's points together, groups interleaved A B B A / A B C C B A

@@ -1,0 +1,187 @@
+"""What a streamed training step holds in memory at its peak: ``plan``'s ``peak_bytes_estimate``.
+
+NOTE [ Memory estimate ]
+The estimate is of the live tensors at the peak of one training step (forward and backward) of
+one tile pass: what a CUDA allocator's ``max_memory_allocated`` counts, and on a CPU the peak of
+the allocator's live bytes. It is meant to be an upper bound within 25 % of that measure
+(``suites/memory_estimate.py`` checks it; ``tests/test_memory_estimate.py`` at small sizes). A
+CPU process's resident memory adds what the C allocator keeps beyond its live bytes (freed heap
+holes, glibc's ``mallopt`` settings: NOTE [ Host memory ]), which no shape arithmetic can know.
+Backward's peak is the larger (forward holds one tile's live frontier, backward all that the
+recomputed tile saves), so it is the one modelled:
+
+Rule PM1. One tile, recomputed with grad (streaming Rule S2; only one at a time, Rule S14), holds
+          every map it computes (a node's box x its channels; a layer working in place shares its
+          source's storage and adds nothing), each window layer's input copy (the border padding
+          ``constant_pad_nd`` recreates, geometry Rule 3, or a crop made contiguous: the crop's
+          box plus that padding x the source's channels), and max-pool's int64 indices (8 bytes
+          per output value): autograd saves at most these. The largest tile counts.
+Rule PM2. Backward runs the tile's layers last to first; while it runs layer i, the buffers
+          that layers <= i save are still held (those of later layers were freed when their
+          backward ran), with a gradient frontier: the gradient of i's output, of its inputs (and
+          of its input copy), the gradients of earlier maps that later layers have already
+          reached (skip connections), and one buffer the kernel works in, as large as the
+          largest of i's inputs and output. The tile's peak is the largest over i.
+Rule PM2b. That buffer, for a convolution PyTorch runs natively on a CPU (not in oneDNN: float64,
+          or float32 inputs of at most 20480 values with batch 1, one group and kernels of at
+          most 3; ``use_mkldnn`` in ATen's ConvUtils.h), is im2col's: input channels per group x
+          kernel x output positions.
+Rule PM3. The stitched outputs and their gradients, whole (geometry Rule MS7): a statistic pass
+          only accumulates its outputs and holds neither (plan Rule PL1).
+Rule PM4. Parameter gradients: the sum over the tiles so far, the tile's own, and one sum being
+          formed (``previous + grad``, one parameter at a time): twice the trainable parameters
+          plus the largest one.
+Rule PM5. The next input tile, read ahead while the current one computes (feed Rule F5): one more
+          input tile. The input image and the parameters themselves exist before the call and
+          are not counted, nor is an input gradient (the image's size, when the image requires
+          grad).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from math import prod
+from typing import Any
+
+import torch
+
+from .geometry import volume
+from .graph import Graph
+from .layers import Window
+from .program import Schedule
+
+__all__ = ["peak_bytes"]
+
+_INDEX_BYTES = 8  # max-pool's indices are int64 (Rule PM1)
+
+
+def peak_bytes(
+    graph: Graph, schedules: Sequence[Schedule], dtype: torch.dtype, *, stitched: bool = True
+) -> int:
+    """Rules PM1-PM5: the peak bytes of a training step over the tiles ``schedules``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    whole = sum(  # Rule PM3
+        prod(graph.nodes[o].shape) for o in graph.outputs or (graph.output,) if stitched
+    )
+    params = [p.numel() for p in graph.root.parameters() if p.requires_grad]
+    gradients = 2 * sum(params) + max(params, default=0)  # Rule PM4
+    tile = max(_tile_bytes(graph, s, dtype) for s in schedules)
+    read_ahead = max(volume(s.input_box) for s in schedules) * _features(graph, 0)  # Rule PM5
+    return int(tile + (2 * whole + gradients + read_ahead) * itemsize)
+
+
+def _features(graph: Graph, i: int) -> int:
+    """Values per spatial position of node ``i``'s map (batch x channels)."""
+    node = graph.nodes[i]
+    return prod(size for d, size in enumerate(node.shape) if d not in node.layout)
+
+
+def _columns(graph: Graph, schedule: Schedule, i: int, dtype: torch.dtype) -> int:
+    """Rule PM2b: the im2col buffer of PyTorch's native CPU convolution, where it runs."""
+    node = graph.nodes[i]
+    layer, box = node.layer, schedule.boxes[i]
+    if not isinstance(layer, Window) or layer.kind not in ("conv", "conv_function") or not box:
+        return 0
+    source = node.sources[0]
+    crop = schedule.edges[(i, source)].crop
+    features = _features(graph, source)  # batch x input channels
+    groups = getattr(node.module, "groups", layer.groups)
+    batch = graph.nodes[source].shape[0]
+    read = prod(b - a for a, b in crop) * features
+    if dtype == torch.float32 and (
+        groups > 1 or min(layer.kernel) > 3 or batch > 1 or read > 20480
+    ):
+        return 0  # oneDNN's (PyTorch's use_mkldnn, aten/src/ATen/native/ConvUtils.h)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return features // groups * prod(layer.kernel) * volume(box) * itemsize
+
+
+def _tile_bytes(graph: Graph, schedule: Schedule, dtype: torch.dtype) -> int:
+    """Rules PM1-PM2 for one tile: the most held while any node is backpropagated."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nodes = graph.nodes
+    start = graph.source  # the pass's input: the image, or a kept map (kept Rule KM2)
+    boxes = {
+        i: box
+        for i, box in enumerate(schedule.boxes)
+        if box is not None and (i == start or nodes[i].spatial)
+    }
+    computed = list(boxes)
+    values: dict[object, int] = {}  # bytes of every buffer: a map (by node) or a copy (by key)
+    saves: dict[int, set[object]] = {}  # Rule PM1: the buffers each node's backward reads
+    for i, box in boxes.items():
+        node = nodes[i]
+        values[i] = volume(box) * _features(graph, i) * itemsize
+        saved: set[object] = {_storage(graph, i)} if _saves_output(node) or i == start else set()
+        padded = False
+        if node.kind == "window" and isinstance(node.layer, Window):
+            source = node.sources[0]
+            edge = schedule.edges[(i, source)]
+            if any(left or right for left, right in edge.pads):
+                padded = True
+                read = prod(
+                    b - a + lo + hi for (a, b), (lo, hi) in zip(edge.crop, edge.pads, strict=True)
+                )
+                values[("copy", i)] = read * _features(graph, source) * itemsize
+                saved.add(("copy", i))
+            if node.layer.kind == "max":
+                values[("indices", i)] = values[i] // itemsize * _INDEX_BYTES
+                saved.add(("indices", i))
+        if _saves_input(node) and not padded:
+            saved.update(_storage(graph, s) for s in node.sources)
+        saves[i] = saved
+    outputs = [o for o in graph.outputs or (graph.output,) if o in values]
+    held: set[object] = {_storage(graph, o) for o in outputs}  # the targets
+    prefix = []  # bytes held by the saves of nodes <= i (their backward has not run yet)
+    for i in computed:
+        held |= saves[i]
+        prefix.append(sum(values[b] for b in held))
+    last_read = {
+        i: max((c for c in nodes[i].consumers if c in values), default=i) for i in computed
+    }
+    peak = 0
+    for at, i in enumerate(computed):  # Rule PM2: backpropagating node i
+        sources = [s for s in nodes[i].sources if s in values]  # not those before the pass's input
+        copy = values.get(("copy", i), 0)
+        pending = sum(values[m] for m in computed if m < i and last_read[m] > i)
+        frontier = values[i] + copy + sum(values[s] for s in sources)
+        work = max(
+            values[i], copy, *(values[s] for s in sources), _columns(graph, schedule, i, dtype)
+        )
+        peak = max(peak, prefix[at] + frontier + pending + work)
+    return peak
+
+
+def _storage(graph: Graph, i: int) -> int:
+    """The node whose map ``i``'s value lives in: its source's, for a layer working in place."""
+    while graph.nodes[i].inplace and graph.nodes[i].sources:
+        i = graph.nodes[i].sources[0]
+    return i
+
+
+_OUTPUT_SAVERS = ("ReLU", "Sigmoid", "Tanh", "relu", "sigmoid", "tanh", "relu_")
+# Whose backward reads no input value (Rule PM1): sums, concatenation, resampling without weights,
+# average pooling, padding, reshapes, and what saves its output instead.
+_INPUT_FREE = (
+    *_OUTPUT_SAVERS,
+    "add", "iadd", "sub", "isub", "cat", "concat", "Upsample", "interpolate", "Identity",
+    "flatten", "Flatten", "reshape", "view", "contiguous", "neg",
+)  # fmt: skip
+
+
+def _op_name(node: Any) -> str:
+    if node.module is not None:
+        return type(node.module).__name__
+    target = node.fx_node.target
+    return str(getattr(target, "__name__", target))
+
+
+def _saves_output(node: Any) -> bool:
+    return _op_name(node) in _OUTPUT_SAVERS
+
+
+def _saves_input(node: Any) -> bool:
+    """Conservative: whatever is not known to read no input value saves its inputs."""
+    if node.kind == "window" and isinstance(node.layer, Window):
+        return node.layer.kind not in ("avg", "pad")
+    return _op_name(node) not in _INPUT_FREE

@@ -1,0 +1,193 @@
+"""Is ``plan``'s peak memory estimate an upper bound of what a training step takes, and how tight?
+
+    OMP_WAIT_POLICY=PASSIVE python -m suites.memory_estimate [--quick] [--out DIR]
+
+Issue 27 item 2, on a CPU. Every point (network, image edge, tile) runs in a fresh process
+(``suites/fresh.py``): the network in float32 and a random image are built, then a training step
+(``out = Streamed(net, tile=...)(image)``, ``loss = (out * g).sum()`` with a fixed random ``g``
+built beforehand, so the output's gradient is a real full-size map, ``loss.backward()``, parameter
+gradients set to None before each step) is measured three ways (NOTE [ Memory meters ] in
+``suites/meters.py``: never compared with each other, each with the estimate):
+
+- ``first``: peak RSS of the first step over the RSS after setup (library start-up included);
+- ``rss``: peak RSS of a second step over the RSS after the first one and ``malloc_trim``, with
+  the engine's defaults (freed host memory reused inside the tile loops: Rule FD2) -- the figure
+  users size tiles by, and the one the estimate must bound;
+- ``alloc``: the peak of live CPU tensors during a third step (``torch.profiler`` allocation
+  events): what the estimate models, without the allocator's own slack.
+
+Rows go to ``<out>/results.jsonl`` (``suites/rows.py``), the table to ``<out>/SUMMARY.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .environment import environment
+from .fresh import child, run
+from .rows import append_row, read_rows, results_path
+
+OUT = Path(__file__).resolve().parents[1] / "reports" / "memory_estimate"
+
+# (network, image edge, tile): the Figs 2-3 network, a ResNet-18 trunk (conv1 to layer4, output
+# stride 32, receptive field 435 px... see plan) and the benchmark's 2-D U-Net, several tiles each.
+FULL = (
+    ("figs23", 2048, 256),
+    ("figs23", 2048, 512),
+    ("figs23", 2048, 1024),
+    ("resnet18", 2048, 768),
+    ("resnet18", 2048, 1024),
+    ("resnet18", 2048, 1536),
+    ("unet2d", 1024, 160),
+    ("unet2d", 1024, 256),
+    ("unet2d", 1024, 512),
+)
+QUICK = (("figs23", 512, 128), ("resnet18", 1024, 768), ("unet2d", 256, 96))
+
+
+def build_network(name: str) -> Any:
+    """The streamed network by name, float32, seed 0."""
+    import torch
+
+    torch.manual_seed(0)
+    if name == "figs23":
+        from .benchmark.workload import paper_network
+
+        return paper_network()
+    if name == "resnet18":
+        from .benchmark.workload import resnet18_network
+
+        return resnet18_network()[0]
+    if name == "unet2d":
+        from .unet.networks import benchmark_unet
+
+        return benchmark_unet("unet2d")
+    raise ValueError(f"unknown network {name!r}; known: figs23, resnet18, unet2d")
+
+
+def measure(payload: dict[str, Any], partial: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """One point in this (fresh) process: the child of ``suites/fresh.py``."""
+    import torch
+
+    import streamcheck
+
+    from .meters import RssMeter, profiler_peak_bytes, release_free_memory
+
+    name, size, tile = payload["network"], payload["size"], payload["tile"]
+    network = build_network(name)
+    image = torch.randn(1, 3, size, size)
+    options = {} if payload.get("reuse") is None else {"keep_host_memory": payload["reuse"]}
+    streamed = streamcheck.Streamed(network, tile=tile, **options)
+    p = streamed.plan(image.shape)
+    g = torch.randn(p.output_shape)
+
+    def step() -> None:
+        for q in network.parameters():
+            q.grad = None
+        out = streamed(image)
+        (out * g).sum().backward()
+
+    result: dict[str, Any] = {
+        "estimate_bytes": p.peak_bytes_estimate,
+        "output_bytes": p.output_bytes,
+        "tiles": p.n_tiles,
+        "tile_px_used": list(p.tile_px_used),
+    }
+    release_free_memory()
+    with RssMeter(release=False) as first:
+        t0 = time.perf_counter()
+        step()
+        result["first_s"] = time.perf_counter() - t0
+    assert first.reading is not None
+    result["first_rss_bytes"] = first.reading.delta_bytes
+    partial(result)
+    with RssMeter() as steady:  # malloc_trim, then the mark reset
+        t0 = time.perf_counter()
+        step()
+        result["step_s"] = time.perf_counter() - t0
+    assert steady.reading is not None
+    result["rss_bytes"] = steady.reading.delta_bytes
+    result["rss_reset"] = steady.reading.reset
+    partial(result)
+    release_free_memory()
+    result["alloc_bytes"] = profiler_peak_bytes(step)
+    result["environment"] = environment("cpu")
+    return result
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """One line per point: the estimate, each meter, and the estimate over each."""
+    env = rows[-1]["environment"] or {}
+    lines = [
+        "# plan's peak memory estimate against measured peaks (issue 27 item 2)",
+        "",
+        f"CPU {env.get('cpu')}, {env.get('threads')} threads, torch {env.get('torch')}, "
+        f"commits {', '.join(sorted({r['environment']['git_commit'][:9] for r in rows if r['environment']}))}; "
+        "float32, one fresh process per point, a training step with the engine's defaults "
+        "(`suites/memory_estimate.py` says what each meter counts). The machine is shared "
+        "(2 cores, other sessions running): times are disturbed, memory is not.",
+        f"Command: `{rows[-1]['run']['command']}`.",
+        "",
+        "| network | image | tile | tiles | estimate MiB | RSS MiB | / RSS | first-step RSS MiB "
+        "| allocator MiB | / allocator | step s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        p, m = r["params"], r["metrics"]
+        if r["status"] != "ok":
+            lines.append(f"| {p['network']} | {p['size']}² | {p['tile']} | {r['status']} |")
+            continue
+        est = m["estimate_bytes"]
+        lines.append(
+            f"| {p['network']} | {p['size']}² | {p['tile']} | {m['tiles']} | {est / 2**20:.0f} "
+            f"| {m['rss_bytes'] / 2**20:.0f} | {est / max(m['rss_bytes'], 1):.2f} "
+            f"| {m['first_rss_bytes'] / 2**20:.0f} | {m['alloc_bytes'] / 2**20:.0f} "
+            f"| {est / max(m['alloc_bytes'], 1):.2f} | {m['step_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m suites.memory_estimate", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="three small points")
+    parser.add_argument("--only", action="append", default=[], help="a network (repeatable)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--summarize", action="store_true", help="only rewrite SUMMARY.md")
+    args = parser.parse_args(argv)
+    path = results_path(args.out)
+    command = "python -m suites.memory_estimate " + " ".join(argv or sys.argv[1:])
+    if args.summarize:
+        command = read_rows(path)[-1]["run"]["command"]
+    points = QUICK if args.quick else FULL
+    for network, size, tile in [] if args.summarize else points:
+        if args.only and network not in args.only:
+            continue
+        payload = {"network": network, "size": size, "tile": tile}
+        start = time.time()
+        done = run("suites.memory_estimate", payload)
+        metrics = dict(done.result or {})
+        env = metrics.pop("environment", None)
+        status = "ok" if done.returncode == 0 and env else "error"
+        row = {"key": f"{network}|{size}|{tile}", "status": status, "params": payload}
+        row |= {"environment": env, "metrics": metrics}
+        row |= {"reason": None if status == "ok" else done.stderr[-800:]}
+        row["run"] = {"command": command, "start": start, "wall_s": time.time() - start}
+        append_row(path, row)
+        print(row["key"], status, {k: v for k, v in metrics.items() if "bytes" in k}, flush=True)
+    rows = [r for r in read_rows(path) if r["run"]["command"] == command]
+    text = summary(rows) if rows else "no rows\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "SUMMARY.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    if "--json" in sys.argv:
+        sys.exit(child(measure))
+    sys.exit(main())
