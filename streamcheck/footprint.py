@@ -80,7 +80,12 @@ def _columns(graph: Graph, schedule: Schedule, i: int, dtype: torch.dtype) -> in
     """Rule PM2b: the im2col buffer of PyTorch's native CPU convolution, where it runs."""
     node = graph.nodes[i]
     layer, box = node.layer, schedule.boxes[i]
-    if not isinstance(layer, Window) or layer.kind not in ("conv", "conv_function") or not box:
+    if (
+        not isinstance(layer, Window)
+        or layer.kind not in ("conv", "conv_function")
+        or not box
+        or i == graph.source  # read, not computed (graph Rule G16)
+    ):
         return 0
     source = node.sources[0]
     crop = schedule.edges[(i, source)].crop
@@ -114,8 +119,8 @@ def _tile_bytes(graph: Graph, schedule: Schedule, dtype: torch.dtype) -> int:
         values[i] = volume(box) * _features(graph, i) * itemsize
         saved: set[object] = {_storage(graph, i)} if _saves_output(node) or i == start else set()
         padded = False
-        if node.kind == "window" and isinstance(node.layer, Window):
-            source = node.sources[0]
+        if i != start and node.kind == "window" and isinstance(node.layer, Window):
+            source = node.sources[0]  # the pass's input is read, not computed (graph Rule G16)
             edge = schedule.edges[(i, source)]
             if any(left or right for left, right in edge.pads):
                 padded = True
@@ -127,7 +132,7 @@ def _tile_bytes(graph: Graph, schedule: Schedule, dtype: torch.dtype) -> int:
             if node.layer.kind == "max":
                 values[("indices", i)] = values[i] // itemsize * _INDEX_BYTES
                 saved.add(("indices", i))
-        if _saves_input(node) and not padded:
+        if _saves_input(node) and not padded and i != start:
             saved.update(_storage(graph, s) for s in node.sources)
         saves[i] = saved
     outputs = [o for o in graph.outputs or (graph.output,) if o in values]
@@ -154,7 +159,7 @@ def _tile_bytes(graph: Graph, schedule: Schedule, dtype: torch.dtype) -> int:
 
 def _storage(graph: Graph, i: int) -> int:
     """The node whose map ``i``'s value lives in: its source's, for a layer working in place."""
-    while graph.nodes[i].inplace and graph.nodes[i].sources:
+    while i != graph.source and graph.nodes[i].inplace and graph.nodes[i].sources:
         i = graph.nodes[i].sources[0]
     return i
 
