@@ -59,6 +59,7 @@ from streamcheck.testing.strategies import (
     _CONV,
     _MAX_POOL,
     ACTIVATIONS,
+    _random_statistics,
 )
 
 __all__ = ["RULES", "StreamingMachine", "streaming_machine"]
@@ -241,14 +242,7 @@ class StreamingMachine(RuleBasedStateMachine):
         if kind == "activation":
             return data.draw(st.sampled_from(ACTIVATIONS), label="activation")()
         if kind == "fresh norm":
-            new = type(old)(old.num_features, affine=old.affine)
-            with torch.no_grad():
-                new.running_mean.normal_()
-                new.running_var.uniform_(0.5, 2.0)
-                if new.affine:
-                    new.weight.normal_()
-                    new.bias.normal_()
-            return new
+            return _random_statistics(type(old)(old.num_features, affine=old.affine))
         if kind == "other pool":
             pool = _AVG_POOL if isinstance(old, nn.modules.pooling._MaxPoolNd) else _MAX_POOL
             return pool[self.ndim](

@@ -301,8 +301,13 @@ def _eval_layer(draw: st.DrawFn, *, ndim: int, channels: int) -> nn.Module:
     """BatchNormNd or Dropout in eval mode: per-channel affine maps or identities."""
     if draw(st.booleans()):
         return nn.Dropout(draw(st.sampled_from([0.1, 0.5]))).eval()
-    norm = _BATCH_NORM[ndim](channels, affine=draw(st.booleans())).eval()
-    with torch.no_grad():  # under the stack's seed (Rule 5)
+    return _random_statistics(_BATCH_NORM[ndim](channels, affine=draw(st.booleans())).eval())
+
+
+def _random_statistics(norm: Any) -> nn.Module:
+    """``norm`` (a BatchNorm) with random running statistics and affine parameters, drawn from
+    torch's generator (under the stack's seed, Rule 5)."""
+    with torch.no_grad():
         norm.running_mean.normal_()
         norm.running_var.uniform_(0.5, 2.0)
         if norm.affine:
