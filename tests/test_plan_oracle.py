@@ -32,7 +32,7 @@ from torch import nn
 
 import streamcheck
 from streamcheck.testing import StreamingCase, streaming_cases
-from streamcheck.testing.strategies import _leaves
+from streamcheck.testing._geometry import _leaves
 
 pytestmark = [
     pytest.mark.property,

@@ -39,14 +39,8 @@ from streamcheck.testing import (
     relative_error,
     streaming_cases,
 )
-from streamcheck.testing.strategies import (
-    SMOOTH_ACTIVATIONS,
-    _leaves,
-    _windows,
-    image_shapes,
-    stack_geometry,
-    tile_sizes,
-)
+from streamcheck.testing._geometry import _leaves, _windows, geometry_of
+from streamcheck.testing.strategies import SMOOTH_ACTIVATIONS, image_shapes, tile_sizes
 
 pytestmark = [
     pytest.mark.property,
@@ -243,7 +237,7 @@ def illegal_cases(draw: st.DrawFn, /) -> tuple[nn.Module, tuple[int, ...], int |
     max_px = {1: 64, 2: 48, 3: 20}[ndim]
     prefix = draw(conv_stacks(ndim=ndim, min_layers=0, max_layers=3, max_receptive_field_px=12))
     shape = draw(image_shapes(module=prefix, ndim=ndim, max_px=max_px))
-    out = stack_geometry(prefix, ndim=ndim).output_px(prefix, shape[2:])
+    out = geometry_of(prefix, ndim=ndim).output_px(prefix, shape[2:])
     channels = next(
         (m.out_channels for m in reversed(list(_leaves(prefix))) if hasattr(m, "out_channels")),
         shape[1],

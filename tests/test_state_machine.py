@@ -22,15 +22,15 @@ from torch import nn
 
 import streamcheck
 from streamcheck.testing import streaming_machine
-from streamcheck.testing.graphs import (
+from streamcheck.testing._blocks import (
     Branches,
     ChannelMix,
     FrozenBatchNorm,
     Residual,
     SharedTwice,
 )
+from streamcheck.testing._geometry import geometry_of
 from streamcheck.testing.statistics import SqueezeExcite
-from streamcheck.testing.strategies import stack_geometry
 
 pytestmark = [pytest.mark.property, pytest.mark.usefixtures("one_thread")]
 
@@ -141,9 +141,7 @@ def test_receptive_fields_of_the_models_are_the_engines() -> None:
             pytest.importorskip("torchvision")
         model = build()
         plan = streamcheck.plan(model, shape, tile=max(shape[2:]))
-        assert (
-            plan.receptive_field_px == stack_geometry(model, ndim=len(shape) - 2).receptive_field_px
-        )
+        assert plan.receptive_field_px == geometry_of(model, ndim=len(shape) - 2).receptive_field_px
 
 
 # ------------------------------------------------------------------------- the machine can fail
@@ -190,7 +188,7 @@ def test_machine_catches_a_wrong_receptive_field() -> None:
     """An oracle 3 px too large expects refusals the engine rightly does not make."""
 
     def too_large(model: nn.Module) -> tuple[int, ...]:
-        return tuple(f + 3 for f in stack_geometry(model, ndim=2).receptive_field_px)
+        return tuple(f + 3 for f in geometry_of(model, ndim=2).receptive_field_px)
 
     machine = streaming_machine(
         chain_2d, input_shape=(1, 3, 24, 20), tile=12, receptive_field=too_large, rules={"set_tile"}

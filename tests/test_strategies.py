@@ -18,13 +18,9 @@ from streamcheck.testing import (
     graphs,
     streaming_cases,
 )
-from streamcheck.testing.strategies import (
-    _in_channels,
-    _leaves,
-    image_shapes,
-    stack_geometry,
-    tile_sizes,
-)
+from streamcheck.testing import _blocks as blocks
+from streamcheck.testing._geometry import Geometry, _leaves, geometry_of
+from streamcheck.testing.strategies import _in_channels, image_shapes, tile_sizes
 
 # PyTorch warns when 'same' padding of an even kernel needs an asymmetric zero-padded copy; the
 # strategies draw that case on purpose.
@@ -74,7 +70,7 @@ def _max_pool_gives_inf(module: nn.Module, x: torch.Tensor) -> bool:
 @given(data=st.data())
 def test_min_input_px_is_the_smallest_valid_input(ndim: int, data: st.DataObject) -> None:
     module = data.draw(conv_stacks(ndim=ndim, max_receptive_field_px=12, max_channels=2))
-    geometry = stack_geometry(module, ndim=ndim)
+    geometry = geometry_of(module, ndim=ndim)
     channels = _in_channels(module) or 1
     shape = (1, channels, *geometry.min_input_px)
     with torch.no_grad():
@@ -104,7 +100,7 @@ def test_stack_bounds_are_respected(data: st.DataObject) -> None:
     module = data.draw(conv_stacks(ndim=ndim, **bounds))
     leaves = list(_leaves(module))
     assert bounds["min_layers"] <= len(leaves) <= bounds["max_layers"]
-    geometry = stack_geometry(module, ndim=ndim)
+    geometry = geometry_of(module, ndim=ndim)
     assert max(geometry.receptive_field_px) <= bounds["max_receptive_field_px"]
     for layer in leaves:
         assert not isinstance(layer, nn.Sequential)
@@ -148,7 +144,7 @@ def test_image_and_tile_bounds_are_respected(data: st.DataObject) -> None:
             module=module, ndim=ndim, min_batch=min_batch, max_batch=max_batch, max_px=max_px
         )
     )
-    geometry = stack_geometry(module, ndim=ndim)
+    geometry = geometry_of(module, ndim=ndim)
     assert min_batch <= shape[0] <= max_batch
     assert len(shape) == ndim + 2
     for n, lo in zip(shape[2:], geometry.min_input_px, strict=True):
@@ -254,32 +250,33 @@ def test_smallest_legal_tile_is_reachable_in_1d_and_3d(ndim: int) -> None:
 
 # ------------------------------------------------------------------------- DAG networks (graphs)
 BLOCK_FEATURES: dict[str, Callable[[StreamingCase], bool]] = {
-    "residual add": _has(lambda m: isinstance(m, graphs.Residual) and m.merge == "add"),
-    "residual multiply": _has(lambda m: isinstance(m, graphs.Residual) and m.merge == "mul"),
-    "concatenation": _has(lambda m: isinstance(m, graphs.Branches) and m.merge == "cat"),
-    "rejoin add": _has(lambda m: isinstance(m, graphs.Branches) and m.merge == "add"),
-    "rejoin multiply": _has(lambda m: isinstance(m, graphs.Branches) and m.merge == "mul"),
-    "three branches": _has(lambda m: isinstance(m, graphs.Branches) and len(m.branches) == 3),
-    "shared conv": _has(lambda m: isinstance(m, graphs.SharedTwice)),
+    "residual add": _has(lambda m: isinstance(m, blocks.Residual) and m.merge == "add"),
+    "residual multiply": _has(lambda m: isinstance(m, blocks.Residual) and m.merge == "mul"),
+    "concatenation": _has(lambda m: isinstance(m, blocks.Branches) and m.merge == "cat"),
+    "rejoin add": _has(lambda m: isinstance(m, blocks.Branches) and m.merge == "add"),
+    "rejoin multiply": _has(lambda m: isinstance(m, blocks.Branches) and m.merge == "mul"),
+    "three branches": _has(lambda m: isinstance(m, blocks.Branches) and len(m.branches) == 3),
+    "shared conv": _has(lambda m: isinstance(m, blocks.SharedTwice)),
     "permute + Linear": _has(
-        lambda m: isinstance(m, graphs.ChannelMix) and isinstance(m.inner, nn.Linear)
+        lambda m: isinstance(m, blocks.ChannelMix) and isinstance(m.inner, nn.Linear)
     ),
     "permute + LayerNorm": _has(
-        lambda m: isinstance(m, graphs.ChannelMix) and isinstance(m.inner, nn.LayerNorm)
+        lambda m: isinstance(m, blocks.ChannelMix) and isinstance(m.inner, nn.LayerNorm)
     ),
-    "FrozenBatchNorm": _has(lambda m: isinstance(m, graphs.FrozenBatchNorm)),
+    "FrozenBatchNorm": _has(lambda m: isinstance(m, blocks.FrozenBatchNorm)),
     "pool in a branch": lambda c: any(
         isinstance(p, MAX_POOL | AVG_POOL)
         for m in c.module.modules()
-        if isinstance(m, graphs.Branches | graphs.Residual)
+        if isinstance(m, blocks.Branches | blocks.Residual)
         for p in m.modules()
     ),
     "stride before a join": lambda c: (
-        max(c.geometry.total_stride) > 1 and graphs.has_blocks(c.module)
+        max(c.geometry.total_stride) > 1
+        and any(isinstance(m, blocks.Residual | blocks.Branches) for m in c.module.modules())
     ),
     "even 'same' kernel in a branch": _has(
         lambda m: (
-            isinstance(m, graphs.Branches)
+            isinstance(m, blocks.Branches)
             and any(
                 isinstance(c, CONV)
                 and c.padding == "same"
@@ -302,7 +299,7 @@ def test_every_dag_draw_runs_with_the_computed_geometry(ndim: int, data: st.Data
         y = case.module.double()(x)
     assert y.isfinite().all()
     geometry = case.geometry
-    assert isinstance(geometry, graphs.NetworkGeometry) or not graphs.has_blocks(case.module)
+    assert isinstance(geometry, Geometry)
     assert tuple(y.shape[2:]) == geometry.output_px(case.module, case.image_shape[2:])
     assert y.shape[1] == graphs.out_channels(case.module, case.image_shape[1])
     for axis, n in enumerate(geometry.min_input_px):  # the smallest valid input is the smallest
@@ -328,15 +325,15 @@ def test_dag_bounds_are_respected(data: st.DataObject) -> None:
     }
     bounds["max_blocks"] = bounds["min_blocks"] + data.draw(st.integers(0, 2))
     network = data.draw(graphs.dag_networks(ndim=ndim, **bounds))
-    geometry = graphs.network_geometry(network, ndim=ndim)
+    geometry = geometry_of(network, ndim=ndim)
     assert max(geometry.receptive_field_px) <= bounds["max_receptive_field_px"]
     kinds = {
-        "residual_add": lambda m: isinstance(m, graphs.Residual) and m.merge == "add",
-        "residual_mul": lambda m: isinstance(m, graphs.Residual) and m.merge == "mul",
-        "concat": lambda m: isinstance(m, graphs.Branches) and m.merge == "cat",
-        "rejoin_add": lambda m: isinstance(m, graphs.Branches) and m.merge == "add",
-        "rejoin_mul": lambda m: isinstance(m, graphs.Branches) and m.merge == "mul",
-        "shared": lambda m: isinstance(m, graphs.SharedTwice),
+        "residual_add": lambda m: isinstance(m, blocks.Residual) and m.merge == "add",
+        "residual_mul": lambda m: isinstance(m, blocks.Residual) and m.merge == "mul",
+        "concat": lambda m: isinstance(m, blocks.Branches) and m.merge == "cat",
+        "rejoin_add": lambda m: isinstance(m, blocks.Branches) and m.merge == "add",
+        "rejoin_mul": lambda m: isinstance(m, blocks.Branches) and m.merge == "mul",
+        "shared": lambda m: isinstance(m, blocks.SharedTwice),
     }
     top_blocks = [m for m in network if not isinstance(m, nn.Sequential)]
     assert len(top_blocks) <= bounds["max_blocks"]
@@ -359,12 +356,13 @@ def test_dag_edge_cases_are_reachable() -> None:
 
 
 def test_dag_geometry_of_a_known_network() -> None:
-    """Rules D1-D2 by hand: a stride-2 conv, then branches with 3- and 'same' 4-wide kernels."""
+    """The oracle's DAG rules by hand (geometry Rules U1, U3): a stride-2 conv, then branches
+    with 3- and 'same' 4-wide kernels; a path along one axis as (field, stride, left padding)."""
     net = nn.Sequential(
         nn.Conv1d(1, 2, 3, stride=2),  # (3, 2, 0)
-        graphs.Branches(nn.Conv1d(2, 1, 3, padding=1), nn.Conv1d(2, 1, 4, padding="same")),
+        blocks.Branches(nn.Conv1d(2, 1, 3, padding=1), nn.Conv1d(2, 1, 4, padding="same")),
     )
     # branch 1: (3 + 2*2, 2, 0 + 1*2) = (7, 2, 2); branch 2 ('same' 4: left 1): (9, 2, 2)
-    geometry = graphs.network_geometry(net, ndim=1)
+    geometry = geometry_of(net, ndim=1)
     assert geometry.receptive_field_px == (9,) and geometry.total_stride == (2,)
     assert geometry.output_px(net, (11,)) == (5,) == net(torch.zeros(1, 1, 11)).shape[2:]

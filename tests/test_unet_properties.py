@@ -28,17 +28,12 @@ from torch import nn
 
 import streamcheck
 from streamcheck.testing import assert_streaming_equivalent, check_streaming_equivalence
+from streamcheck.testing._blocks import Interpolate, Pyramid, UNet
+from streamcheck.testing._geometry import _needs, _node_sizes, multiscale_geometry, network_nodes
 from streamcheck.testing.unets import (
     DOWNSAMPLINGS,
     UPSAMPLINGS,
-    Interpolate,
     MultiScaleCase,
-    Pyramid,
-    UNet,
-    _needs,
-    _node_sizes,
-    multiscale_geometry,
-    network_nodes,
     pyramid_cases,
     unet_cases,
 )

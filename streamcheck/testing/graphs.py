@@ -7,31 +7,24 @@ branches that rejoin, one submodule used twice, and permute + LayerNorm / Linear
 so strides and padding happen before, inside and after the branches. The blocks are module-level
 classes (they pickle, and fx traces through them).
 
-NOTE [ DAG geometry ]
-Rule D1. Along one axis a path from the input to a node is ``(F, S, P)``: output pixel ``o``
-         depends on input pixels ``[o*S - P, o*S - P + F)``. A window layer (kernel k, stride s,
-         dilation d, left padding p) after ``(F, S, P)`` gives ``(F + d*(k-1)*S, S*s, P + p*S)``
-         (strategies Rule 2 with the left padding kept); a pointwise layer changes nothing.
-Rule D2. Branches that rejoin have equal ``S`` (the strategies draw them so); the join depends on
-         the hull of what its branches need: ``P = max P_i`` and ``F = max(F_i - P_i) + P``. An
-         identity skip is the path ``(1, 1, 0)``. A shared layer used twice is a chain of two.
-Rule D3. Sizes follow PyTorch per layer (strategies Rule 3); a join is valid only when all its
-         branches give the same size. Residual and rejoined bodies are size-preserving by
-         construction (stride 1, total padding ``d*(k-1)``), except that reflect padding needs an
-         input larger than the padding: the smallest valid input is searched for, as in
-         ``stack_geometry``.
-Rule D4. Draws stay within ``max_receptive_field_px``: a segment whose addition would exceed it is
+NOTE [ DAG strategies ]
+Rule D1. Sizes and receptive fields are the geometry oracle's (``_geometry.py``, NOTE [ Geometry
+         oracle ]): a ``Residual`` merges its body with its input, ``Branches`` merge their
+         branches (the join reads the hull of what they read), a shared layer used twice is a
+         chain of two; a join is valid only when all its branches give the same size.
+Rule D2. Residual and rejoined bodies are size-preserving by construction (stride 1, total
+         padding ``d*(k-1)``), except that reflect padding needs an input larger than the
+         padding: the smallest valid input is searched for by the oracle.
+Rule D3. Draws stay within ``max_receptive_field_px``: a segment whose addition would exceed it is
          drawn and dropped (the network stays valid and the bound holds).
-Rule D5. Parameters and buffers are initialised under a drawn seed (strategies Rule 5).
+Rule D4. Parameters and buffers are initialised under a drawn seed (strategies Rule 5).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,235 +36,28 @@ from streamcheck.testing.strategies import (
     _CONV,
     _MAX_POOL,
     ACTIVATIONS,
-    StackGeometry,
     StreamingCase,
     _case_bounds,
     _draw_case,
     _eval_layer,
     _tuple_or_int,
-    _windows,
     conv_stacks,
 )
 
+from ._blocks import Branches, ChannelMix, FrozenBatchNorm, Residual, SharedTwice
+from ._geometry import _windows, geometry_of
 from .statistics import statistic_layers
 
-__all__ = [
-    "BLOCKS",
-    "Branches",
-    "ChannelMix",
-    "FrozenBatchNorm",
-    "NetworkGeometry",
-    "Residual",
-    "SharedTwice",
-    "dag_cases",
-    "dag_networks",
-    "network_geometry",
-]
+__all__ = ["BLOCKS", "dag_cases", "dag_networks", "out_channels"]
 
 BLOCKS = ("residual_add", "residual_mul", "concat", "rejoin_add", "rejoin_mul", "shared", "mix")
 
 
-# ------------------------------------------------------------------------------------- blocks
-class FrozenBatchNorm(nn.Module):
-    """BatchNorm with fixed statistics whose ``forward`` reads its buffers (torchvision's
-    ``FrozenBatchNorm2d`` for any number of spatial axes): the scale is computed from
-    ``running_var`` on every call, so a buffer that is baked in instead of re-read goes stale.
-
-    >>> norm = FrozenBatchNorm(3, ndim=2)
-    >>> norm(torch.ones(1, 3, 2, 2)).shape
-    torch.Size([1, 3, 2, 2])
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-    running_mean: torch.Tensor
-    running_var: torch.Tensor
-
-    def __init__(self, channels: int, *, ndim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.ndim = ndim
-        self.eps = eps
-        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0)):
-            self.register_buffer(name, torch.full((channels,), value))
-        self.register_buffer("running_var", torch.ones(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * self.ndim
-        scale = self.weight.reshape(shape) * (self.running_var.reshape(shape) + self.eps).rsqrt()
-        shift = self.bias.reshape(shape) - self.running_mean.reshape(shape) * scale
-        return x * scale + shift
-
-
-class Residual(nn.Module):
-    """``x + body(x)`` or ``x * body(x)``; ``body`` keeps the shape."""
-
-    def __init__(self, body: nn.Module, *, merge: str = "add") -> None:
-        super().__init__()
-        self.body = body
-        self.merge = merge
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.body(x)
-        return x + y if self.merge == "add" else x * y
-
-    def extra_repr(self) -> str:
-        return f"merge={self.merge!r}"
-
-
-class Branches(nn.Module):
-    """Branches from one input that rejoin: summed, multiplied, or concatenated along channels."""
-
-    def __init__(self, *branches: nn.Module, merge: str = "cat") -> None:
-        super().__init__()
-        self.branches = nn.ModuleList(branches)
-        self.merge = merge
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outputs = [branch(x) for branch in self.branches]
-        if self.merge == "cat":
-            return torch.cat(outputs, dim=1)
-        return functools.reduce(operator.add if self.merge == "add" else operator.mul, outputs)
-
-    def extra_repr(self) -> str:
-        return f"merge={self.merge!r}"
-
-
-class SharedTwice(nn.Module):
-    """One layer applied twice (its gradient sums both uses), with an activation between."""
-
-    def __init__(self, layer: nn.Module, activation: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-        self.activation = activation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(self.activation(self.layer(x)))
-
-
-class ChannelMix(nn.Module):
-    """Channels moved last, a LayerNorm or Linear over them, and moved back (ConvNeXt's pattern)."""
-
-    def __init__(self, inner: nn.Module, *, ndim: int) -> None:
-        super().__init__()
-        self.inner = inner
-        self.ndim = ndim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last = (0, *range(2, 2 + self.ndim), 1)
-        back = (0, 1 + self.ndim, *range(1, 1 + self.ndim))
-        return self.inner(x.permute(*last)).permute(*back)
-
-
-_BLOCK_TYPES = (Residual, Branches, SharedTwice)
-
-
-def has_blocks(module: nn.Module) -> bool:
-    """Whether ``module`` contains a branching block (so only ``network_geometry`` applies)."""
-    return any(isinstance(m, _BLOCK_TYPES) for m in module.modules())
-
-
-# ------------------------------------------------------------------------------------- geometry
-Path = tuple[int, int, int]  # (F, S, P) along one axis, Rule D1
-
-
-def _paths(module: nn.Module) -> list[nn.Module] | None:
-    """The parallel paths of a joining block, or None for a chain or a leaf."""
-    if isinstance(module, Residual):
-        return [nn.Identity(), module.body]
-    if isinstance(module, Branches):
-        return list(module.branches)
-    return None
-
-
-def _chain(module: nn.Module) -> list[nn.Module] | None:
-    if isinstance(module, nn.Sequential):
-        return list(module)
-    if isinstance(module, SharedTwice):
-        return [module.layer, module.activation, module.layer]
-    return None
-
-
-def _axis_path(module: nn.Module, ndim: int, axis: int, path: Path) -> Path:
-    """Rule D1 and D2: ``path`` extended by ``module``."""
-    chain = _chain(module)
-    if chain is not None:
-        for child in chain:
-            path = _axis_path(child, ndim, axis, path)
-        return path
-    paths = _paths(module)
-    if paths is not None:
-        ends = [_axis_path(p, ndim, axis, path) for p in paths]
-        strides = {s for _, s, _ in ends}
-        if len(strides) != 1:
-            raise ValueError(f"branches of {type(module).__name__} have strides {strides}")
-        left = max(p for _, _, p in ends)
-        return (max(f - p for f, _, p in ends) + left, strides.pop(), left)
-    windows = _windows(module, ndim)
-    if windows is None:
-        return path
-    f, s, p = path
-    w = windows[axis]
-    return (f + w.dilation * (w.kernel - 1) * s, s * w.stride, p + w.pad_left * s)
-
-
-def _axis_size(module: nn.Module, ndim: int, axis: int, n: int) -> int:
-    """Output size along ``axis`` for input size ``n`` (Rule D3); < 1 means invalid."""
-    if n < 1:
-        return 0
-    chain = _chain(module)
-    if chain is not None:
-        for child in chain:
-            n = _axis_size(child, ndim, axis, n)
-        return n
-    paths = _paths(module)
-    if paths is not None:
-        sizes = {_axis_size(p, ndim, axis, n) for p in paths}
-        return sizes.pop() if len(sizes) == 1 else 0
-    windows = _windows(module, ndim)
-    return n if windows is None else windows[axis].output_px(n)
-
-
-@dataclass(frozen=True)
-class NetworkGeometry(StackGeometry):
-    """``StackGeometry`` of a network with joins (Rules D1-D3), independent of the engine."""
-
-    ndim: int = 2
-
-    def output_px(self, module: nn.Module, spatial_shape: Sequence[int]) -> tuple[int, ...]:
-        return tuple(_axis_size(module, self.ndim, axis, n) for axis, n in enumerate(spatial_shape))
-
-
-def network_geometry(module: nn.Module, *, ndim: int) -> NetworkGeometry:
-    """Receptive field, total stride and smallest valid input of a network with joins.
-
-    >>> same = nn.Conv2d(2, 2, 3, padding=1)              # F 3, left padding 1
-    >>> wide = nn.Conv2d(2, 2, 5, padding=2)              # F 5, left padding 2
-    >>> net = nn.Sequential(nn.MaxPool2d(2), Branches(same, wide, merge="cat"))
-    >>> g = network_geometry(net, ndim=2)
-    >>> g.receptive_field_px, g.total_stride  # 2 + (5 - 1) * 2 = 10: the wider branch decides
-    ((10, 10), (2, 2))
-    >>> g.min_input_px  # pooling needs 2 px
-    (2, 2)
-    """
-    fields, strides, smallest = [], [], []
-    for axis in range(ndim):
-        f, s, _ = _axis_path(module, ndim, axis, (1, 1, 0))
-        fields.append(f)
-        strides.append(s)
-        n = 1
-        while _axis_size(module, ndim, axis, n) < 1:
-            n += 1
-            if n > 100_000:
-                raise ValueError(f"no input size up to {n} gives output for {module}")
-        smallest.append(n)
-    return NetworkGeometry(tuple(fields), tuple(strides), tuple(smallest), ndim=ndim)
-
-
+# ------------------------------------------------------------------------------------ channels
 def out_channels(module: nn.Module, channels: int) -> int:
     """Channels ``module`` produces from ``channels`` input channels."""
-    chain = _chain(module)
-    if chain is not None:
-        for child in chain:
+    if isinstance(module, nn.Sequential | SharedTwice):
+        for child in module.children():
             channels = out_channels(child, channels)
         return channels
     if isinstance(module, Residual):
@@ -299,7 +85,7 @@ def _size_preserving_conv(
     max_dilation: int,
     padding_modes: Sequence[str],
 ) -> nn.Module:
-    """A stride-1 conv whose total padding is its reach: output size = input size (Rule D3)."""
+    """A stride-1 conv whose total padding is its reach: output size = input size (Rule D2)."""
     kernel, dilation = [], []
     for b in budget:
         k = draw(st.integers(1, max(1, min(max_kernel, b + 1))))
@@ -480,14 +266,14 @@ def dag_networks(
     twice (``SharedTwice``), and ``"mix"``: a Linear, LayerNorm or FrozenBatchNorm over channels
     (``ChannelMix`` permutes channels last and back). Block bodies are drawn size-preserving, so
     the branches always rejoin; strided layers sit in the segments between blocks. The
-    receptive field stays within ``max_receptive_field_px`` (Rule D4); parameters are float32.
+    receptive field stays within ``max_receptive_field_px`` (Rule D3); parameters are float32.
     ``statistics`` also draws layers with statistics over the map (in segments and bodies).
 
     >>> from hypothesis import given, settings
     >>> @settings(max_examples=5, deadline=None, database=None)
     ... @given(dag_networks(ndim=1, max_receptive_field_px=9))
     ... def check(net):
-    ...     assert max(network_geometry(net, ndim=1).receptive_field_px) <= 9
+    ...     assert max(geometry_of(net, ndim=1).receptive_field_px) <= 9
     >>> check()
     """
     options = {
@@ -504,9 +290,9 @@ def dag_networks(
     segments: list[nn.Module] = []
     n_blocks = draw(st.integers(min_blocks, max_blocks))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # Rule D5
+        torch.manual_seed(seed)  # Rule D4
         for i in range(2 * n_blocks + 1):
-            geometry = network_geometry(nn.Sequential(*segments), ndim=ndim)
+            geometry = geometry_of(nn.Sequential(*segments), ndim=ndim)
             budget = [
                 (max_receptive_field_px - f) // s
                 for f, s in zip(geometry.receptive_field_px, geometry.total_stride, strict=True)
@@ -535,8 +321,8 @@ def dag_networks(
                     draw, kind, ndim=ndim, channels=channels, budget=budget, options=options
                 )
             candidate = nn.Sequential(*segments, segment)
-            fields = network_geometry(candidate, ndim=ndim).receptive_field_px
-            if max(fields) <= max_receptive_field_px:  # Rule D4
+            fields = geometry_of(candidate, ndim=ndim).receptive_field_px
+            if max(fields) <= max_receptive_field_px:  # Rule D3
                 segments.append(segment)
                 channels = out_channels(segment, channels)
     return nn.Sequential(*segments)

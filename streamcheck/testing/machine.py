@@ -27,7 +27,7 @@ Rule M4. Where the model is no longer local -- Dropout with p > 0 or SyncBatchNo
          mode (BatchNorm on batch statistics, GroupNorm and InstanceNorm stream in passes, their
          running statistics compared as buffers by Rule M3) -- or the tile is below the receptive field
          (computed independently of the engine: ``receptive_field``, by default
-         ``strategies.stack_geometry``), the wrapper must raise ``StreamcheckError`` instead, and
+         ``_geometry.geometry_of``), the wrapper must raise ``StreamcheckError`` instead, and
          leave every buffer as it was; for a tile, the message names the receptive field.
 Rule M5. Swaps are legal by construction and confirmed by running the plain model: a swap the
          plain model cannot run (say reflect padding wider than a feature map) is undone.
@@ -52,13 +52,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from torch import nn
 
 import streamcheck
+from streamcheck.testing._geometry import geometry_of
 from streamcheck.testing.checker import check_streamed
 from streamcheck.testing.strategies import (
     _AVG_POOL,
     _CONV,
     _MAX_POOL,
     ACTIVATIONS,
-    stack_geometry,
+    _random_statistics,
 )
 
 __all__ = ["RULES", "StreamingMachine", "streaming_machine"]
@@ -131,7 +132,7 @@ class StreamingMachine(RuleBasedStateMachine):
         field = type(self).receptive_field_of
         if field is not None:
             return tuple(int(f) for f in field(model))
-        return stack_geometry(model, ndim=self.ndim).receptive_field_px
+        return geometry_of(model, ndim=self.ndim).receptive_field_px
 
     # ------------------------------------------------------------------------ helpers
     def _generator(self, seed: int) -> torch.Generator:
@@ -241,14 +242,7 @@ class StreamingMachine(RuleBasedStateMachine):
         if kind == "activation":
             return data.draw(st.sampled_from(ACTIVATIONS), label="activation")()
         if kind == "fresh norm":
-            new = type(old)(old.num_features, affine=old.affine)
-            with torch.no_grad():
-                new.running_mean.normal_()
-                new.running_var.uniform_(0.5, 2.0)
-                if new.affine:
-                    new.weight.normal_()
-                    new.bias.normal_()
-            return new
+            return _random_statistics(type(old)(old.num_features, affine=old.affine))
         if kind == "other pool":
             pool = _AVG_POOL if isinstance(old, nn.modules.pooling._MaxPoolNd) else _MAX_POOL
             return pool[self.ndim](
@@ -441,7 +435,7 @@ class StreamingMachine(RuleBasedStateMachine):
         batch = data.draw(st.integers(1, 3), label="batch")
         spatial = list(self.shape[2:])
         if type(self).receptive_field_of is None:
-            smallest = stack_geometry(self.model, ndim=self.ndim).min_input_px
+            smallest = geometry_of(self.model, ndim=self.ndim).min_input_px
             spatial = [
                 data.draw(st.integers(lo, max(lo, math.ceil(n * 1.5))), label="size")
                 for lo, n in zip(smallest, self.input_shape[2:], strict=True)
@@ -466,7 +460,7 @@ def streaming_machine(
     deterministic); the machine casts it to float64 and wraps it as
     ``Streamed(model, tile=tile)``. ``input_shape`` is ``(N, C, *spatial)``. ``receptive_field``
     returns the model's receptive field per spatial axis, computed *without* streamcheck (Rule M4);
-    the default, ``strategies.stack_geometry``, knows nn.Sequential stacks of torch's conv, pool
+    the default, ``_geometry.geometry_of``, knows nn.Sequential stacks of torch's conv, pool
     and pointwise layers and the blocks of ``streamcheck.testing.graphs`` (it counts unknown
     leaves as pointwise: pass your own function for other models). ``rules`` picks among
     ``RULES`` (say, without ``"save_and_reload"`` for a model that does not pickle). Use the

@@ -2,8 +2,8 @@
 
 The strategies draw what streamcheck claims to stream exactly: (possibly nested) ``nn.Sequential``
 stacks of ConvNd / MaxPoolNd / AvgPoolNd, pointwise activations and eval-mode BatchNorm / Dropout,
-images large enough for them, and legal tiles. The geometry they need is computed here independently of the engine
-(``stack_geometry``), from PyTorch's documented shape formulas.
+images large enough for them, and legal tiles. The geometry they need comes from the one oracle,
+``_geometry.geometry_of`` (independent of the engine: PyTorch's documented shape formulas).
 
 NOTE [ Strategy geometry ]
 Rule 1. Axes are independent. Along one axis a window layer has kernel k, stride s, dilation d and
@@ -27,7 +27,7 @@ Rule 5. Parameters are initialised under a drawn seed, so a failing example repl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,16 +35,15 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
+from ._geometry import Geometry, _leaves, _windows, geometry_of
 from .statistics import statistic_layers
 
 __all__ = [
     "SMOOTH_ACTIVATIONS",
     "ACTIVATIONS",
-    "StackGeometry",
     "StreamingCase",
     "conv_stacks",
     "image_shapes",
-    "stack_geometry",
     "streaming_cases",
     "tile_sizes",
 ]
@@ -82,157 +81,6 @@ _BATCH_NORM: dict[int, Any] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.Batch
 
 
 # --------------------------------------------------------------------------------------- geometry
-@dataclass(frozen=True)
-class _Window:
-    """One window layer along one axis (Rule 1)."""
-
-    kernel: int
-    stride: int
-    dilation: int
-    pad_left: int
-    pad_right: int
-    ceil_mode: bool = False
-    is_pool: bool = False
-    reflect: bool = False
-    min_input_px: int = 1
-
-    def output_px(self, n: int) -> int:
-        """Output size for input size ``n`` (Rule 3); < 1 means invalid."""
-        if n < self.min_input_px or (self.reflect and max(self.pad_left, self.pad_right) >= n):
-            return 0
-        span = n + self.pad_left + self.pad_right - self.dilation * (self.kernel - 1) - 1
-        if not self.is_pool:
-            return span // self.stride + 1
-        out = (span + (self.stride - 1 if self.ceil_mode else 0)) // self.stride + 1
-        if self.ceil_mode and (out - 1) * self.stride >= n + self.pad_left:
-            out -= 1
-        if self.dilation > 1 and any(  # Rule 3: a window wholly in the padding
-            not any(0 <= t < n for t in range(o * self.stride - self.pad_left, n + self.pad_right,
-                                               self.dilation)[: self.kernel])
-            for o in range(out)
-        ):  # fmt: skip
-            return 0
-        return out
-
-
-def _per_axis(value: int | Sequence[int], ndim: int) -> tuple[int, ...]:
-    return (value,) * ndim if isinstance(value, int) else tuple(value)
-
-
-def _leaves(module: nn.Module) -> Iterator[nn.Module]:
-    """Leaf layers of a (nested) ``nn.Sequential`` in execution order."""
-    if isinstance(module, nn.Sequential):
-        for child in module:
-            yield from _leaves(child)
-    else:
-        yield module
-
-
-def _windows(layer: nn.Module, ndim: int) -> tuple[_Window, ...] | None:
-    """Per-axis window description of ``layer``; None for a pointwise layer."""
-    if isinstance(layer, nn.modules.conv._ConvNd):
-        kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
-        pads: list[tuple[int, int]]
-        if layer.padding == "valid":
-            pads = [(0, 0)] * ndim
-        elif layer.padding == "same":
-            pads = [
-                (d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
-                for k, d in zip(kernel, dilation, strict=True)
-            ]
-        else:
-            pads = [(int(p), int(p)) for p in layer.padding]
-        reflect = layer.padding_mode == "reflect"
-        return tuple(
-            _Window(k, s, d, pl, pr, reflect=reflect)
-            for k, s, d, (pl, pr) in zip(kernel, stride, dilation, pads, strict=True)
-        )
-    if isinstance(layer, nn.modules.pooling._MaxPoolNd | nn.modules.pooling._AvgPoolNd):
-        pool: Any = layer  # torch types these attributes loosely
-        kernel = _per_axis(pool.kernel_size, ndim)
-        stride = _per_axis(pool.stride, ndim)
-        padding = _per_axis(pool.padding, ndim)
-        dilation = _per_axis(getattr(pool, "dilation", 1), ndim)
-        # AvgPool3d alone also refuses inputs smaller than its kernel, padding notwithstanding.
-        strict = isinstance(layer, nn.AvgPool3d)
-        return tuple(
-            _Window(
-                k,
-                s,
-                d,
-                p,
-                p,
-                ceil_mode=bool(pool.ceil_mode),
-                is_pool=True,
-                min_input_px=k if strict else 1,
-            )
-            for k, s, d, p in zip(kernel, stride, dilation, padding, strict=True)
-        )
-    return None
-
-
-@dataclass(frozen=True)
-class StackGeometry:
-    """Per-axis geometry of a stack, from PyTorch's shape formulas (independent of the engine)."""
-
-    receptive_field_px: tuple[int, ...]
-    total_stride: tuple[int, ...]
-    min_input_px: tuple[int, ...]  # smallest input size whose output has >= 1 element
-
-    def output_px(self, module: nn.Module, spatial_shape: Sequence[int]) -> tuple[int, ...]:
-        """Output spatial shape of ``module`` for ``spatial_shape`` (an entry < 1: invalid)."""
-        out = list(spatial_shape)
-        for layer in _leaves(module):
-            windows = _windows(layer, len(out))
-            if windows is not None:
-                out = [w.output_px(n) if n >= 1 else 0 for w, n in zip(windows, out, strict=True)]
-        return tuple(out)
-
-
-def stack_geometry(module: nn.Module, *, ndim: int) -> StackGeometry:
-    """Receptive field, total stride and smallest valid input of a (nested) Sequential stack
-    (of a network with joins too: ``graphs.network_geometry``).
-
-    >>> stack = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, dilation=2))
-    >>> g = stack_geometry(stack, ndim=2)
-    >>> g.receptive_field_px  # 1 + 2*1 + 1*1 + (2*2)*2 = 12
-    (12, 12)
-    >>> g.total_stride, g.min_input_px  # 12 px -> conv 10 -> pool 5 -> dilated conv 1
-    ((2, 2), (12, 12))
-    """
-    from streamcheck.testing import graphs  # graphs builds on this module
-
-    if graphs.has_blocks(module):  # residuals, branches, shared layers: NOTE [ DAG geometry ]
-        return graphs.network_geometry(module, ndim=ndim)
-    rf, jump = [1] * ndim, [1] * ndim
-    chain: list[tuple[_Window, ...]] = []
-    for layer in _leaves(module):
-        windows = _windows(layer, ndim)
-        if windows is None:
-            continue
-        chain.append(windows)
-        for axis, w in enumerate(windows):  # Rule 2
-            rf[axis] += w.dilation * (w.kernel - 1) * jump[axis]
-            jump[axis] *= w.stride
-    min_input = []
-    for axis in range(ndim):
-        n = 1
-        while not _axis_valid(chain, axis, n):
-            n += 1
-            if n > 100_000:
-                raise ValueError(f"no input size up to {n} gives output for {module}")
-        min_input.append(n)
-    return StackGeometry(tuple(rf), tuple(jump), tuple(min_input))
-
-
-def _axis_valid(chain: list[tuple[_Window, ...]], axis: int, n: int) -> bool:
-    for windows in chain:
-        n = windows[axis].output_px(n)
-        if n < 1:
-            return False
-    return True
-
-
 def _in_channels(module: nn.Module) -> int | None:
     """Channels the stack expects: those of its first convolution, norm or statistic layer, if
     any (a statistic layer says them as ``channels``)."""
@@ -390,7 +238,7 @@ def conv_stacks(
     >>> @settings(max_examples=5, deadline=None, database=None)
     ... @given(conv_stacks(ndim=1, max_layers=2, max_receptive_field_px=9))
     ... def check(stack):
-    ...     assert max(stack_geometry(stack, ndim=1).receptive_field_px) <= 9
+    ...     assert max(geometry_of(stack, ndim=1).receptive_field_px) <= 9
     >>> check()
     """
     seed = draw(st.integers(0, 2**32 - 1))
@@ -453,8 +301,13 @@ def _eval_layer(draw: st.DrawFn, *, ndim: int, channels: int) -> nn.Module:
     """BatchNormNd or Dropout in eval mode: per-channel affine maps or identities."""
     if draw(st.booleans()):
         return nn.Dropout(draw(st.sampled_from([0.1, 0.5]))).eval()
-    norm = _BATCH_NORM[ndim](channels, affine=draw(st.booleans())).eval()
-    with torch.no_grad():  # under the stack's seed (Rule 5)
+    return _random_statistics(_BATCH_NORM[ndim](channels, affine=draw(st.booleans())).eval())
+
+
+def _random_statistics(norm: Any) -> nn.Module:
+    """``norm`` (a BatchNorm) with random running statistics and affine parameters, drawn from
+    torch's generator (under the stack's seed, Rule 5)."""
+    with torch.no_grad():
         norm.running_mean.normal_()
         norm.running_var.uniform_(0.5, 2.0)
         if norm.affine:
@@ -496,7 +349,7 @@ def image_shapes(
     """Image shapes ``(N, C, *spatial)``, each axis drawn on its own (odd, non-square sizes).
 
     With ``module`` the channels match its first convolution and every spatial size is at least
-    the smallest one for which the module's output has >= 1 element (``stack_geometry``).
+    the smallest one for which the module's output has >= 1 element (``geometry_of``).
     ``max_px`` defaults to 64, 48 and 20 px for 1, 2 and 3 spatial axes.
 
     >>> from hypothesis import given, settings
@@ -513,7 +366,7 @@ def image_shapes(
         max_px = {1: 64, 2: 48, 3: 20}[ndim]
     min_px = (1,) * ndim
     if module is not None:
-        min_px = stack_geometry(module, ndim=ndim).min_input_px
+        min_px = geometry_of(module, ndim=ndim).min_input_px
         channels = channels if channels is not None else _in_channels(module)
     if channels is None:
         channels = draw(st.integers(1, max_channels))
@@ -546,7 +399,7 @@ def tile_sizes(
     >>> check()
     """
     ndim = len(image_shape) - 2
-    geometry = stack_geometry(module, ndim=ndim)
+    geometry = geometry_of(module, ndim=ndim)
     out_px = geometry.output_px(module, image_shape[2:])
     lows, highs = [], []
     for rf, stride, n, out in zip(
@@ -589,11 +442,9 @@ class StreamingCase(_Case):
     (2, (3, 3), (3, 3))
     """
 
-    module: nn.Sequential
-
     @property
-    def geometry(self) -> StackGeometry:
-        return stack_geometry(self.module, ndim=self.ndim)
+    def geometry(self) -> Geometry:
+        return geometry_of(self.module, ndim=self.ndim)
 
 
 _DEFAULT_SIZES = {  # ndim: (max_px, max_receptive_field_px, max_tiles)
@@ -672,7 +523,7 @@ def _case_bounds(
 
 def _draw_case(
     draw: st.DrawFn,
-    module: nn.Sequential,
+    module: nn.Module,
     /,
     *,
     ndim: int,

@@ -21,6 +21,7 @@ from streamcheck.testing import (
     streaming_cases,
     unets,
 )
+from streamcheck.testing import _blocks as blocks
 from streamcheck.testing.strategies import SMOOTH_ACTIVATIONS
 
 # Rule R1b: the families of drawn networks and the strategy that draws each.
@@ -157,22 +158,22 @@ def named_leaves(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _join(block: nn.Module) -> str | None:
     """The kind of a joining or shared block of ``streamcheck.testing.graphs`` (None otherwise)."""
-    if isinstance(block, graphs.Residual):
+    if isinstance(block, blocks.Residual):
         return f"join: residual {'add' if block.merge == 'add' else 'multiply'}"
-    if isinstance(block, graphs.Branches):
+    if isinstance(block, blocks.Branches):
         merge = {"cat": "concatenation", "add": "add", "mul": "multiply"}[block.merge]
         return f"join: {len(block.branches)} branches, {merge}"
-    if isinstance(block, graphs.SharedTwice):
+    if isinstance(block, blocks.SharedTwice):
         return "join: one conv used twice"
-    if isinstance(block, graphs.ChannelMix):
+    if isinstance(block, blocks.ChannelMix):
         return f"join: permute + {type(block.inner).__name__} over channels"
-    if isinstance(block, unets.UNet):
+    if isinstance(block, blocks.UNet):
         merges = {"cat": "concatenated", "add": "added"}
         return ", ".join(
             [f"join: U-Net {len(block.downs)} levels deep"]
             + [f"skip {merges[m]}" for m in sorted(set(block.merges))]
         )
-    if isinstance(block, unets.Pyramid):
+    if isinstance(block, blocks.Pyramid):
         return f"join: pyramid of {len(block.stages)} outputs as a {block.returns}"
     return None
 
@@ -195,7 +196,7 @@ def layer_kinds(module: nn.Module) -> list[str]:
 def _features(layer: nn.Module) -> list[str]:
     """Options of a window layer worth counting (they change tiles and padding)."""
     out: list[str] = []
-    if isinstance(layer, nn.Upsample | unets.Interpolate):
+    if isinstance(layer, nn.Upsample | blocks.Interpolate):
         out.append(f"mode={layer.mode!r}")
         if layer.align_corners:
             out.append("align_corners=True")

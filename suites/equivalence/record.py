@@ -24,7 +24,8 @@ Rule R2b. A draw on which PyTorch itself is undefined is skipped too and counted
          next size``). Detected by a plain forward of a finite input with non-finite output.
 Rule R3. Each case is run by ``check_streaming_equivalence`` with its default tolerances (float64:
          rtol 1e-10; float32: 8 eps sqrt(L), widened by 4x the plain run's own rounding error
-         against float64, checker Rule 3b): plain and streamed in the same dtype, output, input
+         against float64, checker Rule 3b; rtol relative to the size of a gradient's terms where
+         they cancel, checker Rule 3c): plain and streamed in the same dtype, output, input
          gradient and every parameter gradient. An exception (the engine refusing a drawn case, or
          crashing) is a failure, recorded with the case.
 Rule R4. float64 draws every layer option the strategies know. Reflect padding only if the
@@ -34,13 +35,14 @@ Rule R4. float64 draws every layer option the strategies know. Reflect padding o
          tie a rounding difference flips the gradient by O(1), so no float32 tolerance can hold
          there (float64 covers kinked networks exactly); see NOTE [ float32 tolerance ] in
          tests/test_properties.py. The drawing is ``draws.py``.
-Rule R5. Errors are relative to the reference's largest magnitude (checker Rule 3); the record
+Rule R5. Errors are relative to the reference's scale (checker Rule 3: its largest magnitude, or
+         the size of its terms where they cancel, Rule 3c); the record
          keeps, per case, the worst relative error per kind (output, param_grad, input_grad) and,
          per dtype, the worst over all cases with the case that reached it.
 Rule R6. A float32 failure is re-checked in float64 (``float64_recheck``): if the same network
          streams exactly there, the float32 difference is rounding that exceeded the checker's
-         tolerance (e.g. a gradient that is a cancelling sum, small next to its terms), not a
-         streaming error. It still counts as a failure: the record does not move the tolerance.
+         tolerance (e.g. amplified by an ill-conditioned forward, which the tolerance does not
+         measure), not a streaming error. It still counts as a failure: the record does not move the tolerance.
 """
 
 from __future__ import annotations
@@ -383,8 +385,9 @@ def _make_record(
                 for dtype, opts in options.items()
             },
             "tolerances": {
-                "float64": "rtol 1e-10 relative to max|reference|",
-                "float32": "rtol 8 * eps * sqrt(N * pixels) relative to max|reference|, plus 4x "
+                "float64": "rtol 1e-10 relative to max(max|reference|, the size of the terms of "
+                "each gradient, checker Rule 3c)",
+                "float32": "rtol 8 * eps * sqrt(N * pixels) relative to the same scale, plus 4x "
                 "the plain run's own rounding error against float64 (checker Rule 3b)",
             },
             "excluded": {

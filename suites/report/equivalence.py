@@ -32,7 +32,8 @@ def equivalence_section(eq: Source) -> str:
         f"{len(trunks)} torchvision trunk checks were each run twice -- plainly and streamed tile by "
         f"tile -- on the same weights and input, and the output, the input gradient and every "
         f"parameter gradient compared by `{method.get('checker', 'the equivalence checker')}`: "
-        f"{verdict}. Errors are max |streamed - plain| / max |plain| per tensor; the table gives "
+        f"{verdict}. Errors are max |streamed - plain| per tensor over its scale: max |plain|, or "
+        "the size of a gradient's terms where they cancel (checker Rule 3c); the table gives "
         "the worst over all networks of each family and dtype.",
         "",
     ]
@@ -229,8 +230,8 @@ def _failure(f: dict[str, Any]) -> list[str]:
         if recheck.get("passed"):
             text += (
                 " Streaming is exact on it; the float32 difference is rounding beyond the "
-                "checker's float32 tolerance, which is relative to the tensor's largest entry "
-                "(small here: the gradient is a cancelling sum)."
+                "checker's float32 tolerance, which does not measure how much an ill-conditioned "
+                "forward amplifies rounding (reports/equivalence/README.md)."
             )
         lines += [text, ""]
     return lines
