@@ -65,9 +65,18 @@ def peak_bytes(
     )
     params = [p.numel() for p in graph.root.parameters() if p.requires_grad]
     gradients = 2 * sum(params) + max(params, default=0)  # Rule PM4
-    tile = max(_tile_bytes(graph, s, dtype) for s in schedules)
+    shapes = {_signature(s): s for s in schedules}  # tiles of one shape hold the same
+    tile = max(_tile_bytes(graph, s, dtype) for s in shapes.values())
     read_ahead = max(volume(s.input_box) for s in schedules) * _features(graph, 0)  # Rule PM5
     return int(tile + (2 * whole + gradients + read_ahead) * itemsize)
+
+
+def _signature(schedule: Schedule) -> tuple[object, ...]:
+    """What Rules PM1-PM2 read of a tile: every box's edges and every edge's padding."""
+    edges = tuple(
+        tuple(b - a for a, b in box) if box is not None else None for box in schedule.boxes
+    )
+    return edges, tuple(sorted((key, edge.pads) for key, edge in schedule.edges.items()))
 
 
 def _features(graph: Graph, i: int) -> int:

@@ -17,6 +17,10 @@ Rule PL2. The plan is refused before any work when the levels exceed ``max_level
 Rule PL3. ``time_factor`` estimates the time against plain streaming (the last pass alone, as if
           the statistics were known): the multiply-accumulates of every pass over those of the
           last, counted per tile from the boxes each node computes, halo included.
+Rule PL4. ``pixels_computed`` says what the overlap costs: the input pixels every tile of a pass
+          reads (a pixel read by two tiles counts twice) over the image's pixels, per pass; 1.0
+          when tiles do not overlap. Masked tiles (``mask=``) are not known to the plan: it counts
+          every tile.
 """
 
 from __future__ import annotations
@@ -107,6 +111,11 @@ class StreamPlan:
         return len(self.tile_passes)
 
     @property
+    def pixels_computed(self) -> tuple[float, ...]:
+        """Rule PL4: per tile pass, the input pixels its tiles read over the image's."""
+        return tuple(_pixels_computed(p) for p in self.tile_passes)
+
+    @property
     def n_tiles(self) -> int:
         return len(self.tiles)
 
@@ -138,6 +147,7 @@ class StreamPlan:
             ("receptive field", f"{axes(self.receptive_field_px)} px"),
             ("total stride", axes(self.total_stride)),
             ("overlap (before, after)", axes(f"{_px(a)}/{_px(b)}" for a, b in self.overlap_px)),
+            ("pixels computed", _pixels_row(self.pixels_computed)),
             ("outputs and their gradients", f"{self.output_bytes / 2**20:.1f} MiB"),
             ("peak memory estimate", f"{self.peak_bytes_estimate / 2**20:.1f} MiB ({self.dtype})"),
         ]
@@ -239,6 +249,18 @@ def make_plan(
         time_factor=sum(p.macs for p in passes) / max(last.macs, 1),
         macs=sum(p.macs for p in passes),
     )
+
+
+def _pixels_computed(p: StreamPlan) -> float:
+    """Rule PL4 for one pass."""
+    image = prod(p.input_shape[2:])
+    return sum(volume(t.input_box) for t in p.tiles) / image
+
+
+def _pixels_row(ratios: Sequence[float]) -> str:
+    """Rule PL4 in ``str(plan)``: one ratio, or one per pass."""
+    listed = ", ".join(f"{r:.2f}x" for r in ratios)
+    return f"{listed} the image's" + (" (per pass)" if len(ratios) > 1 else "")
 
 
 def _passes_peak_bytes(passes: Sequence[StreamPlan], output_bytes: int) -> int:
