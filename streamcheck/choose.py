@@ -17,6 +17,10 @@ Rule CT3. Shapes are planned in order of that sum (ties: fewer tiles), and the f
           those of a shape that did not fit is skipped unplanned (the estimate grows with every
           edge).
 Rule CT4. Nothing fits: a ``StreamcheckError`` with the smallest estimate found and the fixes.
+Rule CT5. ``device="cuda"`` takes the budget from what the card has free now; whether a given plan
+          fits is ``plan.peak_bytes_estimate <= free_bytes("cuda")``. Only a CUDA device: its
+          allocator counts what the estimate models. (No GPU has checked the estimate yet: cuDNN
+          may choose workspaces that the CPU-measured Rule PM2 does not model.)
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .errors import StreamcheckError
 from .graph import build_graph
 from .plan import MAX_LEVELS, StreamPlan, make_plan
 
-__all__ = ["choose_tile"]
+__all__ = ["choose_tile", "free_bytes"]
 
 _DENSE_COUNTS = 16  # Rule CT1
 _MOST = 256  # tiles per axis at most (Rule CT1)
@@ -44,11 +48,13 @@ def choose_tile(
     module: nn.Module,
     input_shape: Sequence[int],
     *,
-    budget_bytes: int,
+    budget_bytes: int | None = None,
+    device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     max_levels: int | None = MAX_LEVELS,
 ) -> StreamPlan:
-    """The plan with the fewest pixels computed whose peak estimate fits ``budget_bytes``.
+    """The plan with the fewest pixels computed whose peak estimate fits ``budget_bytes``, or
+    what a CUDA ``device`` has free now (Rule CT5).
 
     Pass its ``tile_px_used`` to ``Streamed(module, tile=...)``.
 
@@ -60,6 +66,7 @@ def choose_tile(
     >>> round(p.pixels_computed[0], 3)        # input boxes (clipped at the border) / 256 * 192
     1.069
     """
+    budget_bytes = _budget(budget_bytes, device)
     first = next(iter(module.parameters()), None)
     if dtype is None:
         dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
@@ -91,6 +98,27 @@ def choose_tile(
         f"the smallest peak estimate of the tiles tried is {smallest / 2**20:.1f} MiB. Fix: raise "
         "the budget, stream fewer layers (streamcheck.split), or use a lower precision"
     )
+
+
+def free_bytes(device: torch.device | str) -> int:
+    """Rule CT5: the bytes a CUDA device has free now (``torch.cuda.mem_get_info``)."""
+    where = torch.device(device)
+    if where.type != "cuda":
+        raise StreamcheckError(
+            f"streamcheck: device={str(device)!r}: only a CUDA device's free memory is read (the "
+            "estimate bounds live tensors, which a CUDA allocator counts; a CPU process's "
+            "resident memory adds the C allocator's slack). Fix: pass budget_bytes"
+        )
+    return int(torch.cuda.mem_get_info(where)[0])
+
+
+def _budget(budget_bytes: int | None, device: torch.device | str | None) -> int:
+    if (budget_bytes is None) == (device is None):
+        raise StreamcheckError(
+            "streamcheck: choose_tile takes budget_bytes=... or device='cuda' (its free memory), "
+            f"exactly one; got budget_bytes={budget_bytes!r}, device={device!r}"
+        )
+    return budget_bytes if budget_bytes is not None else free_bytes(device)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -43,3 +43,23 @@ def test_choice_fits_and_computes_the_fewest_pixels_of_every_tile_that_fits(
 def test_nothing_fits_is_an_error_with_the_smallest_estimate() -> None:
     with pytest.raises(streamcheck.StreamcheckError, match="no tile fits budget_bytes=1024 .*MiB"):
         streamcheck.choose_tile(_trunk(), (1, 3, 40, 28), budget_bytes=1024)
+
+
+def test_device_budget_is_what_cuda_has_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    free = 400 * 1024
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    shape = (1, 3, 40, 28)
+    on_card = streamcheck.choose_tile(_trunk(), shape, device="cuda")
+    given = streamcheck.choose_tile(_trunk(), shape, budget_bytes=free)
+    assert on_card.tile_px_used == given.tile_px_used
+    assert streamcheck.free_bytes("cuda:0") == free
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({}, "exactly one"), ({"budget_bytes": 1, "device": "cuda"}, "exactly one"),
+     ({"device": "cpu"}, "only a CUDA device")],
+)  # fmt: skip
+def test_budget_is_given_once_and_read_only_from_cuda(options: dict, match: str) -> None:
+    with pytest.raises(streamcheck.StreamcheckError, match=match):
+        streamcheck.choose_tile(_trunk(), (1, 3, 40, 28), **options)
