@@ -11,11 +11,14 @@ Backward's peak is the larger (forward holds one tile's live frontier, backward 
 recomputed tile saves), so it is the one modelled:
 
 Rule PM1. One tile, recomputed with grad (streaming Rule S2; only one at a time, Rule S14), holds
-          every map it computes (a node's box x its channels; a layer working in place shares its
-          source's storage and adds nothing), each window layer's input copy (the border padding
-          ``constant_pad_nd`` recreates, geometry Rule 3, or a crop made contiguous: the crop's
-          box plus that padding x the source's channels), and max-pool's int64 indices (8 bytes
-          per output value): autograd saves at most these. The largest tile counts.
+          the maps autograd saves for its backward (a node's box x its channels): a map whose
+          layer saves its output (ReLU, sigmoid, tanh) or whose consumer saves its input (every
+          layer but sums, concatenation, resampling without weights, average pooling, padding
+          and reshapes: unknown layers count as saving it); a layer working in place shares its
+          source's storage. A window layer at the image border reads a padded copy
+          (``constant_pad_nd``, geometry Rule 3), which it saves instead of its source; max-pool
+          saves int64 indices (8 bytes per output value). The input tile and the outputs (the
+          backward's targets) are held too. The largest tile counts.
 Rule PM2. Backward runs the tile's layers last to first; while it runs layer i, the buffers
           that layers <= i save are still held (those of later layers were freed when their
           backward ran), with a gradient frontier: the gradient of i's output, of its inputs (and
@@ -27,8 +30,9 @@ Rule PM2b. That buffer, for a convolution PyTorch runs natively on a CPU (not in
           or float32 inputs of at most 20480 values with batch 1, one group and kernels of at
           most 3; ``use_mkldnn`` in ATen's ConvUtils.h), is im2col's: input channels per group x
           kernel x output positions.
-Rule PM3. The stitched outputs and their gradients, whole (geometry Rule MS7): a statistic pass
-          only accumulates its outputs and holds neither (plan Rule PL1).
+Rule PM3. The stitched outputs and their gradients, whole (geometry Rule MS7). A statistic pass
+          only accumulates its own outputs, but its backward runs while the module's stitched
+          outputs and their gradients are held: the plan adds them to every pass (plan Rule PL1).
 Rule PM4. Parameter gradients: the sum over the tiles so far, the tile's own, and one sum being
           formed (``previous + grad``, one parameter at a time): twice the trainable parameters
           plus the largest one.

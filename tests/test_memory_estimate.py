@@ -1,4 +1,4 @@
-"""``plan``'s peak memory estimate (NOTE [ Memory estimate ], Rules PM1-PM5) against the peak of
+"""``plan``'s peak memory estimate (NOTE [ Memory estimate ], Rules PM1-PM6) against the peak of
 live tensors a training step allocates, measured by the allocator's own events
 (``suites.meters.profiler_peak_bytes``): an upper bound, and within 25 % of it.
 
