@@ -8,6 +8,7 @@ torch.Size([1, 8, 128, 128])
 """
 
 from .annotations import load_mask
+from .choose import choose_tile, free_bytes
 from .defaults import host_memory_reuse, set_host_memory_reuse
 from .errors import Problem, StreamcheckError
 from .export import write_geojson, write_overlay
@@ -34,6 +35,8 @@ __all__ = [
     "Streamed",
     "Tile",
     "__version__",
+    "choose_tile",
+    "free_bytes",
     "host_memory_reuse",
     "keep_freed_host_memory",
     "load_mask",

@@ -23,6 +23,10 @@ Rule PL4. With a cache budget (``cache=``), passes may start at kept maps (NOTE 
           them and the passes that read them. A pass from a cut reads tiles of the cut's map of
           the requested edge scaled by the cut's scale (rounded up), so that a tile covers about
           the image region a tile of the image would. No budget: the passes of Rule PL1.
+Rule PL5. ``pixels_computed`` says what the overlap costs: the input pixels every tile of a pass
+          reads (a pixel read by two tiles counts twice) over the image's pixels, per pass; 1.0
+          when tiles do not overlap. Masked tiles (``mask=``) are not known to the plan: it counts
+          every tile.
 """
 
 from __future__ import annotations
@@ -124,6 +128,11 @@ class StreamPlan:
         return len(self.tile_passes)
 
     @property
+    def pixels_computed(self) -> tuple[float, ...]:
+        """Rule PL5: per tile pass, the input pixels its tiles read over the image's."""
+        return tuple(_pixels_computed(p) for p in self.tile_passes)
+
+    @property
     def n_tiles(self) -> int:
         return len(self.tiles)
 
@@ -155,6 +164,7 @@ class StreamPlan:
             ("receptive field", f"{axes(self.receptive_field_px)} px"),
             ("total stride", axes(self.total_stride)),
             ("overlap (before, after)", axes(f"{_px(a)}/{_px(b)}" for a, b in self.overlap_px)),
+            ("pixels computed", _pixels_row(self.pixels_computed)),
             ("outputs and their gradients", f"{self.output_bytes / 2**20:.1f} MiB"),
             ("peak memory estimate", f"{self.peak_bytes_estimate / 2**20:.1f} MiB ({self.dtype})"),
         ]
@@ -268,6 +278,18 @@ def make_plan(
         cuts=cuts,
         cache_bytes=sum(_kept_bytes(graph, c) for c in cuts),
     )
+
+
+def _pixels_computed(p: StreamPlan) -> float:
+    """Rule PL5 for one pass."""
+    image = prod(p.input_shape[2:])
+    return sum(volume(t.input_box) for t in p.tiles) / image
+
+
+def _pixels_row(ratios: Sequence[float]) -> str:
+    """Rule PL5 in ``str(plan)``: one ratio, or one per pass."""
+    listed = ", ".join(f"{r:.2f}x" for r in ratios)
+    return f"{listed} the image's" + (" (per pass)" if len(ratios) > 1 else "")
 
 
 def _passes_peak_bytes(passes: Sequence[StreamPlan], output_bytes: int) -> int:

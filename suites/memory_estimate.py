@@ -35,19 +35,26 @@ from .rows import append_row, read_rows, results_path
 OUT = Path(__file__).resolve().parents[1] / "reports" / "memory_estimate"
 
 # (network, image edge, tile): the Figs 2-3 network, a ResNet-18 trunk (conv1 to layer4, output
-# stride 32, receptive field 435 px... see plan) and the benchmark's 2-D U-Net, several tiles each.
+# stride 32, receptive field 435 px) and the benchmark's 2-D U-Net, three tiles each.
 FULL = (
     ("figs23", 2048, 256),
     ("figs23", 2048, 512),
     ("figs23", 2048, 1024),
-    ("resnet18", 2048, 768),
-    ("resnet18", 2048, 1024),
-    ("resnet18", 2048, 1536),
-    ("unet2d", 1024, 160),
-    ("unet2d", 1024, 256),
-    ("unet2d", 1024, 512),
+    ("resnet18", 768, 544),
+    ("resnet18", 768, 640),
+    ("resnet18", 768, 768),
+    ("unet2d", 512, 96),
+    ("unet2d", 512, 160),
+    ("unet2d", 512, 256),
 )
-QUICK = (("figs23", 512, 128), ("resnet18", 1024, 768), ("unet2d", 256, 96))
+QUICK = (("figs23", 512, 128), ("resnet18", 640, 544), ("unet2d", 256, 96))
+# Settings (one fresh process each): the engine's defaults, and every buffer of 64 KiB or more
+# mapped by glibc and unmapped when freed (no kept memory): resident memory then follows the
+# live tensors, which says how much of the defaults' RSS is the C allocator's (heap) slack.
+SETTINGS = {
+    "defaults": ({}, None),
+    "mapped": ({"MALLOC_MMAP_THRESHOLD_": "65536"}, False),
+}
 
 
 def build_network(name: str) -> Any:
@@ -81,7 +88,8 @@ def measure(payload: dict[str, Any], partial: Callable[[dict[str, Any]], None]) 
     name, size, tile = payload["network"], payload["size"], payload["tile"]
     network = build_network(name)
     image = torch.randn(1, 3, size, size)
-    options = {} if payload.get("reuse") is None else {"keep_host_memory": payload["reuse"]}
+    reuse = SETTINGS[payload["setting"]][1]
+    options = {} if reuse is None else {"keep_host_memory": reuse}
     streamed = streamcheck.Streamed(network, tile=tile, **options)
     p = streamed.plan(image.shape)
     g = torch.randn(p.output_shape)
@@ -115,7 +123,8 @@ def measure(payload: dict[str, Any], partial: Callable[[dict[str, Any]], None]) 
     result["rss_reset"] = steady.reading.reset
     partial(result)
     release_free_memory()
-    result["alloc_bytes"] = profiler_peak_bytes(step)
+    if payload["setting"] == "defaults":
+        result["alloc_bytes"] = profiler_peak_bytes(step)
     result["environment"] = environment("cpu")
     return result
 
@@ -123,31 +132,53 @@ def measure(payload: dict[str, Any], partial: Callable[[dict[str, Any]], None]) 
 def summary(rows: list[dict[str, Any]]) -> str:
     """One line per point: the estimate, each meter, and the estimate over each."""
     env = rows[-1]["environment"] or {}
+    points: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        p = r["params"]
+        if r["status"] == "ok":
+            points.setdefault((p["network"], p["size"], p["tile"]), {})[p["setting"]] = r["metrics"]
+    commits = sorted({r["environment"]["git_commit"][:9] for r in rows if r["environment"]})
     lines = [
         "# plan's peak memory estimate against measured peaks (issue 27 item 2)",
         "",
         f"CPU {env.get('cpu')}, {env.get('threads')} threads, torch {env.get('torch')}, "
-        f"commits {', '.join(sorted({r['environment']['git_commit'][:9] for r in rows if r['environment']}))}; "
-        "float32, one fresh process per point, a training step with the engine's defaults "
+        f"commits {', '.join(commits)}; float32, one training step per measure (the output held, "
+        "a full-size output gradient), one fresh process per setting and point "
         "(`suites/memory_estimate.py` says what each meter counts). The machine is shared "
-        "(2 cores, other sessions running): times are disturbed, memory is not.",
+        "(2 cores, other sessions running): times are disturbed, allocations are not.",
         f"Command: `{rows[-1]['run']['command']}`.",
         "",
-        "| network | image | tile | tiles | estimate MiB | RSS MiB | / RSS | first-step RSS MiB "
-        "| allocator MiB | / allocator | step s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "- allocator: peak of live CPU tensors in the step (torch.profiler events), the engine's "
+        "defaults: what the estimate models (NOTE [ Memory estimate ]).",
+        "- RSS defaults: peak RSS over the RSS before the (second) step, the engine's defaults "
+        "(freed memory kept inside the tile loops).",
+        "- RSS mapped: the same with `MALLOC_MMAP_THRESHOLD_=65536` and `keep_host_memory=False` "
+        "(every buffer of 64 KiB or more mapped and unmapped when freed).",
+        "",
+        "| network | image | tile | tiles | estimate MiB | allocator MiB | estimate / allocator "
+        "| RSS defaults MiB | estimate / RSS defaults | RSS mapped MiB | estimate / RSS mapped "
+        "| step s defaults | step s mapped |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in rows:
-        p, m = r["params"], r["metrics"]
-        if r["status"] != "ok":
-            lines.append(f"| {p['network']} | {p['size']}² | {p['tile']} | {r['status']} |")
-            continue
-        est = m["estimate_bytes"]
+
+    def mib(m: dict[str, Any] | None, field: str) -> str:
+        return "–" if m is None or field not in m else f"{m[field] / 2**20:.0f}"
+
+    def ratio(est: int, m: dict[str, Any] | None, field: str) -> str:
+        return "–" if m is None or field not in m else f"{est / max(m[field], 1):.2f}"
+
+    def seconds(m: dict[str, Any] | None) -> str:
+        return "–" if m is None or "step_s" not in m else f"{m['step_s']:.1f}"
+
+    for (network, size, tile), by in points.items():
+        d, mapped = by.get("defaults"), by.get("mapped")
+        est = (d or mapped or {}).get("estimate_bytes", 0)
+        tiles = (d or mapped or {}).get("tiles", "–")
         lines.append(
-            f"| {p['network']} | {p['size']}² | {p['tile']} | {m['tiles']} | {est / 2**20:.0f} "
-            f"| {m['rss_bytes'] / 2**20:.0f} | {est / max(m['rss_bytes'], 1):.2f} "
-            f"| {m['first_rss_bytes'] / 2**20:.0f} | {m['alloc_bytes'] / 2**20:.0f} "
-            f"| {est / max(m['alloc_bytes'], 1):.2f} | {m['step_s']:.1f} |"
+            f"| {network} | {size}² | {tile} | {tiles} | {est / 2**20:.0f} | {mib(d, 'alloc_bytes')} "
+            f"| {ratio(est, d, 'alloc_bytes')} | {mib(d, 'rss_bytes')} | {ratio(est, d, 'rss_bytes')} "
+            f"| {mib(mapped, 'rss_bytes')} | {ratio(est, mapped, 'rss_bytes')} | {seconds(d)} "
+            f"| {seconds(mapped)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -167,18 +198,19 @@ def main(argv: list[str] | None = None) -> int:
     for network, size, tile in [] if args.summarize else points:
         if args.only and network not in args.only:
             continue
-        payload = {"network": network, "size": size, "tile": tile}
-        start = time.time()
-        done = run("suites.memory_estimate", payload)
-        metrics = dict(done.result or {})
-        env = metrics.pop("environment", None)
-        status = "ok" if done.returncode == 0 and env else "error"
-        row = {"key": f"{network}|{size}|{tile}", "status": status, "params": payload}
-        row |= {"environment": env, "metrics": metrics}
-        row |= {"reason": None if status == "ok" else done.stderr[-800:]}
-        row["run"] = {"command": command, "start": start, "wall_s": time.time() - start}
-        append_row(path, row)
-        print(row["key"], status, {k: v for k, v in metrics.items() if "bytes" in k}, flush=True)
+        for setting, (env_vars, _) in SETTINGS.items():
+            payload = {"network": network, "size": size, "tile": tile, "setting": setting}
+            start = time.time()
+            done = run("suites.memory_estimate", payload, env=env_vars)
+            metrics = dict(done.result or {})
+            env = metrics.pop("environment", None)
+            status = "ok" if done.returncode == 0 and env else "error"
+            key = f"{network}|{size}|{tile}|{setting}"
+            row = {"key": key, "status": status, "params": payload, "environment": env}
+            row |= {"metrics": metrics, "reason": None if status == "ok" else done.stderr[-800:]}
+            row["run"] = {"command": command, "start": start, "wall_s": time.time() - start}
+            append_row(path, row)
+            print(key, status, {k: v for k, v in metrics.items() if "bytes" in k}, flush=True)
     rows = [r for r in read_rows(path) if r["run"]["command"] == command]
     text = summary(rows) if rows else "no rows\n"
     args.out.mkdir(parents=True, exist_ok=True)
