@@ -40,6 +40,17 @@ Rule S10. Several outputs (graph Rule G11; geometry Rules MS5-MS7): forward stit
           list, dict); backward gets one gradient per output (zeros for an output the loss does
           not use) and backpropagates each tile's slices of all of them at once; a tile is skipped
           only when all its slices are zero. The plain single-output path is unchanged.
+Rule S11. Statistics over the map (plan Rules PL1-PL3; reductions Rules R1-R5): forward runs the
+          tile passes in order; a statistic pass accumulates each reduction over the boxes its
+          tiles own (each position once, never the halo), in float64, updates running statistics
+          once, then computes its level's global values, which later passes read as constants.
+Rule S12. Backward recomputes the global subgraph once with every reduction's total as a leaf and
+          takes each total's gradient from it; the output pass B0 backpropagates the owned output
+          slices; then, deepest level first, a pass B_j seeds every tile with its reductions'
+          targets (reductions Rule R3) times those gradients. One tile loop serves every pass.
+Rule S13. The versions of parameters and buffers are taken after forward's own buffer updates
+          (running statistics, ``num_batches_tracked``), so that backward refuses only writes made
+          between forward and backward.
 Rule S14. In backward nothing of a tile outlives it: its recomputed maps, their gradients and its
           input tile are freed before the next tile is recomputed, so the peak holds one tile's
           maps, not two (``plan``'s estimate, Rule PM1, counts one).
