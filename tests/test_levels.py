@@ -31,11 +31,24 @@ def test_quick_run_writes_rows_and_a_summary(tmp_path: Path) -> None:
     assert len(read_rows(results_path(tmp_path))) == 6
 
 
-def test_quick_cache_run_writes_three_points_per_trunk_and_a_summary(tmp_path: Path) -> None:
+def test_quick_cache_run_writes_five_time_points_two_memory_points_and_a_summary(
+    tmp_path: Path,
+) -> None:
     assert main(["--cache", "--quick", "--steps", "1", "--out", str(tmp_path)]) == 0
     rows = read_rows(results_path(tmp_path / "cache"))
-    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
-    cached = [r for r in rows if r["params"]["cache"]]
-    assert len(cached) == 1 and cached[0]["metrics"]["kept_maps"]
-    assert cached[0]["metrics"]["kept_bytes"] <= cached[0]["params"]["cache"]
-    assert "| resnet18_train_bn |" in (tmp_path / "cache" / "SUMMARY.md").read_text()
+    assert len(rows) == 7 and all(r["status"] == "ok" for r in rows)
+    by = {(r["params"]["kind"], r["params"]["variant"]): r for r in rows}
+    for variant in ("host", "disk"):  # Rule LV4: the same budget, the same plan
+        cached = by[("time", variant)]["metrics"]
+        assert (
+            cached["kept_maps"] and cached["kept_bytes"] <= by[("time", variant)]["params"]["cache"]
+        )
+        assert len(cached["cpu_times"]) == 1 and cached["cpu_times"][0] > 0
+    assert (
+        by[("time", "host")]["metrics"]["kept_maps"] == by[("time", "disk")]["metrics"]["kept_maps"]
+    )
+    assert by[("time", "streamed")]["metrics"]["kept_maps"] == []
+    conventional = by[("memory", "conventional")]["metrics"]
+    assert conventional["run"] and conventional["saved_tensor_bytes"] > 0  # Rule LV5
+    summary = (tmp_path / "cache" / "SUMMARY.md").read_text()
+    assert summary.count("| resnet18_train_bn |") == 2  # one time row, one memory row

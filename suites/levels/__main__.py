@@ -12,10 +12,20 @@ LV1. Time against statistic levels: the Figs 2-3 network with k = 0, 1, 2, 4, 8 
      the ratio of their training-step times; the plan's estimate (plan Rule PL3) sits beside it.
 LV2. Memory: a whole classifier streamed to its logits (no stitched map, Rule PL1) against its
      trunk streamed with a stitched output and the head run plainly, peak RSS over the baseline.
-LV4. Kept maps (``--cache``, written to ``reports/levels/cache/``): each real trunk three times
-     in one run, groups interleaved (A B C, C B A): statistics known (the lower bound), streamed
-     through them without a cache, and with ``cache=HostCache(bytes=8 x the image's bytes)``
-     (kept Rules KM1-KM6); the plan's kept maps, bytes and estimate beside the measured factors.
+LV4. Kept maps (``--cache``, written to ``reports/levels/cache/``): each real trunk at 2048²
+     (tile 512) five ways in one run, groups interleaved (A B C D E, E D C B A): conventional
+     training of the plain module (PyTorch defaults), the twin with its statistics known (the
+     lower bound), streamed through the statistics without a cache, with
+     ``HostCache(bytes=8 x the image's bytes)`` and with ``DiskCache`` of the same budget (kept
+     Rules KM1-KM6). Each step's process CPU time is recorded beside its wall time: one thread
+     per process, so CPU time is the work, while wall time also counts the time other processes
+     held the shared cores (wall / CPU above 1.25 marks a point disturbed). Factors are ratios of
+     median CPU times; the plan's estimate (Rules PL3, KM5) is against the known twin.
+LV5. Memory at 4096² (``--cache``): one training step streamed with the host cache against one
+     step of conventional training, peak RSS over the baseline. Conventional training is run
+     only where the tensors its autograd graph saves (a meta-device trace, counted before any
+     work) take under 40 % of the memory available; otherwise the trace's bytes are reported
+     as what it would need, marked as not run.
 LV3. Every point runs in a fresh process (suites/fresh.py Rules FP1-FP2), pairs interleaved
      (A B B A), one OpenMP thread with passive waiting (the cores are shared: say so), float32,
      one warm-up step then the median of ``--steps``; rows are appended as they finish and a
@@ -24,7 +34,7 @@ LV3. Every point runs in a fresh process (suites/fresh.py Rules FP1-FP2), pairs 
 
     python -m suites.levels                # every point, then SUMMARY.md
     python -m suites.levels --quick        # tiny sizes (the test's path)
-    python -m suites.levels --cache        # Rule LV4
+    python -m suites.levels --cache        # Rules LV4-LV5
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from suites.environment import environment  # noqa: E402
 from suites.fresh import run  # noqa: E402
+from suites.levels.summary import VARIANTS  # noqa: E402
 from suites.rows import append_row, latest_rows, read_rows, results_path, start_fresh  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[2] / "reports" / "levels"
@@ -52,21 +63,34 @@ TRUNKS = ("resnet18_train_bn", "efficientnet_b0_se")
 
 
 def cache_points(*, quick: bool) -> list[dict[str, Any]]:
-    """Rule LV4: per trunk, statistics known, streamed without and with a cache budget."""
-    size, tile = (96, 64) if quick else (512, 256)
-    budget = 8 * 3 * size * size * 4  # 8 x the image's float32 bytes
-    return [
+    """Rules LV4-LV5: per trunk, five time points at one size, then two memory points."""
+    size, tile = (96, 64) if quick else (2048, 512)
+    memory_size = 128 if quick else 4096
+    out = [
         {
             "network": name,
-            "known": known,
-            "cache": cache,
+            "variant": variant,
+            "cache": 8 * 3 * size * size * 4 if variant in ("host", "disk") else 0,
             "size": size,
             "tile": tile,
             "kind": "time",
         }
         for name in (TRUNKS[:1] if quick else TRUNKS)
-        for known, cache in ((True, 0), (False, 0), (False, budget))
+        for variant in VARIANTS
     ]
+    out += [
+        {
+            "network": name,
+            "variant": variant,
+            "cache": 8 * 3 * memory_size**2 * 4 if variant == "host" else 0,
+            "size": memory_size,
+            "tile": tile,
+            "kind": "memory",
+        }
+        for name in (TRUNKS[:1] if quick else TRUNKS)
+        for variant in ("conventional", "host")
+    ]
+    return out
 
 
 def points(*, quick: bool) -> list[dict[str, Any]]:
@@ -145,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     command = shlex.join([sys.executable, "-m", "suites.levels", *(argv or sys.argv[1:])])
     for n, point in enumerate(order, 1):
-        print(f"[{n}/{len(order)}] {key(point)}", flush=True)
+        print(f"[{n}/{len(order)}] {key(point)} ({time.strftime('%H:%M:%S')})", flush=True)
         start = time.time()
         done_point = run(CHILD, {**point, "steps": args.steps}, timeout_s=3600)
         result = done_point.result or {}
@@ -166,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 },
             },
         )
+        print(f"    {status} in {time.time() - start:.0f} s", flush=True)
     from .summary import write_cache_summary, write_summary
 
     (write_cache_summary if args.cache else write_summary)(out)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,14 +85,16 @@ def build(network: str, known: bool) -> nn.Module:
     ](known=known)
 
 
-def _median_step(step: Callable[[], None], steps: int) -> tuple[float, list[float]]:
+def _median_step(step: Callable[[], None], steps: int) -> tuple[float, list[float], list[float]]:
+    """Rule LV4: one warm-up, then per step its wall time and its process CPU time."""
     step()  # warm-up
-    times = []
+    walls, cpus = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+        cpus.append(time.process_time() - cpu)
+        walls.append(time.perf_counter() - wall)
+    return statistics.median(walls), walls, cpus
 
 
 def measure(point: dict[str, Any], partial: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -96,21 +102,41 @@ def measure(point: dict[str, Any], partial: Callable[[dict[str, Any]], None]) ->
     size, tile = point["size"], point["tile"]
     x = torch.randn(1, 3, size, size)
     if point["kind"] == "memory":
-        return _memory(point, x)
-    net = build(point["network"], point["known"])
-    budget = point.get("cache")  # Rule LV4
-    cache = streamcheck.HostCache(bytes=budget) if budget else None
-    streamed = streamcheck.Streamed(net, tile=tile, cache=cache)
-    plan = streamed.plan(tuple(x.shape))
+        return _memory(point, x) if "variant" not in point else _kept_memory(point, x)
+    variant = point.get("variant")  # Rule LV4 (``--cache``); LV1's points name ``known``
+    known = point["known"] if variant is None else variant == "known"
+    net = build(point["network"], known)
+    if variant == "conventional":
 
-    def step() -> None:
-        net.zero_grad(set_to_none=True)
-        streamed(x).sum().backward()
+        def step() -> None:
+            net.zero_grad(set_to_none=True)
+            net(x).sum().backward()
 
-    seconds, times = _median_step(step, point["steps"])
+        with RssMeter() as meter:
+            seconds, times, cpu = _median_step(step, point["steps"])
+        assert meter.reading is not None
+        return {
+            "seconds": seconds,
+            "times": times,
+            "cpu_times": cpu,
+            "peak_rss_over_baseline_bytes": meter.reading.delta_bytes,
+        }
+    with _cache(point) as cache:
+        streamed = streamcheck.Streamed(net, tile=tile, cache=cache)
+        plan = streamed.plan(tuple(x.shape))
+
+        def step() -> None:
+            net.zero_grad(set_to_none=True)
+            streamed(x).sum().backward()
+
+        with RssMeter() as meter:
+            seconds, times, cpu = _median_step(step, point["steps"])
+    assert meter.reading is not None
     return {
         "seconds": seconds,
         "times": times,
+        "cpu_times": cpu,
+        "peak_rss_over_baseline_bytes": meter.reading.delta_bytes,
         "levels": plan.levels,
         "passes_training": plan.passes_training,
         "time_factor_estimate": plan.time_factor,
@@ -118,7 +144,80 @@ def measure(point: dict[str, Any], partial: Callable[[dict[str, Any]], None]) ->
         "tiles": [p.n_tiles for p in plan.tile_passes],
         "kept_maps": list(plan.cut_paths) if plan.graph is not None else [],
         "kept_bytes": plan.cache_bytes,
+        "peak_bytes_estimate": plan.peak_bytes_estimate,
     }
+
+
+@contextlib.contextmanager
+def _cache(point: dict[str, Any]) -> Iterator[streamcheck.HostCache | streamcheck.DiskCache | None]:
+    """Rule LV4: the point's cache; a DiskCache's files in a directory of their own, on disk."""
+    budget, variant = point.get("cache"), point.get("variant", "host")
+    if not budget:
+        yield None
+    elif variant == "disk":
+        with tempfile.TemporaryDirectory(prefix="streamcheck-levels-", dir="/var/tmp") as tmp:
+            yield streamcheck.DiskCache(tmp, bytes=budget)
+    else:
+        yield streamcheck.HostCache(bytes=budget)
+
+
+def _saved_bytes(net: nn.Module, x: torch.Tensor) -> int:
+    """Rule LV5: the bytes of the tensors a plain forward saves for backward, traced on the meta
+    device (nothing allocated); a tensor saved twice counts twice."""
+    meta = copy.deepcopy(net).to("meta")
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        meta(x.to("meta"))
+    return total
+
+
+def _kept_memory(point: dict[str, Any], x: torch.Tensor) -> dict[str, Any]:
+    """Rule LV5: peak RSS of one training step, conventional (where it fits) or with kept maps."""
+    net = build(point["network"], False)
+    if point["variant"] == "conventional":
+        saved = _saved_bytes(net, x)
+        if saved > 0.4 * available_bytes():
+            return {"saved_tensor_bytes": saved, "run": False}
+
+        def forward() -> torch.Tensor:
+            return net(x)
+
+        extra: dict[str, Any] = {"saved_tensor_bytes": saved, "run": True}
+    else:
+        cache = streamcheck.HostCache(bytes=point["cache"])
+        streamed = streamcheck.Streamed(net, tile=point["tile"], cache=cache)
+        plan = streamed.plan(tuple(x.shape))
+
+        def forward() -> torch.Tensor:
+            return streamed(x)
+
+        extra = {
+            "run": True,
+            "kept_maps": list(plan.cut_paths),
+            "kept_bytes": plan.cache_bytes,
+            "peak_bytes_estimate": plan.peak_bytes_estimate,
+            "passes_training": plan.passes_training,
+        }
+    with RssMeter() as meter:
+        start = time.perf_counter()
+        forward().sum().backward()
+        seconds = time.perf_counter() - start
+    assert meter.reading is not None
+    return {"peak_rss_over_baseline_bytes": meter.reading.delta_bytes, "seconds": seconds, **extra}
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
 def _memory(point: dict[str, Any], x: torch.Tensor) -> dict[str, Any]:
