@@ -31,12 +31,12 @@ def test_quick_run_writes_rows_and_a_summary(tmp_path: Path) -> None:
     assert len(read_rows(results_path(tmp_path))) == 6
 
 
-def test_quick_cache_run_writes_five_time_points_two_memory_points_and_a_summary(
+def test_quick_cache_run_writes_time_memory_and_budget_points_and_a_summary(
     tmp_path: Path,
 ) -> None:
     assert main(["--cache", "--quick", "--steps", "1", "--out", str(tmp_path)]) == 0
     rows = read_rows(results_path(tmp_path / "cache"))
-    assert len(rows) == 7 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
     by = {(r["params"]["kind"], r["params"]["variant"]): r for r in rows}
     for variant in ("host", "disk"):  # Rule LV4: the same budget, the same plan
         cached = by[("time", variant)]["metrics"]
@@ -50,5 +50,8 @@ def test_quick_cache_run_writes_five_time_points_two_memory_points_and_a_summary
     assert by[("time", "streamed")]["metrics"]["kept_maps"] == []
     conventional = by[("memory", "conventional")]["metrics"]
     assert conventional["run"] and conventional["saved_tensor_bytes"] > 0  # Rule LV5
+    plans = by[("budgets", "plan")]["metrics"]["plans"]  # Rule LV6: more budget, less work
+    factors = [q["time_factor_estimate"] for q in plans]
+    assert factors == sorted(factors, reverse=True) and factors[-1] < factors[0]
     summary = (tmp_path / "cache" / "SUMMARY.md").read_text()
-    assert summary.count("| resnet18_train_bn |") == 2  # one time row, one memory row
+    assert summary.count("| resnet18_train_bn |") == 3  # time, budgets, memory

@@ -26,6 +26,9 @@ LV5. Memory at 4096² (``--cache``): one training step streamed with the host ca
      only where the tensors its autograd graph saves (a meta-device trace, counted before any
      work) take under 40 % of the memory available; otherwise the trace's bytes are reported
      as what it would need, marked as not run.
+LV6. How to choose a budget (``--cache``): per trunk, the plan alone (no work) at the time
+     points' size for budgets of 0, 1, 2, 4, 8 and 16 times the image's bytes: its kept maps,
+     their bytes, the passes and the time factor estimate.
 LV3. Every point runs in a fresh process (suites/fresh.py Rules FP1-FP2), pairs interleaved
      (A B B A), one OpenMP thread with passive waiting (the cores are shared: say so), float32,
      one warm-up step then the median of ``--steps``; rows are appended as they finish and a
@@ -89,6 +92,17 @@ def cache_points(*, quick: bool) -> list[dict[str, Any]]:
         }
         for name in (TRUNKS[:1] if quick else TRUNKS)
         for variant in ("conventional", "host")
+    ]
+    out += [  # Rule LV6
+        {
+            "network": name,
+            "variant": "plan",
+            "cache": 0,
+            "size": size,
+            "tile": tile,
+            "kind": "budgets",
+        }
+        for name in (TRUNKS[:1] if quick else TRUNKS)
     ]
     return out
 

@@ -103,6 +103,8 @@ def measure(point: dict[str, Any], partial: Callable[[dict[str, Any]], None]) ->
     x = torch.randn(1, 3, size, size)
     if point["kind"] == "memory":
         return _memory(point, x) if "variant" not in point else _kept_memory(point, x)
+    if point["kind"] == "budgets":
+        return _budgets(point)
     variant = point.get("variant")  # Rule LV4 (``--cache``); LV1's points name ``known``
     known = point["known"] if variant is None else variant == "known"
     net = build(point["network"], known)
@@ -210,6 +212,31 @@ def _kept_memory(point: dict[str, Any], x: torch.Tensor) -> dict[str, Any]:
         seconds = time.perf_counter() - start
     assert meter.reading is not None
     return {"peak_rss_over_baseline_bytes": meter.reading.delta_bytes, "seconds": seconds, **extra}
+
+
+BUDGET_MULTIPLES = (0, 1, 2, 4, 8, 16)  # Rule LV6, of the image's bytes
+
+
+def _budgets(point: dict[str, Any]) -> dict[str, Any]:
+    """Rule LV6: the plan for each budget, before any work."""
+    net, size = build(point["network"], False), point["size"]
+    image = 3 * size * size * 4
+    plans = []
+    for k in BUDGET_MULTIPLES:
+        cache = streamcheck.HostCache(bytes=k * image) if k else None
+        p = streamcheck.plan(net, (1, 3, size, size), tile=point["tile"], cache=cache)
+        plans.append(
+            {
+                "multiple": k,
+                "budget_bytes": k * image,
+                "kept_maps": list(p.cut_paths),
+                "kept_bytes": p.cache_bytes,
+                "passes_training": p.passes_training,
+                "time_factor_estimate": p.time_factor,
+                "peak_bytes_estimate": p.peak_bytes_estimate,
+            }
+        )
+    return {"plans": plans}
 
 
 def available_bytes() -> int:

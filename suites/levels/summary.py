@@ -157,6 +157,29 @@ def kept_memory_rows(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def budget_rows(rows: list[dict[str, Any]]) -> list[str]:
+    """Rule LV6: per trunk, the plan's kept maps and estimate against the budget."""
+    found = [r for r in rows if r["status"] == "ok" and r["params"]["kind"] == "budgets"]
+    if not found:
+        return []
+    multiples = [q["multiple"] for q in found[0]["metrics"]["plans"]]
+    lines = [
+        "| network | size, tile | "
+        + " | ".join(f"budget {k}x the image" for k in multiples)
+        + " |",
+        "|---|---|" + "---|" * len(multiples),
+    ]
+    for row in found:
+        p = row["params"]
+        cells = [
+            f"{q['time_factor_estimate']:.2f}x, {len(q['kept_maps'])} maps "
+            f"({_mib(q['kept_bytes'])}), {q['passes_training']} passes"
+            for q in row["metrics"]["plans"]
+        ]
+        lines.append(f"| {p['network']} | {p['size']}², {p['tile']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _runs(rows: list[dict[str, Any]]) -> list[str]:
     envs = {(r["environment"]["cpu"], r["environment"]["git_commit"]) for r in rows}
     commands = sorted({r["run"]["command"] for r in rows})
@@ -198,6 +221,13 @@ def write_cache_summary(out: Path) -> Path:
         "## Time per training step (Rule LV4)",
         "",
         *cache_rows(rows),
+        "",
+        "## The plan's estimate against the budget (Rule LV6)",
+        "",
+        "The plan alone, before any work: the time factor estimate against the known twin, the "
+        "kept maps and their bytes (map and gradient), the passes per training step.",
+        "",
+        *budget_rows(rows),
         "",
         "## Memory at a larger image (Rule LV5)",
         "",
