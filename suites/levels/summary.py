@@ -172,7 +172,8 @@ def budget_rows(rows: list[dict[str, Any]]) -> list[str]:
     for row in found:
         p = row["params"]
         cells = [
-            f"{q['time_factor_estimate']:.2f}x, {len(q['kept_maps'])} maps "
+            f"{q['time_factor_estimate']:.2f}x, {len(q['kept_maps'])} "
+            f"map{'' if len(q['kept_maps']) == 1 else 's'} "
             f"({_mib(q['kept_bytes'])}), {q['passes_training']} passes"
             for q in row["metrics"]["plans"]
         ]
