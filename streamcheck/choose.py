@@ -35,7 +35,7 @@ from torch import nn
 
 from .errors import StreamcheckError
 from .graph import build_graph
-from .plan import MAX_LEVELS, StreamPlan, make_plan
+from .planning import MAX_LEVELS, StreamPlan, make_plan
 
 __all__ = ["choose_tile", "free_bytes"]
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import streamcheck
 from streamcheck.graph import build_graph
-from streamcheck.plan import make_plan
+from streamcheck.planning import make_plan
 
 
 def _trunk() -> nn.Module:
