@@ -17,7 +17,7 @@ from .kept import DiskCache, HostCache
 from .lsuv import lsuv_init
 from .masks import tissue_mask
 from .opening import open_image
-from .plan import StreamPlan, Tile, plan
+from .planning import StreamPlan, Tile, plan
 from .sources import ImageSource
 from .splitting import Split, split
 from .streaming import Streamed

@@ -17,8 +17,9 @@ Rule CT3. Shapes are planned in order of that sum (ties: fewer tiles), and the f
           those of a shape that did not fit is skipped unplanned (the estimate grows with every
           edge).
 Rule CT4. Nothing fits: a ``StreamcheckError`` with the smallest estimate found and the fixes.
-Rule CT5. ``device="cuda"`` takes the budget from what the card has free now; whether a given plan
-          fits is ``plan.peak_bytes_estimate <= free_bytes("cuda")``. Only a CUDA device: its
+Rule CT5. ``device="cuda"`` takes the budget from what a new allocation can use on the card now:
+          the driver's free memory plus what PyTorch's caching allocator holds unused; whether a
+          given plan fits is ``plan.fits("cuda")`` (with headroom). Only a CUDA device: its
           allocator counts what the estimate models. (No GPU has checked the estimate yet: cuDNN
           may choose workspaces that the CPU-measured Rule PM2 does not model.)
 """
@@ -35,7 +36,7 @@ from torch import nn
 
 from .errors import StreamcheckError
 from .graph import build_graph
-from .plan import MAX_LEVELS, StreamPlan, make_plan
+from .planning import MAX_LEVELS, StreamPlan, make_plan
 
 __all__ = ["choose_tile", "free_bytes"]
 
@@ -101,15 +102,17 @@ def choose_tile(
 
 
 def free_bytes(device: torch.device | str) -> int:
-    """Rule CT5: the bytes a CUDA device has free now (``torch.cuda.mem_get_info``)."""
+    """Rule CT5: the bytes a new allocation on a CUDA device can use now."""
     where = torch.device(device)
     if where.type != "cuda":
         raise StreamcheckError(
             f"streamcheck: device={str(device)!r}: only a CUDA device's free memory is read (the "
             "estimate bounds live tensors, which a CUDA allocator counts; a CPU process's "
-            "resident memory adds the C allocator's slack). Fix: pass budget_bytes"
+            "resident memory adds the C allocator's slack). Fix: a budget of your own against "
+            "plan(...).peak_bytes_estimate (choose_tile: budget_bytes=...)"
         )
-    return int(torch.cuda.mem_get_info(where)[0])
+    unused = torch.cuda.memory_reserved(where) - torch.cuda.memory_allocated(where)
+    return int(torch.cuda.mem_get_info(where)[0] + unused)
 
 
 def _budget(budget_bytes: int | None, device: torch.device | str | None) -> int:

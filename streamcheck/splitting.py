@@ -53,7 +53,7 @@ from torch.fx.graph_module import _copy_attr
 
 from .errors import Problem, StreamcheckError, internal_error
 from .graph import Graph, _meta_values, build_graph
-from .plan import _param_dtype, make_plan, normalize_tile
+from .planning import _param_dtype, make_plan, normalize_tile
 
 __all__ = ["Part", "Split", "split"]
 

@@ -73,7 +73,7 @@ from .graph import Graph, build_graph, unflatten
 from .kept import Cache, DiskCache, HostCache, KeptMaps
 from .layers import Window
 from .masks import ScaledMask
-from .plan import MAX_LEVELS, StreamPlan, make_plan, normalize_tile
+from .planning import MAX_LEVELS, StreamPlan, make_plan, normalize_tile
 from .program import Schedule, run_globals, run_once, run_tile
 from .reductions import Accumulator, Reduction, Running, moments, stat_dims, update_running
 from .saliency import GradientSink

@@ -10,7 +10,6 @@ from the passes it implies rather than by the dynamic programme.
 from __future__ import annotations
 
 import copy
-import importlib
 import itertools
 import math
 import warnings
@@ -24,6 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import streamcheck
+from streamcheck import planning
 from streamcheck.graph import build_graph
 from streamcheck.kept import Candidate, Target, choose_cuts
 from streamcheck.testing.checker import check_streamed
@@ -33,7 +33,6 @@ from streamcheck.testing.strategies import streaming_cases
 from streamcheck.testing.unets import unet_cases
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-plan_module = importlib.import_module("streamcheck.plan")  # the module, not the function
 
 
 def train_bn_chain() -> nn.Module:
@@ -254,7 +253,7 @@ def _forced_exact(module: nn.Module, shape: tuple[int, ...], tile: object, data:
     def forced(graph: object, targets: object, budget: int, excluded: set[int]) -> tuple[int, ...]:
         return tuple(c for c in chosen if c not in excluded)
 
-    with mock.patch.object(plan_module, "_choose", forced):
+    with mock.patch.object(planning, "_choose", forced):
         streamed = streamcheck.Streamed(
             module,
             tile=tile,

@@ -63,7 +63,7 @@ from typing import Any
 import torch
 
 import streamcheck
-from streamcheck.plan import MAX_LEVELS
+from streamcheck.planning import MAX_LEVELS
 from streamcheck.testing.checker import check_streaming_equivalence
 from suites.trunks import randomize_norms
 

@@ -136,6 +136,23 @@ class StreamPlan:
     def n_tiles(self) -> int:
         return len(self.tiles)
 
+    def fits(self, device: str | torch.device = "cuda", *, headroom: float = 0.1) -> bool:
+        """Whether a training step fits on a CUDA ``device`` now: the peak memory estimate plus
+        ``headroom`` (a fraction of it, for what the estimate does not model: convolution
+        workspaces, allocator rounding) against the memory a new allocation can use there
+        (choose Rule CT5). Parameters, gradients and optimizer state are the caller's, already
+        allocated. A CPU is refused, as in ``choose_tile``: its resident memory adds the C
+        allocator's slack, which the estimate does not bound.
+
+        >>> import torch.nn as nn
+        >>> p = plan(nn.Conv2d(3, 8, 3, padding=1), (1, 3, 8192, 8192), tile=2048)
+        >>> p.fits("cuda") if torch.cuda.is_available() else True   # 8192² in 2048² tiles
+        True
+        """
+        from .choose import free_bytes  # choose plans with this module
+
+        return self.peak_bytes_estimate * (1 + headroom) <= free_bytes(device)
+
     @property
     def grid(self) -> tuple[int, ...]:
         """Tiles along each spatial axis."""
