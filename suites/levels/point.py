@@ -109,36 +109,13 @@ def measure(point: dict[str, Any], partial: Callable[[dict[str, Any]], None]) ->
     known = point["known"] if variant is None else variant == "known"
     net = build(point["network"], known)
     if variant == "conventional":
-
-        def step() -> None:
-            net.zero_grad(set_to_none=True)
-            net(x).sum().backward()
-
-        with RssMeter() as meter:
-            seconds, times, cpu = _median_step(step, point["steps"])
-        assert meter.reading is not None
-        return {
-            "seconds": seconds,
-            "times": times,
-            "cpu_times": cpu,
-            "peak_rss_over_baseline_bytes": meter.reading.delta_bytes,
-        }
+        return _timed(net, x, point["steps"])
     with _cache(point) as cache:
         streamed = streamcheck.Streamed(net, tile=tile, cache=cache)
         plan = streamed.plan(tuple(x.shape))
-
-        def step() -> None:
-            net.zero_grad(set_to_none=True)
-            streamed(x).sum().backward()
-
-        with RssMeter() as meter:
-            seconds, times, cpu = _median_step(step, point["steps"])
-    assert meter.reading is not None
+        timed = _timed(net, x, point["steps"], run=streamed)
     return {
-        "seconds": seconds,
-        "times": times,
-        "cpu_times": cpu,
-        "peak_rss_over_baseline_bytes": meter.reading.delta_bytes,
+        **timed,
         "levels": plan.levels,
         "passes_training": plan.passes_training,
         "time_factor_estimate": plan.time_factor,
@@ -147,6 +124,27 @@ def measure(point: dict[str, Any], partial: Callable[[dict[str, Any]], None]) ->
         "kept_maps": list(plan.cut_paths) if plan.graph is not None else [],
         "kept_bytes": plan.cache_bytes,
         "peak_bytes_estimate": plan.peak_bytes_estimate,
+    }
+
+
+def _timed(
+    net: nn.Module, x: torch.Tensor, steps: int, *, run: Callable[[torch.Tensor], Any] | None = None
+) -> dict[str, Any]:
+    """Training steps of ``run`` (the plain ``net`` by default): times and peak RSS (Rule LV4)."""
+    forward = run or net
+
+    def step() -> None:
+        net.zero_grad(set_to_none=True)
+        forward(x).sum().backward()
+
+    with RssMeter() as meter:
+        seconds, times, cpu = _median_step(step, steps)
+    assert meter.reading is not None
+    return {
+        "seconds": seconds,
+        "times": times,
+        "cpu_times": cpu,
+        "peak_rss_over_baseline_bytes": meter.reading.delta_bytes,
     }
 
 

@@ -82,13 +82,18 @@ def _wall_over_cpu(row: dict[str, Any]) -> float:
     return row["metrics"]["seconds"] / _cpu(row)
 
 
-def cache_rows(rows: list[dict[str, Any]]) -> list[str]:
-    """Rule LV4: per trunk, the step's CPU time five ways, the factors and the plan's estimates."""
-    times = {
+def _by_variant(rows: list[dict[str, Any]], kind: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """Rules LV4-LV5: the good rows of ``kind`` by (network, variant)."""
+    return {
         (r["params"]["network"], r["params"]["variant"]): r
         for r in rows
-        if r["status"] == "ok" and r["params"]["kind"] == "time"
+        if r["status"] == "ok" and r["params"]["kind"] == kind
     }
+
+
+def cache_rows(rows: list[dict[str, Any]]) -> list[str]:
+    """Rule LV4: per trunk, the step's CPU time five ways, the factors and the plan's estimates."""
+    times = _by_variant(rows, "time")
     lines = [
         "| network | size, tile | cache budget (x image) | kept maps (plan) | passes (training), "
         "without / with | CPU s per step: conventional, known twin, no cache, host, disk | "
@@ -128,11 +133,7 @@ def cache_rows(rows: list[dict[str, Any]]) -> list[str]:
 
 def kept_memory_rows(rows: list[dict[str, Any]]) -> list[str]:
     """Rule LV5: peak RSS of one step, conventional (or what its saved tensors need) and kept."""
-    found = {
-        (r["params"]["network"], r["params"]["variant"]): r
-        for r in rows
-        if r["status"] == "ok" and r["params"]["kind"] == "memory"
-    }
+    found = _by_variant(rows, "memory")
     lines = [
         "| network | size, tile | conventional: peak RSS over baseline (tensors saved for "
         "backward) | streamed, host cache: peak RSS over baseline | its kept maps | its plan's "
