@@ -40,8 +40,10 @@ def open_image(
     group of levels ``"0"``, ``"1"``, ...), or a ``pyvips.Image``. Of a file, ``level`` picks the
     pyramid level (``-1`` the smallest) or ``mpp`` the level nearest that many µm/px (Rule I6);
     ``backend`` reads it: ``"tifffile"`` (TIFF-based: SVS, NDPI, OME-TIFF, generic pyramids; the
-    default for those), ``"openslide"`` (MIRAX and the other formats OpenSlide reads; extra
-    ``openslide``), see ``slidefiles.py``; ``series`` is the image in a multi-image TIFF.
+    default for those), ``"wsidicom"`` (a DICOM WSI: its folder, or one of its files; extra
+    ``dicom``), ``"openslide"`` (MIRAX and the other formats OpenSlide reads; extra
+    ``openslide``), see ``slidefiles.py``; ``series`` is the image in a multi-image TIFF or the
+    pyramid of a DICOM WSI.
     ``decode_threads`` decode a region's tiles in parallel and ``cache_bytes`` keeps decoded tiles
     for the next reads (backward reads forward's regions again; tifffile backend, Rules SF3, SF4).
     Arrays are HWC unless ``layout="CHW"`` (Rule I2); ``channels=3`` keeps the first three

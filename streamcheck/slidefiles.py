@@ -1,11 +1,13 @@
 """Slide files: the backends that read a whole-slide image file region by region (tifffile,
-OpenSlide), behind the ``ImageSource`` interface of ``sources.py``.
+OpenSlide; wsidicom in ``dicomfiles.py``), behind the ``ImageSource`` interface of ``sources.py``.
 
 NOTE [ Slide files ]
 Rule SF1. The backend is chosen once, when the file is opened: ``backend="auto"`` reads a TIFF-based
          file (by its first bytes or its suffix: SVS, NDPI, OME-TIFF, generic pyramids) with
-         tifffile, anything else (MIRAX ``.mrxs``, VMS, ...) with OpenSlide. ``backend=`` forces one; a backend that is
-         not installed is a ``StreamcheckError`` naming the extra to install.
+         tifffile, a DICOM WSI (a folder of instances, or a file with DICOM's ``DICM`` marker)
+         with wsidicom, anything else (MIRAX ``.mrxs``, VMS, ...) with OpenSlide. ``backend=``
+         forces one; a backend that is not installed is a ``StreamcheckError`` naming the extra
+         to install, raised when the file is opened.
 Rule SF2. Codecs are checked when the file is opened, not at the first tile: every compression and
          predictor of the chosen level must have a decoder (tifffile's built-in ones or
          imagecodecs'), or the error names the package and the install line.
@@ -39,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .dicomfiles import DicomSource, is_dicom
 from .errors import StreamcheckError
 from .geometry import Interval
 from .sources import ImageSource, Level, checked_shape, choose_level, import_extra, torch_dtype
@@ -48,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OpenSlideSource", "TiffSource", "open_slide_file"]
 
-BACKENDS = ("auto", "tifffile", "openslide")
+BACKENDS = ("auto", "tifffile", "openslide", "wsidicom")
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".qptiff", ".scn", ".bif")
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _UNITS_UM = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
@@ -73,15 +76,31 @@ def open_slide_file(
         raise StreamcheckError(
             f"streamcheck: backend {backend!r} is not one of {', '.join(BACKENDS)}"
         )
-    if not path.is_file():
+    if not path.exists():
         raise StreamcheckError(
             f"streamcheck: no file at {str(path)!r} (absolute: {str(path.absolute())!r}). "
             "Fix: check the path"
         )
-    if backend == "auto":
+    if backend == "auto" and is_dicom(path):
+        backend = "wsidicom"
+    elif backend == "auto":
         with open(path, "rb") as f:
             tiff = f.read(4) in TIFF_MAGIC or path.suffix.lower() in TIFF_SUFFIXES
         backend = "tifffile" if tiff else "openslide"
+    if path.is_dir() and backend != "wsidicom":
+        raise StreamcheckError(
+            f"streamcheck: {str(path)!r} is a folder; backend {backend!r} reads one file. Fix: "
+            "the slide's file, or backend='wsidicom' for a folder of DICOM instances"
+        )
+    if backend == "wsidicom":
+        return DicomSource(
+            path,
+            level=level,
+            mpp=mpp,
+            mpp_tolerance=mpp_tolerance,
+            series=series,
+            channels=channels,
+        )
     if backend == "tifffile":
         return TiffSource(
             path,
@@ -95,7 +114,10 @@ def open_slide_file(
             cache_bytes=cache_bytes,
         )
     if series != 0:
-        raise StreamcheckError("streamcheck: series= is for TIFF files (backend='tifffile')")
+        raise StreamcheckError(
+            "streamcheck: series= is for TIFF files and DICOM pyramids (backends 'tifffile', "
+            "'wsidicom')"
+        )
     return OpenSlideSource(
         path, level=level, mpp=mpp, mpp_tolerance=mpp_tolerance, channels=channels, alpha=alpha
     )
