@@ -15,12 +15,17 @@ Rule SF3. The tifffile backend reads a region by reading the bytes of exactly th
          it overlaps, under the file's lock, then decoding them on ``decode_threads`` threads
          (imagecodecs releases the GIL) and pasting them. Its pixels are tifffile's decoder output,
          the same as ``tifffile.imread`` of the level gives.
-Rule SF4. The decode-once cache (``cache_bytes``) keeps decoded tiles, least recently used first
-         out, within a byte budget, so that the tiles decoded for forward are not decoded again for
-         backward (and the tiles shared by overlapping regions once only). It belongs to one open
-         source, so its key, the tile's index, is complete: the file, series, level and codec are
-         the source's own, and the file's size and modification time are checked whenever the file
-         is opened again (after pickling): a file that changed is an error, never stale pixels.
+Rule SF4. The decode-once cache (``cache_bytes``) keeps decoded tiles within a byte budget, so that
+         the tiles decoded for forward are not decoded again for backward (and the tiles shared
+         by overlapping regions once only). Backward reads forward's regions in forward's order,
+         so a least-recently-used cache smaller than a step's tiles would evict every tile before
+         backward asks for it; the cache instead keeps the tiles it holds and admits new ones
+         only while there is room: backward is served the first ``cache_bytes`` of forward's
+         tiles. It belongs to one open source, so its key, the tile's index, is complete: the
+         file, series, level and codec are the source's own, and the file's size and
+         modification time are checked whenever the file is opened again (after pickling or
+         ``close``, which empties the cache): a file that changed is an error, never stale
+         pixels.
 Rule SF5. OpenSlide addresses a region at level ``l`` by its top-left corner in level-0 pixels;
          streamcheck passes ``round(x * downsample)``. Where the downsample is not an integer,
          OpenSlide may place that corner between two pixels of the level, so the OpenSlide
@@ -36,7 +41,6 @@ from __future__ import annotations
 import re
 import threading
 import weakref
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,36 +133,28 @@ def _file_stamp(path: Path) -> tuple[int, int]:
 
 
 class _TileCache:
-    """Decoded tiles, least recently used out first, within ``budget`` bytes (Rule SF4)."""
+    """Decoded tiles, admitted while within ``budget`` bytes, never evicted (Rule SF4)."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
         self.hits = 0  # tiles served from the cache
         self.decoded = 0  # tiles decoded (with or without a cache)
-        self._tiles: OrderedDict[int, Any] = OrderedDict()
+        self._tiles: dict[int, Any] = {}
         self._lock = threading.Lock()
 
     def get(self, index: int) -> Any:
         with self._lock:
             tile = self._tiles.get(index)
-            if tile is None:
-                return None
-            self.hits += 1
-            self._tiles.move_to_end(index)
+            self.hits += tile is not None
             return tile
 
     def put(self, index: int, tile: Any) -> None:
-        if tile is None or tile.nbytes > self.budget:
-            return
         with self._lock:
-            if index in self._tiles:
+            if tile is None or index in self._tiles or self.used + tile.nbytes > self.budget:
                 return
             self._tiles[index] = tile
             self.used += tile.nbytes
-            while self.used > self.budget:
-                _, old = self._tiles.popitem(last=False)
-                self.used -= old.nbytes
 
 
 class TiffSource(ImageSource):

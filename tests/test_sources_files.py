@@ -273,8 +273,12 @@ def test_parallel_decoding_and_the_cache_give_the_same_pixels_and_decode_once(
     cache = fast._cache
     assert cache.decoded == 8 * 12  # every tile (32 px) decoded once, by the first read
     assert cache.hits == 2 * (3 * 6)  # the two later reads: 3 x 6 tiles each, from the cache
-    tiny = open_image(path, cache_bytes=32 * 32 * 3)  # room for one tile
-    assert torch.equal(tiny.read_all(), plain.read_all())
+    tiny = open_image(path, cache_bytes=5 * 32 * 32 * 3)  # room for five of the 96 tiles
+    for _ in range(2):  # backward reads forward's regions again, in the same order
+        assert torch.equal(tiny.read_all(), plain.read_all())
+    assert tiny._cache.hits == 5  # the first five kept, not evicted by the 91 after them
+    tiny.close()  # a new slide: the cache emptied
+    assert torch.equal(tiny.read_all(), plain.read_all()) and tiny._cache.hits == 0
 
 
 def test_a_tiff_source_pickles_without_pixels_and_refuses_a_changed_file(tmp_path: Path) -> None:
