@@ -96,35 +96,29 @@ def open_slide_file(
             f"streamcheck: {str(path)!r} is a folder; backend {backend!r} reads one file. Fix: "
             "the slide's file, or backend='wsidicom' for a folder of DICOM instances"
         )
+    chosen: dict[str, Any] = {
+        "level": level,
+        "mpp": mpp,
+        "mpp_tolerance": mpp_tolerance,
+        "channels": channels,
+    }
     if backend == "wsidicom":
-        return DicomSource(
-            path,
-            level=level,
-            mpp=mpp,
-            mpp_tolerance=mpp_tolerance,
-            series=series,
-            channels=channels,
-        )
+        return DicomSource(path, series=series, **chosen)
     if backend == "tifffile":
         return TiffSource(
             path,
-            level=level,
-            mpp=mpp,
-            mpp_tolerance=mpp_tolerance,
             series=series,
-            channels=channels,
             alpha=alpha,
             decode_threads=decode_threads,
             cache_bytes=cache_bytes,
+            **chosen,
         )
     if series != 0:
         raise StreamcheckError(
             "streamcheck: series= is for TIFF files and DICOM pyramids (backends 'tifffile', "
             "'wsidicom')"
         )
-    return OpenSlideSource(
-        path, level=level, mpp=mpp, mpp_tolerance=mpp_tolerance, channels=channels, alpha=alpha
-    )
+    return OpenSlideSource(path, alpha=alpha, **chosen)
 
 
 def _file_stamp(path: Path) -> tuple[int, int]:
