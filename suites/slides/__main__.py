@@ -26,6 +26,7 @@ V5. Decoding: a JPEG slide (256 px tiles, quality 90, as scanners write) streame
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -89,7 +90,7 @@ def grid(*, quick: bool) -> list[Point]:
     for decode_threads, cache_mib in settings:
         points.append(
             Point(
-                "decoding", "file_memory", jpeg_side, 0.5, jpeg_tile, min(pairs, 3), "train",
+                "decoding", "file_memory", jpeg_side, 0.5, jpeg_tile, min(pairs, 4), "train",
                 compression="jpeg", decode_threads=decode_threads, cache_mib=cache_mib,
             )
         )  # fmt: skip
@@ -172,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
                     },
                     "metrics": metrics,
                     "environment": environment("cpu"),
-                    "run": {"command": command, "nice": metrics["nice"], "quick": args.quick},
+                    "run": {
+                        "command": command,
+                        "nice": metrics["nice"],
+                        "quick": args.quick,
+                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                    },
                 }
                 append_row(results, row, required=ROW_KEYS)
                 took = f"({time.perf_counter() - start:.0f} s)"
