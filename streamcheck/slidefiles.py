@@ -24,8 +24,8 @@ Rule SF4. The decode-once cache (``cache_bytes``) keeps decoded tiles within a b
          tiles. It belongs to one open source, so its key, the tile's index, is complete: the
          file, series, level and codec are the source's own, and the file's size and
          modification time are checked whenever the file is opened again (after pickling or
-         ``close``, which empties the cache): a file that changed is an error, never stale
-         pixels.
+         ``close``): a file that changed is an error, never stale pixels. ``Streamed`` empties it
+         at the end of each step (sources Rule I7).
 Rule SF5. OpenSlide addresses a region at level ``l`` by its top-left corner in level-0 pixels;
          streamcheck passes ``round(x * downsample)``. Where the downsample is not an integer,
          OpenSlide may place that corner between two pixels of the level, so the OpenSlide
@@ -142,6 +142,12 @@ class _TileCache:
             tile = self._tiles.get(index)
             self.hits += tile is not None
             return tile
+
+    def clear(self) -> None:
+        """Drop the tiles; the counts stay."""
+        with self._lock:
+            self._tiles.clear()
+            self.used = 0
 
     def put(self, index: int, tile: Any) -> None:
         with self._lock:
@@ -336,6 +342,10 @@ class TiffSource(ImageSource):
     def _stored(self, out: np.ndarray) -> np.ndarray:
         """(separate, h, w, contig) -> the stored layout: HWC, or CHW for planar files."""
         return out[..., 0] if self.layout == "CHW" else out[0]
+
+    def release(self) -> None:
+        """Drop the cached tiles (sources Rule I7)."""
+        self._cache.clear()
 
     def close(self) -> None:
         """Close the file (it is opened again on the next read) and drop the cached tiles."""

@@ -281,6 +281,19 @@ def test_parallel_decoding_and_the_cache_give_the_same_pixels_and_decode_once(
     assert torch.equal(tiny.read_all(), plain.read_all()) and tiny._cache.hits == 0
 
 
+def test_the_cache_lives_one_step(tmp_path: Path) -> None:
+    """sources Rule I7: backward is served forward's tiles, then the cache is emptied."""
+    path, _ = slide_file(tmp_path, "svs", "jpeg", size=(128, 256))  # 4 x 8 tiles of 32 px
+    source = open_image(path, cache_bytes=2**24)
+    step(source)  # forward and backward
+    cache = source._cache
+    assert cache.decoded == 4 * 8  # each tile once: overlaps and backward's reads are hits
+    assert cache.hits > 0 and cache.used == 0  # emptied when backward ended
+    with torch.no_grad():
+        Streamed(trunk(), tile=64, tile_transform=to_float)(source)
+    assert cache.decoded == 2 * 4 * 8 and cache.used == 0  # no backward follows: emptied
+
+
 def test_a_tiff_source_pickles_without_pixels_and_refuses_a_changed_file(tmp_path: Path) -> None:
     path, _ = slide_file(tmp_path, "generic", "deflate")
     source = open_image(path, level=1, decode_threads=2, cache_bytes=2**20)
