@@ -294,15 +294,16 @@ class TiffSource(ImageSource):
         self._cache.decoded += len(missing)
         if missing:
             fh = self._tiff.filehandle
-            raw = list(
-                fh.read_segments(
-                    [page.dataoffsets[i] for i in missing],
-                    [page.databytecounts[i] for i in missing],
-                    indices=missing,
-                    lock=fh.lock,
-                    sort=True,
-                )
+            # positions into ``missing``, not the tiles' indices: tifffile 2024.8.30 looks a
+            # single segment up by its index in the lists passed
+            segments = fh.read_segments(
+                [page.dataoffsets[i] for i in missing],
+                [page.databytecounts[i] for i in missing],
+                indices=range(len(missing)),
+                lock=fh.lock,
+                sort=True,
             )
+            raw = [(data, missing[at]) for data, at in segments]
             options: dict[str, Any] = {"_fullsize": key.is_tiled}
             if key.compression in (6, 7, 34892, 33007):  # JPEG: tables and header
                 options["jpegtables"] = page.jpegtables
