@@ -157,6 +157,7 @@ SOURCES_TESTS = (
     "tests/test_export.py",
     "streamcheck/sources.py",
     "streamcheck/slidefiles.py",
+    "streamcheck/dicomfiles.py",
     "streamcheck/annotations.py",
     "streamcheck/export.py",
 )
@@ -169,15 +170,16 @@ SOURCES_TESTS = (
     ids=["3.11-oldest", "3.13-newest"],
 )
 def sources(session: nox.Session, versions: str) -> None:
-    """Image sources, masks and export in a fresh env of the slides and openslide extras only,
-    with the oldest (Python 3.11) and newest (3.13) tifffile/zarr/imagecodecs allowed."""
-    extras = ("slides", "openslide")
+    """Image sources, masks and export in a fresh env of the slides, openslide and dicom extras
+    only, with the oldest (Python 3.11) and newest (3.13) tifffile/zarr/imagecodecs/wsidicom
+    allowed."""
+    extras = ("slides", "openslide", "dicom")
     pins = oldest_pins(*extras) if versions == "oldest" else []
     # one resolver call (as `install`); the test tools only, no dependency group
     session.install("-e", f".[{','.join(extras)}]", "pytest>=8", "hypothesis>=6.100", *pins)
     session.run(
         "python",
         "-c",
-        "import tifffile, zarr, imagecodecs; print('tifffile', tifffile.__version__, 'zarr', zarr.__version__, 'imagecodecs', imagecodecs.__version__)",
+        "import tifffile, zarr, imagecodecs, wsidicom; print('tifffile', tifffile.__version__, 'zarr', zarr.__version__, 'imagecodecs', imagecodecs.__version__, 'wsidicom', wsidicom.__version__)",
     )
     session.run("pytest", "-p", "no:cacheprovider", *(session.posargs or SOURCES_TESTS))

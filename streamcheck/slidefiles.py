@@ -1,11 +1,13 @@
 """Slide files: the backends that read a whole-slide image file region by region (tifffile,
-OpenSlide), behind the ``ImageSource`` interface of ``sources.py``.
+OpenSlide; wsidicom in ``dicomfiles.py``), behind the ``ImageSource`` interface of ``sources.py``.
 
 NOTE [ Slide files ]
 Rule SF1. The backend is chosen once, when the file is opened: ``backend="auto"`` reads a TIFF-based
          file (by its first bytes or its suffix: SVS, NDPI, OME-TIFF, generic pyramids) with
-         tifffile, anything else (MIRAX ``.mrxs``, VMS, ...) with OpenSlide. ``backend=`` forces one; a backend that is
-         not installed is a ``StreamcheckError`` naming the extra to install.
+         tifffile, a DICOM WSI (a folder of instances, or a file with DICOM's ``DICM`` marker)
+         with wsidicom, anything else (MIRAX ``.mrxs``, VMS, ...) with OpenSlide. ``backend=``
+         forces one; a backend that is not installed is a ``StreamcheckError`` naming the extra
+         to install, raised when the file is opened.
 Rule SF2. Codecs are checked when the file is opened, not at the first tile: every compression and
          predictor of the chosen level must have a decoder (tifffile's built-in ones or
          imagecodecs'), or the error names the package and the install line.
@@ -13,12 +15,17 @@ Rule SF3. The tifffile backend reads a region by reading the bytes of exactly th
          it overlaps, under the file's lock, then decoding them on ``decode_threads`` threads
          (imagecodecs releases the GIL) and pasting them. Its pixels are tifffile's decoder output,
          the same as ``tifffile.imread`` of the level gives.
-Rule SF4. The decode-once cache (``cache_bytes``) keeps decoded tiles, least recently used first
-         out, within a byte budget, so that the tiles decoded for forward are not decoded again for
-         backward (and the tiles shared by overlapping regions once only). It belongs to one open
-         source, so its key, the tile's index, is complete: the file, series, level and codec are
-         the source's own, and the file's size and modification time are checked whenever the file
-         is opened again (after pickling): a file that changed is an error, never stale pixels.
+Rule SF4. The decode-once cache (``cache_bytes``) keeps decoded tiles within a byte budget, so that
+         the tiles decoded for forward are not decoded again for backward (and the tiles shared
+         by overlapping regions once only). Backward reads forward's regions in forward's order,
+         so a least-recently-used cache smaller than a step's tiles would evict every tile before
+         backward asks for it; the cache instead keeps the tiles it holds and admits new ones
+         only while there is room: backward is served the first ``cache_bytes`` of forward's
+         tiles. It belongs to one open source, so its key, the tile's index, is complete: the
+         file, series, level and codec are the source's own, and the file's size and
+         modification time are checked whenever the file is opened again (after pickling or
+         ``close``): a file that changed is an error, never stale pixels. ``Streamed`` empties it
+         at the end of each step (sources Rule I7).
 Rule SF5. OpenSlide addresses a region at level ``l`` by its top-left corner in level-0 pixels;
          streamcheck passes ``round(x * downsample)``. Where the downsample is not an integer,
          OpenSlide may place that corner between two pixels of the level, so the OpenSlide
@@ -34,11 +41,11 @@ from __future__ import annotations
 import re
 import threading
 import weakref
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .dicomfiles import DicomSource, is_dicom
 from .errors import StreamcheckError
 from .geometry import Interval
 from .sources import ImageSource, Level, checked_shape, choose_level, import_extra, torch_dtype
@@ -48,7 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OpenSlideSource", "TiffSource", "open_slide_file"]
 
-BACKENDS = ("auto", "tifffile", "openslide")
+BACKENDS = ("auto", "tifffile", "openslide", "wsidicom")
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".tf8", ".qptiff", ".scn", ".bif")
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _UNITS_UM = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
@@ -73,32 +80,45 @@ def open_slide_file(
         raise StreamcheckError(
             f"streamcheck: backend {backend!r} is not one of {', '.join(BACKENDS)}"
         )
-    if not path.is_file():
+    if not path.exists():
         raise StreamcheckError(
             f"streamcheck: no file at {str(path)!r} (absolute: {str(path.absolute())!r}). "
             "Fix: check the path"
         )
-    if backend == "auto":
+    if backend == "auto" and is_dicom(path):
+        backend = "wsidicom"
+    elif backend == "auto":
         with open(path, "rb") as f:
             tiff = f.read(4) in TIFF_MAGIC or path.suffix.lower() in TIFF_SUFFIXES
         backend = "tifffile" if tiff else "openslide"
+    if path.is_dir() and backend != "wsidicom":
+        raise StreamcheckError(
+            f"streamcheck: {str(path)!r} is a folder; backend {backend!r} reads one file. Fix: "
+            "the slide's file, or backend='wsidicom' for a folder of DICOM instances"
+        )
+    chosen: dict[str, Any] = {
+        "level": level,
+        "mpp": mpp,
+        "mpp_tolerance": mpp_tolerance,
+        "channels": channels,
+    }
+    if backend == "wsidicom":
+        return DicomSource(path, series=series, **chosen)
     if backend == "tifffile":
         return TiffSource(
             path,
-            level=level,
-            mpp=mpp,
-            mpp_tolerance=mpp_tolerance,
             series=series,
-            channels=channels,
             alpha=alpha,
             decode_threads=decode_threads,
             cache_bytes=cache_bytes,
+            **chosen,
         )
     if series != 0:
-        raise StreamcheckError("streamcheck: series= is for TIFF files (backend='tifffile')")
-    return OpenSlideSource(
-        path, level=level, mpp=mpp, mpp_tolerance=mpp_tolerance, channels=channels, alpha=alpha
-    )
+        raise StreamcheckError(
+            "streamcheck: series= is for TIFF files and DICOM pyramids (backends 'tifffile', "
+            "'wsidicom')"
+        )
+    return OpenSlideSource(path, alpha=alpha, **chosen)
 
 
 def _file_stamp(path: Path) -> tuple[int, int]:
@@ -107,36 +127,34 @@ def _file_stamp(path: Path) -> tuple[int, int]:
 
 
 class _TileCache:
-    """Decoded tiles, least recently used out first, within ``budget`` bytes (Rule SF4)."""
+    """Decoded tiles, admitted while within ``budget`` bytes, never evicted (Rule SF4)."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
         self.hits = 0  # tiles served from the cache
         self.decoded = 0  # tiles decoded (with or without a cache)
-        self._tiles: OrderedDict[int, Any] = OrderedDict()
+        self._tiles: dict[int, Any] = {}
         self._lock = threading.Lock()
 
     def get(self, index: int) -> Any:
         with self._lock:
             tile = self._tiles.get(index)
-            if tile is None:
-                return None
-            self.hits += 1
-            self._tiles.move_to_end(index)
+            self.hits += tile is not None
             return tile
 
-    def put(self, index: int, tile: Any) -> None:
-        if tile is None or tile.nbytes > self.budget:
-            return
+    def clear(self) -> None:
+        """Drop the tiles; the counts stay."""
         with self._lock:
-            if index in self._tiles:
+            self._tiles.clear()
+            self.used = 0
+
+    def put(self, index: int, tile: Any) -> None:
+        with self._lock:
+            if tile is None or index in self._tiles or self.used + tile.nbytes > self.budget:
                 return
             self._tiles[index] = tile
             self.used += tile.nbytes
-            while self.used > self.budget:
-                _, old = self._tiles.popitem(last=False)
-                self.used -= old.nbytes
 
 
 class TiffSource(ImageSource):
@@ -276,15 +294,16 @@ class TiffSource(ImageSource):
         self._cache.decoded += len(missing)
         if missing:
             fh = self._tiff.filehandle
-            raw = list(
-                fh.read_segments(
-                    [page.dataoffsets[i] for i in missing],
-                    [page.databytecounts[i] for i in missing],
-                    indices=missing,
-                    lock=fh.lock,
-                    sort=True,
-                )
+            # positions into ``missing``, not the tiles' indices: tifffile 2024.8.30 looks a
+            # single segment up by its index in the lists passed
+            segments = fh.read_segments(
+                [page.dataoffsets[i] for i in missing],
+                [page.databytecounts[i] for i in missing],
+                indices=range(len(missing)),
+                lock=fh.lock,
+                sort=True,
             )
+            raw = [(data, missing[at]) for data, at in segments]
             options: dict[str, Any] = {"_fullsize": key.is_tiled}
             if key.compression in (6, 7, 34892, 33007):  # JPEG: tables and header
                 options["jpegtables"] = page.jpegtables
@@ -324,6 +343,10 @@ class TiffSource(ImageSource):
     def _stored(self, out: np.ndarray) -> np.ndarray:
         """(separate, h, w, contig) -> the stored layout: HWC, or CHW for planar files."""
         return out[..., 0] if self.layout == "CHW" else out[0]
+
+    def release(self) -> None:
+        """Drop the cached tiles (sources Rule I7)."""
+        self._cache.clear()
 
     def close(self) -> None:
         """Close the file (it is opened again on the next read) and drop the cached tiles."""

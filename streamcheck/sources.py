@@ -28,6 +28,11 @@ Rule I6. Every source states its ``levels`` (height, width, downsample and µm/p
          ``None`` where the file does not say) and its ``backend``. ``mpp=`` picks the level whose
          µm/px is nearest (by ratio) to the one asked for, if within ``mpp_tolerance`` (relative);
          otherwise the error lists every level's µm/px. ``level=`` and ``mpp=`` exclude each other.
+Rule I7. What a source keeps of its reads (the tifffile backend's decoded tiles, slidefiles Rule
+         SF4) lives for one step: ``Streamed`` calls ``source.release()`` when a call has read the
+         source for the last time, at the end of its backward, or at the end of its forward when
+         no backward follows (no output requires grad). A dataset of open sources thus holds no
+         decoded pixels between steps.
 """
 
 from __future__ import annotations
@@ -81,6 +86,9 @@ class ImageSource:
     def _read(self, rows: Interval, cols: Interval) -> np.ndarray:
         """The stored pixels of one region, in the stored layout (subclasses)."""
         raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop what was kept for the reads of this step (Rule I7); the file stays open."""
 
     @property
     def height(self) -> int:

@@ -235,6 +235,8 @@ class Streamed(nn.Module):
         graph = plan.graph
         assert graph is not None
         outputs = _StreamFunction.apply(call, feed, x, *params)
+        if isinstance(x, ImageSource) and not any(o.requires_grad for o in outputs):
+            x.release()  # sources Rule I7: no backward reads it again
         if graph.spec is None:
             return outputs[0]
         return unflatten(graph.spec, outputs)
@@ -699,6 +701,8 @@ class _StreamFunction(torch.autograd.Function):
         run.pull_parameters(live)
         if call.kept is not None:
             call.kept.release()  # kept Rule KM6
+        if isinstance(x, ImageSource):
+            x.release()  # sources Rule I7
         return (None, None, grad_x, *run.grad_params)
 
 

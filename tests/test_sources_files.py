@@ -1,6 +1,7 @@
-"""Slide files (streamcheck/slidefiles.py, suites/slides/files.py): SVS, generic pyramids and
-OME-TIFF, JPEG and lossless, through tifffile and OpenSlide; levels by µm/px; codecs checked when
-opened; alpha onto white; parallel decoding and the decode-once cache."""
+"""Slide files (streamcheck/slidefiles.py, dicomfiles.py, suites/slides/files.py): SVS, generic
+pyramids, OME-TIFF and DICOM WSI, JPEG and lossless, through tifffile, OpenSlide and wsidicom;
+levels by µm/px; codecs checked when opened; alpha onto white; parallel decoding and the
+decode-once cache."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ from torch import nn
 
 from streamcheck import StreamcheckError, Streamed, open_image
 from streamcheck.testing import relative_error
-from suites.slides.files import COMPRESSIONS, KINDS, tissue_image, write_slide_file
+from suites.slides.files import (
+    COMPRESSIONS,
+    KINDS,
+    tissue_image,
+    write_dicom_slide,
+    write_slide_file,
+)
 
 tifffile = pytest.importorskip("tifffile")
 pytest.importorskip("imagecodecs")  # the slides extra: JPEG tiles
@@ -28,6 +35,14 @@ SUFFIX = {"svs": ".svs", "generic": ".tif", "ome": ".ome.tif"}
 
 def openslide_or_skip():
     return pytest.importorskip("openslide", reason="the openslide extra is not installed")
+
+
+def dicom_slide(tmp_path: Path, compression: str, size: tuple[int, int] = (256, 384)) -> Path:
+    """A DICOM WSI of the frames of a generic pyramid (suites/slides/files.py Rule SL5)."""
+    pytest.importorskip("wsidicom", reason="the dicom extra is not installed")
+    path, _ = slide_file(tmp_path, "generic", compression, size)
+    write_dicom_slide(tmp_path / f"dicom-{compression}", path, mpp=MPP)
+    return tmp_path / f"dicom-{compression}"
 
 
 def slide_file(
@@ -101,11 +116,72 @@ def step(image) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return out.detach(), [p.grad for p in module.parameters()]
 
 
-@pytest.mark.parametrize("backend", ["tifffile", "openslide"])
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_a_dicom_slide_reads_as_tifffile_decodes_the_same_frames(
+    tmp_path: Path, compression: str
+) -> None:
+    folder = dicom_slide(tmp_path, compression)
+    tiff, written = slide_file(tmp_path, "generic", compression)
+    for level, want in enumerate(tifffile_levels(tiff)):
+        source = open_image(folder, level=level)  # a folder: the wsidicom backend (Rule SF1)
+        assert source.backend == "wsidicom" and source.shape == (1, 3, *want.shape[:2])
+        assert source.mpp == pytest.approx((MPP * 2**level,) * 2)
+        assert [lv.downsample for lv in source.levels] == [(1.0, 1.0), (2.0, 2.0), (4.0, 4.0)]
+        region = source[:, :, 5:77, 30:101][0].permute(1, 2, 0).numpy()
+        assert np.array_equal(region, want[5:77, 30:101])
+        assert np.array_equal(hwc(source), want)  # the same JPEG bytes, the same decoder output
+        if compression == "deflate":
+            assert np.array_equal(hwc(source), written[level])
+    assert open_image(folder, mpp=0.5).level == 1
+    one = open_image(folder / "level1.dcm")  # one file: that instance's level alone
+    assert one.backend == "wsidicom" and one.shape == (1, 3, 128, 192)
+
+
+def test_a_dicom_slide_pickles_without_pixels_and_refuses_a_changed_folder(
+    tmp_path: Path,
+) -> None:
+    folder = dicom_slide(tmp_path, "jpeg")
+    source = open_image(folder, level=1)
+    want = source.read_all()
+    assert source._wsi is not None  # opened by the read
+    state = pickle.dumps(source)
+    assert len(state) < 2000  # its path, pyramid and level, no pixels
+    copy = pickle.loads(state)
+    assert copy.level == 1 and copy.mpp == source.mpp and copy._wsi is None
+    assert torch.equal(copy.read_all(), want)
+    fresh = pickle.loads(state)
+    write_dicom_slide(folder, slide_file(tmp_path, "generic", "deflate")[0], mpp=MPP)
+    with pytest.raises(StreamcheckError, match="changed on disk"):
+        fresh.read_all()
+
+
+def test_dicom_bad_inputs_are_refused_when_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = dicom_slide(tmp_path, "deflate")
+    with pytest.raises(StreamcheckError, match=r"level 3 does not exist.*3 level\(s\)"):
+        open_image(folder, level=3)
+    with pytest.raises(StreamcheckError, match=r"no level .* 0.7 µm/px"):
+        open_image(folder, mpp=0.7)
+    with pytest.raises(StreamcheckError, match=r"pyramid \(series\) 1 does not exist"):
+        open_image(folder, series=1)
+    with pytest.raises(StreamcheckError, match="is a folder; backend 'tifffile'"):
+        open_image(folder, backend="tifffile")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StreamcheckError, match="wsidicom cannot open"):
+        open_image(tmp_path / "empty")
+    monkeypatch.setitem(sys.modules, "wsidicom", None)
+    with pytest.raises(StreamcheckError, match=r"pip install 'streamcheck\[dicom\]'"):
+        open_image(folder)
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide", "wsidicom"])
 def test_a_jpeg_svs_streams_exactly_like_its_decoded_pixels(tmp_path: Path, backend: str) -> None:
     if backend == "openslide":
         openslide_or_skip()
     path, _ = slide_file(tmp_path, "svs", "jpeg", size=(128, 256))  # 2 x 4 tiles of 64 px
+    if backend == "wsidicom":  # the same JPEG frames in a DICOM WSI
+        path = dicom_slide(tmp_path, "jpeg", size=(128, 256))
     source = open_image(path, backend=backend, decode_threads=2, cache_bytes=2**24)
     tensor = source.read_all()  # the decoded pixels in memory
     got, got_grads = step(source)
@@ -197,8 +273,25 @@ def test_parallel_decoding_and_the_cache_give_the_same_pixels_and_decode_once(
     cache = fast._cache
     assert cache.decoded == 8 * 12  # every tile (32 px) decoded once, by the first read
     assert cache.hits == 2 * (3 * 6)  # the two later reads: 3 x 6 tiles each, from the cache
-    tiny = open_image(path, cache_bytes=32 * 32 * 3)  # room for one tile
-    assert torch.equal(tiny.read_all(), plain.read_all())
+    tiny = open_image(path, cache_bytes=5 * 32 * 32 * 3)  # room for five of the 96 tiles
+    for _ in range(2):  # backward reads forward's regions again, in the same order
+        assert torch.equal(tiny.read_all(), plain.read_all())
+    assert tiny._cache.hits == 5  # the first five kept, not evicted by the 91 after them
+    tiny.close()  # a new slide: the cache emptied
+    assert torch.equal(tiny.read_all(), plain.read_all()) and tiny._cache.hits == 0
+
+
+def test_the_cache_lives_one_step(tmp_path: Path) -> None:
+    """sources Rule I7: backward is served forward's tiles, then the cache is emptied."""
+    path, _ = slide_file(tmp_path, "svs", "jpeg", size=(128, 256))  # 4 x 8 tiles of 32 px
+    source = open_image(path, cache_bytes=2**24)
+    step(source)  # forward and backward
+    cache = source._cache
+    assert cache.decoded == 4 * 8  # each tile once: overlaps and backward's reads are hits
+    assert cache.hits > 0 and cache.used == 0  # emptied when backward ended
+    with torch.no_grad():
+        Streamed(trunk(), tile=64, tile_transform=to_float)(source)
+    assert cache.decoded == 2 * 4 * 8 and cache.used == 0  # no backward follows: emptied
 
 
 def test_a_tiff_source_pickles_without_pixels_and_refuses_a_changed_file(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ V2. Slides are generated in the run, in ``--workdir`` (a temporary folder by def
     free-space check, and deleted when their points are done; none is ever committed.
 V3. Rows (``suites/rows.py``) are appended to ``results.jsonl`` as each point finishes, keyed by
     their settings; a rerun
-    skips finished points (``--redo`` measures them again), so an interrupted run loses nothing.
+    skips finished points, so an interrupted run loses nothing; ``--redo`` measures the selected
+    points again, and their new rows supersede the old (``suites/rows.py`` Rule J2).
     Every row carries ``suites.environment.environment("cpu")`` and the command that made it.
 V4. ``SUMMARY.md`` and ``slides.png`` are written from the rows alone (``summary.py``).
 V5. Decoding: a JPEG slide (256 px tiles, quality 90, as scanners write) streamed from its file
@@ -25,6 +26,7 @@ V5. Decoding: a JPEG slide (256 px tiles, quality 90, as scanners write) streame
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -88,7 +90,7 @@ def grid(*, quick: bool) -> list[Point]:
     for decode_threads, cache_mib in settings:
         points.append(
             Point(
-                "decoding", "file_memory", jpeg_side, 0.5, jpeg_tile, min(pairs, 3), "train",
+                "decoding", "file_memory", jpeg_side, 0.5, jpeg_tile, min(pairs, 4), "train",
                 compression="jpeg", decode_threads=decode_threads, cache_mib=cache_mib,
             )
         )  # fmt: skip
@@ -115,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny slides (a test runs this)")
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "slides")
     parser.add_argument("--workdir", type=Path, default=None, help="where slides are generated")
-    parser.add_argument("--redo", action="store_true", help="measure finished points again")
+    parser.add_argument(
+        "--redo", action="store_true", help="measure the selected points again (new rows win)"
+    )
     parser.add_argument(
         "--only",
         choices=("rss", "disk_vs_memory", "skipping", "decoding"),
@@ -125,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
-    if args.redo and results.exists():
-        results.unlink()
-    done = finished(results)
+    done = set() if args.redo else finished(results)  # Rule V3: new rows supersede old ones
     points = [
         p
         for p in grid(quick=args.quick)
@@ -171,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
                     },
                     "metrics": metrics,
                     "environment": environment("cpu"),
-                    "run": {"command": command, "nice": metrics["nice"], "quick": args.quick},
+                    "run": {
+                        "command": command,
+                        "nice": metrics["nice"],
+                        "quick": args.quick,
+                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                    },
                 }
                 append_row(results, row, required=ROW_KEYS)
                 took = f"({time.perf_counter() - start:.0f} s)"

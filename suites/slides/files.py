@@ -12,6 +12,11 @@ SL3. An OME-TIFF: the reduced levels in SubIFDs of the baseline, µm/px as Physi
 SL4. Level ``k`` is the image sampled every ``2**k`` pixels (exact, so a lossless file's level is
      known without reading it back), and every level is whole tiles, so each level's downsample
      is exactly ``2**k``.
+SL5. A DICOM WSI (``write_dicom_slide``, with pydicom): a folder with one VL Whole Slide
+     Microscopy instance per level of a file written as above, TILED_FULL, the pixel spacing of
+     Rule SL4; a JPEG file's tiles become the instance's frames byte for byte (JPEG Baseline,
+     YBR_FULL_422), so a reader decodes the very JPEG streams tifffile decodes; a lossless
+     file's tiles are stored uncompressed (Explicit VR Little Endian, RGB).
 """
 
 from __future__ import annotations
@@ -132,3 +137,117 @@ def write_slide_file(
             for level in pyramid[1:]:
                 tw.write(level, subfiletype=1, **tiled)
     return pyramid
+
+
+def write_dicom_slide(folder: Path, tiff_path: Path, *, mpp: float = 0.25) -> None:
+    """The levels of ``tiff_path`` (Rules SL1-SL4) as a DICOM WSI in ``folder`` (Rule SL5)."""
+    import tifffile
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.sequence import Sequence
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        JPEGBaseline8Bit,
+        VLWholeSlideMicroscopyImageStorage,
+        generate_uid,
+    )
+
+    def item(**values: Any) -> Dataset:
+        ds = Dataset()
+        for name, value in values.items():
+            setattr(ds, name, value)
+        return ds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
+    with tifffile.TiffFile(tiff_path) as tiff:
+        for k, level in enumerate(tiff.series[0].levels):
+            page = level.pages[0]
+            (h, w), (th, tw) = (
+                (page.imagelength, page.imagewidth),
+                (page.tilelength, page.tilewidth),
+            )
+            jpeg = page.compression == 7
+            if jpeg:  # the same JPEG streams, byte for byte
+                fh = tiff.filehandle
+                frames = []
+                for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
+                    fh.seek(offset)
+                    frames.append(fh.read(count))
+                pixel_data = encapsulate(frames)
+            else:  # whole tiles (Rule SL4), row by row
+                pixels = level.asarray().reshape(h // th, th, w // tw, tw, 3).swapaxes(1, 2)
+                frames = list(pixels.reshape(-1, th, tw, 3))
+                pixel_data = np.ascontiguousarray(pixels).tobytes()
+            kind = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+            if k:
+                kind = ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+            spacing = mpp * 2**k / 1000  # mm per pixel
+            ds = item(
+                SOPClassUID=VLWholeSlideMicroscopyImageStorage,
+                SOPInstanceUID=generate_uid(),
+                StudyInstanceUID=study,
+                SeriesInstanceUID=series,
+                FrameOfReferenceUID=frame_of_reference,
+                Modality="SM",
+                PatientName="streamcheck^test",
+                PatientID="0",
+                ContainerIdentifier="slide-0",
+                ImageType=kind,
+                InstanceNumber=k + 1,
+                DimensionOrganizationType="TILED_FULL",
+                TotalPixelMatrixRows=h,
+                TotalPixelMatrixColumns=w,
+                TotalPixelMatrixFocalPlanes=1,
+                Rows=th,
+                Columns=tw,
+                NumberOfFrames=len(frames),
+                SamplesPerPixel=3,
+                PhotometricInterpretation="YBR_FULL_422" if jpeg else "RGB",
+                PlanarConfiguration=0,
+                BitsAllocated=8,
+                BitsStored=8,
+                HighBit=7,
+                PixelRepresentation=0,
+                ImagedVolumeWidth=w * spacing,
+                ImagedVolumeHeight=h * spacing,
+                ImagedVolumeDepth=1.0,
+                SharedFunctionalGroupsSequence=Sequence(
+                    [
+                        item(
+                            PixelMeasuresSequence=Sequence(
+                                [item(PixelSpacing=[spacing, spacing], SliceThickness=0.001)]
+                            ),
+                            WholeSlideMicroscopyImageFrameTypeSequence=Sequence(
+                                [item(FrameType=kind)]
+                            ),
+                        )
+                    ]
+                ),
+                NumberOfOpticalPaths=1,
+                OpticalPathSequence=Sequence(
+                    [
+                        item(
+                            OpticalPathIdentifier="0",
+                            IlluminationTypeCodeSequence=Sequence(
+                                [
+                                    item(
+                                        CodeValue="111744",
+                                        CodingSchemeDesignator="DCM",
+                                        CodeMeaning="Brightfield illumination",
+                                    )
+                                ]
+                            ),
+                        )
+                    ]
+                ),
+                PixelData=pixel_data,
+            )
+            if jpeg:
+                ds["PixelData"].VR = "OB"
+                ds.LossyImageCompression = "01"
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian
+            ds.save_as(folder / f"level{k}.dcm", enforce_file_format=True)

@@ -219,8 +219,11 @@ def _decoding(rows: list[dict[str, Any]], level: str) -> list[str]:
         f"alternately ({len(first['metrics']['step_s']['file'])} of each after a warm-up of "
         "each). `file / memory` is the median of the per-pair wall-clock ratios (what a user "
         "waits for; the decoding threads compete with torch's for the same cores), then the ratio "
-        "of the least CPU times. Cache hits / decodes count the JPEG tiles served from the "
-        "decode-once cache / decoded over all steps of the process.",
+        "of the least CPU times. Each step from the file starts as on a new slide (the source "
+        "closed: the file opened again, no decoded tile kept from the step before), so the cache "
+        "serves only a step's own repeated reads (backward's, overlaps); cache hits / decodes "
+        "count the JPEG tiles served from it / decoded over all steps of the process."
+        + _omp(decoding),
         "",
     ]
     lines += _table(
@@ -248,6 +251,11 @@ def _decoding(rows: list[dict[str, Any]], level: str) -> list[str]:
         ],
     )
     return [*lines, ""]
+
+
+def _omp(rows: list[dict[str, Any]]) -> str:
+    policies = sorted({str(r["run"].get("omp_wait_policy")) for r in rows})
+    return f" OMP_WAIT_POLICY: {', '.join(policies)} (None: not set)."
 
 
 def _figure(
