@@ -589,15 +589,18 @@ _AFTER = "move it after the streamed part (into the head)"
 
 
 def _adaptive(kind: str, size: Any, ndim: int, indices: bool) -> Reduction | Rejected:
-    """Adaptive pooling to size 1 is a global pooling (reductions Rule R1); to more, refused."""
-    sizes = size if isinstance(size, (tuple, list)) else (size,) * ndim
-    if indices or any(s != 1 for s in sizes):
+    """Adaptive pooling to size 1 is a global pooling (reductions Rule R1); average pooling to a
+    grid of cells is a grid of means (Rule R1b); max pooling to more than one cell, refused."""
+    sizes = tuple(size) if isinstance(size, (tuple, list)) else (size,) * ndim
+    average = "Avg" in kind or "avg" in kind
+    if indices or None in sizes or (not average and any(s != 1 for s in sizes)):
         return Rejected(
             f"{kind} pools to {size!r} with windows that depend on the image size"
-            + (" and returns indices" if indices else ""),
-            f"pool to size 1 (a global pooling streams exactly), or {_AFTER}",
+            + (" and returns indices" if indices else "")
+            + (" (None keeps an axis unpooled)" if None in sizes else ""),
+            "pool to size 1 or use average pooling (both stream exactly), or " + _AFTER,
         )
-    return pooling_reduction("max" if "Max" in kind or "max" in kind else "avg", ndim)
+    return pooling_reduction("avg" if average else "max", ndim, sizes)
 
 
 def classify_module(

@@ -9,6 +9,13 @@ Rule R1. A *reduction* reduces a feature map over every one of its spatial axes 
          constants alone (a squeeze-excite MLP, a classifier head): global nodes run once, on the
          whole (small) tensors, outside tiles. A reduction over only some spatial axes is not
          one: it stays refused (locality Rule L4).
+Rule R1b. Adaptive average pooling to a grid (``AdaptiveAvgPool2d(7)``, VGG's and AlexNet's heads) is
+         a reduction to one mean per grid cell ("grid_mean"): cell i of an axis of length L covers
+         positions floor(i L / k) to ceil((i + 1) L / k), as PyTorch's kernel bins them, so that
+         neighbouring cells may share a position. A position's weight in cell (i, j, ...) is the
+         product over the axes of [position in bin] / (bin length): the total is the cell means
+         directly, accumulated exactly as a sum (Rule R2), and the weights are the gradient's
+         share (Rule R3). Adaptive *max* pooling to a grid stays refused.
 Rule R2. Forward: every tile adds the partial statistic of the box it *owns* of the reduction's
          input (owned boxes partition the map, program Rule P6: each position counts once, the
          halo never) to a float64 accumulator. Sums add; moments merge pairwise (Chan, Golub and
@@ -117,8 +124,9 @@ class Reduction:
     """A statistic over every spatial axis of a map (Rule R1).
 
     ``op``: "sum", "mean", "norm" (``p``), "var"/"std" (``correction``), "moments" (mean and biased
-    variance, stacked), "amax" (ties share the gradient) or "max_pool" (the first maximum takes
-    it). ``dims``: the tensor dimensions reduced, of the input (of its ``groups`` view).
+    variance, stacked), "amax" (ties share the gradient), "max_pool" (the first maximum takes
+    it) or "grid_mean" (``grid``: cells per reduced axis, Rule R1b). ``dims``: the tensor
+    dimensions reduced, of the input (of its ``groups`` view).
     """
 
     op: str
@@ -129,6 +137,7 @@ class Reduction:
     correction: int = 0
     running: Running | None = None
     norm: str = ""  # moments: the norm layer's kind ("batch", "instance", "group")
+    grid: tuple[int, ...] = ()  # grid_mean: the output size of each reduced axis
 
     def view(self, a: torch.Tensor) -> torch.Tensor:
         if self.groups:
@@ -150,6 +159,8 @@ class Reduction:
                 return value.squeeze(tuple(d + 1 for d in self.dims)).to(dtype)
             var = m2 / max(count - self.correction, 0)
             value = var.sqrt() if self.op == "std" else var
+        elif self.op == "grid_mean":
+            return total.to(dtype)  # the cell means already (Rule R1b)
         elif self.op == "mean":
             value = total / count
         elif self.op == "norm":
@@ -170,6 +181,8 @@ class Reduction:
             )
         if self.op in ("sum", "mean"):
             return v.double().sum(self.dims, keepdim=True)
+        if self.op == "grid_mean":
+            return _pool_to_grid(v.double(), self.dims, extra)
         if self.op == "norm":
             return v.double().abs().pow(self.p).sum(self.dims, keepdim=True)
         return (v * extra).double().sum(self.dims, keepdim=True)
@@ -209,6 +222,10 @@ class Accumulator:
         if r.op in ("amax", "max_pool"):
             self._add_max(v, box)
             return
+        if r.op == "grid_mean":
+            part = _pool_to_grid(v.double(), r.dims, self.mask(a, box))
+            self.total = part if self.total is None else self.total + part
+            return
         part = v.double().abs().pow(r.p) if r.op == "norm" else v.double()
         part = part.sum(r.dims, keepdim=True)
         self.total = part if self.total is None else self.total + part
@@ -246,9 +263,12 @@ class Accumulator:
             return torch.stack((self.total[0] * self.n, self.total[1]))
         return self.total
 
-    def mask(self, a: torch.Tensor, box: tuple[tuple[int, int], ...]) -> torch.Tensor | None:
-        """For maxima: where in this owned crop the gradient goes, weighted (Rule R3)."""
+    def mask(self, a: torch.Tensor, box: tuple[tuple[int, int], ...]) -> Any:
+        """For maxima: where in this owned crop the gradient goes, weighted (Rule R3); for grid
+        means: the crop's weights per reduced axis (Rule R1b)."""
         r = self.reduction
+        if r.op == "grid_mean":
+            return _grid_weights(r, box, self.shape, self.layout, a.device)
         if r.op == "amax":
             assert self.total is not None and self.ties is not None
             v = r.view(a)
@@ -258,6 +278,36 @@ class Accumulator:
             v = r.view(a)
             return (_flat_positions(v, box, self.shape, self.layout) == self.first).to(v.dtype)
         return None
+
+
+def _grid_weights(
+    reduction: Reduction,
+    box: tuple[tuple[int, int], ...],
+    shape: tuple[int, ...],
+    layout: tuple[int, ...],
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """Rule R1b: per reduced axis, a float64 ``(cells, crop length)`` matrix of bin membership over
+    bin length, for the crop at ``box`` (one range per spatial dim of ``layout``)."""
+    ranges = dict(zip(layout, box, strict=True))
+    weights = []
+    for dim, k in zip(reduction.dims, reduction.grid, strict=True):
+        length, (start, stop) = shape[dim], ranges[dim]
+        cell = torch.arange(k, device=device).unsqueeze(1)
+        first, last = (cell * length) // k, -((-(cell + 1) * length) // k)
+        at = torch.arange(start, stop, device=device).unsqueeze(0)
+        inside = (at >= first) & (at < last)
+        weights.append(inside.double() / (last - first).double())
+    return weights
+
+
+def _pool_to_grid(
+    v: torch.Tensor, dims: tuple[int, ...], weights: list[torch.Tensor]
+) -> torch.Tensor:
+    """The crop's share of every cell mean: ``v`` contracted with each axis's weights."""
+    for dim, w in zip(dims, weights, strict=True):
+        v = (v.movedim(dim, -1) @ w.T).movedim(-1, dim)
+    return v
 
 
 def _flat_positions(
@@ -472,9 +522,12 @@ def reduction_of(
     return Reduction(op, dims, bool(keepdim), p=p, correction=correction)
 
 
-def pooling_reduction(kind: str, ndim: int) -> Reduction:
-    """Global average (``kind="avg"``) or max pooling to size 1 over the last ``ndim`` axes."""
+def pooling_reduction(kind: str, ndim: int, grid: tuple[int, ...] = ()) -> Reduction:
+    """Global average (``kind="avg"``) or max pooling to size 1 over the last ``ndim`` axes, or
+    average pooling to the ``grid`` of cells (Rule R1b)."""
     dims = tuple(range(-ndim, 0))
+    if grid and any(k != 1 for k in grid):
+        return Reduction("grid_mean", dims, keepdim=True, grid=tuple(grid))
     return Reduction("mean" if kind == "avg" else "max_pool", dims, keepdim=True)
 
 

@@ -9,6 +9,7 @@ after one or several training steps. Ties of maxima are checked against PyTorch'
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -158,6 +159,30 @@ def test_a_final_global_pool_costs_no_extra_pass() -> None:
     assert_exact(trunk, (1, 3, 64, 64), 20)
 
 
+@pytest.mark.parametrize(
+    ("ndim", "grid"), [(1, 5), (2, 7), (2, (3, 4)), (2, (6, 1)), (3, (2, 3, 2))]
+)
+def test_adaptive_average_pooling_to_a_grid_is_exact(ndim: int, grid: object) -> None:
+    """reductions Rule R1b: cells of an odd-sized map share positions at their borders (23 into 7
+    cells: bins of 4 px overlapping by 1); the flattened grid feeds a Linear, as in VGG's head."""
+    cells = (grid,) * ndim if isinstance(grid, int) else grid
+    pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[ndim]
+    layers = [
+        conv(ndim, 3, 4),
+        nn.ReLU(),
+        conv(ndim, 4, 4, stride=2),
+        nn.BatchNorm2d(4) if ndim == 2 else nn.Identity(),
+        pool(grid),
+        nn.Flatten(),
+        nn.Linear(4 * math.prod(cells), 3),
+    ]  # type: ignore[arg-type]
+    model = perturbed(nn.Sequential(*layers)).train()
+    shape = {1: (2, 3, 47), 2: (2, 3, 46, 31), 3: (2, 3, 18, 14, 12)}[ndim]
+    assert_exact(model, shape, TILES[ndim])
+    plan = streamcheck.plan(model, shape, tile=TILES[ndim])
+    assert plan.output_shape == (2, 3) and plan.output_bytes == 0
+
+
 # ------------------------------------------------------------------ maxima: where ties go
 
 
@@ -257,7 +282,8 @@ class Counter(nn.Module):
         (nn.SyncBatchNorm(4), "SyncBatchNorm in training mode"),
         (nn.Softmax(dim=-1), "mixes or indexes parameters by tensor dimension(s) [3]"),
         (Counter(), "writes the buffer 'block.calls' in place"),
-        (nn.AdaptiveAvgPool2d(3), "AdaptiveAvgPool2d pools to 3"),
+        (nn.AdaptiveMaxPool2d(3), "AdaptiveMaxPool2d pools to 3"),
+        (nn.AdaptiveAvgPool2d((None, 3)), "None keeps an axis unpooled"),
     ],
 )
 def test_what_is_not_a_whole_map_statistic_stays_refused_by_path(

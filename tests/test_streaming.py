@@ -158,7 +158,7 @@ def test_trailing_activation_is_recomputed_and_exact() -> None:
     ("layer", "fragment"),
     [
         (nn.SyncBatchNorm(4), "SyncBatchNorm in training mode"),
-        (nn.AdaptiveAvgPool2d(2), "AdaptiveAvgPool2d pools to 2"),
+        (nn.AdaptiveMaxPool2d(2), "AdaptiveMaxPool2d pools to 2"),
         (nn.Dropout(0.5), "Dropout in training mode"),
         (nn.Flatten(), "Flatten reshapes spatial axes"),
         (nn.Linear(9, 9), "'block.1': mixes or indexes parameters by tensor dimension(s) [3]"),

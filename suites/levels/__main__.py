@@ -11,7 +11,8 @@ LV1. Time against statistic levels: the Figs 2-3 network with k = 0, 1, 2, 4, 8 
      squeeze a constant), which streams in one pass: the lower bound. The measured factor is
      the ratio of their training-step times; the plan's estimate (plan Rule PL3) sits beside it.
 LV2. Memory: a whole classifier streamed to its logits (no stitched map, Rule PL1) against its
-     trunk streamed with a stitched output and the head run plainly, peak RSS over the baseline.
+     trunk streamed with a stitched output and the head run plainly, peak RSS over the baseline,
+     at 2048² and 8192² (where the stitched map and its gradient take 256 MiB).
 LV4. Kept maps (``--cache``, written to ``reports/levels/cache/``): each real trunk three times
      in one run, groups interleaved (A B C, C B A): statistics known (the lower bound), streamed
      through them without a cache, and with ``cache=HostCache(bytes=8 x the image's bytes)``
@@ -96,17 +97,18 @@ def points(*, quick: bool) -> list[dict[str, Any]]:
                     "kind": "time",
                 }
             )
-    memory_size, memory_tile = (576, 512) if quick else (2048, 512)  # tile >= its receptive field
-    for whole in (True, False):
-        out.append(
-            {
-                "network": "resnet18_classifier",
-                "whole": whole,
-                "size": memory_size,
-                "tile": memory_tile,
-                "kind": "memory",
-            }
-        )
+    # tile >= its receptive field; at 8192² the stitched map and its gradient (256 MiB) show
+    for memory_size in (576,) if quick else (2048, 8192):
+        for whole in (True, False):
+            out.append(
+                {
+                    "network": "resnet18_classifier",
+                    "whole": whole,
+                    "size": memory_size,
+                    "tile": 512,
+                    "kind": "memory",
+                }
+            )
     return out
 
 
