@@ -29,8 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .environment import environment
-from .fresh import child, run
+from . import fresh
+from .environment import environment, provenance
 from .rows import append_row, read_rows, results_path
 
 MODES = ("off", "process", "scope", "conventional")
@@ -110,19 +110,14 @@ def summary(rows: list[dict[str, Any]]) -> str:
     def med(mode: str, field: str) -> float:
         return statistics.median(m[field] for m in by[mode])
 
-    env = rows[-1]["environment"] or {}
     conventional = med("conventional", "rss_delta_bytes") if "conventional" in by else None
     lines = [
         "# Host memory: scoped to the call vs for the process vs off",
         "",
         f"Figs 2-3 network, {rows[-1]['params']['size']}² tile {rows[-1]['params']['tile']}, "
-        f"float32; CPU {env.get('cpu')}, {env.get('threads')} threads, torch {env.get('torch')}, "
-        f"commits {', '.join(sorted({r['environment']['git_commit'][:9] for r in rows}))} "
-        "(each row's own: others committed during the run); fresh process per row, modes interleaved "
-        f"(A B .. B A), {max(len(v) for v in by.values())} processes per mode; medians over them.",
-        f"Command: `{rows[-1]['run']['command']}`. Load (1 min) at the rows: "
-        f"{min(r['environment']['load_1min'] or 0 for r in rows if r['environment'])}-"
-        f"{max(r['environment']['load_1min'] or 0 for r in rows if r['environment'])}.",
+        f"float32; fresh process per row, modes interleaved (A B .. B A), "
+        f"{max(len(v) for v in by.values())} processes per mode; medians over them. "
+        f"Runs: {provenance(rows)} (each row's own: others committed during the run).",
         "",
         "| mode | step s (median) | / off | peak RSS over baseline MiB | / conventional "
         "| resident after the step MiB |",
@@ -163,16 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         for mode in [*order, *order[::-1]]:
             payload = {"mode": mode, "size": args.size, "tile": args.tile}
             payload["repeats"] = args.repeats
-            start = time.time()
-            done = run("suites.host_memory_scope", payload)
-            metrics = dict(done.result or {})
-            env = metrics.pop("environment", None)
-            status = "ok" if done.returncode == 0 and done.result else "error"
             key = f"{mode}|{args.size}|{args.tile}|{r}"
-            row = {"key": key, "status": status, "params": payload, "environment": env}
-            row |= {"metrics": metrics, "reason": None if status == "ok" else done.stderr[-800:]}
-            row["run"] = {"command": command, "start": start, "wall_s": time.time() - start}
+            row = fresh.row("suites.host_memory_scope", payload, key=key, command=command)
             append_row(path, row)
+            status, metrics = row["status"], row["metrics"]
             t = metrics.get("time_s_median", float("nan"))
             rss = metrics.get("rss_delta_bytes", 0) / 2**20
             print(f"{key}: {status} {t:.2f} s, RSS +{rss:.0f} MiB", flush=True)
@@ -184,5 +173,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if "--json" in sys.argv:
-        sys.exit(child(measure))
+        sys.exit(fresh.child(measure))
     sys.exit(main())

@@ -28,8 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .environment import environment
-from .fresh import child, run
+from . import fresh
+from .environment import environment, provenance
 from .rows import append_row, read_rows, results_path
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "memory_estimate"
@@ -131,22 +131,18 @@ def measure(payload: dict[str, Any], partial: Callable[[dict[str, Any]], None]) 
 
 def summary(rows: list[dict[str, Any]]) -> str:
     """One line per point: the estimate, each meter, and the estimate over each."""
-    env = rows[-1]["environment"] or {}
     points: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}
     for r in rows:
         p = r["params"]
         if r["status"] == "ok":
             points.setdefault((p["network"], p["size"], p["tile"]), {})[p["setting"]] = r["metrics"]
-    commits = sorted({r["environment"]["git_commit"][:9] for r in rows if r["environment"]})
     lines = [
         "# plan's peak memory estimate against measured peaks (issue 27 item 2)",
         "",
-        f"CPU {env.get('cpu')}, {env.get('threads')} threads, torch {env.get('torch')}, "
-        f"commits {', '.join(commits)}; float32, one training step per measure (the output held, "
-        "a full-size output gradient), one fresh process per setting and point "
-        "(`suites/memory_estimate.py` says what each meter counts). The machine is shared "
-        "(2 cores, other sessions running): times are disturbed, allocations are not.",
-        f"Command: `{rows[-1]['run']['command']}`.",
+        "Float32, one training step per measure (the output held, a full-size output gradient), "
+        "one fresh process per setting and point (`suites/memory_estimate.py` says what each "
+        "meter counts). The machine is shared (2 cores, other sessions running): times are "
+        f"disturbed, allocations are not. Runs: {provenance(rows)}.",
         "",
         "- allocator: peak of live CPU tensors in the step (torch.profiler events), the engine's "
         "defaults: what the estimate models (NOTE [ Memory estimate ]).",
@@ -200,17 +196,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for setting, (env_vars, _) in SETTINGS.items():
             payload = {"network": network, "size": size, "tile": tile, "setting": setting}
-            start = time.time()
-            done = run("suites.memory_estimate", payload, env=env_vars)
-            metrics = dict(done.result or {})
-            env = metrics.pop("environment", None)
-            status = "ok" if done.returncode == 0 and env else "error"
             key = f"{network}|{size}|{tile}|{setting}"
-            row = {"key": key, "status": status, "params": payload, "environment": env}
-            row |= {"metrics": metrics, "reason": None if status == "ok" else done.stderr[-800:]}
-            row["run"] = {"command": command, "start": start, "wall_s": time.time() - start}
+            row = fresh.row(
+                "suites.memory_estimate", payload, key=key, command=command, env=env_vars
+            )
             append_row(path, row)
-            print(key, status, {k: v for k, v in metrics.items() if "bytes" in k}, flush=True)
+            metrics = row["metrics"]
+            print(
+                key, row["status"], {k: v for k, v in metrics.items() if "bytes" in k}, flush=True
+            )
     rows = [r for r in read_rows(path) if r["run"]["command"] == command]
     text = summary(rows) if rows else "no rows\n"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -221,5 +215,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if "--json" in sys.argv:
-        sys.exit(child(measure))
+        sys.exit(fresh.child(measure))
     sys.exit(main())
