@@ -31,7 +31,7 @@ from typing import Any
 
 from . import fresh
 from .environment import environment, provenance
-from .rows import append_row, read_rows, results_path
+from .rows import append_row, last_run, results_path
 
 MODES = ("off", "process", "scope", "conventional")
 OUT = Path(__file__).resolve().parents[1] / "reports" / "host_memory"
@@ -139,6 +139,12 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_summary(out: Path) -> Path:
+    """``out/SUMMARY.md`` from the last run's rows (``rows.last_run``)."""
+    (out / "SUMMARY.md").write_text(summary(last_run(results_path(out))))
+    return out / "SUMMARY.md"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m suites.host_memory_scope", description=__doc__)
     parser.add_argument("--rounds", type=int, default=2, help="A B .. B A rounds (default 2)")
@@ -151,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = results_path(args.out)
     command = "python -m suites.host_memory_scope " + " ".join(argv or sys.argv[1:])
-    if args.summarize:  # the last run's rows
-        command = read_rows(path)[-1]["run"]["command"]
     for r in range(0 if args.summarize else args.rounds):
         order = args.modes if r % 2 == 0 else args.modes[::-1]
         for mode in [*order, *order[::-1]]:
@@ -165,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             t = metrics.get("time_s_median", float("nan"))
             rss = metrics.get("rss_delta_bytes", 0) / 2**20
             print(f"{key}: {status} {t:.2f} s, RSS +{rss:.0f} MiB", flush=True)
-    text = summary([r for r in read_rows(path) if r["run"]["command"] == command])
-    (args.out / "SUMMARY.md").write_text(text)
-    print(text)
+    print(write_summary(args.out).read_text())
     return 0
 
 

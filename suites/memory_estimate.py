@@ -30,7 +30,7 @@ from typing import Any
 
 from . import fresh
 from .environment import environment, provenance
-from .rows import append_row, read_rows, results_path
+from .rows import append_row, last_run, results_path
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "memory_estimate"
 
@@ -179,6 +179,13 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_summary(out: Path) -> Path:
+    """``out/SUMMARY.md`` from the last run's rows (``rows.last_run``)."""
+    rows = last_run(results_path(out))
+    (out / "SUMMARY.md").write_text(summary(rows) if rows else "no rows\n")
+    return out / "SUMMARY.md"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m suites.memory_estimate", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="three small points")
@@ -188,8 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = results_path(args.out)
     command = "python -m suites.memory_estimate " + " ".join(argv or sys.argv[1:])
-    if args.summarize:
-        command = read_rows(path)[-1]["run"]["command"]
     points = QUICK if args.quick else FULL
     for network, size, tile in [] if args.summarize else points:
         if args.only and network not in args.only:
@@ -205,11 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 key, row["status"], {k: v for k, v in metrics.items() if "bytes" in k}, flush=True
             )
-    rows = [r for r in read_rows(path) if r["run"]["command"] == command]
-    text = summary(rows) if rows else "no rows\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "SUMMARY.md").write_text(text)
-    print(text)
+    print(write_summary(args.out).read_text())
     return 0
 
 

@@ -480,3 +480,22 @@ def test_the_headline_states_each_pair_once_at_the_paper_size(built: tuple[Path,
     assert f"**{4.375 / 6.125:.2f}x** with each side's fastest settings measured ({tuned})" in cost
     assert cost.count("channels-last") == 2  # each ratio names its settings once
     assert f"{100 * 87.75 / 1234.5:.0f} % of conventional's" in cost
+
+
+def test_every_committed_summary_regenerates_from_its_result_files(tmp_path: Path) -> None:
+    """Rule P5: ``summaries.write_all`` on a copy of ``reports/`` rewrites each committed
+    SUMMARY.md to the byte (a summary that fell behind its rows or its writer fails here)."""
+    import shutil
+
+    from suites.report import summaries
+    from suites.report.__main__ import REPO
+
+    copy = tmp_path / "reports"
+    shutil.copytree(REPO / "reports", copy, ignore=shutil.ignore_patterns("*.png", "*.html"))
+    written = summaries.write_all(copy)
+    committed = sorted(
+        p.relative_to(REPO / "reports") for p in (REPO / "reports").glob("**/*SUMMARY.md")
+    )
+    assert sorted(p.relative_to(copy) for p in written) == committed
+    changed = [p for p in committed if (copy / p).read_text() != (REPO / "reports" / p).read_text()]
+    assert not changed, f"{changed}: regenerate with `python -m suites.report` and commit"
