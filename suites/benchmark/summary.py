@@ -146,7 +146,7 @@ def _streaming_methods(df: pd.DataFrame) -> list[str]:
 POINTS_ORDER = ORDER
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def _table(header: str | list[str], rows: list[list[str]]) -> list[str]:
     return table(header, rows).splitlines()
 
 
@@ -224,16 +224,7 @@ def like_with_like(df: pd.DataFrame) -> list[str]:
         "machine's load may differ between them, so the time ratio may not compare like with like).",
         "",
         *_table(
-            [
-                "streaming / conventional",
-                "time",
-                "CPU time",
-                "allocator peak",
-                "RSS delta",
-                "load, streaming",
-                "load, conventional",
-                "sides measured apart",
-            ],
+            "streaming / conventional | time | CPU time | allocator peak | RSS delta | load, streaming | load, conventional | sides measured apart",
             rows,
         ),
     ]
@@ -298,20 +289,7 @@ def speed_table(
         "*migrated*: a row of the former speed suite (no allocator or RSS meter).",
         "",
         *_table(
-            [
-                "case",
-                "settings",
-                "time (s)",
-                "CPU time (s)",
-                "speed-up vs defaults",
-                "/ conventional",
-                "pixels computed",
-                "page faults / step",
-                "allocator peak (MiB)",
-                "RSS delta (MiB)",
-                "load",
-                "",
-            ],
+            "case | settings | time (s) | CPU time (s) | speed-up vs defaults | / conventional | pixels computed | page faults / step | allocator peak (MiB) | RSS delta (MiB) | load | ",
             rows,
         ),
     ]
@@ -381,21 +359,7 @@ def _points_table(df: pd.DataFrame) -> list[str]:
             ]
         )
     return _table(
-        [
-            "case",
-            "input",
-            "tile",
-            "tiles",
-            "status",
-            "time (s, median)",
-            "timed runs",
-            "allocator peak (MiB)",
-            "RSS delta (MiB)",
-            "RSS peak raw (MiB)",
-            "grad err vs conv.",
-            "grad err vs float64",
-            "load",
-        ],
+        "case | input | tile | tiles | status | time (s, median) | timed runs | allocator peak (MiB) | RSS delta (MiB) | RSS peak raw (MiB) | grad err vs conv. | grad err vs float64 | load",
         rows,
     )
 

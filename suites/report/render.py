@@ -113,17 +113,7 @@ def environment_section(eq: Source, bench: Source, imn: Source, report_env: dict
         "environment that generated this report.",
         "",
         table(
-            [
-                "source",
-                "date (UTC)",
-                "git commit",
-                "Python",
-                "torch",
-                "torchvision",
-                "streamcheck",
-                "device",
-                "threads",
-            ],
+            "source | date (UTC) | git commit | Python | torch | torchvision | streamcheck | device | threads",
             rows,
             align="lllllllll",
         ),
