@@ -16,7 +16,8 @@ C B A per round. Modes:
 Per process: one warm-up step, freed memory handed back (``malloc_trim``) and the peak-RSS mark
 reset, then the timed steps under ``RssMeter`` (peak RSS over the baseline); ``rss_after_bytes``
 is what stays resident after the last step over that baseline. Rows go to
-``<out>/results.jsonl`` (``suites/rows.py``), the table to ``<out>/SUMMARY.md``.
+``<out>/results.jsonl`` (``suites/rows.py``), the table to ``<out>/SUMMARY.md`` (also rewritten
+from the rows by ``python -m suites.report``).
 """
 
 from __future__ import annotations
@@ -153,11 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--summarize", action="store_true", help="only rewrite SUMMARY.md")
     args = parser.parse_args(argv)
     path = results_path(args.out)
     command = "python -m suites.host_memory_scope " + " ".join(argv or sys.argv[1:])
-    for r in range(0 if args.summarize else args.rounds):
+    for r in range(args.rounds):
         order = args.modes if r % 2 == 0 else args.modes[::-1]
         for mode in [*order, *order[::-1]]:
             payload = {"mode": mode, "size": args.size, "tile": args.tile}

@@ -16,7 +16,8 @@ gradients set to None before each step) is measured three ways (NOTE [ Memory me
 - ``alloc``: the peak of live CPU tensors during a third step (``torch.profiler`` allocation
   events): what the estimate models, without the allocator's own slack.
 
-Rows go to ``<out>/results.jsonl`` (``suites/rows.py``), the table to ``<out>/SUMMARY.md``.
+Rows go to ``<out>/results.jsonl`` (``suites/rows.py``), the table to ``<out>/SUMMARY.md`` (also
+rewritten from the rows by ``python -m suites.report``).
 """
 
 from __future__ import annotations
@@ -191,12 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="three small points")
     parser.add_argument("--only", action="append", default=[], help="a network (repeatable)")
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--summarize", action="store_true", help="only rewrite SUMMARY.md")
     args = parser.parse_args(argv)
     path = results_path(args.out)
     command = "python -m suites.memory_estimate " + " ".join(argv or sys.argv[1:])
     points = QUICK if args.quick else FULL
-    for network, size, tile in [] if args.summarize else points:
+    for network, size, tile in points:
         if args.only and network not in args.only:
             continue
         for setting, (env_vars, _) in SETTINGS.items():
