@@ -119,16 +119,11 @@ def provenance(records: Iterable[Mapping[str, Any]]) -> str:
 
     commands = ((r.get("run") or {}).get("command") or r.get("command") for r in records)
     loads = [e["load_1min"] for e in envs if e.get("load_1min") is not None]
-    machine = [
-        each((e.get("cpu") for e in envs), "CPU ", "CPUs "),
-        each((e.get("torch") for e in envs), "torch "),
-        *(
-            [each(tv, "torchvision ")]
-            if (tv := {e["torchvision"] for e in envs if e.get("torchvision")})
-            else []
-        ),
-        each(e.get("threads") for e in envs) + " threads",
-    ]
+    machine = [each((e.get("cpu") for e in envs), "CPU ", "CPUs ")]
+    machine.append(each((e.get("torch") for e in envs), "torch "))
+    if any(e.get("torchvision") for e in envs):
+        machine.append(each((e.get("torchvision") for e in envs), "torchvision "))
+    machine.append(each(e.get("threads") for e in envs) + " threads")
     if loads:
         low, high = f"{min(loads):g}", f"{max(loads):g}"
         machine.append(f"1-minute load {low}" + ("" if low == high else f"-{high}"))
@@ -143,5 +138,7 @@ def provenance(records: Iterable[Mapping[str, Any]]) -> str:
 
 def _short(sha: str | None) -> str | None:
     """A commit as 12 hex digits, ``+dirty`` kept (Rule E2)."""
-    head, plus, rest = str(sha).partition("+")
-    return None if sha is None else f"{head[:12]}{plus}{rest}"
+    if sha is None:
+        return None
+    head, plus, rest = sha.partition("+")
+    return f"{head[:12]}{plus}{rest}"

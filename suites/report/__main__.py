@@ -1,9 +1,10 @@
 """python -m suites.report [--reports reports] [--out reports]: REPORT.md and report.html.
 
-Without --out, every suite's SUMMARY.md is rewritten first (``summaries.py``, render.py Rule P5)
-and the README's headline after. Reads only the result files under --reports: equivalence/record.json, benchmark/*.jsonl and
-*.png, imagenette/*_run.json, *_epochs.csv, *_steps.csv and *.png. Missing files are stated in the
-report, not hidden.
+Without --out, every suite's SUMMARY.md is rewritten first (``summaries.py``, render.py Rule
+P5), and the README's headline after. Reads only the result files under --reports:
+equivalence/record.json, benchmark/*.jsonl and *.png, imagenette/*_run.json, *_epochs.csv,
+*_steps.csv and *.png, and each suite's own files for its summary. Missing files are stated in
+the report, not hidden.
 """
 
 from __future__ import annotations

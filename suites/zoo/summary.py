@@ -202,7 +202,8 @@ def write_summary(results: Path, out: Path, *, total: int | None = None) -> None
     lines = [
         "# Zoo: real torchvision and timm trunks, streamed in float64",
         "",
-        f"Each row keeps its own {provenance(rows)}. Every trunk is the stem and early stages to total stride 8 with random weights in eval mode "
+        f"Each row keeps its own {provenance(rows)}. Every trunk is the stem and early stages to "
+        "total stride 8 with random weights in eval mode "
         "(suites/zoo/models.py Rules Z1-Z3), checked against the plain module at rtol 1e-10 "
         "(output, input gradient, every parameter gradient; suites/zoo/run.py Rules Z4-Z6).",
         "",
