@@ -10,6 +10,12 @@ E2. ``git_commit`` ends in ``+dirty`` when files that shape the result (``stream
     commit it started from.
 E3. The 1-minute load average is recorded at the time of the record: the machine may be shared,
     and a timing taken under load is only comparable with one taken under similar load.
+E4. A summary says where its records were made in one sentence, ``provenance(records)``: the
+    commands, commits, CPU, torch, threads and load, each value once.
+
+>>> provenance([{"command": "python -m x", "environment": {"git_commit": "0123456789ab+dirty",
+...     "cpu": "AMD EPYC", "torch": "2.5", "threads": 1, "load_1min": 0.5}}])
+'command `python -m x`; commit 0123456789ab+dirty; CPU AMD EPYC, torch 2.5, 1 threads, 1-minute load 0.5'
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +106,39 @@ def environment(device: str = "cpu", *, watched: tuple[str, ...] = WATCHED) -> d
         "load_1min": load_1min(),
         "platform": platform.platform(),
     }
+
+
+def provenance(records: Iterable[Mapping[str, Any]]) -> str:
+    """Rule E4: the records' commands (``run.command`` or ``command``) and environments."""
+    records = list(records)
+    envs = [r["environment"] for r in records if r.get("environment")]
+
+    def each(values: Iterable[Any], noun: str = "", plural: str = "") -> str:
+        found = sorted({str(v) for v in values if v is not None}) or ["not recorded"]
+        return f"{plural if len(found) > 1 else noun}{', '.join(found)}"
+
+    commands = ((r.get("run") or {}).get("command") or r.get("command") for r in records)
+    loads = [e["load_1min"] for e in envs if e.get("load_1min") is not None]
+    machine = [each((e.get("cpu") for e in envs), "CPU ", "CPUs ")]
+    machine.append(each((e.get("torch") for e in envs), "torch "))
+    if any(e.get("torchvision") for e in envs):
+        machine.append(each((e.get("torchvision") for e in envs), "torchvision "))
+    machine.append(each(e.get("threads") for e in envs) + " threads")
+    if loads:
+        low, high = f"{min(loads):g}", f"{max(loads):g}"
+        machine.append(f"1-minute load {low}" + ("" if low == high else f"-{high}"))
+    return "; ".join(
+        [
+            each((f"`{c}`" for c in commands if c), "command ", "commands "),
+            each((_short(e.get("git_commit")) for e in envs), "commit ", "commits "),
+            ", ".join(machine),
+        ]
+    )
+
+
+def _short(sha: str | None) -> str | None:
+    """A commit as 12 hex digits, ``+dirty`` kept (Rule E2)."""
+    if sha is None:
+        return None
+    head, plus, rest = sha.partition("+")
+    return f"{head[:12]}{plus}{rest}"

@@ -8,6 +8,9 @@ FP1. Whatever measures memory or time runs in a fresh ``python -m <module>`` at 
 FP2. The parent passes the point as ``--json PAYLOAD`` and a file as ``--result``; the child
      writes its result there (atomically), and may write it early (``partial``), so that a child
      killed later still leaves what it measured. The parent reads the file, whatever the exit.
+FP3. ``row`` makes one point a results row (``suites/rows.py`` Rule J1): the child's
+     ``environment`` becomes the row's, the row is ``ok`` only when the child exited 0 with one,
+     and an error keeps the end of the child's stderr as its ``reason``.
 
 Example (the child side is :func:`child`; ``suites/meters.py`` is such a child):
 
@@ -24,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +69,25 @@ def run(
             stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
             return Done(_read(path), None, stderr)
         return Done(_read(path), proc.returncode, proc.stderr)
+
+
+def row(
+    module: str,
+    payload: Mapping[str, Any],
+    *,
+    key: str,
+    command: str,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Rule FP3: ``run(module, payload)`` as a results row."""
+    start = time.time()
+    done = run(module, payload, env=env)
+    metrics = dict(done.result or {})
+    environment = metrics.pop("environment", None)
+    status = "ok" if done.returncode == 0 and environment else "error"
+    out = {"key": key, "status": status, "params": dict(payload), "environment": environment}
+    out |= {"metrics": metrics, "reason": None if status == "ok" else done.stderr[-800:]}
+    return out | {"run": {"command": command, "start": start, "wall_s": time.time() - start}}
 
 
 def _read(path: Path) -> dict[str, Any] | None:

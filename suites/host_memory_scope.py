@@ -16,7 +16,8 @@ C B A per round. Modes:
 Per process: one warm-up step, freed memory handed back (``malloc_trim``) and the peak-RSS mark
 reset, then the timed steps under ``RssMeter`` (peak RSS over the baseline); ``rss_after_bytes``
 is what stays resident after the last step over that baseline. Rows go to
-``<out>/results.jsonl`` (``suites/rows.py``), the table to ``<out>/SUMMARY.md``.
+``<out>/results.jsonl`` (``suites/rows.py``), the table to ``<out>/SUMMARY.md`` (also rewritten
+from the rows by ``python -m suites.report``).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .environment import environment
-from .fresh import child, run
-from .rows import append_row, read_rows, results_path
+from . import fresh
+from .environment import environment, provenance
+from .rows import append_row, last_run, results_path
 
 MODES = ("off", "process", "scope", "conventional")
 OUT = Path(__file__).resolve().parents[1] / "reports" / "host_memory"
@@ -110,19 +111,14 @@ def summary(rows: list[dict[str, Any]]) -> str:
     def med(mode: str, field: str) -> float:
         return statistics.median(m[field] for m in by[mode])
 
-    env = rows[-1]["environment"] or {}
     conventional = med("conventional", "rss_delta_bytes") if "conventional" in by else None
     lines = [
         "# Host memory: scoped to the call vs for the process vs off",
         "",
         f"Figs 2-3 network, {rows[-1]['params']['size']}² tile {rows[-1]['params']['tile']}, "
-        f"float32; CPU {env.get('cpu')}, {env.get('threads')} threads, torch {env.get('torch')}, "
-        f"commits {', '.join(sorted({r['environment']['git_commit'][:9] for r in rows}))} "
-        "(each row's own: others committed during the run); fresh process per row, modes interleaved "
-        f"(A B .. B A), {max(len(v) for v in by.values())} processes per mode; medians over them.",
-        f"Command: `{rows[-1]['run']['command']}`. Load (1 min) at the rows: "
-        f"{min(r['environment']['load_1min'] or 0 for r in rows if r['environment'])}-"
-        f"{max(r['environment']['load_1min'] or 0 for r in rows if r['environment'])}.",
+        f"float32; fresh process per row, modes interleaved (A B .. B A), "
+        f"{max(len(v) for v in by.values())} processes per mode; medians over them. "
+        f"Runs: {provenance(rows)} (each row's own: others committed during the run).",
         "",
         "| mode | step s (median) | / off | peak RSS over baseline MiB | / conventional "
         "| resident after the step MiB |",
@@ -144,6 +140,12 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_summary(out: Path) -> Path:
+    """``out/SUMMARY.md`` from the last run's rows (``rows.last_run``)."""
+    (out / "SUMMARY.md").write_text(summary(last_run(results_path(out))))
+    return out / "SUMMARY.md"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m suites.host_memory_scope", description=__doc__)
     parser.add_argument("--rounds", type=int, default=2, help="A B .. B A rounds (default 2)")
@@ -152,37 +154,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--summarize", action="store_true", help="only rewrite SUMMARY.md")
     args = parser.parse_args(argv)
     path = results_path(args.out)
     command = "python -m suites.host_memory_scope " + " ".join(argv or sys.argv[1:])
-    if args.summarize:  # the last run's rows
-        command = read_rows(path)[-1]["run"]["command"]
-    for r in range(0 if args.summarize else args.rounds):
+    for r in range(args.rounds):
         order = args.modes if r % 2 == 0 else args.modes[::-1]
         for mode in [*order, *order[::-1]]:
             payload = {"mode": mode, "size": args.size, "tile": args.tile}
             payload["repeats"] = args.repeats
-            start = time.time()
-            done = run("suites.host_memory_scope", payload)
-            metrics = dict(done.result or {})
-            env = metrics.pop("environment", None)
-            status = "ok" if done.returncode == 0 and done.result else "error"
             key = f"{mode}|{args.size}|{args.tile}|{r}"
-            row = {"key": key, "status": status, "params": payload, "environment": env}
-            row |= {"metrics": metrics, "reason": None if status == "ok" else done.stderr[-800:]}
-            row["run"] = {"command": command, "start": start, "wall_s": time.time() - start}
+            row = fresh.row("suites.host_memory_scope", payload, key=key, command=command)
             append_row(path, row)
+            status, metrics = row["status"], row["metrics"]
             t = metrics.get("time_s_median", float("nan"))
             rss = metrics.get("rss_delta_bytes", 0) / 2**20
             print(f"{key}: {status} {t:.2f} s, RSS +{rss:.0f} MiB", flush=True)
-    text = summary([r for r in read_rows(path) if r["run"]["command"] == command])
-    (args.out / "SUMMARY.md").write_text(text)
-    print(text)
+    print(write_summary(args.out).read_text())
     return 0
 
 
 if __name__ == "__main__":
     if "--json" in sys.argv:
-        sys.exit(child(measure))
+        sys.exit(fresh.child(measure))
     sys.exit(main())

@@ -16,7 +16,8 @@ gradients set to None before each step) is measured three ways (NOTE [ Memory me
 - ``alloc``: the peak of live CPU tensors during a third step (``torch.profiler`` allocation
   events): what the estimate models, without the allocator's own slack.
 
-Rows go to ``<out>/results.jsonl`` (``suites/rows.py``), the table to ``<out>/SUMMARY.md``.
+Rows go to ``<out>/results.jsonl`` (``suites/rows.py``), the table to ``<out>/SUMMARY.md`` (also
+rewritten from the rows by ``python -m suites.report``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .environment import environment
-from .fresh import child, run
-from .rows import append_row, read_rows, results_path
+from . import fresh
+from .environment import environment, provenance
+from .rows import append_row, last_run, results_path
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "memory_estimate"
 
@@ -131,22 +132,18 @@ def measure(payload: dict[str, Any], partial: Callable[[dict[str, Any]], None]) 
 
 def summary(rows: list[dict[str, Any]]) -> str:
     """One line per point: the estimate, each meter, and the estimate over each."""
-    env = rows[-1]["environment"] or {}
     points: dict[tuple[str, int, int], dict[str, dict[str, Any]]] = {}
     for r in rows:
         p = r["params"]
         if r["status"] == "ok":
             points.setdefault((p["network"], p["size"], p["tile"]), {})[p["setting"]] = r["metrics"]
-    commits = sorted({r["environment"]["git_commit"][:9] for r in rows if r["environment"]})
     lines = [
         "# plan's peak memory estimate against measured peaks (issue 27 item 2)",
         "",
-        f"CPU {env.get('cpu')}, {env.get('threads')} threads, torch {env.get('torch')}, "
-        f"commits {', '.join(commits)}; float32, one training step per measure (the output held, "
-        "a full-size output gradient), one fresh process per setting and point "
-        "(`suites/memory_estimate.py` says what each meter counts). The machine is shared "
-        "(2 cores, other sessions running): times are disturbed, allocations are not.",
-        f"Command: `{rows[-1]['run']['command']}`.",
+        "Float32, one training step per measure (the output held, a full-size output gradient), "
+        "one fresh process per setting and point (`suites/memory_estimate.py` says what each "
+        "meter counts). The machine is shared (2 cores, other sessions running): times are "
+        f"disturbed, allocations are not. Runs: {provenance(rows)}.",
         "",
         "- allocator: peak of live CPU tensors in the step (torch.profiler events), the engine's "
         "defaults: what the estimate models (NOTE [ Memory estimate ]).",
@@ -183,43 +180,41 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_summary(out: Path) -> Path:
+    """``out/SUMMARY.md`` from the last run's rows (``rows.last_run``)."""
+    rows = last_run(results_path(out))
+    (out / "SUMMARY.md").write_text(summary(rows) if rows else "no rows\n")
+    return out / "SUMMARY.md"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m suites.memory_estimate", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="three small points")
     parser.add_argument("--only", action="append", default=[], help="a network (repeatable)")
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--summarize", action="store_true", help="only rewrite SUMMARY.md")
     args = parser.parse_args(argv)
     path = results_path(args.out)
     command = "python -m suites.memory_estimate " + " ".join(argv or sys.argv[1:])
-    if args.summarize:
-        command = read_rows(path)[-1]["run"]["command"]
     points = QUICK if args.quick else FULL
-    for network, size, tile in [] if args.summarize else points:
+    for network, size, tile in points:
         if args.only and network not in args.only:
             continue
         for setting, (env_vars, _) in SETTINGS.items():
             payload = {"network": network, "size": size, "tile": tile, "setting": setting}
-            start = time.time()
-            done = run("suites.memory_estimate", payload, env=env_vars)
-            metrics = dict(done.result or {})
-            env = metrics.pop("environment", None)
-            status = "ok" if done.returncode == 0 and env else "error"
             key = f"{network}|{size}|{tile}|{setting}"
-            row = {"key": key, "status": status, "params": payload, "environment": env}
-            row |= {"metrics": metrics, "reason": None if status == "ok" else done.stderr[-800:]}
-            row["run"] = {"command": command, "start": start, "wall_s": time.time() - start}
+            row = fresh.row(
+                "suites.memory_estimate", payload, key=key, command=command, env=env_vars
+            )
             append_row(path, row)
-            print(key, status, {k: v for k, v in metrics.items() if "bytes" in k}, flush=True)
-    rows = [r for r in read_rows(path) if r["run"]["command"] == command]
-    text = summary(rows) if rows else "no rows\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "SUMMARY.md").write_text(text)
-    print(text)
+            metrics = row["metrics"]
+            print(
+                key, row["status"], {k: v for k, v in metrics.items() if "bytes" in k}, flush=True
+            )
+    print(write_summary(args.out).read_text())
     return 0
 
 
 if __name__ == "__main__":
     if "--json" in sys.argv:
-        sys.exit(child(measure))
+        sys.exit(fresh.child(measure))
     sys.exit(main())

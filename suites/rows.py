@@ -81,6 +81,12 @@ def latest_rows(
     return list(latest.values())
 
 
+def last_run(path: Path) -> list[dict[str, Any]]:
+    """The rows of the file's last command: what a summary of one run reads."""
+    rows = read_rows(path)
+    return [r for r in rows if r["run"]["command"] == rows[-1]["run"]["command"]] if rows else []
+
+
 def flat(row: dict[str, Any]) -> dict[str, Any]:
     """One row as one flat record: its top-level fields but the nested ones, the params and
     metrics as columns, the environment's keys as ``env_<key>`` and the run's as ``run_<key>``."""

@@ -48,6 +48,16 @@ def torchvision_trunk(arch: str, names: list[str], **kwargs: object) -> nn.Modul
     return prefix(torchvision_model(arch, **kwargs), names)
 
 
+def resnet_halves(arch: str) -> tuple[nn.Module, nn.Module]:
+    """(trunk, head) of a torchvision ResNet in eval mode (BatchNorm frozen: its batch statistics
+    would span the whole image): the trunk conv1 to layer4 (Rule T2), the head its global pool
+    and classifier; random weights from the caller's seed."""
+    import torchvision
+
+    model = getattr(torchvision.models, arch)(weights=None).eval()
+    return prefix(model, RESNET), nn.Sequential(model.avgpool, nn.Flatten(), model.fc)
+
+
 def tv_features(arch: str, stop: int) -> nn.Module:
     return torchvision_model(arch).features[:stop]
 

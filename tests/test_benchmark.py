@@ -223,7 +223,10 @@ def _fixture_rows() -> list[dict[str, Any]]:
 
 def test_analysis_names_both_sides_of_every_ratio() -> None:
     df = analysis.frame(_fixture_rows())
-    ratios = {(r.streaming, r.conventional): r for r in analysis.pair_ratios(df, "time_s_median")}
+    ratios = {
+        pair: analysis.pair_ratio(df, *pair, "time_s_median", input_px=2048, tile_px=512)
+        for pair in analysis.PAIRS
+    }
     # 2048^2: streamcheck 12 / conventional 10; tuned 4 / 5; tuned 4 / compiled 3.2
     assert ratios["streamcheck", "conventional"].value == pytest.approx(1.2)
     assert ratios["streamcheck_tuned", "conventional_tuned"].value == pytest.approx(0.8)

@@ -304,13 +304,6 @@ def _started(df: pd.DataFrame, name: str, input_px: int, tile_px: int | None) ->
     return pd.Timestamp(rows["run_started_utc"].iloc[0])
 
 
-def pair_ratios(
-    df: pd.DataFrame, metric: str, *, input_px: int = PAPER_INPUT_PX, tile_px: int = PAPER_TILE_PX
-) -> list[Ratio]:
-    """Rule B4: every pair of ``PAIRS`` at (input, tile), measured on both sides."""
-    return [pair_ratio(df, s, c, metric, input_px=input_px, tile_px=tile_px) for s, c in PAIRS]
-
-
 def by_settings(names: Iterable[str]) -> dict[str, list[str]]:
     """Case names grouped by their resolved settings (Rule B1: one measurement per group)."""
     groups: dict[str, list[str]] = {}

@@ -143,10 +143,7 @@ def _streaming_methods(df: pd.DataFrame) -> list[str]:
     return ["streamcheck"] + (["streamcheck_tuned"] if len(ok(df, "streamcheck_tuned")) else [])
 
 
-POINTS_ORDER = ORDER
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def _table(header: str | list[str], rows: list[list[str]]) -> list[str]:
     return table(header, rows).splitlines()
 
 
@@ -224,16 +221,7 @@ def like_with_like(df: pd.DataFrame) -> list[str]:
         "machine's load may differ between them, so the time ratio may not compare like with like).",
         "",
         *_table(
-            [
-                "streaming / conventional",
-                "time",
-                "CPU time",
-                "allocator peak",
-                "RSS delta",
-                "load, streaming",
-                "load, conventional",
-                "sides measured apart",
-            ],
+            "streaming / conventional | time | CPU time | allocator peak | RSS delta | load, streaming | load, conventional | sides measured apart",
             rows,
         ),
     ]
@@ -298,20 +286,7 @@ def speed_table(
         "*migrated*: a row of the former speed suite (no allocator or RSS meter).",
         "",
         *_table(
-            [
-                "case",
-                "settings",
-                "time (s)",
-                "CPU time (s)",
-                "speed-up vs defaults",
-                "/ conventional",
-                "pixels computed",
-                "page faults / step",
-                "allocator peak (MiB)",
-                "RSS delta (MiB)",
-                "load",
-                "",
-            ],
+            "case | settings | time (s) | CPU time (s) | speed-up vs defaults | / conventional | pixels computed | page faults / step | allocator peak (MiB) | RSS delta (MiB) | load | ",
             rows,
         ),
     ]
@@ -353,7 +328,7 @@ def second_network(df: pd.DataFrame) -> list[str]:
 
 def _points_table(df: pd.DataFrame) -> list[str]:
     rows = []
-    order = {name: i for i, name in enumerate(POINTS_ORDER)}
+    order = {name: i for i, name in enumerate(ORDER)}
     df = df[df["suite"] != "speed"]  # in the speed table
     df = df.assign(_o=df["name"].map(order).fillna(len(order)))
     df = df.sort_values(["input_px", "_o", "name", "tile_px"])
@@ -381,21 +356,7 @@ def _points_table(df: pd.DataFrame) -> list[str]:
             ]
         )
     return _table(
-        [
-            "case",
-            "input",
-            "tile",
-            "tiles",
-            "status",
-            "time (s, median)",
-            "timed runs",
-            "allocator peak (MiB)",
-            "RSS delta (MiB)",
-            "RSS peak raw (MiB)",
-            "grad err vs conv.",
-            "grad err vs float64",
-            "load",
-        ],
+        "case | input | tile | tiles | status | time (s, median) | timed runs | allocator peak (MiB) | RSS delta (MiB) | RSS peak raw (MiB) | grad err vs conv. | grad err vs float64 | load",
         rows,
     )
 
@@ -472,7 +433,7 @@ def write(
             err(m, "grad_rel_error"),
             err(m, "grad_rel_error_f64"),
         ]
-        for m in POINTS_ORDER
+        for m in ORDER
     ]
     lines += [
         "",
@@ -485,13 +446,8 @@ def write(
         "The conventional row's *vs float64* is its own rounding error: the noise floor.",
         "",
         *_table(
-            [
-                "case",
-                f"vs conv., {n}²",
-                f"vs float64, {n}²" if n <= 1024 else "vs float64, 1024²",
-                "vs conv., max all points",
-                "vs float64, max all points",
-            ],
+            f"case | vs conv., {n}² | vs float64, {min(n, 1024)}² | vs conv., max all points | "
+            "vs float64, max all points",
             errors,
         ),
         "",
@@ -512,7 +468,7 @@ def write(
         "## All points",
         "",
         "Cases and their settings (`suites/benchmark/workload.py`): "
-        + "; ".join(f"*{name}*: {settings(name)}" for name in POINTS_ORDER)
+        + "; ".join(f"*{name}*: {settings(name)}" for name in ORDER)
         + ". Channels-last for streamcheck is the engine option `Streamed(..., channels_last=True)`;",
         "for conventional, the network and the image are converted. *load*: 1-minute load average",
         "at the point's start / cores other processes kept busy during its timed steps.",

@@ -241,19 +241,17 @@ def table2_network() -> tuple[nn.Sequential, nn.Sequential]:
     return nn.Sequential(*trunk), nn.Sequential(*head)
 
 
-def resnet18_network() -> tuple[nn.Sequential, nn.Sequential]:
-    """(streamed trunk, head) of torchvision's ResNet-18 (random init), in eval mode.
-
-    The trunk is everything before the global average pool (conv1 to layer4, output stride 32,
-    its tiles overlap by 217 + 186 px per axis); the head is the pool and the classifier. BatchNorm is frozen (eval
-    mode): in training mode it normalises by statistics of the whole image, which tiles cannot
-    give (the engine refuses it), so conventional training runs in the same mode.
+def resnet18_network() -> tuple[nn.Module, nn.Module]:
+    """(streamed trunk, head) of torchvision's ResNet-18 (random init), in eval mode
+    (``suites/trunks.py``): the trunk is everything before the global average pool (conv1 to
+    layer4, output stride 32, its tiles overlap by 217 + 186 px per axis), the head the pool and
+    the classifier. In training mode BatchNorm normalises by statistics of the whole image, which
+    costs one tile pass per level (plan Rule PL1); the benchmark measures the frozen network, and
+    conventional training runs in the same mode.
     """
-    import torchvision
+    from suites.trunks import resnet_halves
 
-    model = torchvision.models.resnet18(weights=None).eval()
-    trunk = nn.Sequential(*list(model.children())[:-2])
-    return trunk, nn.Sequential(model.avgpool, nn.Flatten(), model.fc)
+    return resnet_halves("resnet18")
 
 
 @dataclass

@@ -162,16 +162,6 @@ STEPS: dict[str, Step] = {
 # ------------------------------------------------------------------------------- networks
 
 
-def resnet34_network() -> tuple[nn.Module, nn.Module]:
-    """(trunk, head) of torchvision's ResNet-34, random weights, eval mode (BatchNorm frozen:
-    its batch statistics span the whole image, which tiles cannot give)."""
-    import torchvision
-
-    model = torchvision.models.resnet34(weights=None).eval()
-    trunk = nn.Sequential(*list(model.children())[:-2])
-    return trunk, nn.Sequential(model.avgpool, nn.Flatten(), model.fc)
-
-
 def network(name: str) -> tuple[nn.Module, nn.Module]:
     """(streamed part, head) of ``name``, seeded (the same in every process)."""
     from suites.benchmark.workload import paper_network, table2_network
@@ -182,7 +172,9 @@ def network(name: str) -> tuple[nn.Module, nn.Module]:
     if name == "table2":
         return table2_network()
     if name == "resnet34":
-        return resnet34_network()
+        from suites.trunks import resnet_halves
+
+        return resnet_halves("resnet34")
     raise ValueError(f"unknown network {name!r}")
 
 

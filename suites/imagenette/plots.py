@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -35,12 +36,16 @@ def _subtitle(meta: dict) -> str:
     )
 
 
-def plot_run(out_dir: Path | str, label: str) -> list[Path]:
-    """Write {label}_fig4_curves.png and {label}_loss_difference.png next to the result files."""
-    out_dir = Path(out_dir)
+def run_files(out_dir: Path, label: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """A run's steps, epochs and metadata (``train.py`` writes them)."""
     steps = pd.read_csv(out_dir / f"{label}_steps.csv")
     epochs = pd.read_csv(out_dir / f"{label}_epochs.csv")
-    meta = json.loads((out_dir / f"{label}_run.json").read_text())
+    return steps, epochs, json.loads((out_dir / f"{label}_run.json").read_text())
+
+
+def plot_run(out_dir: Path, label: str) -> list[Path]:
+    """Write {label}_fig4_curves.png and {label}_loss_difference.png next to the result files."""
+    steps, epochs, meta = run_files(out_dir, label)
     spe = meta["steps_per_epoch"]
     tag = "STAND-IN: " if meta["synthetic"] else ""
     written = []
@@ -189,12 +194,9 @@ def _fmt(x: float) -> str:
     return f"{x:.1e}"
 
 
-def reading(out_dir: Path | str, label: str) -> str:
+def reading(out_dir: Path, label: str) -> str:
     """The run's two-sentence reading, from its files alone (its SUMMARY's and the report's)."""
-    out_dir = Path(out_dir)
-    steps = pd.read_csv(out_dir / f"{label}_steps.csv")
-    epochs = pd.read_csv(out_dir / f"{label}_epochs.csv")
-    meta = json.loads((out_dir / f"{label}_run.json").read_text())
+    steps, epochs, meta = run_files(out_dir, label)
     env, cfg = meta["environment"], meta["config"]
     first = steps[steps["epoch"] == steps["epoch"].min()]
     last = steps[steps["epoch"] == steps["epoch"].max()]
@@ -239,12 +241,9 @@ def reading(out_dir: Path | str, label: str) -> str:
     return reading
 
 
-def write_summary(out_dir: Path | str, label: str) -> Path:
+def write_summary(out_dir: Path, label: str) -> Path:
     """{label}_SUMMARY.md: the run's facts and a two-sentence reading, all read from the files."""
-    out_dir = Path(out_dir)
-    steps = pd.read_csv(out_dir / f"{label}_steps.csv")
-    epochs = pd.read_csv(out_dir / f"{label}_epochs.csv")
-    meta = json.loads((out_dir / f"{label}_run.json").read_text())
+    steps, epochs, meta = run_files(out_dir, label)
     env, cfg, st, tm = meta["environment"], meta["config"], meta["streaming"], meta["timing"]
     lib = meta["libraries"]
     data = meta["dataset"] + (

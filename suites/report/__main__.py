@@ -1,8 +1,10 @@
 """python -m suites.report [--reports reports] [--out reports]: REPORT.md and report.html.
 
-Reads only the result files under --reports: equivalence/record.json, benchmark/*.jsonl and
-*.png, imagenette/*_run.json, *_epochs.csv, *_steps.csv and *.png. Missing files are stated in the
-report, not hidden.
+Without --out, every suite's SUMMARY.md is rewritten first (``summaries.py``, render.py Rule
+P5), and the README's headline after. Reads only the result files under --reports:
+equivalence/record.json, benchmark/*.jsonl and *.png, imagenette/*_run.json, *_epochs.csv,
+*_steps.csv and *.png, and each suite's own files for its summary. Missing files are stated in
+the report, not hidden.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import limits, render, sources
+from . import limits, render, sources, summaries
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="output folder (default: the --reports folder)")
     args = p.parse_args(argv)
     command = " ".join(["python -m suites.report", *(sys.argv[1:] if argv is None else argv)])
+    for path in [] if args.out else summaries.write_all(args.reports):
+        print(path)
     for path in build(args.reports, args.out or args.reports, command=command):
         print(path)
     if args.out is None and update_readme(REPO / "README.md", args.reports):

@@ -95,19 +95,7 @@ def _results_table(
             if dtype in part.get("networks", {}):
                 rows.append(_result_row(family, dtype, part, failures, method))
     return table(
-        [
-            "networks",
-            "dtype",
-            "count",
-            "1D / 2D / 3D",
-            "tiles per network",
-            "output",
-            "parameter grads",
-            "input grad",
-            "tolerance",
-            "worst error / tolerance",
-            "failed",
-        ],
+        "networks | dtype | count | 1D / 2D / 3D | tiles per network | output | parameter grads | input grad | tolerance | worst error / tolerance | failed",
         rows,
     )
 
@@ -262,15 +250,7 @@ def _trunk_table(trunks: list[dict[str, Any]]) -> str:
             cells.append((err(max(worst)) if worst else "n/a") + status)
         rows.append(cells)
     return table(
-        [
-            "trunk",
-            "part",
-            "input px",
-            "tile px",
-            "tiles",
-            "float64 worst rel. error",
-            "float32 worst rel. error",
-        ],
+        "trunk | part | input px | tile px | tiles | float64 worst rel. error | float32 worst rel. error",
         rows,
         align="llrrrrr",
     )

@@ -22,8 +22,16 @@ MiB = 2**20
 
 
 # ------------------------------------------------------------------------------------ helpers
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> str:
-    """A Markdown table; ``align`` has one letter per column (l or r), default left then right."""
+def table(headers: str | Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> str:
+    """A Markdown table; ``headers`` a list or one string as the table reads (``"a | b"``);
+    ``align`` has one letter per column (l or r), default left then right.
+
+    >>> print(table("case | time (s)", [["a", 1.5]]))
+    | case | time (s) |
+    | --- | ---: |
+    | a | 1.5 |
+    """
+    headers = headers.split(" | ") if isinstance(headers, str) else headers
     rows = [[str(cell) for cell in row] for row in rows]
     align = align or "l" + "r" * (len(headers) - 1)
     sep = ["---:" if a == "r" else "---" for a in align]

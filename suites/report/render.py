@@ -10,6 +10,8 @@ Rule P3. Every figure is a PNG written by a suite; its caption gives the command
          produced it, from the result metadata.
 Rule P4. The list of layers that cannot be streamed is asked of the engine when the report is
          built (``limits.py``), so it cannot drift from the code.
+Rule P5. Every suite's ``SUMMARY.md`` is rewritten from its result files by the same command
+         (``summaries.py``), so a summary cannot fall behind its rows or its writer.
 """
 
 from __future__ import annotations
@@ -111,17 +113,7 @@ def environment_section(eq: Source, bench: Source, imn: Source, report_env: dict
         "environment that generated this report.",
         "",
         table(
-            [
-                "source",
-                "date (UTC)",
-                "git commit",
-                "Python",
-                "torch",
-                "torchvision",
-                "streamcheck",
-                "device",
-                "threads",
-            ],
+            "source | date (UTC) | git commit | Python | torch | torchvision | streamcheck | device | threads",
             rows,
             align="lllllllll",
         ),

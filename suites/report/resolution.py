@@ -139,16 +139,7 @@ def summary_markdown(summary: dict[str, Any], *, figures: Path, out_dir: Path | 
         f"({cfg['lsuv_slides']} slides), image-level labels only.",
         "",
         table(
-            [
-                "input",
-                "test AUC",
-                "95 % CI",
-                "saliency lesion AUC",
-                "95 % CI",
-                "lesion visibility",
-                "last-epoch train loss",
-                "s per slide step",
-            ],
+            "input | test AUC | 95 % CI | saliency lesion AUC | 95 % CI | lesion visibility | last-epoch train loss | s per slide step",
             [
                 [
                     f"{r['input_px']}² (1/{r['downsample']})",

@@ -111,18 +111,7 @@ def _other_runs_table(runs: list[dict[str, Any]], folder: Path) -> str:
             ]
         )
     return table(
-        [
-            "run",
-            "dtype",
-            "steps",
-            "max rel. loss difference, streaming",
-            "same, control",
-            "trunk weight rel. difference at the end, streaming",
-            "same, control",
-            "lr",
-            "tuning accuracy at the end, conventional / streaming",
-            "command",
-        ],
+        "run | dtype | steps | max rel. loss difference, streaming | same, control | trunk weight rel. difference at the end, streaming | same, control | lr | tuning accuracy at the end, conventional / streaming | command",
         rows,
         align="llrrrrrrrl",
     )

@@ -23,7 +23,7 @@ from torch import nn
 
 from streamcheck.state import module_state, tensor_versions
 from streamcheck.streaming import _placement
-from suites.environment import environment
+from suites.environment import environment, provenance
 from suites.trunks import RESNET, torchvision_trunk, tv_features
 
 OUT = Path(__file__).resolve().parents[2] / "reports" / "revalidation"
@@ -96,9 +96,7 @@ def write_summary(record: dict[str, Any], out: Path) -> None:
     lines = [
         "# Plan-cache re-validation cost per call",
         "",
-        f"`{record['command']}`; commit {record['environment']['git_commit']}, torch "
-        f"{record['environment']['torch']}, {record['environment']['threads']} threads, "
-        f"{record['environment']['cpu']}, 1-min load {record['environment']['load_1min']}.",
+        f"Run: {provenance([record])}.",
         "",
         "Per call, forward and backward together derive the module's state key twice, check its "
         "placement once and read tensor versions twice (NOTE [ Plan cache ] in "

@@ -58,6 +58,8 @@ import re
 import time
 import traceback
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -220,15 +222,13 @@ def check_model(model: ZooModel, *, mode: str = EVAL) -> dict[str, Any]:
         "family": model.family,
         "expect": model.expect,
     }
-    start = time.perf_counter()
-    try:
+    with recorded(record, name=model.name):
         trunk = randomize_norms(model.build()).train(mode == TRAIN).double()
         record["parameters"] = sum(p.numel() for p in trunk.parameters())
         fields, strides, probe = reach(trunk, model.spatial_axes)
         record.update(plan_record(probe))
         if mode == TRAIN and probe.levels > MAX_LEVELS:  # Rule Z11: a plan only
             record.update(status="budget", max_levels=MAX_LEVELS)
-            record["seconds"] = round(time.perf_counter() - start, 2)
             return record
         shape, tile = model.shape_and_tile or input_and_tile(fields, strides)
         record["input_shape"], record["tile"] = list(shape), list(tile)
@@ -249,13 +249,22 @@ def check_model(model: ZooModel, *, mode: str = EVAL) -> dict[str, Any]:
         )
         if not report.passed:
             record["failures"] = [row.name for row in report.failures][:10]
+    return record
+
+
+@contextmanager
+def recorded(record: dict[str, Any], *, name: str) -> Iterator[None]:
+    """Rule Z4: a refusal in the block (its layers, classed by Rule Z5) or a crash is recorded in
+    ``record``, never raised; so are the block's seconds."""
+    start = time.perf_counter()
+    try:
+        yield
     except streamcheck.StreamcheckError as error:
-        layers = problem_layers(error, name=model.name)
+        layers = problem_layers(error, name=name)
         record.update(status="refused", refusal=refusal_class(layers), layers=layers)
-    except Exception as error:  # Rule Z4: a crash is recorded, not raised
+    except Exception as error:
         record.update(crashed(error))
     record["seconds"] = round(time.perf_counter() - start, 2)
-    return record
 
 
 def crashed(error: Exception) -> dict[str, Any]:
@@ -280,8 +289,7 @@ def split_input(model: ZooModel, net: torch.nn.Module) -> tuple[int, ...]:
 def check_split(model: ZooModel) -> dict[str, Any]:
     """Rule Z8 for one model; never raises."""
     record: dict[str, Any] = {}
-    start = time.perf_counter()
-    try:
+    with recorded(record, name=model.name):
         net = randomize_norms(classifier(model)).eval().double()
         shape = split_input(model, net)
         record["input_shape"] = list(shape)
@@ -304,11 +312,6 @@ def check_split(model: ZooModel) -> dict[str, Any]:
             status="equal" if torch.equal(whole, pair) else "different",
             max_abs_difference=float((whole - pair).abs().max()),
         )
-    except streamcheck.StreamcheckError as error:
-        record.update(status="refused", layers=problem_layers(error, name=model.name))
-    except Exception as error:  # Rule Z4: a crash is recorded, not raised
-        record.update(crashed(error))
-    record["seconds"] = round(time.perf_counter() - start, 2)
     return record
 
 
@@ -336,8 +339,7 @@ def whole_input_and_tile(
 def check_whole(model: ZooModel) -> dict[str, Any]:
     """Rule Z12 for one model; never raises."""
     record: dict[str, Any] = {}
-    start = time.perf_counter()
-    try:
+    with recorded(record, name=model.name):
         net = randomize_norms(classifier(model)).eval().double()
         shape, tile = whole_input_and_tile(model, net)
         record.update(input_shape=list(shape), tile=list(tile))
@@ -353,10 +355,4 @@ def check_whole(model: ZooModel) -> dict[str, Any]:
             rel_error=error,
             logits_shape=list(plain.shape),
         )
-    except streamcheck.StreamcheckError as error:
-        layers = problem_layers(error, name=model.name)
-        record.update(status="refused", refusal=refusal_class(layers), layers=layers)
-    except Exception as error:  # Rule Z4: a crash is recorded, not raised
-        record.update(crashed(error))
-    record["seconds"] = round(time.perf_counter() - start, 2)
     return record

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from suites.environment import provenance
 from suites.rows import latest_rows, read_rows
 
 from .run import EVAL, TRAIN, reclassify
@@ -129,14 +130,6 @@ def cost_cells(record: dict[str, Any]) -> str:
     )
 
 
-def provenance(records: list[dict[str, Any]]) -> str:
-    """The commands and commits that made ``records``."""
-    commands = ", ".join(sorted({f"`{r['command']}`" for r in records}))
-    commits = ", ".join(sorted({r["environment"].get("git_commit", "?") for r in records}))
-    cpus = ", ".join(sorted({str(r["environment"].get("cpu")) for r in records}))
-    return f"commands {commands}; commits {commits}; CPU {cpus}"
-
-
 def heading(title: str, prose: str, count: dict[str, int], columns: list[str]) -> list[str]:
     """A section's title, prose, counts and table header."""
     return [
@@ -205,17 +198,12 @@ def whole_section(rows: list[dict[str, Any]]) -> list[str]:
 
 def write_summary(results: Path, out: Path, *, total: int | None = None) -> None:
     rows = latest(results, mode=EVAL)
-    env = rows[-1]["environment"] if rows else {}
     c = counts(rows)
     lines = [
         "# Zoo: real torchvision and timm trunks, streamed in float64",
         "",
-        "Commands (each row keeps its own): "
-        + (", ".join(sorted({f"`{r['command']}`" for r in rows})) or "`python -m suites.zoo`")
-        + "; "
-        f"commit(s) {', '.join(sorted({r['environment'].get('git_commit', '?') for r in rows}))}, torch {env.get('torch')}, torchvision "
-        f"{env.get('torchvision')}, device {env.get('device')} ({env.get('cpu')}). Every trunk is "
-        "the stem and early stages to total stride 8 with random weights in eval mode "
+        f"Each row keeps its own {provenance(rows)}. Every trunk is the stem and early stages to "
+        "total stride 8 with random weights in eval mode "
         "(suites/zoo/models.py Rules Z1-Z3), checked against the plain module at rtol 1e-10 "
         "(output, input gradient, every parameter gradient; suites/zoo/run.py Rules Z4-Z6).",
         "",
@@ -235,13 +223,8 @@ def write_summary(results: Path, out: Path, *, total: int | None = None) -> None
         "",
         "The *split* column is `streamcheck.split` on the model's whole classifier (suites/zoo/run.py "
         "Rule Z8): the longest streamable prefix, what ended it (class by Rule Z5), and whether "
-        "`head(trunk(x))` equals `model(x)` bit for bit in float64 (commands: "
-        + ", ".join(sorted({f"`{r['split']['command']}`" for r in rows if "split" in r}))
-        + "; commits: "
-        + ", ".join(
-            sorted({r["split"]["environment"].get("git_commit", "?") for r in rows if "split" in r})
-        )
-        + "). "
+        "`head(trunk(x))` equals `model(x)` bit for bit in float64 "
+        f"({provenance(r['split'] for r in rows if 'split' in r)}). "
         + " | ".join(f"{k}: **{v}**" for k, v in split_counts(rows).items()),
         "",
         "| model | family | expected | result | detail | split |",
