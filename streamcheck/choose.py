@@ -36,7 +36,7 @@ from torch import nn
 
 from .errors import StreamcheckError
 from .graph import build_graph
-from .planning import MAX_LEVELS, StreamPlan, make_plan
+from .planning import MAX_LEVELS, StreamPlan, free_bytes, make_plan
 
 __all__ = ["choose_tile", "free_bytes"]
 
@@ -99,20 +99,6 @@ def choose_tile(
         f"the smallest peak estimate of the tiles tried is {smallest / 2**20:.1f} MiB. Fix: raise "
         "the budget, stream fewer layers (streamcheck.split), or use a lower precision"
     )
-
-
-def free_bytes(device: torch.device | str) -> int:
-    """Rule CT5: the bytes a new allocation on a CUDA device can use now."""
-    where = torch.device(device)
-    if where.type != "cuda":
-        raise StreamcheckError(
-            f"streamcheck: device={str(device)!r}: only a CUDA device's free memory is read (the "
-            "estimate bounds live tensors, which a CUDA allocator counts; a CPU process's "
-            "resident memory adds the C allocator's slack). Fix: a budget of your own against "
-            "plan(...).peak_bytes_estimate (choose_tile: budget_bytes=...)"
-        )
-    unused = torch.cuda.memory_reserved(where) - torch.cuda.memory_allocated(where)
-    return int(torch.cuda.mem_get_info(where)[0] + unused)
 
 
 def _budget(budget_bytes: int | None, device: torch.device | str | None) -> int:

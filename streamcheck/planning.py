@@ -149,8 +149,6 @@ class StreamPlan:
         >>> p.fits("cuda") if torch.cuda.is_available() else True   # 8192² in 2048² tiles
         True
         """
-        from .choose import free_bytes  # choose plans with this module
-
         return self.peak_bytes_estimate * (1 + headroom) <= free_bytes(device)
 
     @property
@@ -206,6 +204,20 @@ class StreamPlan:
             rows.insert(at, ("period", f"{axes(self.period_px)} output px"))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def free_bytes(device: torch.device | str) -> int:
+    """Rule CT5: the bytes a new allocation on a CUDA device can use now."""
+    where = torch.device(device)
+    if where.type != "cuda":
+        raise StreamcheckError(
+            f"streamcheck: device={str(device)!r}: only a CUDA device's free memory is read (the "
+            "estimate bounds live tensors, which a CUDA allocator counts; a CPU process's "
+            "resident memory adds the C allocator's slack). Fix: a budget of your own against "
+            "plan(...).peak_bytes_estimate (choose_tile: budget_bytes=...)"
+        )
+    unused = torch.cuda.memory_reserved(where) - torch.cuda.memory_allocated(where)
+    return int(torch.cuda.mem_get_info(where)[0] + unused)
 
 
 def normalize_tile(tile: int | Sequence[int], spatial_axes: int) -> tuple[int, ...]:
