@@ -213,18 +213,20 @@ def _locality_breakers(ndim: int, channels: int, width: int) -> dict[str, nn.Mod
 
     ``width`` is the last spatial size where the layer sits (Linear acts on that axis).
     """
-    adaptive = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[ndim]
+    # Adaptive *average* pooling to a grid is a reduction and streams (Rule R1b); *max* to a
+    # grid is not one.
+    adaptive = {1: nn.AdaptiveMaxPool1d, 2: nn.AdaptiveMaxPool2d, 3: nn.AdaptiveMaxPool3d}[ndim]
     return {
         "sync_batch_norm_train": nn.SyncBatchNorm(channels).train(),
         "softmax_over_space": nn.Softmax(dim=-1),
-        "adaptive_avg_pool": adaptive(2),
+        "adaptive_max_pool": adaptive(2),
         "flatten": nn.Flatten(),
         "linear_over_space": nn.Linear(width, width),
         "dropout_train": nn.Dropout(0.5).train(),
     }
 
 
-SHAPE_CHANGING = {"adaptive_avg_pool", "flatten"}  # only valid as the last layer
+SHAPE_CHANGING = {"adaptive_max_pool", "flatten"}  # only valid as the last layer
 
 
 @st.composite
@@ -281,8 +283,8 @@ class _LayerOps(TorchDispatchMode):
 
 @given(illegal_cases())
 def test_locality_breaking_layers_raise(case: tuple) -> None:
-    """Property 5a: SyncBatchNorm (train), softmax over space, adaptive pooling to more than one
-    cell, Flatten, Linear over a spatial
+    """Property 5a: SyncBatchNorm (train), softmax over space, adaptive *max* pooling to more
+    than one cell, Flatten, Linear over a spatial
     axis and Dropout (train) raise StreamcheckError naming the layer, before computing anything."""
     module, shape, tile, path = case
     x = torch.randn(shape)
