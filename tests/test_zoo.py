@@ -233,7 +233,7 @@ def test_a_video_classifier_gets_tiles_that_hold_its_reach_on_every_axis(
     field, stride = (163, 3, 3), (2, 2, 2)  # by hand, from the layers above
     shape, tile = whole_input_and_tile(model, _Video().double())
     assert all(t >= f for t, f in zip(tile, field, strict=True)), (shape, tile)
-    # time streams: the image holds the tile, whose 162 / 2 output frames are half of them
+    # time streams: the image holds the tile, which owns 81 of the 162 output frames
     assert shape[2] >= tile[0] and (tile[0] - field[0]) // stride[0] + 1 == shape[2] // 2 // 2
     # the other axes are one tile: it reaches every output's field, 4 outputs of 2 px each
     assert shape[3:] == (8, 8) and tile[1:] == (3 + 3 * 2, 3 + 3 * 2)

@@ -51,7 +51,7 @@ Rule Z12. ``check_whole`` streams the model's whole classifier to its logits
           fixed input size; the tile is the whole image but along the first spatial axis, where
           it makes about half the output (F + (ceil(ceil(image / S) / 2) - 1) S): two or more
           tiles in every pass. In 3-D (video) that volume is out of reach: float64 3-D
-          convolutions on a CPU unfold their input (r3d_18: about 3.7 kB per voxel), and an
+          convolutions on a CPU unfold their input (r3d_18: about 3.7 kB per voxel, measured), and an
           image that holds its tile on every axis has two tiles on every axis (padding makes
           n S px give n outputs, and one tile of them reads F + (n - 1) S > n S px), so at
           least (2 F)^3 voxels: 33 M for a video classifier's F of 109 x 219 x 219, over 100 GB.
@@ -345,16 +345,18 @@ def whole_input_and_tile(
     """
     fields, strides, _ = reach(net, model.spatial_axes)
     config = getattr(net, "pretrained_cfg", None) or {}
-    if config.get("fixed_input_size"):
-        image = tuple(config["input_size"][1:])
-    else:
-        image = tuple(s * math.ceil(2 * (f + s) / s) for f, s in zip(fields, strides, strict=True))
-    rest = image[1:]
     if model.spatial_axes == 3:  # video: the first axis streams, the others are one tile
         f, s = fields[0], strides[0]
         n = next(n for n in itertools.count(2) if f + (math.ceil(n / 2) - 1) * s <= n * s)
         image = (n * s, *(4 * s for s in strides[1:]))
         rest = tuple(f + 3 * s for f, s in zip(fields[1:], strides[1:], strict=True))
+    else:
+        image = (
+            tuple(config["input_size"][1:])
+            if config.get("fixed_input_size")
+            else tuple(s * math.ceil(2 * (f + s) / s) for f, s in zip(fields, strides, strict=True))
+        )
+        rest = image[1:]
     half = math.ceil(math.ceil(image[0] / strides[0]) / 2)  # ceil(ceil(480 / 32) / 2) = 8 px
     return (1, 3, *image), (fields[0] + (half - 1) * strides[0], *rest)
 
