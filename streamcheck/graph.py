@@ -37,8 +37,9 @@ Rule G7. Shape reads (``x.shape``, ``x.size(d)``, ``x.ndim``, ``x.dim()``) take 
          meta run. The rank and the sizes of non-spatial dimensions are the same on every tile:
          they, and plain values computed from them, are *fixed* constants. A spatial size differs
          per tile, so it may only reach a reshape (Rule G8) or the amounts of an ``F.pad`` (a
-         window built for the whole image, layers Rule L2); any other use is an error naming the
-         source line (found by tracing again with stack traces, only then).
+         window built for the whole image, layers Rule L2) or decide a branch (Rule G17); any
+         other use is an error naming the source line (found by tracing again with stack traces,
+         only then).
 Rule G8. A reshape (view, reshape, flatten, unflatten, squeeze, unsqueeze, nn.Flatten) is understood
          from its whole-image shapes in and out (`layers.reshaped_layout`): it is local when every
          spatial axis stays a dimension of its own, of the same size (channel shuffle splits and
@@ -65,6 +66,13 @@ Rule G16. A *cut point* is a spatial node that every later spatial node reaches 
           Rule KM3). A pass may start there and read a kept stitched map of it instead of the image
           (``Graph.cut(taps, source=...)``): its nodes are the same objects at the same indices,
           the ones before the cut are simply not computed.
+Rule G17. Python control flow on a traced value (``if x.shape[-2] < 7:`` in timm's VGG head) is
+          decided while tracing: the module traced so far runs on the meta device for the whole
+          image, and a plain ``bool`` (from shapes, ranks and sizes: the whole image's) takes its
+          branch, the one the plain module takes on that image. The graph then holds for that
+          input shape only: every graph is built for one input shape, and every plan is cached
+          under it (NOTE [ Plan cache ], Rule K1). A condition on a tensor's values has no such
+          bool and stays a trace error naming the module it is in.
 """
 
 from __future__ import annotations
@@ -81,6 +89,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx import _symbolic_trace
 from torch.fx.immutable_collections import immutable_dict
 from torch.utils import _pytree as pytree
 
@@ -216,18 +225,45 @@ class Graph:
         return self.nodes[self.output]
 
 
+#: The whole image a module is traced for (Rule G17): its shape and dtype.
+Whole = tuple[tuple[int, ...], torch.dtype]
+#: Runs a block while fx traces as if it did not (Rule G17); private to fx, so looked up.
+_unpatched = getattr(_symbolic_trace, "_maybe_revert_all_patches", None)
+
+
 class _Tracer(fx.Tracer):
     proxy_buffer_attributes = True  # Rule G4
 
-    def __init__(self) -> None:
+    def __init__(self, whole: Whole) -> None:
         super().__init__(autowrap_functions=foreign_functions())  # Rule G12
         self.foreign = foreign_leaves()
+        self.whole = whole
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # A subclass that overrides forward is not the layer we know (Rule G1).
         if self.foreign and type(m) in self.foreign:
             return True
         return isinstance(m, KNOWN_MODULES) and type(m).forward.__module__.startswith("torch.nn")
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """Rule G17: the branch the whole image takes, when the condition is a plain bool."""
+        graph = fx.Graph()
+        copies: dict[fx.Node, fx.Node] = {}
+        graph.graph_copy(self.graph, copies)
+        graph.output(copies[obj.node])
+        if _unpatched is None:
+            return super().to_bool(obj)
+        with _unpatched():  # fx's patches (Module.__call__ among them) off meanwhile
+            values, failure = _meta_values(fx.GraphModule(self.root, graph), *self.whole)
+        value = values.get(copies[obj.node].name)
+        if type(value) is bool:
+            return value
+        where = next(reversed(self.module_stack.values()), ("",))[0]
+        what = "a tensor's values" if failure is None else f"a value that fails on meta: {failure}"
+        raise fx.proxy.TraceError(
+            f"{repr(where) if where else 'the module'} branches on {what} "
+            f"({obj.node.format_node()})"
+        )
 
 
 def _path(node: fx.Node) -> str:
@@ -241,9 +277,9 @@ def _path(node: fx.Node) -> str:
     return node.name
 
 
-def _trace(module: nn.Module) -> fx.GraphModule:
+def _trace(module: nn.Module, whole: Whole) -> fx.GraphModule:
     try:
-        graph = _Tracer().trace(module)
+        graph = _Tracer(whole).trace(module)
     except Exception as error:  # fx raises many kinds
         raise StreamcheckError(
             f"streamcheck: cannot trace {type(module).__name__} with torch.fx ({error}); "
@@ -362,7 +398,8 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
             "spatial axes"
         )
     root = nn.Sequential(module) if isinstance(module, KNOWN_MODULES) else module
-    gm = _trace(root)
+    whole = (tuple(input_shape), dtype)
+    gm = _trace(root, whole)
     desugar_norms(gm)  # reductions Rule R4
     _functionalize_inplace(gm)  # Rule G5b
     _check_rank(gm, input_shape)
@@ -373,7 +410,7 @@ def build_graph(module: nn.Module, input_shape: Sequence[int], *, dtype: torch.d
     index: dict[str, int] = {}
     fixed: dict[str, Any] = {}  # values fixed at build time (Rule G7), by node name
     known: dict[str, Any] = {}  # those and the whole image's spatial sizes
-    lines = _Lines(root)
+    lines = _Lines(root, whole)
     output: int | None = None
     outputs: tuple[int, ...] = ()
     output_spec: Any = None
@@ -734,13 +771,14 @@ class _Lines:
     """Source lines of traced nodes, for messages: the module is traced again with stack traces
     only when a message needs one (recording them on every trace would slow plan building)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, whole: Whole) -> None:
         self.module = module
+        self.whole = whole
         self.traces: dict[str, str] | None = None
 
     def __call__(self, name: str) -> str:
         if self.traces is None:
-            tracer = _Tracer()
+            tracer = _Tracer(self.whole)
             tracer.record_stack_traces = True
             try:
                 graph = tracer.trace(self.module)

@@ -145,6 +145,63 @@ def test_a_tensor_built_from_the_spatial_size_is_refused() -> None:
     refused(SpatialSizeTensor(), (1, 3, 32, 32), "spatial size")
 
 
+# ---------------------------------------------------------------- branches on shapes (Rule G17)
+
+
+class ShapeBranch(nn.Module):
+    """timm's VGG head (ConvMlp), reduced: a Python ``if`` on the spatial size picks the layers;
+    both branches keep the shape, so only the values tell them apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.wide = nn.Conv2d(4, 4, 5, padding=2)
+        self.narrow = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        if y.shape[-2] >= 40 and y.shape[1] == 4:
+            return self.wide(y)
+        return self.narrow(y) * 2
+
+
+def test_a_branch_on_the_spatial_size_is_the_whole_images_branch() -> None:
+    exact(ShapeBranch(), (1, 3, 48, 40), 20)  # the wide branch
+    exact(ShapeBranch(), (1, 3, 32, 40), 12)  # the narrow one
+
+
+def test_a_branch_is_decided_per_input_shape_and_never_reused_for_another() -> None:
+    torch.manual_seed(0)
+    net = ShapeBranch().double().eval()
+    streamed = streamcheck.Streamed(net, tile=16)
+    for rows, taken in ((48, "wide"), (32, "narrow"), (48, "wide")):
+        x = torch.randn(1, 3, rows, 40, dtype=torch.float64)
+        with torch.no_grad():
+            plain, out = net(x), streamed(x)
+        assert torch.allclose(out, plain, rtol=RTOL, atol=0), rows
+        paths = {node.path for node in streamed.plan(x.shape).graph.nodes}
+        assert taken in paths and ({"wide", "narrow"} - {taken}).isdisjoint(paths), paths
+
+
+class ValueGate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.sum() > 0 else -x  # the branch depends on the values
+
+
+class ValueBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = ValueGate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.conv(x))
+
+
+def test_a_branch_on_tensor_values_is_refused_by_the_module_it_is_in() -> None:
+    refused(ValueBranch(), (1, 3, 32, 32), "cannot trace", "'gate' branches on a tensor's values")
+
+
 # ---------------------------------------------------------------- channel split, chunk, index (G9)
 
 

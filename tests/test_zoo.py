@@ -21,6 +21,7 @@ from suites.zoo.run import (
     reclassify,
     refusal_class,
     refused_layers,
+    whole_input_and_tile,
 )
 from suites.zoo.summary import (
     counts,
@@ -207,6 +208,38 @@ def test_a_whole_classifier_streams_to_its_logits(monkeypatch: pytest.MonkeyPatc
     assert whole_counts(rows) == {
         "classifiers": 1, "equal": 1, "different": 0, "refused": 0, "crash": 0,
     }  # fmt: skip
+
+
+class _Video(nn.Module):
+    """A toy video classifier that reaches 163 frames (more than a 64-frame probe): a 3x3x3 conv
+    of stride 2, then a conv of 3 frames dilated by 40 (163 = 3 + 2 * 40 * 2), a global pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, 3, stride=2, padding=1)
+        self.time = nn.Conv3d(4, 4, (3, 1, 1), dilation=(40, 1, 1), padding=(40, 0, 0))
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.time(torch.relu(self.conv(x))).mean((2, 3, 4)))
+
+
+def test_a_video_classifier_gets_tiles_that_hold_its_reach_on_every_axis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    monkeypatch.setattr("suites.zoo.run.classifier", lambda model: _Video())
+    model = ZooModel("toy.video", "torchvision", "toy", "exact", _Video, spatial_axes=3)
+    field, stride = (163, 3, 3), (2, 2, 2)  # by hand, from the layers above
+    shape, tile = whole_input_and_tile(model, _Video().double())
+    assert all(t >= f for t, f in zip(tile, field, strict=True)), (shape, tile)
+    # time streams: the image holds the tile, which owns 81 of the 162 output frames
+    assert shape[2] >= tile[0] and (tile[0] - field[0]) // stride[0] + 1 == shape[2] // 2 // 2
+    # the other axes are one tile: it reaches every output's field, 4 outputs of 2 px each
+    assert shape[3:] == (8, 8) and tile[1:] == (3 + 3 * 2, 3 + 3 * 2)
+    whole = check_whole(model)
+    assert whole["status"] == "equal" and whole["rel_error"] <= 1e-10, whole
+    assert whole["n_tiles"] == [2] and whole["input_shape"] == list(shape), whole
 
 
 def test_refusals_are_read_from_the_problems_and_the_budget_is_its_own_class() -> None:

@@ -31,6 +31,8 @@ Rule Z6. The input is as small as the trunk allows: a plan for a large image giv
          statistic pass may reach further than the output pass, and every pass must fit its
          tiles); the tile is F + 3 S (4 output pixels per tile) and the image F + 5 S, so that
          every axis has two tiles (4 tiles in 2-D, 8 in 3-D) in the pass that reaches furthest.
+         The large image is one tile (``PROBE``), so it must hold every F: 4096 px in 2-D,
+         256 x 1024 x 1024 in 3-D (a whole video classifier reaches 109 frames).
 Rule Z11. ``check_train`` is Rule Z4 in training mode (``trunk.train()``: BatchNorm normalises with
           batch statistics and updates its running ones, compared too): ``exact``, ``wrong``,
           ``refused``, ``crash``, or ``budget`` when the plan has more statistic levels than
@@ -48,11 +50,21 @@ Rule Z12. ``check_whole`` streams the model's whole classifier to its logits
           that upsample need one; Rule Z6's F and S of the whole classifier), or timm's
           fixed input size; the tile is the whole image but along the first spatial axis, where
           it makes about half the output (F + (ceil(ceil(image / S) / 2) - 1) S): two or more
-          tiles in every pass. It records the levels, passes and tiles of every pass.
+          tiles in every pass. In 3-D (video) that volume is out of reach: float64 3-D
+          convolutions on a CPU unfold their input (r3d_18: about 3.7 kB per voxel, measured), and an
+          image that holds its tile on every axis has two tiles on every axis (padding makes
+          n S px give n outputs, and one tile of them reads F + (n - 1) S > n S px), so at
+          least (2 F)^3 voxels: 33 M for a video classifier's F of 109 x 219 x 219, over 100 GB.
+          So in 3-D only the first axis streams, as short as two tiles allow: n S px for the
+          fewest n whose half tile F + (ceil(n / 2) - 1) S fits in it; the others are 4 S px
+          (4 outputs) in one tile of F + 3 S, which reaches past the image (clipped to it, as
+          every border tile is). Every tile holds F on every axis (geometry Rule 6 refuses
+          less). It records the levels, passes and tiles of every pass.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
@@ -73,6 +85,8 @@ from .models import READ_NON_LOCAL, ZooModel, classifier
 
 RTOL = 1e-10
 EVAL, TRAIN = "eval", "train"
+#: Rule Z6's large image per number of spatial axes: one tile, so it must hold every F.
+PROBE: dict[int, tuple[int, ...]] = {2: (1, 3, 4096, 4096), 3: (1, 3, 256, 1024, 1024)}
 
 #: Reasons that name a genuinely non-local operation (Rule Z5).
 NON_LOCAL = (
@@ -181,7 +195,7 @@ def reach(
 ) -> tuple[tuple[int, ...], tuple[int, ...], streamcheck.StreamPlan]:
     """Rule Z6: the receptive field and total stride per axis, the largest over the tile passes
     of a plan for a large image (any number of levels), and that plan."""
-    big: tuple[int, ...] = (1, 3, 4096, 4096) if spatial_axes == 2 else (1, 3, 64, 512, 512)
+    big = PROBE[spatial_axes]
     probe = streamcheck.plan(net, big, tile=big[2:], dtype=torch.float64, max_levels=None)
     passes = probe.tile_passes
     fields = tuple(max(p.receptive_field_px[a] for p in passes) for a in range(spatial_axes))
@@ -318,22 +332,33 @@ def check_split(model: ZooModel) -> dict[str, Any]:
 def whole_input_and_tile(
     model: ZooModel, net: torch.nn.Module
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Rule Z12's input shape and tile: two tiles along the first spatial axis, one along the
-    others.
+    """Rule Z12's input shape and tile: two tiles along the first spatial axis (3-D: one along
+    the others).
 
     >>> from suites.zoo.models import zoo
     >>> resnet = next(m for m in zoo() if m.name == "timm.resnet10t")
     >>> whole_input_and_tile(resnet, classifier(resnet))   # 480 >= 2 * (199 + 32), 423 = 199 + 7 * 32
     ((1, 3, 480, 480), (423, 480))
+    >>> video = next(m for m in zoo() if m.name == "torchvision.r3d_18")  # F 109 x 219 x 219
+    >>> whole_input_and_tile(video, classifier(video))   # 205 = 109 + 12 * 8 <= 26 * 8, 267 = 219 + 3 * 16
+    ((1, 3, 208, 64, 64), (205, 267, 267))
     """
     fields, strides, _ = reach(net, model.spatial_axes)
     config = getattr(net, "pretrained_cfg", None) or {}
-    if config.get("fixed_input_size"):
-        image = tuple(config["input_size"][1:])
+    if model.spatial_axes == 3:  # video: the first axis streams, the others are one tile
+        f, s = fields[0], strides[0]
+        n = next(n for n in itertools.count(2) if f + (math.ceil(n / 2) - 1) * s <= n * s)
+        image = (n * s, *(4 * s for s in strides[1:]))
+        rest = tuple(f + 3 * s for f, s in zip(fields[1:], strides[1:], strict=True))
     else:
-        image = tuple(s * math.ceil(2 * (f + s) / s) for f, s in zip(fields, strides, strict=True))
+        image = (
+            tuple(config["input_size"][1:])
+            if config.get("fixed_input_size")
+            else tuple(s * math.ceil(2 * (f + s) / s) for f, s in zip(fields, strides, strict=True))
+        )
+        rest = image[1:]
     half = math.ceil(math.ceil(image[0] / strides[0]) / 2)  # ceil(ceil(480 / 32) / 2) = 8 px
-    return (1, 3, *image), (fields[0] + (half - 1) * strides[0], *image[1:])
+    return (1, 3, *image), (fields[0] + (half - 1) * strides[0], *rest)
 
 
 def check_whole(model: ZooModel) -> dict[str, Any]:
