@@ -70,7 +70,7 @@ from .defaults import host_memory_reuse, host_memory_scope
 from .errors import StreamcheckError, internal_error
 from .feed import TileFeed, laid_out_like
 from .graph import Graph, build_graph, unflatten
-from .kept import Cache, DiskCache, HostCache, KeptMaps
+from .kept import Cache, DiskCache, HostCache, KeptMaps, autocast_dtype
 from .layers import Window
 from .masks import ScaledMask
 from .planning import MAX_LEVELS, StreamPlan, make_plan, normalize_tile
@@ -181,13 +181,16 @@ class Streamed(nn.Module):
     ) -> StreamPlan:
         """Rule K1: the plan for this module state and these settings, derived when new."""
         tile = tuple(self.tile) if isinstance(self.tile, Sequence) else self.tile
+        amp = autocast_dtype(device or torch.device("cpu"))  # kept Rule KM7
 
         def build() -> StreamPlan:
             graph = build_graph(self.module, shape, dtype=dtype)
             edges = normalize_tile(self.tile, len(shape) - 2)
-            return make_plan(graph, edges, max_levels=self.max_levels, cache=self.cache)
+            return make_plan(
+                graph, edges, max_levels=self.max_levels, cache=self.cache, autocast=amp
+            )
 
-        key = (shape, dtype, tile, device, self.max_levels, self.cache)
+        key = (shape, dtype, tile, device, self.max_levels, self.cache, amp)
         return self._plans.get(state, key, build)
 
     def forward(
@@ -230,7 +233,9 @@ class Streamed(nn.Module):
             dtype=None if autocast else dtype,
         )
         reuse = host_memory_reuse() if self.keep_host_memory is None else self.keep_host_memory
-        kept = KeptMaps(self.cache) if plan.cuts and self.cache is not None else None
+        kept = None
+        if plan.cuts and self.cache is not None:
+            kept = KeptMaps(self.cache, dict(zip(plan.cuts, plan.cut_dtypes, strict=True)))
         call = _Call(plan, state, {}, params, tiles, sink, self._programs, reuse, kept)  # FD3
         graph = plan.graph
         assert graph is not None
@@ -614,7 +619,7 @@ class _StreamFunction(torch.autograd.Function):
                     if tile_pass.kept is not None:  # kept Rule KM2: stitched into the kept map
                         assert call.kept is not None and results[0] is not None
                         node = graph.nodes[tile_pass.kept]
-                        kept = call.kept.writable(tile_pass.kept, results[0], node.shape)
+                        kept = call.kept.writable(tile_pass.kept, results[0], node.shape, node.path)
                         kept[_slices(owned[0], node.layout, kept.dim())] = results[0]
                         continue
                     outputs = pass_graph.outputs or (pass_graph.output,)
@@ -919,10 +924,24 @@ def _source_of(
         return x, feed, None
     if call.kept is None:
         raise internal_error("a pass from a cut point without kept maps")
-    source = call.kept.read(graph.source)
-    if not hasattr(ctx, "map_feed"):
-        ctx.map_feed = TileFeed(feed.device, channels_last=feed.channels_last)
-    return source, ctx.map_feed, call.kept.gradient(graph.source) if backward else None
+    source, computed = call.kept.read(graph.source)
+    if not hasattr(ctx, "map_feeds"):
+        ctx.map_feeds = {}
+    key = (source.dtype, computed)
+    if key not in ctx.map_feeds:  # kept Rule KM7: narrowed back to what tiles computed
+        narrow = None if computed == source.dtype else _to_dtype(computed)
+        ctx.map_feeds[key] = TileFeed(
+            feed.device, transform=narrow, channels_last=feed.channels_last
+        )
+    grad = call.kept.gradient(graph.source) if backward else None
+    return source, ctx.map_feeds[key], grad
+
+
+def _to_dtype(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    def convert(tile: torch.Tensor) -> torch.Tensor:
+        return tile.to(dtype)
+
+    return convert
 
 
 def _add_into(total: list[torch.Tensor | None], grads: Sequence[torch.Tensor | None]) -> None:
