@@ -68,7 +68,7 @@ from torch import nn
 from .compiled import CompileRecord, TilePrograms
 from .defaults import host_memory_reuse, host_memory_scope
 from .errors import StreamcheckError, internal_error
-from .feed import TileFeed, laid_out_like
+from .feed import HostWrites, TileFeed, laid_out_like
 from .graph import Graph, build_graph, unflatten
 from .kept import Cache, DiskCache, HostCache, KeptMaps, autocast_dtype
 from .layers import Window
@@ -605,6 +605,7 @@ class _StreamFunction(torch.autograd.Function):
                 layout = pass_graph.source_node.layout
                 indices = [_slices(s.input_box, layout, image.dim()) for s in schedules]
                 arrivals = source_feed.arrivals(image, indices)
+                writes: HostWrites | None = None  # into the kept map (kept Rule KM8)
                 for schedule, arrived in zip(schedules, arrivals, strict=True):
                     results = call.run_tile(
                         tile_pass, schedule, source_feed.prepare(arrived), globals=stats.values
@@ -619,8 +620,12 @@ class _StreamFunction(torch.autograd.Function):
                     if tile_pass.kept is not None:  # kept Rule KM2: stitched into the kept map
                         assert call.kept is not None and results[0] is not None
                         node = graph.nodes[tile_pass.kept]
-                        kept = call.kept.writable(tile_pass.kept, results[0], node.shape, node.path)
-                        kept[_slices(owned[0], node.layout, kept.dim())] = results[0]
+                        if writes is None:
+                            kept = call.kept.writable(
+                                tile_pass.kept, results[0], node.shape, node.path
+                            )
+                            writes = HostWrites(kept, add=False)
+                        writes.put(_slices(owned[0], node.layout, len(node.shape)), results[0])
                         continue
                     outputs = pass_graph.outputs or (pass_graph.output,)
                     for o, result, box in zip(outputs, results, owned, strict=True):
@@ -635,7 +640,8 @@ class _StreamFunction(torch.autograd.Function):
                 if tile_pass.level:
                     stats.finish(tile_pass, _compute_dtype_of(ctx, feed, plan))
                 if tile_pass.kept is not None:
-                    assert call.kept is not None
+                    assert call.kept is not None and writes is not None
+                    writes.flush()
                     call.kept.finish(tile_pass.kept)
         if call.kept is not None and not any(ctx.needs_input_grad):
             call.kept.release()  # no backward will read them (kept Rule KM6)
@@ -848,13 +854,16 @@ class _BackwardRun:
         indices = [_slices(s.input_box, layout, x.dim()) for s, _ in work]
         arrivals = feed.arrivals(x.detach() if isinstance(x, torch.Tensor) else x, indices)
         bound = ctx.stats.leaves()
+        writes = None if grad_x is None else HostWrites(grad_x, add=True)  # feed Rule F7
         for (schedule, row), index, arrived in zip(work, indices, arrivals, strict=True):
             grad_tile_x = self._tile(schedule, row, arrived, seed, bound, feed, want_input)  # S14
-            if grad_tile_x is not None and grad_x is not None:
-                grad_x[index] += grad_tile_x.to(grad_x.device, grad_x.dtype)
+            if grad_tile_x is not None and writes is not None:
+                writes.put(index, grad_tile_x)
             if grad_tile_x is not None and sink is not None:
                 sink.add(schedule.input_box, grad_tile_x)  # saliency Rule A3
             del grad_tile_x, arrived  # Rule S14
+        if writes is not None:
+            writes.flush()
 
     def _tile(
         self,

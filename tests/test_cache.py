@@ -395,7 +395,7 @@ def _all_cuts(graph: object, targets: object, budget: int, excluded: set[int], d
 
 
 def _autocast_step(
-    streamed: streamcheck.Streamed, x: torch.Tensor
+    streamed: streamcheck.Streamed, x: torch.Tensor, *, device: str = "cpu"
 ) -> tuple[list[torch.Tensor], list[tuple[dict[str, torch.dtype], int]]]:
     """One bf16 autocast training step: output, input and parameter gradients, running
     statistics; and per call the dtypes and bytes of the kept maps (read at their release)."""
@@ -413,9 +413,9 @@ def _autocast_step(
 
     x = x.detach().requires_grad_()
     with mock.patch.object(KeptMaps, "release", recording):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             y = streamed(x)
-        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        (y.float() * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
     buffers = [b.clone() for b in module.buffers()]
     return [y.detach(), x.grad, *(p.grad for p in module.parameters()), *buffers], kept  # type: ignore[list-item]
 
@@ -512,3 +512,49 @@ def test_a_map_computed_wider_than_the_module_is_kept_wide_or_refused() -> None:
                 streamcheck.StreamcheckError, match="'1 .*' is computed in torch.float64"
             ):
                 streamed(x)
+
+
+# ------------------------------------------------------------------ placement (Rule KM8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_kept_maps_live_in_host_memory_and_the_step_equals_the_plain_module() -> None:
+    """Rule KM8 (and feed Rules F2, F7) on a GPU, in float64: every cut kept, in pageable host
+    memory; outputs, input and parameter gradients, running statistics equal the plain module."""
+    module = train_bn_chain().cuda()
+    places: list[set[tuple[str, bool]]] = []
+    release = KeptMaps.release
+
+    def recording(self: KeptMaps) -> None:
+        held = [*self.maps.values(), *self.grads.values()]
+        places.append({(t.device.type, t.is_pinned()) for t in held})
+        release(self)
+
+    with (
+        mock.patch.object(planning, "_choose", _all_cuts),
+        mock.patch.object(KeptMaps, "release", recording),
+    ):
+        streamed = streamcheck.Streamed(module, tile=20, cache=streamcheck.HostCache(bytes=2**30))
+        assert len(streamed.plan(SHAPE).cuts) > 2
+        report = check_streamed(streamed, SHAPE)
+    assert report.passed, str(report)
+    assert places and all(p == {("cpu", False)} for p in places), places
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_bfloat16_maps_lose_nothing() -> None:
+    """Rule KM7 under CUDA bf16 autocast: keeping bf16 maps in bf16 changes no bit."""
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)).cuda()
+    runs = []
+    with mock.patch.object(planning, "_choose", _all_cuts):
+        for option in (False, True):
+            module = train_bn_chain().float().cuda()
+            cache = streamcheck.HostCache(bytes=2**30, keep_autocast_dtype=option)
+            streamed = streamcheck.Streamed(module, tile=20, cache=cache)
+            result, kept = _autocast_step(streamed, x, device="cuda")
+            assert (torch.bfloat16 in kept[0][0].values()) == option
+            runs.append(result)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
