@@ -45,12 +45,13 @@ Rule KM7. Precision: a map is kept in the wider of the plan's dtype (the module'
           plan's dtype is assumed, and a tile that the kept map cannot hold exactly is an error,
           never a rounded map.
 Rule KM8. Placement: maps and gradients live in pageable host memory (or their files), also when
-          the module runs on a GPU; the device holds only the tiles. A tile read from a map
-          reaches the device as an image tile does (feed Rule F2: gathered into pinned staging,
-          copied on a side stream one tile ahead); a tile written into a map, forward's stitched
-          tile or backward's input gradient, leaves it by feed Rule F7 (copied into pinned
-          staging on a side stream, written into the map one tile later). Pinning whole maps
-          would lock host memory the size of the budget.
+          the module runs on a GPU; the device holds only the tiles. A tile read from a map, and
+          a slice of its gradient that the cut's own pass reads in backward, reach the device as
+          image tiles do (feed Rule F2: gathered into pinned staging, copied on a side stream one
+          tile ahead); a tile written into a map, forward's stitched tile or backward's input
+          gradient, leaves it by feed Rule F7 (copied into pinned staging on a side stream,
+          written into the map one tile later). Pinning whole maps would lock host memory the
+          size of the budget.
 """
 
 from __future__ import annotations

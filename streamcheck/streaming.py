@@ -791,27 +791,39 @@ class _BackwardRun:
             and last.layer.kind == "conv"
         )
 
+        work = [(s, row) for s, row, k in zip(schedules, slices, keep, strict=True) if k]
+        device = self.ctx.feed.device
+        arriving = {}  # kept Rule KM8: a kept map's gradient, on the host: slices arrive ahead
+        if tile_pass.kept is not None:
+            (o,) = outputs
+            indices = [r[0] for _, r in work if r[0] is not None]
+            arriving[o] = TileFeed(device).arrivals(grads[o], indices)
+
         def seed(
             schedule: Schedule, tile: torch.Tensor, bound: dict[str, torch.Tensor], row: Any
         ) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
             _, autocast_on, autocast_dtype = self.ctx.autocast
+            arrived = {o: next(tiles) for o, tiles in arriving.items()}
+
+            def grad_of(o: int, index: Any) -> torch.Tensor:
+                return arrived[o] if o in arrived else grads[o][index]
+
             if skip_last:  # Rule S4
                 padded = self.call.run_tile(
                     tile_pass, schedule, tile, stop_at_output_input=True, globals=bound
                 )[0]
                 assert padded is not None
                 dtype = autocast_dtype if autocast_on else padded.dtype
-                grad_tile = grads[outputs[0]][row[0]].to(padded.device)  # a kept map's: host
+                grad_tile = grad_of(outputs[0], row[0]).to(padded.device)
                 return _conv_backward(last.module, last.layer, padded, grad_tile, dtype)
             results = self.call.run_tile(tile_pass, schedule, tile, globals=bound)
             targets, wanted = [], []
             for o, result, index in zip(outputs, results, row, strict=True):
                 if result is not None and index is not None and result.requires_grad:
                     targets.append(result)
-                    wanted.append(grads[o][index].to(result.device, result.dtype))
+                    wanted.append(grad_of(o, index).to(result.device, result.dtype))
             return {}, targets, wanted
 
-        work = [(s, row) for s, row, k in zip(schedules, slices, keep, strict=True) if k]
         self._tiles(tile_pass, work, seed)
 
     def statistic_pass(self, tile_pass: StreamPlan, grads: dict[int, Any]) -> None:
