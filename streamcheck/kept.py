@@ -213,8 +213,8 @@ class KeptMaps:
             if torch.promote_types(like.dtype, kept) != kept:  # Rule KM7: never rounded
                 raise StreamcheckError(
                     f"streamcheck: the kept map at '{path}' is computed in {like.dtype}, but the "
-                    f"plan keeps it in {kept} (its trace of the module's dtypes failed), which "
-                    f"would round it. Fix: give the image in {kept}, or stream without cache="
+                    f"plan keeps it in {kept} (the dtypes traced before any work did not foresee "
+                    f"it), which would round it. Fix: give the image in {kept}, or stream without cache="
                 )
             self.computed[node] = like.dtype
             self.maps[node] = self._array(tuple(shape), kept)
