@@ -395,7 +395,11 @@ def _all_cuts(graph: object, targets: object, budget: int, excluded: set[int], d
 
 
 def _autocast_step(
-    streamed: streamcheck.Streamed, x: torch.Tensor, *, device: str = "cpu"
+    streamed: streamcheck.Streamed,
+    x: torch.Tensor,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[list[torch.Tensor], list[tuple[dict[str, torch.dtype], int]]]:
     """One bf16 autocast training step: output, input and parameter gradients, running
     statistics; and per call the dtypes and bytes of the kept maps (read at their release)."""
@@ -413,21 +417,22 @@ def _autocast_step(
 
     x = x.detach().requires_grad_()
     with mock.patch.object(KeptMaps, "release", recording):
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype):
             y = streamed(x)
         (y.float() * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
     buffers = [b.clone() for b in module.buffers()]
     return [y.detach(), x.grad, *(p.grad for p in module.parameters()), *buffers], kept  # type: ignore[list-item]
 
 
-def test_maps_kept_in_bfloat16_under_autocast_lose_nothing_and_take_half() -> None:
-    """Rule KM7 under CPU bf16 autocast, with a cut at every cut point: the convolutions' maps
-    are computed in bf16 (kept in bf16 with the option, in float32 without it); the normalised
-    maps in float32 (kept in float32 either way). The plan counts and names each map's dtype,
-    the kept maps take exactly what it counts, and the option changes no bit of the output, the
-    gradients or the running statistics. Against no cache the output is the same bits; the
-    gradients are summed at the cut (Rule KM4) instead of per pass, so they agree to bf16's
-    precision only (float64 equality is the rest of this file's)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_maps_kept_in_autocast_dtype_lose_nothing_and_take_half(dtype: torch.dtype) -> None:
+    """Rule KM7 under CPU bf16 (fp16) autocast, with a cut at every cut point: the convolutions'
+    maps are computed in bf16 (kept in bf16 with the option, in float32 without it); the
+    normalised maps in float32 (kept in float32 either way). The plan counts and names each
+    map's dtype, the kept maps take exactly what it counts, and the option changes no bit of the
+    output, the gradients or the running statistics. Against no cache the output is the same
+    bits; the gradients are summed at the cut (Rule KM4) instead of per pass, so they agree to
+    the low precision only (float64 equality is the rest of this file's)."""
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
     runs = {}
     with mock.patch.object(planning, "_choose", _all_cuts):
@@ -435,29 +440,31 @@ def test_maps_kept_in_bfloat16_under_autocast_lose_nothing_and_take_half() -> No
             module = train_bn_chain().float()
             cache = streamcheck.HostCache(bytes=2**30, keep_autocast_dtype=option)
             streamed = streamcheck.Streamed(module, tile=20, cache=cache)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=dtype):
                 p = streamed.plan(SHAPE)
             numels = [math.prod(p.graph.nodes[c].shape) for c in p.cuts]  # type: ignore[union-attr]
             convs = [isinstance(module[int(path.split()[0])], nn.Conv2d) for path in p.cut_paths]
             assert any(convs) and not all(convs)
-            want = [torch.bfloat16 if option and conv else torch.float32 for conv in convs]
+            want = [dtype if option and conv else torch.float32 for conv in convs]
             assert list(p.cut_dtypes) == want
             assert p.cache_bytes == sum(
                 n * (d.itemsize + 4) for n, d in zip(numels, want, strict=True)
             )
-            assert ("'0' (bfloat16)" in str(p)) == option and "'2' (float32)" in str(p)
+            named = f"'0' ({str(dtype).removeprefix('torch.')})"
+            assert (named in str(p)) == option and "'2' (float32)" in str(p)
             if not option:  # without autocast the plan is unchanged: float32 maps
                 assert streamed.plan(SHAPE).cut_dtypes == p.cut_dtypes
-            runs[option], kept = _autocast_step(streamed, x)
+            runs[option], kept = _autocast_step(streamed, x, dtype=dtype)
             ((dtypes, nbytes),) = kept
             assert nbytes == p.cache_bytes
             assert list(dtypes.values()) == want
     plain = streamcheck.Streamed(train_bn_chain().float(), tile=20)
-    uncached, _ = _autocast_step(plain, x)
+    uncached, _ = _autocast_step(plain, x, dtype=dtype)
     for a, b in zip(runs[True], runs[False], strict=True):
         assert torch.equal(a, b)
     assert torch.equal(runs[True][0], uncached[0])
-    # a conv bias before a train-mode BatchNorm has gradient 0 and bf16 noise: compare all at once
+    # a conv bias before a train-mode BatchNorm has gradient 0 and rounding noise: compare all
+    # gradients at once
     a, b = (torch.cat([t.flatten() for t in run[1:]]) for run in (runs[True], uncached))
     assert (a - b).norm() <= 2**-5 * b.norm()
 
