@@ -18,7 +18,8 @@ Rule S5. The wrapper replaces nothing: ``Streamed(m).module is m``, parameters a
          and ``state_dict`` keys are those of m (the ``module.`` level is hidden), so a model with a
          streamed trunk saves and loads like the model without it.
 Rule S6. Autocast state at forward time is re-entered for the recomputation, so a mixed-precision
-         run recomputes exactly what its forward computed.
+         run recomputes exactly what its forward computed: every tile, and the global subgraph
+         (a squeeze-excite's layers run on statistics, Rule S12).
 Rule S7. The image may live elsewhere than the module (say a uint8 image in host memory and the
          module on a GPU): each tile is copied to the module's device (the next one while the
          current one computes), passed through ``tile_transform`` there (conversion and
@@ -685,7 +686,11 @@ class _StreamFunction(torch.autograd.Function):
         # Rule S12: the global subgraph once, differentiable in every reduction's total
         leaves: dict[int, torch.Tensor] = {}
         live: dict[str, torch.Tensor] = {}
-        with torch.enable_grad():
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        with (
+            torch.enable_grad(),
+            torch.autocast(device_type, autocast_dtype, enabled=autocast_on),  # Rule S6
+        ):
             dtype = _compute_dtype_of(ctx, ctx.feed, plan)
             for r, acc in stats.accumulators.items():
                 leaves[r] = acc.result().detach().requires_grad_()
