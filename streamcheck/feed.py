@@ -26,6 +26,14 @@ Rule F5. An image source (``sources.py``: a TIFF level, a memmap, a zarr array) 
          the tiles end or their consumer stops early (an error in a tile), never left running.
 Rule F6. Only the tiles asked for are read: a masked call (``masks.py``) never reads the regions
          of the tiles it skips.
+Rule F7. The way back: a tile computed on a CUDA device and written into a host array (a kept map,
+         its gradient, a host image's gradient: ``HostWrites``) is copied into pinned staging on
+         a side stream once the compute stream has made it (the side stream waits for the
+         compute stream; the tile is recorded on the side stream, so that the allocator does not
+         reuse its memory before the copy), and written into the array one tile later, after
+         that copy's event: the host writes tile i while the GPU computes tile i+1. Writes land
+         in the order they were put, so sums into overlapping regions add in the same order as
+         written at once. ``flush`` lands the last one; on a CPU every tile is written at once.
 """
 
 from __future__ import annotations
@@ -93,6 +101,71 @@ class _CudaCopy:
         self.compute.wait_event(copied)
         tile.record_stream(self.compute)
         return tile
+
+
+class _CudaDrain:
+    """CUDA -> host copies on a side stream into pinned staging (Rule F7)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.compute = torch.cuda.current_stream(device)
+        self.side = torch.cuda.Stream(device)
+
+    def launch(self, tile: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        staging = torch.empty(tile.shape, dtype=tile.dtype, pin_memory=True)
+        self.side.wait_stream(self.compute)  # the tile is made
+        with torch.cuda.stream(self.side):
+            staging.copy_(tile, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.side)
+        tile.record_stream(self.side)
+        return staging, copied
+
+    def land(self, handle: tuple[torch.Tensor, torch.cuda.Event]) -> torch.Tensor:
+        staging, copied = handle
+        copied.synchronize()
+        return staging
+
+
+class HostWrites:
+    """``target[index] = tile`` (``add``: ``+=``) for tiles put in order (Rule F7); ``flush``
+    after the last. ``copier`` (``launch(tile) -> handle``, ``land(handle) -> host tile``)
+    moves device tiles to the host; by default a side-stream copy for CUDA tiles into a host
+    ``target``, else none (written at once).
+
+    >>> grad = torch.zeros(1, 1, 4)
+    >>> writes = HostWrites(grad, add=True)
+    >>> for index in [(..., slice(0, 3)), (..., slice(1, 4))]:   # two overlapping tiles
+    ...     writes.put(index, torch.ones(1, 1, 3))
+    >>> writes.flush()
+    >>> grad.flatten().tolist()
+    [1.0, 2.0, 2.0, 1.0]
+    """
+
+    def __init__(self, target: torch.Tensor, *, add: bool, copier: Any = None) -> None:
+        self.target, self.add, self.copier = target, add, copier
+        self.pending: tuple[Index, Any] | None = None
+
+    def put(self, index: Index, tile: torch.Tensor) -> None:
+        if self.copier is None and tile.is_cuda and self.target.device.type == "cpu":
+            self.copier = _CudaDrain(tile.device)
+        if self.copier is None:
+            self._write(index, tile)
+            return
+        handle = self.copier.launch(tile)
+        self.flush()  # the previous tile lands while this one is copied
+        self.pending = (index, handle)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            index, handle = self.pending
+            self.pending = None
+            self._write(index, self.copier.land(handle))
+
+    def _write(self, index: Index, tile: torch.Tensor) -> None:
+        if self.add:
+            self.target[index] += tile.to(self.target.device, self.target.dtype)
+        else:
+            self.target[index] = tile
 
 
 class TileFeed:

@@ -54,7 +54,7 @@ from .geometry import (
     volume,
 )
 from .graph import Graph, Node, build_graph
-from .kept import Cache, Candidate, Target, choose_cuts
+from .kept import Cache, Candidate, Target, autocast_dtype, choose_cuts, kept_dtypes
 from .layers import Window
 from .program import Schedule, axis_walk, needed_interval, schedule_tile
 
@@ -107,6 +107,7 @@ class StreamPlan:
     kept: int | None = None  # of a pass that makes a kept map: its cut point (Rule PL4)
     cuts: tuple[int, ...] = ()  # of a plan: the cut points whose maps are kept (Rule PL4)
     cache_bytes: int = 0  # of a plan: what the kept maps and their gradients take (Rule KM1)
+    cut_dtypes: tuple[torch.dtype, ...] = ()  # of a plan: what each cut's map is kept in (KM7)
 
     @property
     def cut_paths(self) -> tuple[str, ...]:
@@ -189,8 +190,12 @@ class StreamPlan:
                 for i, p in enumerate(self.passes)
             ]
             if self.cuts:
-                paths = ", ".join(f"'{path}'" for path in self.cut_paths)
-                rows.append(("kept maps", f"{paths}: {self.cache_bytes / 2**20:.1f} MiB"))
+                paths = ", ".join(
+                    f"'{path}' ({str(dtype).removeprefix('torch.')})"
+                    for path, dtype in zip(self.cut_paths, self.cut_dtypes, strict=True)
+                )
+                mib = self.cache_bytes / 2**20
+                rows.append(("kept maps", f"{paths}: {mib:.1f} MiB with their gradients"))
             rows += [
                 ("statistic levels", str(self.levels)),
                 (
@@ -261,9 +266,10 @@ def make_plan(
     *,
     max_levels: int | None = MAX_LEVELS,
     cache: Cache | None = None,
+    autocast: torch.dtype | None = None,
 ) -> StreamPlan:
     """Plan the tile passes of ``graph`` for a requested input tile edge per axis (Rules PL1,
-    PL4)."""
+    PL4); ``autocast`` is autocast's dtype where it is on (kept Rule KM7)."""
     if not graph.reductions:
         return _pass_plan(graph, tile)
     nodes = graph.nodes
@@ -279,8 +285,15 @@ def make_plan(
         )
     targets = _targets(graph)
     excluded: set[int] = set()
+    dtypes = kept_dtypes(
+        graph,
+        graph.cut_points() if cache is not None else (),
+        dtype=_dtype_of(graph),
+        autocast=autocast,
+        keep_autocast_dtype=cache is not None and cache.keep_autocast_dtype,
+    )
     while True:  # kept Rule KM5: a cut whose passes do not plan is left out
-        cuts = () if cache is None else _choose(graph, targets, cache.bytes, excluded)
+        cuts = () if cache is None else _choose(graph, targets, cache.bytes, excluded, dtypes)
         try:
             passes = _passes(graph, tile, targets, cuts)
             break
@@ -305,7 +318,8 @@ def make_plan(
         time_factor=sum(p.macs for p in passes) / max(plain.macs, 1),
         macs=sum(p.macs for p in passes),
         cuts=cuts,
-        cache_bytes=sum(_kept_bytes(graph, c) for c in cuts),
+        cache_bytes=sum(_kept_bytes(graph, c, dtypes[c]) for c in cuts),
+        cut_dtypes=tuple(dtypes[c] for c in cuts),
     )
 
 
@@ -399,10 +413,11 @@ def _plain_last(
     return _pass_plan(graph.cut(targets[-1][2]), tile)
 
 
-def _kept_bytes(graph: Graph, node: int) -> int:
-    """A kept map and its gradient, in the plan's dtype (kept Rule KM1)."""
-    itemsize = torch.empty((), dtype=_dtype_of(graph)).element_size()
-    return 2 * itemsize * prod(graph.nodes[node].shape)
+def _kept_bytes(graph: Graph, node: int, dtype: torch.dtype) -> int:
+    """A kept map in ``dtype`` and its gradient, float32 at least (kept Rules KM1, KM7)."""
+    grad = torch.promote_types(dtype, torch.float32)
+    itemsize = dtype.itemsize + grad.itemsize
+    return itemsize * prod(graph.nodes[node].shape)
 
 
 def _choose(
@@ -410,6 +425,7 @@ def _choose(
     targets: list[tuple[int, tuple[int, ...], tuple[int, ...]]],
     budget: int,
     excluded: set[int],
+    dtypes: dict[int, torch.dtype],
 ) -> tuple[int, ...]:
     """Kept Rule KM5 on this graph: the work of every node's whole map, summed over ancestors."""
     nodes = graph.nodes
@@ -428,7 +444,7 @@ def _choose(
         return sum(w for i, w in enumerate(work) if bits >> i & 1)
 
     candidates = [
-        Candidate(c, nodes[c].level, _kept_bytes(graph, c), below(ancestors[c]))
+        Candidate(c, nodes[c].level, _kept_bytes(graph, c, dtypes[c]), below(ancestors[c]))
         for c in graph.cut_points()
         if c not in excluded
     ]
@@ -706,7 +722,8 @@ def plan(
     """Plan how ``Streamed(module, tile=tile, cache=cache)`` would stream an input of
     ``input_shape``.
 
-    Nothing is computed: shapes come from a meta-device trace.
+    Nothing is computed: shapes come from a meta-device trace. Under autocast, the plan is that
+    of a call under the same autocast (the dtypes of kept maps, kept Rule KM7).
 
     >>> import torch.nn as nn
     >>> trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
@@ -729,7 +746,9 @@ def plan(
     """
     edges = normalize_tile(tile, len(input_shape) - 2)
     graph = build_graph(module, input_shape, dtype=dtype or _param_dtype(module))
-    return make_plan(graph, edges, max_levels=max_levels, cache=cache)
+    first = next(iter(module.parameters()), None)
+    amp = autocast_dtype(first.device if first is not None else torch.device("cpu"))
+    return make_plan(graph, edges, max_levels=max_levels, cache=cache, autocast=amp)
 
 
 def _param_dtype(module: nn.Module) -> torch.dtype:

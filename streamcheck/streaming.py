@@ -18,7 +18,8 @@ Rule S5. The wrapper replaces nothing: ``Streamed(m).module is m``, parameters a
          and ``state_dict`` keys are those of m (the ``module.`` level is hidden), so a model with a
          streamed trunk saves and loads like the model without it.
 Rule S6. Autocast state at forward time is re-entered for the recomputation, so a mixed-precision
-         run recomputes exactly what its forward computed.
+         run recomputes exactly what its forward computed: every tile, and the global subgraph
+         (a squeeze-excite's layers run on statistics, Rule S12).
 Rule S7. The image may live elsewhere than the module (say a uint8 image in host memory and the
          module on a GPU): each tile is copied to the module's device (the next one while the
          current one computes), passed through ``tile_transform`` there (conversion and
@@ -68,9 +69,9 @@ from torch import nn
 from .compiled import CompileRecord, TilePrograms
 from .defaults import host_memory_reuse, host_memory_scope
 from .errors import StreamcheckError, internal_error
-from .feed import TileFeed, laid_out_like
+from .feed import HostWrites, TileFeed, laid_out_like
 from .graph import Graph, build_graph, unflatten
-from .kept import Cache, DiskCache, HostCache, KeptMaps
+from .kept import Cache, DiskCache, HostCache, KeptMaps, autocast_dtype
 from .layers import Window
 from .masks import ScaledMask
 from .planning import MAX_LEVELS, StreamPlan, make_plan, normalize_tile
@@ -181,13 +182,16 @@ class Streamed(nn.Module):
     ) -> StreamPlan:
         """Rule K1: the plan for this module state and these settings, derived when new."""
         tile = tuple(self.tile) if isinstance(self.tile, Sequence) else self.tile
+        amp = autocast_dtype(device or torch.device("cpu"))  # kept Rule KM7
 
         def build() -> StreamPlan:
             graph = build_graph(self.module, shape, dtype=dtype)
             edges = normalize_tile(self.tile, len(shape) - 2)
-            return make_plan(graph, edges, max_levels=self.max_levels, cache=self.cache)
+            return make_plan(
+                graph, edges, max_levels=self.max_levels, cache=self.cache, autocast=amp
+            )
 
-        key = (shape, dtype, tile, device, self.max_levels, self.cache)
+        key = (shape, dtype, tile, device, self.max_levels, self.cache, amp)
         return self._plans.get(state, key, build)
 
     def forward(
@@ -230,7 +234,9 @@ class Streamed(nn.Module):
             dtype=None if autocast else dtype,
         )
         reuse = host_memory_reuse() if self.keep_host_memory is None else self.keep_host_memory
-        kept = KeptMaps(self.cache) if plan.cuts and self.cache is not None else None
+        kept = None
+        if plan.cuts and self.cache is not None:
+            kept = KeptMaps(self.cache, dict(zip(plan.cuts, plan.cut_dtypes, strict=True)))
         call = _Call(plan, state, {}, params, tiles, sink, self._programs, reuse, kept)  # FD3
         graph = plan.graph
         assert graph is not None
@@ -600,6 +606,7 @@ class _StreamFunction(torch.autograd.Function):
                 layout = pass_graph.source_node.layout
                 indices = [_slices(s.input_box, layout, image.dim()) for s in schedules]
                 arrivals = source_feed.arrivals(image, indices)
+                writes: HostWrites | None = None  # into the kept map (kept Rule KM8)
                 for schedule, arrived in zip(schedules, arrivals, strict=True):
                     results = call.run_tile(
                         tile_pass, schedule, source_feed.prepare(arrived), globals=stats.values
@@ -614,8 +621,12 @@ class _StreamFunction(torch.autograd.Function):
                     if tile_pass.kept is not None:  # kept Rule KM2: stitched into the kept map
                         assert call.kept is not None and results[0] is not None
                         node = graph.nodes[tile_pass.kept]
-                        kept = call.kept.writable(tile_pass.kept, results[0], node.shape)
-                        kept[_slices(owned[0], node.layout, kept.dim())] = results[0]
+                        if writes is None:
+                            kept = call.kept.writable(
+                                tile_pass.kept, results[0], node.shape, node.path
+                            )
+                            writes = HostWrites(kept, add=False)
+                        writes.put(_slices(owned[0], node.layout, len(node.shape)), results[0])
                         continue
                     outputs = pass_graph.outputs or (pass_graph.output,)
                     for o, result, box in zip(outputs, results, owned, strict=True):
@@ -630,7 +641,8 @@ class _StreamFunction(torch.autograd.Function):
                 if tile_pass.level:
                     stats.finish(tile_pass, _compute_dtype_of(ctx, feed, plan))
                 if tile_pass.kept is not None:
-                    assert call.kept is not None
+                    assert call.kept is not None and writes is not None
+                    writes.flush()
                     call.kept.finish(tile_pass.kept)
         if call.kept is not None and not any(ctx.needs_input_grad):
             call.kept.release()  # no backward will read them (kept Rule KM6)
@@ -674,7 +686,11 @@ class _StreamFunction(torch.autograd.Function):
         # Rule S12: the global subgraph once, differentiable in every reduction's total
         leaves: dict[int, torch.Tensor] = {}
         live: dict[str, torch.Tensor] = {}
-        with torch.enable_grad():
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        with (
+            torch.enable_grad(),
+            torch.autocast(device_type, autocast_dtype, enabled=autocast_on),  # Rule S6
+        ):
             dtype = _compute_dtype_of(ctx, ctx.feed, plan)
             for r, acc in stats.accumulators.items():
                 leaves[r] = acc.result().detach().requires_grad_()
@@ -780,27 +796,39 @@ class _BackwardRun:
             and last.layer.kind == "conv"
         )
 
+        work = [(s, row) for s, row, k in zip(schedules, slices, keep, strict=True) if k]
+        device = self.ctx.feed.device
+        arriving = {}  # kept Rule KM8: a kept map's gradient, on the host: slices arrive ahead
+        if tile_pass.kept is not None:
+            (o,) = outputs
+            indices = [r[0] for _, r in work if r[0] is not None]
+            arriving[o] = TileFeed(device).arrivals(grads[o], indices)
+
         def seed(
             schedule: Schedule, tile: torch.Tensor, bound: dict[str, torch.Tensor], row: Any
         ) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
             _, autocast_on, autocast_dtype = self.ctx.autocast
+            arrived = {o: next(tiles) for o, tiles in arriving.items()}
+
+            def grad_of(o: int, index: Any) -> torch.Tensor:
+                return arrived[o] if o in arrived else grads[o][index]
+
             if skip_last:  # Rule S4
                 padded = self.call.run_tile(
                     tile_pass, schedule, tile, stop_at_output_input=True, globals=bound
                 )[0]
                 assert padded is not None
                 dtype = autocast_dtype if autocast_on else padded.dtype
-                grad_tile = grads[outputs[0]][row[0]].to(padded.device)  # a kept map's: host
+                grad_tile = grad_of(outputs[0], row[0]).to(padded.device)
                 return _conv_backward(last.module, last.layer, padded, grad_tile, dtype)
             results = self.call.run_tile(tile_pass, schedule, tile, globals=bound)
             targets, wanted = [], []
             for o, result, index in zip(outputs, results, row, strict=True):
                 if result is not None and index is not None and result.requires_grad:
                     targets.append(result)
-                    wanted.append(grads[o][index].to(result.device, result.dtype))
+                    wanted.append(grad_of(o, index).to(result.device, result.dtype))
             return {}, targets, wanted
 
-        work = [(s, row) for s, row, k in zip(schedules, slices, keep, strict=True) if k]
         self._tiles(tile_pass, work, seed)
 
     def statistic_pass(self, tile_pass: StreamPlan, grads: dict[int, Any]) -> None:
@@ -843,13 +871,16 @@ class _BackwardRun:
         indices = [_slices(s.input_box, layout, x.dim()) for s, _ in work]
         arrivals = feed.arrivals(x.detach() if isinstance(x, torch.Tensor) else x, indices)
         bound = ctx.stats.leaves()
+        writes = None if grad_x is None else HostWrites(grad_x, add=True)  # feed Rule F7
         for (schedule, row), index, arrived in zip(work, indices, arrivals, strict=True):
             grad_tile_x = self._tile(schedule, row, arrived, seed, bound, feed, want_input)  # S14
-            if grad_tile_x is not None and grad_x is not None:
-                grad_x[index] += grad_tile_x.to(grad_x.device, grad_x.dtype)
+            if grad_tile_x is not None and writes is not None:
+                writes.put(index, grad_tile_x)
             if grad_tile_x is not None and sink is not None:
                 sink.add(schedule.input_box, grad_tile_x)  # saliency Rule A3
             del grad_tile_x, arrived  # Rule S14
+        if writes is not None:
+            writes.flush()
 
     def _tile(
         self,
@@ -919,10 +950,24 @@ def _source_of(
         return x, feed, None
     if call.kept is None:
         raise internal_error("a pass from a cut point without kept maps")
-    source = call.kept.read(graph.source)
-    if not hasattr(ctx, "map_feed"):
-        ctx.map_feed = TileFeed(feed.device, channels_last=feed.channels_last)
-    return source, ctx.map_feed, call.kept.gradient(graph.source) if backward else None
+    source, computed = call.kept.read(graph.source)
+    if not hasattr(ctx, "map_feeds"):
+        ctx.map_feeds = {}
+    key = (source.dtype, computed)
+    if key not in ctx.map_feeds:  # kept Rule KM7: narrowed back to what tiles computed
+        narrow = None if computed == source.dtype else _to_dtype(computed)
+        ctx.map_feeds[key] = TileFeed(
+            feed.device, transform=narrow, channels_last=feed.channels_last
+        )
+    grad = call.kept.gradient(graph.source) if backward else None
+    return source, ctx.map_feeds[key], grad
+
+
+def _to_dtype(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    def convert(tile: torch.Tensor) -> torch.Tensor:
+        return tile.to(dtype)
+
+    return convert
 
 
 def _add_into(total: list[torch.Tensor | None], grads: Sequence[torch.Tensor | None]) -> None:

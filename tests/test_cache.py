@@ -23,9 +23,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import streamcheck
+from streamcheck import kept as kept_module
 from streamcheck import planning
 from streamcheck.graph import build_graph
-from streamcheck.kept import Candidate, Target, choose_cuts
+from streamcheck.kept import Candidate, KeptMaps, Target, choose_cuts
 from streamcheck.testing.checker import check_streamed
 from streamcheck.testing.graphs import dag_cases
 from streamcheck.testing.statistics import SqueezeExcite
@@ -250,7 +251,9 @@ def _forced_exact(module: nn.Module, shape: tuple[int, ...], tile: object, data:
     )
     chosen = tuple(sorted(set(chosen) & set(points)))
 
-    def forced(graph: object, targets: object, budget: int, excluded: set[int]) -> tuple[int, ...]:
+    def forced(  # type: ignore[no-untyped-def]
+        graph: object, targets: object, budget: int, excluded: set[int], dtypes
+    ) -> tuple[int, ...]:
         return tuple(c for c in chosen if c not in excluded)
 
     with mock.patch.object(planning, "_choose", forced):
@@ -382,3 +385,183 @@ def test_the_chosen_cuts_are_the_cheapest_within_the_budget(data) -> None:  # ty
         if sum(candidates[k].bytes for k in subset) <= budget
     )
     assert _cost(candidates, passes, chosen) == best
+
+
+# ------------------------------------------------------------------ precision (Rule KM7)
+
+
+def _all_cuts(graph: object, targets: object, budget: int, excluded: set[int], dtypes: object):  # type: ignore[no-untyped-def]
+    return tuple(c for c in graph.cut_points() if c not in excluded)  # type: ignore[attr-defined]
+
+
+def _autocast_step(
+    streamed: streamcheck.Streamed,
+    x: torch.Tensor,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[list[torch.Tensor], list[tuple[dict[str, torch.dtype], int]]]:
+    """One bf16 autocast training step: output, input and parameter gradients, running
+    statistics; and per call the dtypes and bytes of the kept maps (read at their release)."""
+    module = streamed.module
+    for p in module.parameters():
+        p.grad = None
+    kept: list[tuple[dict[str, torch.dtype], int]] = []
+    release = KeptMaps.release
+
+    def recording(self: KeptMaps) -> None:
+        graph = streamed.plan(x.shape).graph
+        assert graph is not None
+        kept.append(({graph.nodes[n].path: m.dtype for n, m in self.maps.items()}, self.nbytes))
+        release(self)
+
+    x = x.detach().requires_grad_()
+    with mock.patch.object(KeptMaps, "release", recording):
+        with torch.autocast(device, dtype=dtype):
+            y = streamed(x)
+        (y.float() * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
+    buffers = [b.clone() for b in module.buffers()]
+    return [y.detach(), x.grad, *(p.grad for p in module.parameters()), *buffers], kept  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_maps_kept_in_autocast_dtype_lose_nothing_and_take_half(dtype: torch.dtype) -> None:
+    """Rule KM7 under CPU bf16 (fp16) autocast, with a cut at every cut point: the convolutions'
+    maps are computed in bf16 (kept in bf16 with the option, in float32 without it); the
+    normalised maps in float32 (kept in float32 either way). The plan counts and names each
+    map's dtype, the kept maps take exactly what it counts, and the option changes no bit of the
+    output, the gradients or the running statistics. Against no cache the output is the same
+    bits; the gradients are summed at the cut (Rule KM4) instead of per pass, so they agree to
+    the low precision only (float64 equality is the rest of this file's)."""
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    runs = {}
+    with mock.patch.object(planning, "_choose", _all_cuts):
+        for option in (False, True):
+            module = train_bn_chain().float()
+            cache = streamcheck.HostCache(bytes=2**30, keep_autocast_dtype=option)
+            streamed = streamcheck.Streamed(module, tile=20, cache=cache)
+            with torch.autocast("cpu", dtype=dtype):
+                p = streamed.plan(SHAPE)
+            numels = [math.prod(p.graph.nodes[c].shape) for c in p.cuts]  # type: ignore[union-attr]
+            convs = [isinstance(module[int(path.split()[0])], nn.Conv2d) for path in p.cut_paths]
+            assert any(convs) and not all(convs)
+            want = [dtype if option and conv else torch.float32 for conv in convs]
+            assert list(p.cut_dtypes) == want
+            assert p.cache_bytes == sum(
+                n * (d.itemsize + 4) for n, d in zip(numels, want, strict=True)
+            )
+            named = f"'0' ({str(dtype).removeprefix('torch.')})"
+            assert (named in str(p)) == option and "'2' (float32)" in str(p)
+            if not option:  # without autocast the plan is unchanged: float32 maps
+                assert streamed.plan(SHAPE).cut_dtypes == p.cut_dtypes
+            runs[option], kept = _autocast_step(streamed, x, dtype=dtype)
+            ((dtypes, nbytes),) = kept
+            assert nbytes == p.cache_bytes
+            assert list(dtypes.values()) == want
+    plain = streamcheck.Streamed(train_bn_chain().float(), tile=20)
+    uncached, _ = _autocast_step(plain, x, dtype=dtype)
+    for a, b in zip(runs[True], runs[False], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(runs[True][0], uncached[0])
+    # a conv bias before a train-mode BatchNorm has gradient 0 and rounding noise: compare all
+    # gradients at once
+    a, b = (torch.cat([t.flatten() for t in run[1:]]) for run in (runs[True], uncached))
+    assert (a - b).norm() <= 2**-5 * b.norm()
+
+
+def test_a_disk_cache_keeps_bfloat16_maps_as_int16_files(tmp_path: object) -> None:
+    """Rule KM7 with NumPy, which has no bfloat16: the same bits as a HostCache."""
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    runs = []
+    with mock.patch.object(planning, "_choose", _all_cuts):
+        for cache in (
+            streamcheck.HostCache(bytes=2**30, keep_autocast_dtype=True),
+            streamcheck.DiskCache(tmp_path, bytes=2**30, keep_autocast_dtype=True),  # type: ignore[arg-type]
+        ):
+            streamed = streamcheck.Streamed(train_bn_chain().float(), tile=20, cache=cache)
+            result, kept = _autocast_step(streamed, x)
+            assert torch.bfloat16 in kept[0][0].values()
+            runs.append(result)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    assert list(tmp_path.iterdir()) == []  # type: ignore[attr-defined]
+
+
+class Widen(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.double()
+
+
+def test_a_map_computed_wider_than_the_module_is_kept_wide_or_refused() -> None:
+    """Rule KM7 without autocast: a float32 module that widens to float64 keeps those maps in
+    float64, counted so, and streams as it does without a cache; where the trace of dtypes
+    fails, the plan assumes float32, and the first float64 tile is refused, not rounded."""
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        Widen(),
+        nn.ReLU(),
+        nn.BatchNorm2d(4, affine=False, track_running_stats=False),
+    )
+    x = torch.randn(SHAPE)
+    with mock.patch.object(planning, "_choose", _all_cuts):
+        streamed = streamcheck.Streamed(module, tile=20, cache=streamcheck.HostCache(bytes=2**30))
+        p = streamed.plan(SHAPE)
+        assert p.cut_dtypes == (torch.float32, torch.float64, torch.float64, torch.float64)
+        assert "'2' (float64)" in str(p)
+        torch.testing.assert_close(
+            streamed(x), streamcheck.Streamed(module, tile=20)(x), rtol=1e-12, atol=1e-12
+        )
+        with mock.patch.object(kept_module, "_computed_dtypes", lambda *args: {}):
+            streamed.cache = streamcheck.HostCache(bytes=2**29)  # a new plan
+            assert streamed.plan(SHAPE).cut_dtypes == (torch.float32,) * 4
+            with pytest.raises(
+                streamcheck.StreamcheckError, match="'1 .*' is computed in torch.float64"
+            ):
+                streamed(x)
+
+
+# ------------------------------------------------------------------ placement (Rule KM8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_kept_maps_live_in_host_memory_and_the_step_equals_the_plain_module() -> None:
+    """Rule KM8 (and feed Rules F2, F7) on a GPU, in float64: every cut kept, in pageable host
+    memory; outputs, input and parameter gradients, running statistics equal the plain module."""
+    module = train_bn_chain().cuda()
+    places: list[set[tuple[str, bool]]] = []
+    release = KeptMaps.release
+
+    def recording(self: KeptMaps) -> None:
+        held = [*self.maps.values(), *self.grads.values()]
+        places.append({(t.device.type, t.is_pinned()) for t in held})
+        release(self)
+
+    with (
+        mock.patch.object(planning, "_choose", _all_cuts),
+        mock.patch.object(KeptMaps, "release", recording),
+    ):
+        streamed = streamcheck.Streamed(module, tile=20, cache=streamcheck.HostCache(bytes=2**30))
+        assert len(streamed.plan(SHAPE).cuts) > 2
+        report = check_streamed(streamed, SHAPE)
+    assert report.passed, str(report)
+    assert places and all(p == {("cpu", False)} for p in places), places
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_bfloat16_maps_lose_nothing() -> None:
+    """Rule KM7 under CUDA bf16 autocast: keeping bf16 maps in bf16 changes no bit."""
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)).cuda()
+    runs = []
+    with mock.patch.object(planning, "_choose", _all_cuts):
+        for option in (False, True):
+            module = train_bn_chain().float().cuda()
+            cache = streamcheck.HostCache(bytes=2**30, keep_autocast_dtype=option)
+            streamed = streamcheck.Streamed(module, tile=20, cache=cache)
+            result, kept = _autocast_step(streamed, x, device="cuda")
+            assert (torch.bfloat16 in kept[0][0].values()) == option
+            runs.append(result)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)

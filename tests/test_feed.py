@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from streamcheck import Streamed
-from streamcheck.feed import TileFeed, laid_out_like, one_ahead
+from streamcheck.feed import HostWrites, TileFeed, laid_out_like, one_ahead
 from streamcheck.testing import relative_error
 
 F64_RTOL = 1e-10
@@ -32,6 +32,77 @@ def test_one_ahead_launches_the_next_item_before_the_current_one_is_used() -> No
         "arrive 2", "use 2",
     ]  # fmt: skip
     assert list(one_ahead([], launch, arrive)) == []
+
+
+class LoggedCopier:
+    """A device -> host copier that logs when each tile is launched and lands (Rule F7)."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    def launch(self, tile: torch.Tensor) -> torch.Tensor:
+        self.events.append(f"launch {int(tile.flatten()[0])}")
+        return tile.clone()
+
+    def land(self, copy: torch.Tensor) -> torch.Tensor:
+        self.events.append(f"land {int(copy.flatten()[0])}")
+        return copy
+
+
+@pytest.mark.parametrize("add", [True, False])
+def test_host_writes_land_one_tile_behind_in_order_as_writes_at_once(add: bool) -> None:
+    """Rule F7 without CUDA: tile i lands after tile i+1's copy is launched, in put order, and
+    the array ends as writing each tile at once leaves it (overlapping sums in the same order)."""
+    tiles = [torch.full((1, 2, 3), float(i)) + torch.rand(1, 2, 3) for i in range(4)]
+    indices = [(..., slice(i, i + 3)) for i in (0, 2, 3, 1)]  # overlapping
+    events: list[str] = []
+    staged = HostWrites(torch.zeros(1, 2, 6), add=add, copier=LoggedCopier(events))
+    direct = HostWrites(torch.zeros(1, 2, 6), add=add)
+    for i, (index, tile) in enumerate(zip(indices, tiles, strict=True)):
+        staged.put(index, tile)
+        direct.put(index, tile)
+        events.append(f"put {i}")
+    staged.flush()
+    staged.flush()  # nothing left: a no-op
+    assert events == [
+        "launch 0", "put 0",
+        "launch 1", "land 0", "put 1",
+        "launch 2", "land 1", "put 2",
+        "launch 3", "land 2", "put 3",
+        "land 3",
+    ]  # fmt: skip
+    assert torch.equal(staged.target, direct.target)
+    expected = torch.zeros(1, 2, 6)
+    for index, tile in zip(indices, tiles, strict=True):
+        if add:
+            expected[index] += tile
+        else:
+            expected[index] = tile
+    assert torch.equal(direct.target, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_writes_from_cuda_equal_writes_at_once() -> None:
+    """Rule F7 on CUDA: side-stream copies into pinned staging land what a synchronous copy
+    would, also for crops (views) whose memory is freed while the copy is under way."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for add, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+        staged = HostWrites(torch.zeros(2, 3, 64, 64, dtype=dtype), add=add)
+        expected = torch.zeros(2, 3, 64, 64, dtype=dtype)
+        for i in range(12):
+            top = (i * 13) % 40
+            full = torch.randn(2, 3, 30, 30, generator=generator, device="cuda", dtype=dtype)
+            tile = full[:, :, 2:26, 3:27]  # a view
+            index = (..., slice(top, top + 24), slice(40 - top, 64 - top))
+            staged.put(index, tile)
+            if add:
+                expected[index] += tile.cpu()
+            else:
+                expected[index] = tile.cpu()
+            del full, tile
+        staged.flush()
+        assert torch.equal(staged.target, expected)
 
 
 def test_tiles_of_an_image_on_the_modules_device_are_views() -> None:

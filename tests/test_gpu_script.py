@@ -173,6 +173,17 @@ def test_equality_of_the_paper_network_in_float64() -> None:
     assert out["n_tiles"] > 1 and out["max_rel_error"] < 1e-12
 
 
+def test_equality_of_a_network_streamed_from_kept_maps_in_float64() -> None:
+    """The equality step's kept-maps point (kept Rules KM7-KM8 on the device): several passes,
+    some from maps kept in host memory, equal to the plain module."""
+    out = points.equality(
+        Point("equality", "kept", "streamcheck", 48, 24, "float64"), torch.device("cpu")
+    )
+    assert out["kept_maps"] >= 1 and out["passes"] == 6 + out["kept_maps"]
+    assert out["compared"] == 2 + 5 + 5 * 2  # output, input gradient, 5 convs, 5 BatchNorms
+    assert out["max_rel_error"] < 1e-10
+
+
 def test_junit_counts(tmp_path: Path) -> None:
     xml = tmp_path / "junit.xml"
     xml.write_text(

@@ -32,12 +32,13 @@ from torch import nn
 
 from streamcheck import Streamed
 from streamcheck.testing import relative_error
+from streamcheck.testing.statistics import SqueezeExcite
 
 STEPS = 3
 LR = 0.1
 
 
-def build_model(*, streamed: bool, device: str) -> nn.Sequential:
+def build_model(*, streamed: bool, device: str, squeeze: bool = False) -> nn.Sequential:
     torch.manual_seed(0)
     trunk = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
@@ -45,6 +46,7 @@ def build_model(*, streamed: bool, device: str) -> nn.Sequential:
         nn.MaxPool2d(2),
         nn.Conv2d(8, 8, 3, padding=1),
         nn.ReLU(),
+        *([SqueezeExcite(8, ndim=2, squeeze="mean")] if squeeze else []),  # a statistic: 2 passes
         nn.Conv2d(8, 8, 3, padding=1),
     )
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))  # not max: see top
@@ -95,10 +97,12 @@ def train(
     return grads, weights, scales
 
 
-def assert_training_agrees(*, device: str, dtype: torch.dtype, scaled: bool) -> None:
+def assert_training_agrees(
+    *, device: str, dtype: torch.dtype, scaled: bool, squeeze: bool = False
+) -> None:
     eps = torch.finfo(dtype).eps
-    streamed = build_model(streamed=True, device=device)
-    plain = build_model(streamed=False, device=device)
+    streamed = build_model(streamed=True, device=device, squeeze=squeeze)
+    plain = build_model(streamed=False, device=device, squeeze=squeeze)
     start = [p.detach().clone() for p in plain.parameters()]
     names = [name for name, _ in plain.named_parameters()]
     got = train(streamed, device=device, dtype=dtype, scaled=scaled)
@@ -119,6 +123,12 @@ def assert_training_agrees(*, device: str, dtype: torch.dtype, scaled: bool) -> 
 def test_bfloat16_autocast_training_steps_match_the_plain_model() -> None:
     # bfloat16 has float32's exponent range: no GradScaler needed.
     assert_training_agrees(device="cpu", dtype=torch.bfloat16, scaled=False)
+
+
+def test_bfloat16_autocast_through_a_squeeze_excite_matches_the_plain_model() -> None:
+    # engine Rule S6: backward runs the SE's 1x1 convs on the statistics under forward's autocast
+    # (without it: "Input type (c10::BFloat16) and bias type (float) should be the same")
+    assert_training_agrees(device="cpu", dtype=torch.bfloat16, scaled=False, squeeze=True)
 
 
 def test_float16_autocast_with_grad_scaler_on_cpu_matches_the_plain_model() -> None:

@@ -30,7 +30,7 @@ class Point:
     """One measurement: a network run one way at one size (Rule GR4: a series grows in size)."""
 
     step: str
-    network: str  # paper | table2 | resnet34
+    network: str  # paper | table2 | resnet34 | kept
     kind: str  # conventional | streamcheck
     size: int  # input edge in pixels
     tile: int | None  # streamcheck's tile; None for conventional
@@ -83,11 +83,17 @@ STEPS: dict[str, Step] = {
                 Point("equality", "table2", "streamcheck", 1024, 512, "float64"),
                 # 16 tiles, each owning 20 x 20 output pixels: (1536 - 899) / 32 + 1 = 20
                 Point("equality", "resnet34", "streamcheck", 2048, 1536, "float64"),
+                # train-mode BatchNorm: 5 statistic levels, maps kept in host memory (kept Rules
+                # KM7-KM8, feed Rule F7)
+                Point("equality", "kept", "streamcheck", 512, 128, "float64"),
             ),
             # Rule GR5: the comparison is one function for every network; in float64 on 2 cores
             # Table 2 (512 channels) and ResNet-34 (899 px receptive field) take ~10 s and ~1 min
             # at their smallest sizes, and their networks run in their own steps' dry points.
-            dry=(Point("equality", "paper", "streamcheck", 64, 32, "float64"),),
+            dry=(
+                Point("equality", "paper", "streamcheck", 64, 32, "float64"),
+                Point("equality", "kept", "streamcheck", 64, 32, "float64"),
+            ),
         ),
         Step(
             "figs23",
@@ -175,7 +181,24 @@ def network(name: str) -> tuple[nn.Module, nn.Module]:
         from suites.trunks import resnet_halves
 
         return resnet_halves("resnet34")
+    if name == "kept":
+        return kept_network(), nn.Identity()
     raise ValueError(f"unknown network {name!r}")
+
+
+# The "kept" network streams with this cache: the plan keeps a few of its maps in host memory.
+KEPT_CACHE_BYTES = 2**30
+
+
+def kept_network() -> nn.Module:
+    """Convolutions without bias (a bias before train-mode BatchNorm has gradient 0: rounding
+    noise, no relative error to compare) and five train-mode BatchNorms: five statistic levels,
+    streamed in six passes (plan Rule PL1), some from kept maps (kept Rule KM2)."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1, bias=False)]
+    for stride in (1, 2, 1, 2):
+        layers += [nn.BatchNorm2d(16), nn.ReLU()]
+        layers.append(nn.Conv2d(16, 16, 3, stride=stride, padding=1, bias=False))
+    return nn.Sequential(*layers, nn.BatchNorm2d(16)).train()
 
 
 def host_image(size: int, device: torch.device) -> torch.Tensor:
@@ -319,21 +342,31 @@ def equality(point: Point, device: torch.device) -> dict[str, Any]:
     x = torch.randn(shape, generator=generator, device=device, dtype=torch.float64)
     x.requires_grad_(True)
     params = [p for p in part.parameters() if p.requires_grad]
+    cache = streamcheck.HostCache(bytes=KEPT_CACHE_BYTES) if point.network == "kept" else None
+    streamed = streamcheck.Streamed(part, tile=point.tile, cache=cache)
+    plan = streamed.plan(shape, dtype=torch.float64)
     results = {}
-    for name, module in (
-        ("plain", part),
-        ("streamed", streamcheck.Streamed(part, tile=point.tile)),
-    ):
+    state = {k: v.clone() for k, v in part.state_dict().items()}
+    for name, module in (("plain", part), ("streamed", streamed)):
+        part.load_state_dict(state)  # the same running statistics before each
         out = module(x)
         grad_out = torch.ones_like(out) / out.numel() ** 0.5
+        if point.network == "kept":  # a train-mode BatchNorm's output sums to a constant
+            seeded = torch.Generator(device=device).manual_seed(2)
+            grad_out = torch.randn(out.shape, generator=seeded, device=device, dtype=out.dtype)
         grads = torch.autograd.grad(out, [x, *params], grad_out)
         results[name] = [out.detach(), *grads]
     worst = max(
         ((s - p).abs().max() / p.abs().max().clamp_min(1e-300)).item()
         for s, p in zip(results["streamed"], results["plain"], strict=True)
     )
-    plan = streamcheck.Streamed(part, tile=point.tile).plan(shape, dtype=torch.float64)
-    return {"max_rel_error": worst, "n_tiles": plan.n_tiles, "compared": len(results["plain"])}
+    return {
+        "max_rel_error": worst,
+        "n_tiles": plan.n_tiles,
+        "compared": len(results["plain"]),
+        "kept_maps": len(plan.cuts),
+        "passes": len(plan.tile_passes),
+    }
 
 
 def grad_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
