@@ -15,11 +15,10 @@ from pathlib import Path
 
 def write_all(reports: Path) -> list[Path]:
     """Rewrite each summary whose result files are under ``reports``; returns what was written."""
-    from suites import host_memory_scope, memory_estimate
+    from suites import memory_estimate
     from suites.benchmark import summary as benchmark
     from suites.imagenette.plots import write_summary as imagenette
     from suites.levels import summary as levels
-    from suites.revalidation.__main__ import write_summary as revalidation
     from suites.slides.summary import write_summary as slides
     from suites.unet import summary as unet
     from suites.zoo.models import zoo
@@ -48,13 +47,8 @@ def write_all(reports: Path) -> list[Path]:
     if out := has("slides"):
         slides(out / "results.jsonl", out)
         written.append(out / "SUMMARY.md")
-    if out := has("revalidation", "results.json"):
-        revalidation(json.loads((out / "results.json").read_text()), out)
-        written.append(out / "SUMMARY.md")
     if out := has("memory_estimate"):
         written.append(memory_estimate.write_summary(out))
-    if out := has("host_memory"):
-        written.append(host_memory_scope.write_summary(out))
     for run in sorted((reports / "imagenette").glob("**/*_run.json")):
         written.append(imagenette(run.parent, run.name.removesuffix("_run.json")))
     if out := has("resolution", "summary.json"):
