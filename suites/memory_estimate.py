@@ -180,6 +180,19 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(out: Path) -> str:
+    """The range of the estimate over the allocator's measured peak (the table's column)."""
+    fractions = [
+        r["metrics"]["estimate_bytes"] / max(r["metrics"]["alloc_bytes"], 1)
+        for r in last_run(results_path(out))
+        if r["status"] == "ok" and r["params"]["setting"] == "defaults"
+    ]
+    return (
+        f"`plan`'s peak memory estimate is {min(fractions):.2f}x to {max(fractions):.2f}x the "
+        f"allocator's measured peak over {len(fractions)} points (estimate / allocator)."
+    )
+
+
 def write_summary(out: Path) -> Path:
     """``out/SUMMARY.md`` from the last run's rows (``rows.last_run``)."""
     rows = last_run(results_path(out))

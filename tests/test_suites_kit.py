@@ -9,14 +9,13 @@ from types import ModuleType
 
 import pytest
 
-from suites import environment, fresh, meters, rows, trunks
+from suites import environment, fresh, markdown, meters, rows, trunks
 from suites.benchmark import grid, workload
-from suites.report import format as report_format
 
 
 @pytest.mark.parametrize(
     "module",
-    [environment, fresh, meters, rows, trunks, grid, workload, report_format],
+    [environment, fresh, markdown, meters, rows, trunks, grid, workload],
     ids=lambda m: m.__name__,
 )
 def test_docstring_examples_run(module: ModuleType) -> None:

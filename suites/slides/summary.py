@@ -51,6 +51,16 @@ def write_summary(results: Path, out: Path) -> None:
     )
 
 
+def headline(folder: Path) -> str:
+    """The largest slide streamed from its file: peak RSS against the file's size."""
+    r = max(_by(load(folder / "results.jsonl"), "rss"), key=lambda r: r["params"]["file_bytes"])
+    return (
+        f"Streaming a {r['params']['side']}² slide from its {_mib(r['params']['file_bytes'])} MiB "
+        f"file ({r['params']['mode']}, tile {r['params']['tile']}) peaked at "
+        f"{_mib(r['metrics']['peak_rss_bytes'])} MiB RSS."
+    )
+
+
 def body(rows: list[dict[str, Any]], *, results_name: str, figure: str, level: str) -> list[str]:
     """The summary's text and tables (also the report's slides section), headings at ``level``."""
     lines: list[str] = []
