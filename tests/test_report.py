@@ -383,8 +383,6 @@ def test_fixture_values_appear(built: tuple[Path, str, str]) -> None:
         assert value in eq, value
     bench = summary(reports, "benchmark")
     claims = section(bench, "## Against the paper's claims")
-    for value in ("6.12e-05", "5.88e-05"):
-        assert value in claims, value
     saving = 100 * (1 - 87.75 / 1234.5)  # allocator peak at 2048 px, computed here
     assert f"{saving:.1f} % at 2048 px" in claims
     # the time ratios in the like-with-like table (each side named with its settings)

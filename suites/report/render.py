@@ -90,7 +90,7 @@ SUITES = (
         "Networks with BatchNorm in training mode or squeeze-excite, streamed through their "
         "statistic levels, against a twin that reads the statistics from buffers; the plan's "
         "time estimate beside the measured factor.",
-        "",
+        "suites.levels.summary",
     ),
     Suite(
         "Kept maps: what a cache budget buys", "levels/cache", "results.jsonl",

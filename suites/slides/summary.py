@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from suites.markdown import table
 from suites.rows import latest_rows, read_rows
 
 # Rows of the kit's schema (suites/rows.py Rule J1); the committed ones have no status (all ok).
@@ -27,8 +28,7 @@ def _paired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _table(header: list[str], body: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in body]
+    return table(header, body, align="l" * len(header)).splitlines()
 
 
 def _mib(n: float) -> str:
