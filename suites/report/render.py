@@ -34,6 +34,7 @@ class Suite:
     command: str
     about: str
     module: str  # its ``headline(folder)`` makes the line shown here; "": none
+    summaries: str = "*SUMMARY.md"  # linked, under the folder
 
 
 SUITES = (
@@ -58,7 +59,7 @@ SUITES = (
         "Training (paper Fig. 4)", "imagenette", "*_run.json", "python -m suites.imagenette",
         "The Table 1 network trained twice from the same weights on identical batches, "
         "conventionally and streamed (STAND-IN data where ImageNette is not available).",
-        "suites.imagenette.plots",
+        "suites.imagenette.plots", "**/*SUMMARY.md",
     ),
     Suite(
         "Resolution and saliency (paper Tables 3-5, Figs 5-6)", "resolution", "summary.json",
@@ -116,9 +117,7 @@ def suite_section(suite: Suite, reports: Path, out: Path) -> list[str]:
         return [*lines, f"**Not measured**: no `{suite.needs}` in `{suite.folder}/`; run `{suite.command}`.", ""]  # fmt: skip
     if suite.module and (text := importlib.import_module(suite.module).headline(folder)):
         lines += [text, ""]
-    summaries = sorted(folder.glob("**/*SUMMARY.md"))
-    if suite.folder == "levels":  # levels/cache is its own entry
-        summaries = [p for p in summaries if p.parent == folder]
+    summaries = sorted(folder.glob(suite.summaries))
     links = [f"[`{p.relative_to(reports).as_posix()}`]({relpath(p, out)})" for p in summaries]
     return [*lines, "Details: " + (", ".join(links) or "no summary written yet") + ".", ""]
 
