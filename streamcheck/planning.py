@@ -53,7 +53,7 @@ from .geometry import (
     period,
     volume,
 )
-from .graph import Graph, build_graph
+from .graph import Graph, Node, build_graph
 from .kept import Cache, Candidate, Target, choose_cuts
 from .layers import Window
 from .program import Schedule, axis_walk, needed_interval, schedule_tile
@@ -485,10 +485,29 @@ def _single_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
     for out_size, out_tile in zip(out.sizes, out_tiles, strict=True):
         boxes = [box + (piece,) for box in boxes for piece in chunks(out_size, out_tile)]
     schedules = tuple(schedule_tile(graph, box) for box in boxes)
+    return _tile_plan(graph, tile, schedules, (out,), fields, strides, lefts, out_tiles, used)
+
+
+def _tile_plan(
+    graph: Graph,
+    tile: tuple[int, ...],
+    schedules: Sequence[Schedule],
+    outputs: Sequence[Node],
+    fields: Sequence[int],
+    strides: Sequence[int | Fraction],
+    lefts: Sequence[int | Fraction],
+    out_tiles: Sequence[int],
+    used: Sequence[int],
+    *,
+    period_px: tuple[int, ...] = (),
+    min_tile_px: tuple[int, ...] = (),
+) -> StreamPlan:
+    """The plan of one tile pass from its schedules and per-axis geometry (``outputs[0]`` is the
+    reference output the tiles are cut in)."""
     dtype = _dtype_of(graph)
     return StreamPlan(
         input_shape=graph.source_node.shape,
-        output_shape=out.shape,
+        output_shape=outputs[0].shape,
         tile_px=tile,
         tile_px_used=tuple(used),
         output_tile_px=tuple(out_tiles),
@@ -497,14 +516,18 @@ def _single_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
         overlap_px=tuple(
             (left, f - s - left) for left, f, s in zip(lefts, fields, strides, strict=True)
         ),
-        tiles=tuple(Tile(i, s.input_box, s.output_box) for i, s in enumerate(schedules)),
+        tiles=tuple(
+            Tile(i, s.input_box, s.output_box, s.output_boxes) for i, s in enumerate(schedules)
+        ),
         peak_bytes_estimate=peak_bytes(graph, schedules, dtype),
         dtype=dtype,
-        schedules=schedules,
+        schedules=tuple(schedules),
         graph=graph,
-        output_shapes=(out.shape,),
+        output_shapes=tuple(o.shape for o in outputs[1:] or outputs),
         output_bytes=_output_bytes(graph, dtype),
         macs=_macs(graph, schedules),
+        period_px=period_px,
+        min_tile_px=min_tile_px,
     )
 
 
@@ -599,30 +622,18 @@ def _multiscale_plan(graph: Graph, tile: tuple[int, ...]) -> StreamPlan:
         schedules.append(
             schedule_tile(graph, reference_box or (), output_boxes=boxes)  # type: ignore[arg-type]
         )
-    dtype = _dtype_of(graph)
-    return StreamPlan(
-        input_shape=graph.source_node.shape,
-        output_shape=reference.shape,
-        tile_px=tile,
-        tile_px_used=tuple(used),
-        output_tile_px=tuple(out_tiles),
-        receptive_field_px=tuple(fields),
-        total_stride=tuple(strides),
-        overlap_px=tuple(
-            (left, f - s - left) for left, f, s in zip(lefts, fields, strides, strict=True)
-        ),
-        tiles=tuple(
-            Tile(i, s.input_box, s.output_box, s.output_boxes) for i, s in enumerate(schedules)
-        ),
-        peak_bytes_estimate=peak_bytes(graph, schedules, dtype),
-        dtype=dtype,
-        schedules=tuple(schedules),
-        graph=graph,
-        output_shapes=tuple(nodes[o].shape for o in outputs),
-        output_bytes=_output_bytes(graph, dtype),
+    return _tile_plan(
+        graph,
+        tile,
+        schedules,
+        (reference, *(nodes[o] for o in outputs)),
+        fields,
+        strides,
+        lefts,
+        out_tiles,
+        used,
         period_px=tuple(periods),
         min_tile_px=tuple(smallest),
-        macs=_macs(graph, schedules),
     )
 
 
