@@ -31,6 +31,7 @@ from typing import Any
 
 from . import fresh
 from .environment import environment, provenance
+from .markdown import table
 from .rows import append_row, last_run, results_path
 
 OUT = Path(__file__).resolve().parents[1] / "reports" / "memory_estimate"
@@ -152,10 +153,6 @@ def summary(rows: list[dict[str, Any]]) -> str:
         "- RSS mapped: the same with `MALLOC_MMAP_THRESHOLD_=65536` and `keep_host_memory=False` "
         "(every buffer of 64 KiB or more mapped and unmapped when freed).",
         "",
-        "| network | image | tile | tiles | estimate MiB | allocator MiB | estimate / allocator "
-        "| RSS defaults MiB | estimate / RSS defaults | RSS mapped MiB | estimate / RSS mapped "
-        "| step s defaults | step s mapped |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def mib(m: dict[str, Any] | None, field: str) -> str:
@@ -167,17 +164,40 @@ def summary(rows: list[dict[str, Any]]) -> str:
     def seconds(m: dict[str, Any] | None) -> str:
         return "–" if m is None or "step_s" not in m else f"{m['step_s']:.1f}"
 
+    rows = []
     for (network, size, tile), by in points.items():
         d, mapped = by.get("defaults"), by.get("mapped")
         est = (d or mapped or {}).get("estimate_bytes", 0)
-        tiles = (d or mapped or {}).get("tiles", "–")
-        lines.append(
-            f"| {network} | {size}² | {tile} | {tiles} | {est / 2**20:.0f} | {mib(d, 'alloc_bytes')} "
-            f"| {ratio(est, d, 'alloc_bytes')} | {mib(d, 'rss_bytes')} | {ratio(est, d, 'rss_bytes')} "
-            f"| {mib(mapped, 'rss_bytes')} | {ratio(est, mapped, 'rss_bytes')} | {seconds(d)} "
-            f"| {seconds(mapped)} |"
+        rows.append(
+            [network, f"{size}²", tile, (d or mapped or {}).get("tiles", "–"), f"{est / 2**20:.0f}"]
+            + [mib(d, "alloc_bytes"), ratio(est, d, "alloc_bytes"), mib(d, "rss_bytes")]
+            + [
+                ratio(est, d, "rss_bytes"),
+                mib(mapped, "rss_bytes"),
+                ratio(est, mapped, "rss_bytes"),
+            ]
+            + [seconds(d), seconds(mapped)]
         )
+    headers = (
+        "network | image | tile | tiles | estimate MiB | allocator MiB | estimate / allocator | "
+        "RSS defaults MiB | estimate / RSS defaults | RSS mapped MiB | estimate / RSS mapped | "
+        "step s defaults | step s mapped"
+    )
+    lines.append(table(headers, rows, align="l" * 13))
     return "\n".join(lines) + "\n"
+
+
+def headline(out: Path) -> str:
+    """The range of the estimate over the allocator's measured peak (the table's column)."""
+    fractions = [
+        r["metrics"]["estimate_bytes"] / max(r["metrics"]["alloc_bytes"], 1)
+        for r in last_run(results_path(out))
+        if r["status"] == "ok" and r["params"]["setting"] == "defaults"
+    ]
+    return (
+        f"`plan`'s peak memory estimate is {min(fractions):.2f}x to {max(fractions):.2f}x the "
+        f"allocator's measured peak over {len(fractions)} points (estimate / allocator)."
+    )
 
 
 def write_summary(out: Path) -> Path:

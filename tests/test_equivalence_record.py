@@ -32,6 +32,10 @@ def test_quick_record_is_well_formed(tmp_path: Path, capsys: pytest.CaptureFixtu
     lines = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("[") for line in lines) == len(FAMILIES) * len(NDIMS) * len(DTYPES)
     assert "0 failures" in lines[-1]
+    assert (
+        f"**Exact?** {record['summary']['n_cases']} generated networks"
+        in (tmp_path / "SUMMARY.md").read_text()
+    )
 
     summary = record["summary"]
     assert record["failures"] == [] and summary["n_failed"] == 0

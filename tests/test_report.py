@@ -1,11 +1,12 @@
-"""The report (``python -m suites.report``) is built only from result files.
+"""The report (``python -m suites.report``) and the summaries it indexes are built only from
+result files.
 
 Fixture result files are written in ``tmp_path`` with the real writers where they exist
 (``suites.equivalence.record.write_record``, the benchmark's ``Point`` rows, the ImageNette
 suite's ``plot_run``) and distinctive values (1.2345e-15, 12.345 s, ...). The tests check that
-every section is there, that those values appear, and that every number in the Equivalence and
-Memory tables is one of the fixtures' numbers or computed from them (the answer computed another
-way: ratios, savings and MiB are recomputed here).
+every suite has its entry, that those values appear, and that every number in the equivalence
+summary's tables and the benchmark summary's ratio tables is one of the fixtures' numbers or
+computed from them (the answer computed another way: ratios, savings and MiB are recomputed here).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from suites.benchmark.summary import PAPER
 from suites.equivalence.record import write_record
 from suites.report import limits, render
 from suites.report.__main__ import build, main
@@ -27,7 +29,6 @@ EQ_COMMAND = "python -m suites.equivalence --examples 7 --seed 7"
 BENCH_COMMAND = "python -m suites.benchmark --mode quick"
 NO_PEER = "lightstream is not installed (pip install lightstream lightning)"
 IMN_COMMAND = "python -m suites.imagenette --epochs 2 --control"
-SECTIONS = ("## 1. Environment", "## 2. Equivalence", "## 3. Memory and time", "## 4. Training", "## 5. Limits")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- fixtures
@@ -252,8 +253,17 @@ def write_imagenette(folder: Path, *, dtype: str = "float32", plots: bool = True
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """The fixtures' result files, the equivalence and benchmark summaries written from them by
+    their own writers, then the index."""
+    from suites.benchmark.summary import write as write_benchmark
+    from suites.equivalence.summary import write_summary as write_equivalence
+
     reports = tmp_path_factory.mktemp("reports")
     write_fixtures(reports)
+    write_equivalence(reports / "equivalence")
+    write_benchmark(
+        reports / "benchmark", rebuild_command="python -m suites.benchmark --plots-only"
+    )
     md_path, html_path = build(reports, reports)
     return reports, md_path.read_text(), html_path.read_text()
 
@@ -262,6 +272,10 @@ def section(text: str, heading: str) -> str:
     start = text.index(heading)
     end = text.find("\n## ", start + 1)
     return text[start : end if end >= 0 else None]
+
+
+def summary(reports: Path, folder: str) -> str:
+    return (reports / folder / "SUMMARY.md").read_text()
 
 
 # --------------------------------------------------------------------------- number provenance
@@ -327,8 +341,8 @@ def allowed_numbers(reports: Path) -> list[float]:
     rows = benchmark_rows()
     networks = record["summary"]["networks"]
     counts = [float(sum(v.values())) for v in networks.values()]
-    # The paper's published claims (render.PAPER) and the figure numbers the text refers to.
-    paper = [*leaves(render.PAPER), 2.0, 3.0, 4.0, 1.0]
+    # The paper's published claims (benchmark summary's PAPER) and the figure numbers the text refers to.
+    paper = [*leaves(PAPER), 2.0, 3.0, 4.0, 1.0]
     return [*leaves(record), *leaves(rows), *derived_benchmark_numbers(rows), *counts, *paper]
 
 
@@ -350,88 +364,72 @@ def foreign_numbers(text: str, allowed: list[float]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ tests
-def test_every_section_is_present(built: tuple[Path, str, str]) -> None:
+def test_every_suite_has_an_entry_with_its_headline_and_link(built: tuple[Path, str, str]) -> None:
     _, md, html = built
-    positions = [md.index(heading) for heading in SECTIONS]
-    assert positions == sorted(positions)
-    for heading in SECTIONS:
-        assert heading.removeprefix("## ") in html
+    positions = [md.index(f"## {suite.title}") for suite in render.SUITES]
+    assert positions == sorted(positions) and "## Limits" in md
+    assert "[`equivalence/SUMMARY.md`](equivalence/SUMMARY.md)" in md
+    # the suites without result files in the fixture are said to be not measured (Rule P2)
+    assert md.count("**Not measured**") == len(render.SUITES) - 3
+    assert "<table>" in html and 'href="benchmark/SUMMARY.md"' in html
 
 
 def test_fixture_values_appear(built: tuple[Path, str, str]) -> None:
-    _, md, _ = built
-    env = section(md, "## 1. Environment")
-    for value in ("feedc0de", "9.8.7", "0.77.6", "0.5.4", "3.99.1", "Fixture CPU", "c0ffee1", "0ddba11"):  # fmt: skip
-        assert value in env, value
-    eq = section(md, "## 2. Equivalence")
+    reports, md, _ = built
+    eq = summary(reports, "equivalence")
+    for value in ("feedc0de", "9.8.7", "0.77.6", "3.99.1", "Fixture CPU"):
+        assert value in eq, value
     for value in ("1.23e-15", "1.23e-16", "4.57e-06", "2-17", "3-19", "2 / 4 / 1", "6.79e-16", "7.89e-07", "13 whose tile"):  # fmt: skip
         assert value in eq, value
-    mem = section(md, "## 3. Memory")
-    for value in ("6.12e-05", "5.88e-05", f"| {17.891 / 12.345:.2f} | "):  # claims, like with like
-        assert value in mem, value
+    bench = summary(reports, "benchmark")
+    claims = section(bench, "## Against the paper's claims")
     saving = 100 * (1 - 87.75 / 1234.5)  # allocator peak at 2048 px, computed here
-    assert f"{saving:.1f} % at 2048 px" in mem
-    # the time ratios once, in the like-with-like table (each side named with its settings)
+    assert f"{saving:.1f} % at 2048 px" in claims
+    # the time ratios in the like-with-like table (each side named with its settings)
+    like = section(bench, "## Like with like")
     defaults = "streamcheck (PyTorch defaults) / conventional (PyTorch defaults)"
-    assert f"| {defaults} | {17.891 / 12.345:.2f} |" in mem
+    assert f"| {defaults} | {17.891 / 12.345:.2f} |" in like
     tuned = (
         "streamcheck_tuned (channels-last + keep_freed_host_memory()) / conventional_tuned "
         "(channels-last + keep_freed_host_memory())"
     )
-    assert f"| {tuned} | {4.375 / 6.125:.2f} |" in mem
-    train = section(md, "## 4. Training")
-    # the run's own reading (suites/imagenette/plots.py), one text for its SUMMARY and the report
-    for value in ("49 tiles of 32 px", "0.375 vs 0.375 after epoch 2 (chance 0.100)"):
-        assert value in train, value
+    assert f"| {tuned} | {4.375 / 6.125:.2f} |" in like
+    train = section(md, "## Training")
+    # the run's own reading (suites/imagenette/plots.py), one text for its SUMMARY and the index
+    assert "0.375 vs 0.375 after epoch 2" in train
     assert f"per-step losses agree to {4 * 4.5e-08:.1e} relative at worst" in train
-    # the float64 run in a subfolder: its largest per-step relative loss difference (step 4)
-    assert f"| `float64/` (STAND-IN) | float64 | 4 | {4 * 4.5e-08:.2e} |" in train
 
 
-def test_numbers_in_equivalence_and_memory_tables_come_from_the_fixtures(
+def test_numbers_in_equivalence_and_benchmark_tables_come_from_the_fixtures(
     built: tuple[Path, str, str],
 ) -> None:
-    reports, md, _ = built
+    reports, _, _ = built
     allowed = allowed_numbers(reports)
-    for heading in ("## 2. Equivalence", "## 3. Memory and time"):
-        text = section(md, heading)
-        assert text.count("\n| ") > 5, f"no tables in {heading}"
-        assert foreign_numbers(text, allowed) == [], heading
+    bench = summary(reports, "benchmark")
+    for name, text in (
+        ("equivalence", summary(reports, "equivalence")),
+        ("like with like", section(bench, "## Like with like")),
+        ("paper's claims", section(bench, "## Against the paper's claims")),
+    ):
+        assert text.count("\n| ") > 5, f"no tables in {name}"
+        assert foreign_numbers(text, allowed) == [], name
     # the check itself catches a number that is in no fixture
     assert foreign_numbers("| a | b |\n| --- | --- |\n| x | 4.321 |", allowed) != []
 
 
-def test_missing_inputs_are_stated(built: tuple[Path, str, str]) -> None:
-    _, md, _ = built
-    mem = section(md, "## 3. Memory")
-    assert (
-        f"No lightstream row**: the peer library was not measured in these result files ({NO_PEER})"
-        in mem
-    )
-    assert "conventional 4096 px: oom" in mem
-    assert "No GPU result" in section(md, "## 1. Environment")
-
-
-def test_stand_in_is_labelled_and_captions_give_commands(built: tuple[Path, str, str]) -> None:
-    _, md, _ = built
-    train = section(md, "## 4. Training")
-    assert "STAND-IN data, not ImageNette" in train
-    assert train.count(f"Produced by `{IMN_COMMAND}`") == 2  # both figures
-    assert f"`{BENCH_COMMAND}`" in section(md, "## 3. Memory")
-    assert EQ_COMMAND in section(md, "## 2. Equivalence")
-
-
-def test_html_is_self_contained(built: tuple[Path, str, str]) -> None:
-    _, md, html = built
-    images = re.findall(r'<img[^>]*src="([^"]+)"', html)
-    assert len(images) == md.count("![") == 3
-    assert all(src.startswith("data:image/png;base64,") for src in images)
-    assert "<table>" in html
+def test_missing_points_and_commands_are_stated_in_the_summaries(
+    built: tuple[Path, str, str],
+) -> None:
+    reports, _, _ = built
+    bench = summary(reports, "benchmark")
+    assert "`conventional/paper/plain|cpu|float32|4096|-|sum`: oom" in bench
+    assert NO_PEER in bench and f"`{BENCH_COMMAND}`" in bench
+    assert EQ_COMMAND in summary(reports, "equivalence")
 
 
 def test_limits_come_from_the_engine(built: tuple[Path, str, str]) -> None:
     _, md, _ = built
-    text = section(md, "## 5. Limits")
+    text = section(md, "## Limits")
     verdicts = [limits.probe(p) for p in limits.PROBES]
     for verdict in verdicts:  # asked of the engine now, so the report follows it (Rule P4)
         assert f"| {verdict.label} | {verdict.status} |" in text
@@ -443,20 +441,12 @@ def test_report_without_any_result_files(
 ) -> None:
     assert main(["--reports", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "REPORT.md").read_text()
-    assert [h in md for h in SECTIONS] == [True] * len(SECTIONS)
-    assert md.count("**Not available**") == 4  # equivalence, benchmark, training, resolution
+    assert md.count("**Not measured**") == len(render.SUITES)
     assert "report.html" in capsys.readouterr().out
-
-
-def test_gpu_rows_are_named(tmp_path: Path) -> None:
-    from suites.report.sources import Source
-    from suites.rows import flat
-
-    gpu_row = flat(benchmark_rows()[0]) | {"device": "cuda", "env_gpu": "Fixture GPU"}
-    bench = Source("benchmark", tmp_path, data={"rows": [gpu_row]})
-    empty = Source("equivalence", tmp_path), Source("imagenette", tmp_path)
-    text = render.environment_section(empty[0], bench, empty[1], render.report_environment())
-    assert "GPU results: cuda (Fixture GPU)" in text and "No GPU result" not in text
+    assert render.readme_headline(tmp_path) == [
+        "- **Exact?** No equivalence record found.",
+        "- **Cost?** No benchmark results found.",
+    ]
 
 
 def test_readme_headline_block_is_regenerated_from_the_results(tmp_path: Path) -> None:
@@ -472,8 +462,9 @@ def test_readme_headline_block_is_regenerated_from_the_results(tmp_path: Path) -
 
 
 def test_the_headline_states_each_pair_once_at_the_paper_size(built: tuple[Path, str, str]) -> None:
-    _, md, _ = built
-    cost = next(line for line in md.splitlines() if line.startswith("- **Cost?**"))
+    reports, md, _ = built
+    cost = next(line for line in render.readme_headline(reports) if "**Cost?**" in line)
+    assert cost.removeprefix("- ") in md  # the index shows the benchmark summary's headline
     assert cost.startswith("- **Cost?** One training step at 2048², tile 512, streamed / ")
     # the fixture has no streamcheck_defaults row: tuned vs tuned, and best vs best
     tuned = "both channels-last + keep_freed_host_memory(), 4.38 s / 6.12 s"
@@ -485,7 +476,8 @@ def test_the_headline_states_each_pair_once_at_the_paper_size(built: tuple[Path,
 
 def test_every_committed_summary_regenerates_from_its_result_files(tmp_path: Path) -> None:
     """Rule P5: ``summaries.write_all`` on a copy of ``reports/`` rewrites each committed
-    SUMMARY.md to the byte (a summary that fell behind its rows or its writer fails here)."""
+    SUMMARY.md to the byte (a summary that fell behind its rows or its writer fails here), and
+    ``build`` the index REPORT.md."""
     import shutil
 
     from suites.report import summaries
@@ -498,5 +490,7 @@ def test_every_committed_summary_regenerates_from_its_result_files(tmp_path: Pat
         p.relative_to(REPO / "reports") for p in (REPO / "reports").glob("**/*SUMMARY.md")
     )
     assert sorted(p.relative_to(copy) for p in written) == committed
+    build(copy, copy)  # the index, from the summaries' headlines
+    committed.append(Path("REPORT.md"))
     changed = [p for p in committed if (copy / p).read_text() != (REPO / "reports" / p).read_text()]
     assert not changed, f"{changed}: regenerate with `python -m suites.report` and commit"

@@ -182,10 +182,3 @@ def test_quick_run_writes_the_summary_the_issue_asks_for(tmp_path) -> None:
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
     metrics = out / "logs" / "px128" / "version_0" / "metrics.csv"
     assert "train_loss_step" in metrics.read_text().splitlines()[0]  # the CSV logger
-
-
-def test_report_section_says_when_the_summary_is_missing(tmp_path) -> None:
-    from suites.report.resolution import resolution_section
-
-    text = resolution_section(tmp_path, tmp_path)
-    assert "**Not available**" in text and "python -m suites.resolution" in text

@@ -1,5 +1,4 @@
-"""The suites' kit runs its own docstring examples (pytest collects doctests in streamcheck/ only),
-and the quick path of the suite that had no test (revalidation)."""
+"""The suites' kit runs its own docstring examples (pytest collects doctests in streamcheck/ only)."""
 
 from __future__ import annotations
 
@@ -10,14 +9,13 @@ from types import ModuleType
 
 import pytest
 
-from suites import environment, fresh, meters, rows, trunks
+from suites import environment, fresh, markdown, meters, rows, trunks
 from suites.benchmark import grid, workload
-from suites.report import format as report_format
 
 
 @pytest.mark.parametrize(
     "module",
-    [environment, fresh, meters, rows, trunks, grid, workload, report_format],
+    [environment, fresh, markdown, meters, rows, trunks, grid, workload],
     ids=lambda m: m.__name__,
 )
 def test_docstring_examples_run(module: ModuleType) -> None:
@@ -25,24 +23,6 @@ def test_docstring_examples_run(module: ModuleType) -> None:
     result = doctest.testmod(module, optionflags=flags, verbose=False)
     assert result.failed == 0
     assert result.attempted > 0
-
-
-def test_revalidation_quick_path_and_its_summary_from_the_record(tmp_path: Path) -> None:
-    """``python -m suites.revalidation`` on small tiles; SUMMARY.md is rebuilt from results.json
-    alone, to the byte."""
-    from suites.revalidation.__main__ import main, write_summary
-
-    main(["--tile", "64", "--repeats", "3", "--out", str(tmp_path)])
-    summary = (tmp_path / "SUMMARY.md").read_text()
-    record = json.loads((tmp_path / "results.json").read_text())
-    assert [r["model"] for r in record["rows"]] == [
-        "resnet50 to layer2",
-        "convnext_tiny features[:4]",
-    ]
-    assert all(r["checks_ms"] > 0 and r["tile_px"] == 64 for r in record["rows"])
-    (tmp_path / "SUMMARY.md").unlink()
-    write_summary(record, tmp_path)
-    assert (tmp_path / "SUMMARY.md").read_text() == summary
 
 
 def test_only_a_last_line_may_be_torn(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """The one analysis of the results: latest rows, fits, ratios, predicted OOM.
 
-``SUMMARY.md`` (summary.py), the figures (plots.py), the CI gate (gate.py), the report's section
-(suites/report/benchmark.py) and the README headline all read the results through this module.
+``SUMMARY.md`` and its headline in the report and the README (summary.py), the figures
+(plots.py) and the CI gate (gate.py) all read the results through this module.
 
 Rules (benchmark analysis):
 

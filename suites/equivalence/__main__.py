@@ -17,6 +17,7 @@ import torch
 
 from .draws import FAMILIES
 from .record import REPO, main_command, make_record, merge_records, read_record, write_record
+from .summary import write_summary
 
 DEFAULT_EXAMPLES = 1000
 DEFAULT_DAG_EXAMPLES = 800
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = record["summary"]
     print(
         f"{summary['n_cases']} networks, {len(record['trunks'])} trunk checks, "
-        f"{len(record['failures'])} failures, {record['metadata']['wall_s']} s -> {path}"
+        f"{len(record['failures'])} failures, {record['metadata']['wall_s']} s -> {path}, "
+        f"{write_summary(out)}"
     )
     return 1 if record["failures"] else 0
 

@@ -241,6 +241,12 @@ def reading(out_dir: Path, label: str) -> str:
     return reading
 
 
+def headline(out_dir: Path) -> str:
+    """The reading of the real ImageNette run when there is one, else of the first run."""
+    labels = [p.name.removesuffix("_run.json") for p in sorted(out_dir.glob("*_run.json"))]
+    return reading(out_dir, "imagenette" if "imagenette" in labels else labels[0])
+
+
 def write_summary(out_dir: Path, label: str) -> Path:
     """{label}_SUMMARY.md: the run's facts and a two-sentence reading, all read from the files."""
     steps, epochs, meta = run_files(out_dir, label)

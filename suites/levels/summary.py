@@ -15,24 +15,45 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 
 
-def factor_rows(rows: list[dict[str, Any]]) -> list[str]:
-    """Rule LV1: measured factor (streamed with statistics / twin with them known) and estimate."""
+def _factor_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Rule LV1's pairs: (streamed through its statistics, the twin with them known)."""
     times = {
         (r["params"]["network"], r["params"]["known"]): r
         for r in rows
         if r["params"]["kind"] == "time" and r["status"] == "ok"
     }
+    return [
+        (row, times[(network, True)])
+        for (network, known), row in times.items()
+        if not known and (network, True) in times
+    ]
+
+
+def headline(out: Path) -> str:
+    """The range of Rule LV1's measured factors and of the plan's estimate over them."""
+    pairs = _factor_pairs(latest_rows(read_rows(results_path(out))))
+    measured = [r["metrics"]["seconds"] / twin["metrics"]["seconds"] for r, twin in pairs]
+    over = [
+        r["metrics"]["time_factor_estimate"] / m for (r, _), m in zip(pairs, measured, strict=True)
+    ]
+    return (
+        f"Streaming through statistics over space takes {min(measured):.2f}x to "
+        f"{max(measured):.2f}x the step of a twin with the statistics known ({len(pairs)} "
+        f"networks); the plan's estimate is {min(over):.2f} to {max(over):.2f} times the measured "
+        "factor."
+    )
+
+
+def factor_rows(rows: list[dict[str, Any]]) -> list[str]:
+    """Rule LV1: measured factor (streamed with statistics / twin with them known) and estimate."""
     lines = [
         "| network | size, tile | levels | passes (training) | step, statistics known | "
         "step, streamed through them | measured factor | plan's estimate | estimate / measured | "
         "steps' spread (max / min, both sides) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (network, known), row in times.items():
-        if known or (network, True) not in times:
-            continue
-        twin = times[(network, True)]
-        m, p = row["metrics"], row["params"]
+    for row, twin in _factor_pairs(rows):
+        network, m, p = row["params"]["network"], row["metrics"], row["params"]
         measured = m["seconds"] / twin["metrics"]["seconds"]
         estimate = m["time_factor_estimate"]
         lines.append(

@@ -1,10 +1,8 @@
 """python -m suites.report [--reports reports] [--out reports]: REPORT.md and report.html.
 
 Without --out, every suite's SUMMARY.md is rewritten first (``summaries.py``, render.py Rule
-P5), and the README's headline after. Reads only the result files under --reports:
-equivalence/record.json, benchmark/*.jsonl and *.png, imagenette/*_run.json, *_epochs.csv,
-*_steps.csv and *.png, and each suite's own files for its summary. Missing files are stated in
-the report, not hidden.
+P5), and the README's headline after. Reads only the result files under --reports, through each
+suite's summary module. Missing files are stated in the report, not hidden.
 """
 
 from __future__ import annotations
@@ -13,23 +11,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import limits, render, sources, summaries
+from . import render, summaries
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def build(reports: Path, out: Path, *, command: str = "python -m suites.report") -> list[Path]:
     """Write ``out/REPORT.md`` and ``out/report.html`` from the result files under ``reports``."""
-    eq = sources.load_equivalence(reports)
-    bench = sources.load_benchmark(reports)
-    imn = sources.load_imagenette(reports)
-    verdicts = limits.all_verdicts()
     out.mkdir(parents=True, exist_ok=True)
-    env = render.report_environment() | {"command": command}
-    text = render.markdown_report(eq, bench, imn, verdicts, out, env)
+    text = render.markdown_report(reports, out, command=command)
     md_path, html_path = out / "REPORT.md", out / "report.html"
     md_path.write_text(text)
-    html_path.write_text(render.to_html(text, out, "streamcheck reproducibility report"))
+    html_path.write_text(render.to_html(text, "streamcheck reproducibility report"))
     return [md_path, html_path]
 
 
@@ -41,10 +34,9 @@ def update_readme(readme: Path, reports: Path) -> bool:
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         return False
-    lines = render.headline(sources.load_equivalence(reports), sources.load_benchmark(reports))
     before, rest = text.split(README_START, 1)
     after = rest.split(README_END, 1)[1]
-    block = "\n".join([README_START, *[line for line in lines if line], README_END])
+    block = "\n".join([README_START, *render.readme_headline(reports), README_END])
     readme.write_text(before + block + after)
     return True
 

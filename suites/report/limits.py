@@ -8,6 +8,7 @@ listed too, for contrast, and so are known engine bugs, probed by running them.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 import streamcheck
+from suites.markdown import table
 
 SHAPE = (1, 4, 32, 32)
 TILE = 16
@@ -151,3 +153,70 @@ def all_verdicts() -> tuple[list[Verdict], list[Verdict], Verdict]:
         [probe(p) for p in STREAMS],
         reflect_padding_on_narrow_tiles(),
     )
+
+
+def limits_section() -> str:
+    """The report's Limits section: every probe asked of the engine now (Rule P4 of render.py)."""
+    refused, streams, reflect = all_verdicts()
+    parts = [
+        "## Limits",
+        "",
+        "Streaming is exact only for layers where each output pixel depends on a bounded window "
+        "of input pixels, computed the same way wherever the window is. A layer that needs the "
+        "whole image (a statistic over space, a global pooling, a reshape of space into "
+        "features), or that would draw different random numbers when a tile is recomputed in "
+        "the backward pass, cannot be streamed; it has to go after the streamed part, into the "
+        "head, which runs normally. The engine refuses such layers before computing anything, "
+        "naming the layer. The table below is produced by asking the engine, when this report is "
+        "built, to plan each layer placed after a convolution; the reasons are its own messages.",
+        "",
+        table(
+            ["layer", "engine's verdict", "reason (engine message)", "fix (engine message)"],
+            ([v.label, v.status, *_reason_and_fix(v.message)] for v in refused),
+            align="llll",
+        ),
+        "",
+        "For contrast, the same probe on layers that stream: "
+        + ", ".join(
+            v.label + ("" if v.status == "streams" else f" (**{v.status}**)") for v in streams
+        )
+        + (" -- all accepted." if all(v.status == "streams" for v in streams) else "."),
+        "",
+        (
+            f"Reflect padding ({reflect.label[0].lower() + reflect.label[1:]}): streams exactly "
+            "(this probe runs the case the property tests pinned as an engine bug)."
+            if reflect.status == "streams"
+            else f"Known engine gap: {reflect.label} -- {reflect.status} "
+            f"(`{_first_line(reflect.message)}`). The equivalence record does not draw reflect "
+            "padding while this stands."
+        ),
+        "",
+        "Other limits, in plain words:",
+        "",
+        "- Cost: the streamed part runs its forward pass twice per tile (once without gradients, "
+        "once again in the backward pass), and tiles overlap by the receptive field, so streaming "
+        "is slower than conventional training when the image fits; the benchmark has the measured "
+        "ratios.",
+        "- float32: streamed and conventional runs sum the same terms in a different order, so "
+        "float32 results differ by rounding (the checker's float32 tolerance grows with the square "
+        "root of the number of pixels summed, the equivalence record), and two float32 trainings drift apart "
+        "over many steps, as a conventional run with reordered sums also does (the training suite). "
+        "float64 is the exactness check.",
+        "- The memory saving applies to the streamed part; the stitched output of the streamed "
+        "part and its gradient are held whole, as is the input image.",
+    ]
+    return "\n".join(parts)
+
+
+def _reason_and_fix(message: str) -> list[str]:
+    line = message.strip().splitlines()[-1].strip() if message.strip() else ""
+    line = re.sub(r"^- '[^']*': ", "", line)
+    reason, _, fix = line.partition(" Fix: ")
+    if not fix and "; use " in line:  # the tile message: "...; use tile >= 7 or ..."
+        reason, _, fix = line.partition("; ")
+        reason = reason.removeprefix("streamcheck: ")
+    return [reason.rstrip("."), fix.rstrip(".") or "-"]
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""

@@ -9,28 +9,28 @@ redrawn only where the suite's writer draws them with its summary (slides, U-Net
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
 def write_all(reports: Path) -> list[Path]:
     """Rewrite each summary whose result files are under ``reports``; returns what was written."""
-    from suites import host_memory_scope, memory_estimate
+    from suites import memory_estimate
     from suites.benchmark import summary as benchmark
+    from suites.equivalence.summary import write_summary as equivalence
     from suites.imagenette.plots import write_summary as imagenette
     from suites.levels import summary as levels
-    from suites.revalidation.__main__ import write_summary as revalidation
+    from suites.resolution.summary import write_summary as resolution
     from suites.slides.summary import write_summary as slides
     from suites.unet import summary as unet
     from suites.zoo.models import zoo
     from suites.zoo.summary import write_summary as zoo_summary
 
-    from .resolution import summary_markdown
-
     def has(folder: str, name: str = "results.jsonl") -> Path | None:
         return reports / folder if (reports / folder / name).is_file() else None
 
     written: list[Path | None] = []
+    if out := has("equivalence", "record.json"):
+        written.append(equivalence(out))
     if out := has("benchmark"):
         rebuild = f"python -m suites.benchmark --plots-only --out {reports.name}/benchmark"
         written.append(
@@ -48,17 +48,10 @@ def write_all(reports: Path) -> list[Path]:
     if out := has("slides"):
         slides(out / "results.jsonl", out)
         written.append(out / "SUMMARY.md")
-    if out := has("revalidation", "results.json"):
-        revalidation(json.loads((out / "results.json").read_text()), out)
-        written.append(out / "SUMMARY.md")
     if out := has("memory_estimate"):
         written.append(memory_estimate.write_summary(out))
-    if out := has("host_memory"):
-        written.append(host_memory_scope.write_summary(out))
     for run in sorted((reports / "imagenette").glob("**/*_run.json")):
         written.append(imagenette(run.parent, run.name.removesuffix("_run.json")))
     if out := has("resolution", "summary.json"):
-        summary = json.loads((out / "summary.json").read_text())
-        (out / "SUMMARY.md").write_text(summary_markdown(summary, figures=out))
-        written.append(out / "SUMMARY.md")
+        written.append(resolution(out))
     return [p for p in written if p is not None]

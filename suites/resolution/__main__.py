@@ -116,8 +116,8 @@ def run(
     config: X.Config, out: Path, root: Path, *, threads: int, progress: bool, command: str
 ) -> dict:
     """Generate (or reuse) the slides, train every resolution (or reuse it), write the summary."""
-    from ..report.resolution import summary_markdown
     from . import plots
+    from .summary import write_summary
 
     def log(message: str) -> None:
         print(f"[resolution {config.name}] {message}", flush=True)
@@ -170,7 +170,7 @@ def run(
     plots.saliency_grid(
         summary, records, root, cache, out / "saliency_overlays.png", label=S.STANDIN_LABEL
     )
-    (out / "SUMMARY.md").write_text(summary_markdown(summary, figures=out))
+    write_summary(out)
     log(f"wrote {out / 'summary.json'} in {summary['wall_s']:.0f} s")
     return summary
 

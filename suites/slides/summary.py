@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from suites.markdown import table
 from suites.rows import latest_rows, read_rows
 
 # Rows of the kit's schema (suites/rows.py Rule J1); the committed ones have no status (all ok).
@@ -27,8 +28,7 @@ def _paired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _table(header: list[str], body: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in body]
+    return table(header, body, align="l" * len(header)).splitlines()
 
 
 def _mib(n: float) -> str:
@@ -41,7 +41,7 @@ def write_summary(results: Path, out: Path) -> None:
     if not rows:
         (out / "SUMMARY.md").write_text("\n".join([*lines, "No results yet.", ""]))
         return
-    lines += body(rows, results_name=results.name, figure="![figure](slides.png)", level="##")
+    lines += body(rows, results_name=results.name)
     (out / "SUMMARY.md").write_text("\n".join(lines))
     _figure(
         sorted(_by(rows, "rss"), key=lambda r: r["params"]["file_bytes"]),
@@ -51,8 +51,18 @@ def write_summary(results: Path, out: Path) -> None:
     )
 
 
-def body(rows: list[dict[str, Any]], *, results_name: str, figure: str, level: str) -> list[str]:
-    """The summary's text and tables (also the report's slides section), headings at ``level``."""
+def headline(folder: Path) -> str:
+    """The largest slide streamed from its file: peak RSS against the file's size."""
+    r = max(_by(load(folder / "results.jsonl"), "rss"), key=lambda r: r["params"]["file_bytes"])
+    return (
+        f"Streaming a {r['params']['side']}² slide from its {_mib(r['params']['file_bytes'])} MiB "
+        f"file ({r['params']['mode']}, tile {r['params']['tile']}) peaked at "
+        f"{_mib(r['metrics']['peak_rss_bytes'])} MiB RSS."
+    )
+
+
+def body(rows: list[dict[str, Any]], *, results_name: str) -> list[str]:
+    """The summary's text and tables."""
     lines: list[str] = []
     env = rows[-1]["environment"]
     commands = " and ".join(sorted({"`" + r["run"]["command"] + "`" for r in rows}))
@@ -74,9 +84,9 @@ def body(rows: list[dict[str, Any]], *, results_name: str, figure: str, level: s
         f"{min(loads, default=0):.1f} to {max(loads, default=0):.1f} during the points (other "
         "sessions share the machine: times are comparable only within a pair measured together).",
         "",
-        figure,
+        "![figure](slides.png)",
         "",
-        f"{level} Peak RSS against file size (streamed from the file)",
+        "## Peak RSS against file size (streamed from the file)",
         "",
     ]
     rss = sorted(_by(rows, "rss"), key=lambda r: r["params"]["file_bytes"])
@@ -107,7 +117,7 @@ def body(rows: list[dict[str, Any]], *, results_name: str, figure: str, level: s
     )
     lines += [
         "",
-        f"{level} From the file against from memory (same slide, tile and network; train steps)",
+        "## From the file against from memory (same slide, tile and network; train steps)",
         "",
     ]
     pair = {r["params"]["kind"]: r for r in _by(rows, "disk_vs_memory")}
@@ -147,7 +157,7 @@ def body(rows: list[dict[str, Any]], *, results_name: str, figure: str, level: s
         ]
     lines += [
         "",
-        f"{level} Background skipping (masked against unmasked, same slide; train steps)",
+        "## Background skipping (masked against unmasked, same slide; train steps)",
         "",
     ]
     skip = sorted(_paired(rows), key=lambda r: r["params"]["fraction"])
@@ -198,10 +208,10 @@ def body(rows: list[dict[str, Any]], *, results_name: str, figure: str, level: s
         "head, the loss, scaling the mask) keeps the speed-up below the tiles ratio.",
         "",
     ]
-    return lines + _decoding(rows, level)
+    return lines + _decoding(rows)
 
 
-def _decoding(rows: list[dict[str, Any]], level: str) -> list[str]:
+def _decoding(rows: list[dict[str, Any]]) -> list[str]:
     """Rule V5: a JPEG slide from its file / from its decoded pixels in memory, per setting."""
     decoding = sorted(
         _by(rows, "decoding"),
@@ -211,7 +221,7 @@ def _decoding(rows: list[dict[str, Any]], level: str) -> list[str]:
         return []
     first = decoding[0]
     lines = [
-        f"{level} A JPEG slide from its file against its decoded pixels in memory (train steps)",
+        "## A JPEG slide from its file against its decoded pixels in memory (train steps)",
         "",
         f"{first['params']['side']}² px, JPEG tiles of 256 px at quality 90, tile "
         f"{first['params']['tile']}, torch's default threads "

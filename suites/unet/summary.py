@@ -24,7 +24,7 @@ import pandas as pd
 from suites.benchmark.analysis import MiB, load, ratio
 from suites.benchmark.plots import STYLE, _environment, _finish, _log_y, _px_axis, plt
 from suites.benchmark.workload import spatial_dims
-from suites.report.format import table
+from suites.markdown import table
 
 from .networks import SIZES
 
@@ -173,6 +173,20 @@ def plot(df: pd.DataFrame, path: Path) -> Path | None:
         "time, not wall time, is drawn: the machine is shared (load per point in SUMMARY.md)."
     )
     return _finish(fig, title, caption, path)
+
+
+def headline(folder: Path) -> str:
+    """Each network at its largest measured size: allocator peak and CPU time, streamed over
+    conventional (the summary table's ratio columns)."""
+    last = {r["network"]: r for r in pairs(load(folder))}
+    return (
+        "; ".join(
+            f"{name} at {r['shape']}: allocator peak {_cell(r['peak_alloc_bytes_ratio'], 'ok', '.2f')}x, "
+            f"CPU time {_cell(r['cpu_s_median_ratio'], 'ok', '.2f')}x conventional's"
+            for name, r in last.items()
+        )
+        + " (streamed / conventional, PyTorch defaults on both sides)."
+    )
 
 
 def build(out: Path) -> list[Path]:

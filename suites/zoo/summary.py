@@ -196,6 +196,35 @@ def whole_section(rows: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def headline(folder: Path) -> str:
+    """Counts per result in eval mode, then the split, training-mode and whole-classifier counts,
+    for the report's index."""
+    results = folder / "results.jsonl"
+    rows = latest(results, mode=EVAL)
+    c, split, whole = counts(rows), split_counts(rows), whole_counts(rows)
+    text = (
+        f"{c['models']} torchvision and timm trunks streamed in float64 against the plain module at "
+        f"rtol 1e-10: {c['exact']} exact, {c['refused (non-local)']} refused for a non-local layer, "
+        f"{c['refused (gap)']} refused by an engine gap, {c['wrong']} wrong, {c['crash']} crashed"
+    )
+    worst = max((r["worst_rel_error"] for r in rows if r["status"] == "exact"), default=None)
+    text += f" (worst relative error {worst:.1e})." if worst is not None else "."
+    if split["split"]:
+        text += (
+            f" `streamcheck.split` on {split['split']} whole classifiers: head(trunk(x)) equals "
+            f"model(x) for {split['head(trunk(x)) == model(x)']}, differs for {split['different']}."
+        )
+    if train := latest(results, mode=TRAIN):
+        t = train_counts(train)
+        text += f" In training mode {t['exact']} of {t['trunks']} trunks stream exactly."
+    if whole["classifiers"]:
+        text += (
+            f" Whole classifiers to their logits: {whole['equal']} of {whole['classifiers']} "
+            "equal `model(x)`."
+        )
+    return text
+
+
 def write_summary(results: Path, out: Path, *, total: int | None = None) -> None:
     rows = latest(results, mode=EVAL)
     c = counts(rows)

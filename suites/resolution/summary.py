@@ -1,6 +1,6 @@
-"""The report's resolution section (suites/resolution -> reports/resolution/summary.json).
+"""The resolution experiment's SUMMARY.md, from ``reports/resolution/summary.json`` alone.
 
-Every number is read from ``summary.json`` (Rule P1 of render.py); the verdicts ("rises with
+Every number is read from ``summary.json``; the verdicts ("rises with
 resolution", "better than chance") are computed from those numbers and their intervals, never typed.
 """
 
@@ -10,14 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .format import code, commit, figure, table
+from suites.markdown import code, commit, figure, table
 
 COMMAND = "python -m suites.resolution"
-
-
-def load(reports: Path) -> dict[str, Any] | None:
-    path = reports / "resolution" / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _ci(values: list[float]) -> str:
@@ -115,9 +110,22 @@ def _against_border(row: dict[str, Any], prior: float | None) -> str:
     )
 
 
-def summary_markdown(summary: dict[str, Any], *, figures: Path, out_dir: Path | None = None) -> str:
-    """The section's body; figure links relative to ``out_dir`` (default: the figures' folder)."""
-    out_dir = out_dir or figures
+def headline(folder: Path) -> str:
+    """The first verdict: does test AUC rise with resolution."""
+    return verdicts(json.loads((folder / "summary.json").read_text()))[0]
+
+
+def write_summary(folder: Path) -> Path:
+    """``SUMMARY.md`` next to ``summary.json`` (figure links relative to the folder)."""
+    path = folder / "SUMMARY.md"
+    summary = json.loads((folder / "summary.json").read_text())
+    path.write_text(summary_markdown(summary, figures=folder))
+    return path
+
+
+def summary_markdown(summary: dict[str, Any], *, figures: Path) -> str:
+    """The summary's body."""
+    out_dir = figures
     cfg = summary["config"]
     spec = cfg["spec"]
     rows = sorted(summary["resolutions"], key=lambda r: -r["input_px"])
@@ -208,20 +216,3 @@ def summary_markdown(summary: dict[str, Any], *, figures: Path, out_dir: Path | 
         f"{env.get('threads', 'n/a')} threads, 1-min load {env.get('load_1min', 'n/a')} at the end.",
     ]
     return "\n".join(parts)
-
-
-def resolution_section(reports: Path, out_dir: Path) -> str:
-    parts = ["## 4b. Resolution and saliency (paper Tables 3-5, Figs 5-6)", ""]
-    summary = load(reports)
-    if summary is None:
-        return "\n".join(
-            parts
-            + [
-                f"**Not available**: no `{reports / 'resolution' / 'summary.json'}`. Produce it "
-                f"with `{COMMAND}` (or `nox -s resolution`).",
-                "",
-            ]
-        )
-    return "\n".join(
-        parts + [summary_markdown(summary, figures=reports / "resolution", out_dir=out_dir)]
-    )

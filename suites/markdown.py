@@ -1,27 +1,29 @@
-"""Formatting helpers shared by the report's sections: tables, numbers, figures."""
+"""Markdown for every suite's SUMMARY.md and the report's index: tables, numbers, figures."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .sources import Source, finite
-
-# Rule P1 (render.py): the paper's published claims (Pinckaers et al., TPAMI 2020), quoted, not
-# measured here.
-PAPER = {
-    "memory_saving_pct": 97,  # Fig. 3 caption: "significantly less memory required (up to 97 percent)"
-    "time": "almost linear in input size",  # Section 4.3 / Fig. 3: "increases almost linearly"
-    "hardware": "RTX 2080 Ti GPU",
-    "conventional_estimated_above_px": 2048,  # Fig. 3 caption: "above 2048x2048 ... estimated"
-}
-
 MiB = 2**20
 
 
-# ------------------------------------------------------------------------------------ helpers
+def finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def get(mapping: Any, *keys: str, default: Any = None) -> Any:
+    """``mapping[k1][k2]...`` or ``default`` when any level is missing."""
+    for key in keys:
+        if not isinstance(mapping, dict) or key not in mapping:
+            return default
+        mapping = mapping[key]
+    return mapping
+
+
 def table(headers: str | Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> str:
     """A Markdown table; ``headers`` a list or one string as the table reads (``"a | b"``);
     ``align`` has one letter per column (l or r), default left then right.
@@ -71,12 +73,6 @@ def figure(path: Path, out_dir: Path, number: str, caption: str, command: str | 
 
 def relpath(path: Path, start: Path) -> str:
     return os.path.relpath(path.resolve(), start.resolve())
-
-
-def missing_note(source: Source, command: str) -> list[str]:
-    """Rule P2 (render.py): say what is missing and which command makes it."""
-    notes = source.missing or [f"no result files in `{source.folder}`"]
-    return [f"**Not available**: {'; '.join(notes)}. Produce them with `{command}`.", ""]
 
 
 def commit(sha: Any) -> str:
