@@ -59,7 +59,7 @@ from .graph import Graph
 from .layers import Window
 from .program import Schedule
 
-__all__ = ["peak_bytes"]
+__all__ = ["largest_buffer_bytes", "peak_bytes"]
 
 _INDEX_BYTES = 8  # max-pool's indices are int64 (Rule PM1)
 _UNMODELLED = 0.05  # Rule PM6
@@ -79,6 +79,23 @@ def peak_bytes(
     tile = max(_tile_bytes(graph, s, dtype) for s in shapes.values()) * (1 + _UNMODELLED)
     read_ahead = max(volume(s.input_box) for s in schedules) * _features(graph, 0)  # Rule PM5
     return int(tile + (2 * whole + gradients + read_ahead) * itemsize)
+
+
+def largest_buffer_bytes(graph: Graph, schedules: Sequence[Schedule], dtype: torch.dtype) -> int:
+    """The largest single buffer a tile of ``schedules`` computes: a node's map or a
+    convolution's im2col columns (Rule PM2b), in bytes (what defaults Rule FD2 compares with
+    glibc's mmap threshold)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shapes = {_signature(s): s for s in schedules}
+    return max(
+        (
+            max(volume(box) * _features(graph, i) * itemsize, _columns(graph, s, i, dtype))
+            for s in shapes.values()
+            for i, box in enumerate(s.boxes)
+            if box and graph.nodes[i].spatial
+        ),
+        default=0,
+    )
 
 
 def _signature(schedule: Schedule) -> tuple[object, ...]:

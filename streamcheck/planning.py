@@ -36,13 +36,14 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from functools import cached_property
 from math import prod
 
 import torch
 from torch import nn
 
 from .errors import StreamcheckError
-from .footprint import peak_bytes
+from .footprint import largest_buffer_bytes, peak_bytes
 from .geometry import (
     Box,
     Interval,
@@ -136,6 +137,18 @@ class StreamPlan:
     @property
     def n_tiles(self) -> int:
         return len(self.tiles)
+
+    @cached_property
+    def largest_buffer_bytes(self) -> int:
+        """The largest single buffer any tile of any pass computes (defaults Rule FD2)."""
+        return max(
+            (
+                largest_buffer_bytes(p.graph, p.schedules, p.dtype)
+                for p in self.tile_passes
+                if p.graph is not None
+            ),
+            default=0,
+        )
 
     def fits(self, device: str | torch.device = "cuda", *, headroom: float = 0.1) -> bool:
         """Whether a training step fits on a CUDA ``device`` now: the peak memory estimate plus

@@ -591,7 +591,12 @@ class _StreamFunction(torch.autograd.Function):
         _keep_for_backward(ctx, call, feed, x)
         stats = _Statistics(graph)
         stitched: dict[int, torch.Tensor] = {}
-        with torch.no_grad(), host_memory_scope(call.host_memory, device=feed.device):  # S1, FD2
+        with (
+            torch.no_grad(),
+            host_memory_scope(
+                call.host_memory, device=feed.device, largest_bytes=plan.largest_buffer_bytes
+            ),
+        ):  # S1, FD2
             if plan.passes:
                 run_once(graph)  # graph Rule G15
             for tile_pass in plan.tile_passes:
@@ -668,7 +673,9 @@ class _StreamFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         call, x, want_input, grad_x = _backward_start(ctx)
-        with host_memory_scope(call.host_memory, device=ctx.feed.device):  # Rule FD2
+        with host_memory_scope(
+            call.host_memory, device=ctx.feed.device, largest_bytes=call.plan.largest_buffer_bytes
+        ):  # Rule FD2
             return _StreamFunction._backward(ctx, call, x, want_input, grad_x, grad_outputs)
 
     @staticmethod

@@ -37,9 +37,10 @@ def _layouts(
 @pytest.fixture
 def fresh_process_setting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Rule FD3's setting reset, the environment variable unset, and the scopes that reuse freed
-    memory counted."""
+    memory counted; every buffer counts as large (Rule FD2b's threshold 0)."""
     calls: list[int] = []
     monkeypatch.setattr(defaults, "_reuse", None)
+    monkeypatch.setattr(defaults, "thresholds_outside", lambda: (0, 0))
     monkeypatch.setattr(
         defaults, "reusing_freed_host_memory", lambda: calls.append(1) or nullcontext()
     )
@@ -91,6 +92,27 @@ def test_each_tile_loop_of_a_call_runs_in_its_own_scope(
     assert fresh_process_setting == [1, 1, 1]
     streamed(torch.randn(1, 1, 20, 20)).sum().backward()
     assert len(fresh_process_setting) == 5
+
+
+def test_memory_is_kept_only_for_tiles_with_a_buffer_glibc_would_unmap(
+    fresh_process_setting: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rule FD2b: the scope keeps freed memory only when the plan's largest tile buffer reaches
+    glibc's mmap threshold outside the scope."""
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    x = torch.randn(1, 3, 40, 40)
+    streamed = streamcheck.Streamed(conv, tile=16)
+    largest = streamed.plan(x.shape).largest_buffer_bytes
+    # independently: the largest output map of a tile is 8 channels x its output box, float32
+    out_box = max(t.output_box for t in streamed.plan(x.shape).tiles)
+    biggest_map = 8 * (out_box[0][1] - out_box[0][0]) * (out_box[1][1] - out_box[1][0]) * 4
+    assert biggest_map <= largest <= streamed.plan(x.shape).peak_bytes_estimate
+    monkeypatch.setattr(defaults, "thresholds_outside", lambda: (largest + 1, 2 * largest + 2))
+    streamed(x).sum().backward()
+    assert fresh_process_setting == []  # every buffer below the threshold: glibc reuses them
+    monkeypatch.setattr(defaults, "thresholds_outside", lambda: (largest, 2 * largest))
+    streamed(x).sum().backward()
+    assert fresh_process_setting == [1, 1]  # forward's and backward's loops
 
 
 @pytest.mark.parametrize("how", ["argument", "environment", "setting"])
@@ -176,7 +198,7 @@ def test_the_scope_reuses_host_memory_on_a_cpu_when_the_settings_say_so(
     monkeypatch.setattr(defaults, "reusing_freed_host_memory", spy)
     with (
         defaults.set_host_memory_reuse(process),
-        defaults.host_memory_scope(setting, device=torch.device(device)),
+        defaults.host_memory_scope(setting, device=torch.device(device), largest_bytes=1),
     ):
         pass
     assert entered == ([1] if reused else [])
