@@ -19,14 +19,14 @@ Rule FD2. On a CPU each tile loop of a streamed call (forward's, backward's) run
           the next tile faults it in again, 4 KiB at a time.
 Rule FD2b. The scope keeps freed memory only when a tile computes a buffer at least as large as
           glibc's mmap threshold outside the scope (``thresholds_outside``: 32 MiB, where glibc's
-          own adaptation ends, unless the process set it): smaller buffers glibc already serves
-          from its heap and reuses, and keeping every freed byte only lets the heap fragment.
-          Measured (2-core AMD EPYC, torch 2.15, float32, second step, fresh processes): a
-          ResNet-18 trunk at 768², tile 544 (largest buffer 19 MiB) took 1011-1170 MiB of RSS over
-          baseline kept against 265-330 MiB not, in the same CPU time or less (one thread 28.7 s
-          vs 28.9 s; two threads, A B B A, 32.3 and 30.1 s vs 26.9 and 27.5 s); the Figs 2-3
-          network at 2048², tile 256 (16 MiB) 240 MiB and 6.4-6.7 s both ways; at tile 512 (64 MiB
-          buffers) keeping took 617 MiB against 363 MiB and 6.1 s against 16.6 s.
+          own adaptation ends, unless the process set it). Smaller buffers glibc already serves
+          from its heap and reuses, so the scope would add only its exit's ``malloc_trim``, after
+          which the next call faults the heap in again. Measured (2-core AMD EPYC, torch 2.15,
+          float32, fresh processes, steps after a warm-up step): a ResNet-18 trunk at 768², tile
+          544 (largest buffer 17 MiB), CPU s per step, A B B A: 32.3 and 30.1 with the scope
+          against 26.9 and 27.5 without; the peak RSS of a step after a ``malloc_trim`` is about
+          1 GB either way (reports/memory_estimate/). The Figs 2-3 network at 2048², tile 512
+          (64 MiB buffers) takes 6.1 s with the scope against 16.6 s without (one thread).
 Rule FD3. Whether the scope reuses memory is one process-level setting, ``host_memory_reuse()``:
           the last ``set_host_memory_reuse(True/False)`` (a call sets it; a ``with`` block sets
           it and restores the previous value on leaving, like ``torch.set_grad_enabled``), else
