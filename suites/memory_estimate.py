@@ -149,7 +149,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
         "- allocator: peak of live CPU tensors in the step (torch.profiler events), the engine's "
         "defaults: what the estimate models (NOTE [ Memory estimate ]).",
         "- RSS defaults: peak RSS over the RSS before the (second) step, the engine's defaults "
-        "(freed memory kept inside the tile loops).",
+        "(freed memory kept inside the tile loops where a tile buffer reaches 32 MiB, Rule FD2b).",
         "- RSS mapped: the same with `MALLOC_MMAP_THRESHOLD_=65536` and `keep_host_memory=False` "
         "(every buffer of 64 KiB or more mapped and unmapped when freed).",
         "",
