@@ -30,7 +30,16 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import StreamcheckError
 from .geometry import Interval
-from .sources import ImageSource, Level, checked_shape, choose_level, import_extra, torch_dtype
+from .sources import (
+    ImageSource,
+    Level,
+    check_stamp,
+    checked_shape,
+    choose_level,
+    file_stamp,
+    import_extra,
+    torch_dtype,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,11 +56,6 @@ def is_dicom(path: Path) -> bool:
     with open(path, "rb") as f:
         f.seek(DICOM_MAGIC_AT)
         return f.read(4) == b"DICM"
-
-
-def _stamp(path: Path) -> tuple[tuple[str, int, int], ...]:
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
 class DicomSource(ImageSource):
@@ -72,7 +76,7 @@ class DicomSource(ImageSource):
     ) -> None:
         self.path, self.series = path, series
         self.name = f"'{path}'"
-        self._stamp = _stamp(path)
+        self._stamp = file_stamp(path)
         self._wsi: Any = None
         wsi = self._open()
         try:
@@ -136,13 +140,10 @@ class DicomSource(ImageSource):
         import numpy as np
 
         if self._wsi is None:
-            if _stamp(self.path) != self._stamp:  # Rule DW4
-                raise StreamcheckError(
-                    f"streamcheck: {self.name} changed on disk since it was opened (its files' "
-                    "sizes or modification times). Fix: open_image it again"
-                )
+            check_stamp(self.path, self._stamp, self.name)  # Rule DW4, sources Rule I4
             self._wsi = self._open()
-            weakref.finalize(self, self._wsi.close)
+            # closes it once: at ``close`` or when the source is collected, whichever is first
+            self._closer = weakref.finalize(self, self._wsi.close)
         (y0, y1), (x0, x1) = rows, cols
         if y1 == y0 or x1 == x0:
             return np.zeros((y1 - y0, x1 - x0, self._samples), dtype=np.uint8)
@@ -155,8 +156,8 @@ class DicomSource(ImageSource):
     def close(self) -> None:
         """Close the files (they are opened again on the next read)."""
         if self._wsi is not None:
-            self._wsi.close()
+            self._closer()
         self._wsi = None
 
     def __getstate__(self) -> dict[str, Any]:  # Rule I4
-        return {**vars(self), "_wsi": None}
+        return {**vars(self), "_wsi": None, "_closer": None}

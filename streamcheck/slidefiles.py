@@ -48,7 +48,16 @@ from typing import TYPE_CHECKING, Any
 from .dicomfiles import DicomSource, is_dicom
 from .errors import StreamcheckError
 from .geometry import Interval
-from .sources import ImageSource, Level, checked_shape, choose_level, import_extra, torch_dtype
+from .sources import (
+    ImageSource,
+    Level,
+    check_stamp,
+    checked_shape,
+    choose_level,
+    file_stamp,
+    import_extra,
+    torch_dtype,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -121,11 +130,6 @@ def open_slide_file(
     return OpenSlideSource(path, alpha=alpha, **chosen)
 
 
-def _file_stamp(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
-
-
 class _TileCache:
     """Decoded tiles, admitted while within ``budget`` bytes, never evicted (Rule SF4)."""
 
@@ -183,7 +187,7 @@ class TiffSource(ImageSource):
         self.path, self.series = path, series
         self.decode_threads, self.cache_bytes = decode_threads, cache_bytes
         self.name = f"'{path}'"
-        self._stamp = _file_stamp(path)
+        self._stamp = file_stamp(path)
         self._tiff: Any = None
         self._page: Any = None
         self._pool: ThreadPoolExecutor | None = None
@@ -258,13 +262,8 @@ class TiffSource(ImageSource):
 
     def _level_page(self) -> Any:
         if self._page is None:
+            check_stamp(self.path, self._stamp, self.name)  # Rules SF4, I4
             self._tiff = self._open_tiff()
-            if _file_stamp(self.path) != self._stamp:  # Rule SF4
-                self._tiff.close()
-                raise StreamcheckError(
-                    f"streamcheck: {self.name} changed on disk since it was opened (size or "
-                    "modification time). Fix: open_image it again"
-                )
             weakref.finalize(self, self._tiff.close)  # the file closes with the source
             self._page = self._tiff.series[self.series].levels[self.level].pages[0]
         return self._page
@@ -469,6 +468,7 @@ class OpenSlideSource(ImageSource):
         self.path = path
         self.name = f"'{path}'"
         self._slide: Any = None
+        self._stamp = file_stamp(path)
         slide = self._open()
         try:
             props = slide.properties
@@ -513,8 +513,10 @@ class OpenSlideSource(ImageSource):
         import numpy as np
 
         if self._slide is None:
+            check_stamp(self.path, self._stamp, self.name)  # sources Rule I4
             self._slide = self._open()
-            weakref.finalize(self, self._slide.close)
+            # closes it once: at ``close`` or when the source is collected, whichever is first
+            self._closer = weakref.finalize(self, self._slide.close)
         (y0, y1), (x0, x1) = rows, cols
         if y1 == y0 or x1 == x0:
             return np.zeros((y1 - y0, x1 - x0, 4), dtype=np.uint8)
@@ -525,8 +527,8 @@ class OpenSlideSource(ImageSource):
     def close(self) -> None:
         """Close the slide (it is opened again on the next read)."""
         if self._slide is not None:
-            self._slide.close()
+            self._closer()
         self._slide = None
 
     def __getstate__(self) -> dict[str, Any]:  # Rule I4
-        return {**vars(self), "_slide": None}
+        return {**vars(self), "_slide": None, "_closer": None}

@@ -16,7 +16,10 @@ Rule I3. Every check happens when the source is opened, before any tile is read:
 Rule I4. Sources pickle without reading pixels (DataLoader workers, ``torch.multiprocessing``): a
          TIFF by its path, level and series (the copy opens the file on first use), a memmap by
          its file, offset, shape and strides; a zarr array by its store. An in-memory NumPy array is
-         its own data and pickles with it.
+         its own data and pickles with it. A slide file (TIFF, OpenSlide, DICOM) opened again,
+         after pickling or ``close``, is checked against the size and modification time of its
+         files when it was first opened (``file_stamp``): a slide that changed is an error, never
+         other pixels than the source described.
 Rule I5. Transparency is composited onto white where the file says a channel is alpha (a TIFF's
          ExtraSamples, OpenSlide's RGBA): scanners leave unscanned areas transparent black
          (0, 0, 0, 0), which must read as glass, not as black tissue. Straight alpha:
@@ -41,6 +44,7 @@ import math
 import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -178,6 +182,30 @@ def _onto_white(stored: np.ndarray, layout: str, kind: str) -> np.ndarray:
     else:
         out = (wide * a64 + top * (top - a64) + top // 2) // top
     return out.astype(colour.dtype)
+
+
+def file_stamp(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """Rule I4: the name, size and modification time of a slide's file, or of every file of its
+    folder (a DICOM WSI).
+
+    >>> import tempfile, pathlib
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     (pathlib.Path(folder) / "a.dcm").write_bytes(b"1234")
+    ...     [(name, size) for name, size, _ in file_stamp(pathlib.Path(folder))]
+    4
+    [('a.dcm', 4)]
+    """
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+def check_stamp(path: Path, stamp: tuple[tuple[str, int, int], ...], name: str) -> None:
+    """Rule I4: refuse a slide whose files changed since ``stamp`` was taken."""
+    if file_stamp(path) != stamp:
+        raise StreamcheckError(
+            f"streamcheck: {name} changed on disk since it was opened (its files' sizes or "
+            "modification times). Fix: open_image it again"
+        )
 
 
 def choose_level(

@@ -307,6 +307,25 @@ def test_a_tiff_source_pickles_without_pixels_and_refuses_a_changed_file(tmp_pat
         fresh.read_all()
 
 
+def test_an_openslide_source_pickles_without_pixels_and_refuses_a_changed_file(
+    tmp_path: Path,
+) -> None:
+    """Sources Rule I4 for the OpenSlide backend, as for the TIFF and DICOM ones above."""
+    openslide_or_skip()
+    path, _ = slide_file(tmp_path, "generic", "deflate")
+    source = open_image(path, level=1, backend="openslide")
+    want = source.read_all()
+    state = pickle.dumps(source)
+    assert len(state) < 2000  # its path and level, no pixels
+    assert torch.equal(pickle.loads(state).read_all(), want)
+    fresh = pickle.loads(state)
+    source.close()
+    write_slide_file(path, tissue_image(256, 384, seed=9), kind="generic", compression="deflate")
+    for changed in (fresh, source):  # a copy, and the source itself opened again after close
+        with pytest.raises(StreamcheckError, match="changed on disk"):
+            changed.read_all()
+
+
 def test_openslide_refuses_levels_whose_downsample_is_not_an_integer(tmp_path: Path) -> None:
     openslide_or_skip()
     image = tissue_image(96, 96)
