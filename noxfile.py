@@ -169,6 +169,7 @@ EXTRA_MODULES = {
     "slides": ("tifffile", "zarr", "imagecodecs", "skimage", "matplotlib"),
     "openslide": ("openslide",),
     "dicom": ("wsidicom", "imagecodecs"),
+    "vips": ("pyvips", "numpy"),
 }
 
 
@@ -177,7 +178,7 @@ EXTRA_MODULES = {
     ("python", "versions", "extras"),
     [
         (interpreter("3.11"), "oldest", "slides,openslide,dicom"),
-        (interpreter("3.13"), "newest", "slides,openslide,dicom"),
+        (interpreter("3.13"), "newest", "slides,openslide,dicom,vips"),
         (interpreter("3.11"), "newest", "slides"),
     ],
     ids=["3.11-oldest", "3.13-newest", "3.11-slides-only"],
